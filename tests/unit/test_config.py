@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from worker.config import ConfigError, load_settings, mask_url
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = load_settings({})
+    assert settings.rabbitmq_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/%2F"
+    assert settings.database_url.get_secret_value().startswith("postgresql://postgres@")
+    assert settings.mt5_backend == "sim" and settings.metrics_port == 9108
+    assert settings.log_format == "json" and settings.approval_ttl_seconds == 30.0
+
+
+def test_passwords_are_masked_when_printed() -> None:
+    settings = load_settings(
+        {
+            "RABBITMQ_URL": "amqp://user:hunter2@mq:5672/%2F",
+            "DATABASE_URL": "postgresql://app:s3cr3t@db/exec",
+            "MT5_BRIDGE_SECRET": "bridge-pw",
+        }
+    )
+    for text in (repr(settings), str(settings), str(settings.public())):
+        assert "hunter2" not in text and "s3cr3t" not in text and "bridge-pw" not in text
+    assert "amqp://user:***@mq:5672/%2F" in repr(settings)
+
+
+def test_secret_from_file(tmp_path: pytest.TempPathFactory) -> None:
+    secret = tmp_path / "secret"  # type: ignore[operator]
+    secret.write_text("from-file\n")
+    settings = load_settings({"MT5_BRIDGE_SECRET_FILE": str(secret)})
+    assert settings.mt5_bridge_secret is not None
+    assert settings.mt5_bridge_secret.get_secret_value() == "from-file"
+
+
+def test_invalid_setting_is_one_clear_line_without_the_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"METRICS_PORT": "hunter2"})
+    assert "METRICS_PORT" in str(info.value) and "hunter2" not in str(info.value)
+    with pytest.raises(ConfigError):
+        load_settings({"MT5_BACKEND": "wine"})
+
+
+def test_toml_file_supplies_per_symbol_tables(tmp_path: pytest.TempPathFactory) -> None:
+    path = tmp_path / "worker.toml"  # type: ignore[operator]
+    path.write_text(
+        'approval_ttl_seconds = 5\n[pip_sizes]\nXAUUSD = 0.1\n[symbol_map]\nEURUSD = "EURUSD.a"\n'
+    )
+    settings = load_settings({"WORKER_CONFIG": str(path), "APPROVAL_TTL_SECONDS": "7"})
+    assert settings.approval_ttl_seconds == 7.0
+    assert settings.pip_sizes == {"XAUUSD": 0.1}
+    assert settings.broker_symbol_for("EURUSD") == "EURUSD.a"
+    assert settings.broker_symbol_for("GBPUSD") == "GBPUSD"
+
+
+def test_mask_url_leaves_passwordless_urls_alone() -> None:
+    assert mask_url("postgresql://postgres@127.0.0.1/x") == "postgresql://postgres@127.0.0.1/x"
+    assert mask_url("amqps://u:p@h/v") == "amqps://u:***@h/v"

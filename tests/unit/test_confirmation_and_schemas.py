@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+from schemas import ExecutionConfirmation, ExecutionStatus, RejectionReason
+from schemas.export import EXPORTED, SCHEMA_DIR, render
+
+
+def _confirmation(**changes: object) -> ExecutionConfirmation:
+    fields: dict[str, object] = {
+        "execution_id": uuid.uuid5(uuid.NAMESPACE_URL, "x"),
+        "order_id": "rpm-1",
+        "idempotency_key": "rpm-1",
+        "status": ExecutionStatus.FILLED,
+        "symbol": "EURUSD",
+        "received_at": datetime(2026, 11, 25, 10, 0, tzinfo=UTC),
+        "completed_at": datetime(2026, 11, 25, 10, 0, 1, tzinfo=UTC),
+    }
+    fields.update(changes)
+    return ExecutionConfirmation.model_validate(fields)
+
+
+def test_routing_key_is_status_lower_case_and_symbol() -> None:
+    assert _confirmation().routing_key() == "confirmation.filled.EURUSD"
+    rejected = _confirmation(
+        status=ExecutionStatus.PARTIALLY_FILLED, rejection_reason=RejectionReason.INSUFFICIENT_FILL
+    )
+    assert rejected.routing_key() == "confirmation.partially_filled.EURUSD"
+    assert _confirmation(symbol=None).routing_key() == "confirmation.filled.UNKNOWN"
+
+
+def test_json_is_stable_and_round_trips() -> None:
+    first = _confirmation(timings_ms={"submit": 1.5, "validate": 0.2})
+    again = ExecutionConfirmation.model_validate_json(first.to_json_bytes())
+    assert again == first
+    assert again.to_json_bytes() == first.to_json_bytes()
+    document = json.loads(first.to_json_bytes())
+    assert document["schema_version"] == "1" and document["status"] == "FILLED"
+    assert document["received_at"].endswith("Z")
+
+
+def test_committed_json_schemas_match_the_models() -> None:
+    for file_name, model in EXPORTED.items():
+        committed = (SCHEMA_DIR / file_name).read_text(encoding="utf-8")
+        assert committed == render(model), (
+            f"{file_name} is stale: run execution-worker schema-export"
+        )

@@ -1,0 +1,186 @@
+"""The ``execution-worker`` command.
+
+Each subcommand's arguments are declared here; its implementation lives in the module that
+owns the work and is imported only when the subcommand runs, so ``--help`` stays fast and
+works on every platform.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from worker.config import ConfigError
+
+Configure = Callable[[argparse.ArgumentParser], None]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    handler: str  # "module:function" taking the parsed args, returning an exit code
+    configure: Configure
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+def _run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--processes", type=int, default=1, help="worker processes to supervise (default 1)"
+    )
+
+
+def _demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", type=int, default=12, help="approvals to publish")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all")
+
+
+def _publish_args(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--file", help="a JSON file: one message, or a list of messages")
+    source.add_argument("--stdin", action="store_true", help="read JSON lines from stdin")
+    source.add_argument("--samples", type=int, help="generate N sample approvals")
+    parser.add_argument("--symbols", default="EURUSD,GBPUSD,USDJPY,XAUUSD")
+    parser.add_argument("--reply-to", help="reply_to queue for the confirmations")
+    parser.add_argument("--seed", type=int, default=7)
+
+
+def _reconcile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON lines")
+
+
+def _sim_terminal_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18812)
+    parser.add_argument("--state", required=True, help="file holding the broker state")
+    parser.add_argument("--dump", action="store_true", help="print every deal as JSON lines")
+    parser.add_argument("--config", help="TOML file of simulator settings and fault knobs")
+
+
+def _bridge_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18812)
+    parser.add_argument("--terminal-path", help="path of terminal64.exe")
+    parser.add_argument("--tls-cert")
+    parser.add_argument("--tls-key")
+
+
+def _schema_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", help="output directory (default: schemas/json)")
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    parser.add_argument("--plot", help="write a PNG plot here")
+    parser.add_argument("--quick", action="store_true", help="tiny counts (smoke test)")
+
+
+def _trail_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key", help="the RPM order id, idempotency key or execution id")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("run", "consume execution.requests and execute", "worker.runtime:main", _run_args),
+    Command(
+        "demo", "run the whole path against the simulated terminal", "worker.demo:main", _demo_args
+    ),
+    Command(
+        "publish",
+        "publish RPM approvals to execution.requests",
+        "worker.publish:main",
+        _publish_args,
+    ),
+    Command("migrate", "apply the database migrations", "worker.store:migrate_main", _no_arguments),
+    Command(
+        "reconcile",
+        "resolve in-flight executions against the terminals",
+        "worker.recovery:main",
+        _reconcile_args,
+    ),
+    Command(
+        "sim-terminal",
+        "serve a simulated terminal with persistent broker state",
+        "worker.mt5.bridge:sim_terminal_main",
+        _sim_terminal_args,
+    ),
+    Command(
+        "bridge-serve",
+        "serve the native MetaTrader5 terminal over the bridge",
+        "worker.mt5.bridge:bridge_serve_main",
+        _bridge_serve_args,
+    ),
+    Command(
+        "schema-export",
+        "write the JSON Schemas of the wire models",
+        "worker.cli:schema_export_main",
+        _schema_export_args,
+    ),
+    Command(
+        "bench",
+        "measure overhead, throughput, scaling and memory",
+        "worker.bench:main",
+        _bench_args,
+    ),
+    Command("trail", "show the audit timeline of one execution", "worker.trail:main", _trail_args),
+)
+
+
+def schema_export_main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from schemas.export import SCHEMA_DIR, export
+
+    for path in export(Path(args.dir) if args.dir else SCHEMA_DIR):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="execution-worker",
+        description="Exactly-once execution of RPM approvals on MetaTrader 5.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        child = sub.add_parser(command.name, help=command.help, description=command.help)
+        command.configure(child)
+        child.set_defaults(handler=command.handler)
+    return parser
+
+
+def _resolve(handler: str) -> Callable[[argparse.Namespace], int] | None:
+    module_name, function_name = handler.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return None
+        raise
+    function: Callable[[argparse.Namespace], int] | None = getattr(module, function_name, None)
+    return function
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    function = _resolve(args.handler)
+    if function is None:
+        print(f"execution-worker {args.command}: not implemented yet", file=sys.stderr)
+        return 2
+    try:
+        return function(args)
+    except ConfigError as exc:
+        print(f"execution-worker: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

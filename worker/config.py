@@ -1,0 +1,168 @@
+"""Settings from the environment (and an optional TOML file), validated; secrets never printed.
+
+Environment names of the external contract (DESIGN.md): RABBITMQ_URL, DATABASE_URL,
+MT5_BACKEND, MT5_SESSIONS, MT5_BRIDGE_ADDRESS, MT5_BRIDGE_SECRET, METRICS_PORT, LOG_FORMAT.
+Every other setting has an environment name equal to its field name in upper case
+(``APPROVAL_TTL_SECONDS``...), and may also come from the TOML file named by
+``WORKER_CONFIG`` (the environment wins). Per-symbol tables (pip sizes, spread limits,
+broker symbol names) live in that file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+MASK = "***"
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (for logs, errors and --help)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line, safe to print."""
+
+
+class Settings(BaseModel):
+    """All worker settings. Secrets are ``SecretStr``; ``public()`` is what may be shown."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rabbitmq_url: SecretStr = SecretStr(DEFAULT_RABBITMQ_URL)
+    database_url: SecretStr = SecretStr(DEFAULT_DATABASE_URL)
+    mt5_backend: Literal["sim", "native", "bridge"] = "sim"
+    mt5_sessions: str = Field(
+        default="1", description="a count of simulated sessions, or a sessions file (TOML)"
+    )
+    mt5_bridge_address: str | None = None
+    mt5_bridge_secret: SecretStr | None = None
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+
+    # validation (pipeline stage 1)
+    approval_ttl_seconds: float = Field(default=30.0, gt=0)
+    max_tick_age_seconds: float = Field(default=10.0, gt=0)
+    max_spread_pips: float = Field(default=3.0, gt=0)
+    max_slippage_pips: float = Field(default=2.0, gt=0)
+    slippage_policy: Literal["flag", "close"] = "flag"
+    margin_cushion: float = Field(default=1.5, ge=1.0)
+    fill_ratio_filled: float = Field(default=0.99, gt=0, le=1)
+    fill_ratio_partial: float = Field(default=0.90, gt=0, le=1)
+    volume_over_max: Literal["split", "reject"] = "split"
+    hedging_close_opposite: bool = True
+
+    # broker
+    magic: int = Field(default=26112501, ge=0, lt=2**63)
+    order_timeout_seconds: float = Field(default=60.0, gt=0)
+    max_send_attempts: int = Field(default=3, ge=1, le=10)
+    reconcile_grace_seconds: float = Field(default=5.0, ge=0)
+    server_utc_offset_seconds: int | None = None
+
+    # per-symbol tables (from the TOML file)
+    pip_sizes: dict[str, float] = Field(default_factory=dict)
+    spread_limits_pips: dict[str, float] = Field(default_factory=dict)
+    slippage_limits_pips: dict[str, float] = Field(default_factory=dict)
+    symbol_map: dict[str, str] = Field(default_factory=dict)
+
+    # runtime
+    prefetch: int | None = Field(default=None, ge=1)
+    claim_timeout_seconds: float = Field(default=5.0, gt=0)
+    delivery_limit: int = Field(default=5, ge=1)
+    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    parse_timeout_seconds: float = Field(default=1.0, gt=0)
+    db_pool_size: int = Field(default=10, ge=1)
+
+    def public(self) -> dict[str, Any]:
+        """The settings as they may be printed: URLs masked, secrets hidden."""
+        shown: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if name.endswith("_url") and isinstance(value, SecretStr):
+                shown[name] = mask_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                shown[name] = MASK
+            else:
+                shown[name] = value
+        return shown
+
+    def __repr__(self) -> str:
+        return f"Settings({self.public()!r})"
+
+    __str__ = __repr__
+
+    def spread_limit_for(self, symbol: str) -> float:
+        return self.spread_limits_pips.get(symbol, self.max_spread_pips)
+
+    def slippage_limit_for(self, symbol: str) -> float:
+        return self.slippage_limits_pips.get(symbol, self.max_slippage_pips)
+
+    def broker_symbol_for(self, symbol: str) -> str:
+        return self.symbol_map.get(symbol, symbol)
+
+
+_FILE_ONLY = {"pip_sizes", "spread_limits_pips", "slippage_limits_pips", "symbol_map"}
+
+
+def _from_file(path: str) -> dict[str, Any]:
+    try:
+        with Path(path).open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"WORKER_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"WORKER_CONFIG: {path} is not valid TOML: {exc}") from None
+    return data
+
+
+def _secret_from_file(environ: Mapping[str, str], name: str) -> str | None:
+    """``NAME_FILE`` points at a file holding the secret (Docker / Kubernetes secrets)."""
+    file_name = environ.get(f"{name}_FILE")
+    if not file_name:
+        return environ.get(name)
+    try:
+        return Path(file_name).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read {file_name}: {exc.strerror}") from None
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from the environment (and ``WORKER_CONFIG``). Raises ``ConfigError``."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if env.get("WORKER_CONFIG"):
+        values.update(_from_file(env["WORKER_CONFIG"]))
+    for name in Settings.model_fields:
+        if name in _FILE_ONLY:
+            continue
+        raw = _secret_from_file(env, name.upper())
+        if raw is not None and raw != "":
+            values[name] = raw
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "settings"
+        # never echo the offending value: it may be a secret
+        raise ConfigError(f"invalid setting {field.upper()}: {first['msg']}") from None
