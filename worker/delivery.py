@@ -1,0 +1,56 @@
+"""What passes between the AMQP runtime and the pipeline.
+
+The runtime turns a RabbitMQ delivery into a :class:`Delivery`, hands it to a handler on a
+worker thread, and carries out the :class:`Outcome` it gets back:
+
+- :class:`Publish`: publish the confirmation (publisher confirms, mandatory, persistent) to
+  ``execution.confirmations`` and to ``reply_to`` if set, mark the outbox row published, then
+  ack the request. The confirmation is already committed in the outbox.
+- :class:`DeadLetter`: publish the original body to ``execution.requests.dlx`` with
+  ``x-rejection-reason`` / ``x-rejection-details`` headers (confirmed), then ack.
+- :class:`Requeue`: nack with requeue; no work was done (no session, database down, draining).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
+
+from schemas.request import MessageProperties
+
+CONFIRMATION_SCHEMA_HEADER = "execution.confirmation.v1"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    properties: MessageProperties
+    redelivered: bool
+    delivery_count: int | None
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Publish:
+    execution_id: UUID
+    routing_key: str
+    payload: bytes
+    correlation_id: str | None
+    reply_to: str | None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    reason: str
+    details: str
+
+
+@dataclass(frozen=True)
+class Requeue:
+    reason: str
+
+
+Outcome = Publish | DeadLetter | Requeue
+Handler = Callable[[Delivery], Outcome]
