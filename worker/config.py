@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MASK = "***"
+# Metals, indices and crypto have no digits rule for pips (DOMAIN.md 2): configured here.
+DEFAULT_PIP_SIZES = {"XAUUSD": 0.1, "XAGUSD": 0.01, "US500": 1.0, "BTCUSD": 1.0}
 
 
 def mask_url(url: str) -> str:
@@ -80,7 +82,10 @@ class Settings(BaseModel):
     server_utc_offset_seconds: int | None = None
 
     # per-symbol tables (from the TOML file)
-    pip_sizes: dict[str, float] = Field(default_factory=dict)
+    pip_sizes: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_PIP_SIZES),
+        description="pip size per broker symbol where the digits rule does not apply",
+    )
     spread_limits_pips: dict[str, float] = Field(default_factory=dict)
     slippage_limits_pips: dict[str, float] = Field(default_factory=dict)
     symbol_map: dict[str, str] = Field(default_factory=dict)
