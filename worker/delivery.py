@@ -9,13 +9,18 @@ worker thread, and carries out the :class:`Outcome` it gets back:
 - :class:`DeadLetter`: publish the original body to ``execution.requests.dlx`` with
   ``x-rejection-reason`` / ``x-rejection-details`` headers (confirmed), then ack.
 - :class:`Requeue`: nack with requeue; no work was done (no session, database down, draining).
+
+Confirmations committed but never confirmed (a crash between commit and publish) are found in
+the :class:`Outbox` and published again; all copies are byte-identical with the same
+``message_id``, so consumers deduplicate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol
 from uuid import UUID
 
 from schemas.request import MessageProperties
@@ -54,3 +59,11 @@ class Requeue:
 
 Outcome = Publish | DeadLetter | Requeue
 Handler = Callable[[Delivery], Outcome]
+
+
+class Outbox(Protocol):
+    """Committed confirmations not yet confirmed by the broker (the transactional outbox)."""
+
+    def unpublished(self, limit: int) -> list[Publish]: ...
+
+    def mark_published(self, execution_ids: Sequence[UUID]) -> None: ...
