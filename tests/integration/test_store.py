@@ -1,0 +1,126 @@
+"""The audit store against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from schemas.identity import comment_token_for
+from worker.delivery import Publish
+from worker.store import Event, Store
+
+
+@pytest.fixture
+def store(new_database: Callable[[], str]) -> Iterator[Store]:
+    opened = Store.open(new_database(), max_size=4)
+    assert opened.migrate() == [1]
+    yield opened
+    opened.close()
+
+
+def _fields(execution_id: uuid.UUID, state: str, **extra: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {
+        "execution_id": execution_id,
+        "idempotency_key": f"key-{execution_id}",
+        "state": state,
+        "comment_token": comment_token_for(execution_id),
+        "received_at": datetime.now(UTC),
+        "symbol": "EURUSD",
+        "request": {"symbol": "EURUSD", "units": 1000.0},
+    }
+    fields.update(extra)
+    return fields
+
+
+def _publish(execution_id: uuid.UUID, status: str = "filled") -> Publish:
+    payload = f'{{"execution_id": "{execution_id}", "status": "{status}"}}'.encode()
+    return Publish(execution_id, f"confirmation.{status}.EURUSD", payload, "rpm-1", None)
+
+
+def test_migrations_are_idempotent(store: Store) -> None:
+    assert store.migrate() == []
+    assert store.migrate() == []
+
+
+def test_intent_then_finish_keeps_one_row_and_one_outbox_entry(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        assert store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [Event("intent")])
+        assert not store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [])
+        store.update_in_flight(
+            conn, execution_id, {"state": "SUBMITTED", "broker_order": 7}, [Event("submit")]
+        )
+        assert [row.execution_id for row in store.in_flight(conn)] == [execution_id]
+        confirmation = _publish(execution_id)
+        kept = store.finish(
+            conn,
+            _fields(execution_id, "FILLED", executed_lots=0.01),
+            [Event("commit")],
+            confirmation,
+        )
+        assert kept == confirmation
+        again = store.finish(
+            conn, _fields(execution_id, "REJECTED"), [Event("commit")], _publish(execution_id, "x")
+        )
+        assert again == confirmation, "a terminal row is never overwritten"
+        row = store.load(conn, execution_id)
+        assert row is not None and row.state == "FILLED" and row.get("broker_order") == 7
+        assert store.in_flight(conn) == []
+        stages = [event["stage"] for event in store.events_of(conn, execution_id)]
+        assert stages == ["intent", "submit", "commit"]
+    assert store.unpublished(10) == [confirmation]
+    store.mark_published([execution_id])
+    assert store.unpublished(10) == []
+
+
+def test_rejection_without_intent_inserts_the_row(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        store.finish(conn, _fields(execution_id, "REJECTED"), [], _publish(execution_id))
+        row = store.load(conn, execution_id)
+        assert row is not None and row.terminal
+        assert store.confirmation_of(conn, execution_id) == _publish(execution_id)
+
+
+def test_events_are_append_only(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [Event("intent")])
+        for statement in (
+            "UPDATE execution.execution_events SET stage = 'forged'",
+            "DELETE FROM execution.execution_events",
+            "TRUNCATE execution.execution_events",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+        assert len(store.events_of(conn, execution_id)) == 1
+
+
+def test_execution_lock_is_exclusive_across_connections(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as first, store.connection() as second:
+        assert store.try_lock_execution(first, execution_id)
+        assert not store.try_lock_execution(second, execution_id)
+        store.unlock_execution(first, execution_id)
+        assert store.try_lock_execution(second, execution_id)
+        store.unlock_execution(second, execution_id)
+
+
+def test_a_failed_finish_commits_nothing(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [])
+        bad = _fields(execution_id, "FILLED")
+        with pytest.raises(psycopg.Error):
+            store.finish(
+                conn, bad, [Event("commit", detail={"x": 1})], _publish(execution_id, "\x00")
+            )
+        row = store.load(conn, execution_id)
+        assert row is not None and row.state == "SUBMITTING"
+        assert store.events_of(conn, execution_id) == []
+    assert store.unpublished(10) == []

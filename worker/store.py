@@ -1,0 +1,511 @@
+"""The PostgreSQL audit store (psycopg 3): migrations, executions, events, outbox.
+
+Durability rules (DOMAIN.md 3): the intent row is committed BEFORE the broker is called; the
+final row, its events and the outbox row are committed in ONE transaction; the events table
+is append-only (a trigger refuses UPDATE and DELETE); ``synchronous_commit`` stays on.
+
+Writes that belong to one execution go through the connection of the session lease that
+holds the execution's lock (``Lease.conn``): if that connection is gone, the commit fails and
+no order is sent, which fences a worker that lost its lease.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from worker.delivery import Publish
+
+TERMINAL_STATES = frozenset(
+    {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
+)
+IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
+MIGRATION_LOCK = 0x45574D47  # "EWMG"
+EXECUTION_LOCK_CLASS = 2  # advisory lock class; class 1 is the session pool's
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+CREATE SCHEMA IF NOT EXISTS execution;
+
+CREATE TABLE execution.executions (
+  execution_id uuid PRIMARY KEY,
+  idempotency_key text NOT NULL UNIQUE,
+  rpm_order_id text,
+  state text NOT NULL,
+  rejection_reason text,
+  rejection_details text,
+  symbol text,
+  broker_symbol text,
+  direction smallint,
+  intended_units double precision,
+  intended_lots double precision,
+  executed_units double precision,
+  executed_lots double precision,
+  requested_price double precision,
+  fill_price double precision,
+  spread_pips double precision,
+  slippage_pips double precision,
+  deviation_points integer,
+  filling_mode integer,
+  comment_token text NOT NULL,
+  magic bigint,
+  session_id text,
+  account_login bigint,
+  broker_order bigint,
+  broker_deals bigint[],
+  broker_position bigint,
+  retcode integer,
+  broker_comment text,
+  attempts integer NOT NULL DEFAULT 0,
+  request jsonb,
+  decided_at timestamptz,
+  received_at timestamptz NOT NULL,
+  submitted_at timestamptz,
+  completed_at timestamptz,
+  updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX executions_rpm_order_id ON execution.executions (rpm_order_id);
+CREATE INDEX executions_in_flight ON execution.executions (state)
+  WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED');
+
+CREATE TABLE execution.execution_events (
+  event_id bigserial PRIMARY KEY,
+  execution_id uuid NOT NULL REFERENCES execution.executions,
+  at timestamptz NOT NULL,
+  stage text NOT NULL,
+  kind text NOT NULL,
+  state text,
+  function text,
+  retcode integer,
+  latency_ms double precision,
+  detail jsonb
+);
+CREATE INDEX execution_events_execution ON execution.execution_events (execution_id, event_id);
+
+CREATE FUNCTION execution.refuse_event_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'execution_events is append-only: % refused', TG_OP
+    USING ERRCODE = 'insufficient_privilege';
+END $$;
+CREATE TRIGGER execution_events_append_only
+  BEFORE UPDATE OR DELETE ON execution.execution_events
+  FOR EACH ROW EXECUTE FUNCTION execution.refuse_event_change();
+CREATE TRIGGER execution_events_no_truncate
+  BEFORE TRUNCATE ON execution.execution_events
+  FOR EACH STATEMENT EXECUTE FUNCTION execution.refuse_event_change();
+
+CREATE TABLE execution.outbox (
+  execution_id uuid PRIMARY KEY REFERENCES execution.executions,
+  routing_key text NOT NULL,
+  payload text NOT NULL,
+  correlation_id text,
+  reply_to text,
+  created_at timestamptz NOT NULL DEFAULT now(),
+  published_at timestamptz
+);
+CREATE INDEX outbox_unpublished ON execution.outbox (created_at) WHERE published_at IS NULL;
+""",
+    ),
+)
+
+EXECUTION_COLUMNS = (
+    "execution_id",
+    "idempotency_key",
+    "rpm_order_id",
+    "state",
+    "rejection_reason",
+    "rejection_details",
+    "symbol",
+    "broker_symbol",
+    "direction",
+    "intended_units",
+    "intended_lots",
+    "executed_units",
+    "executed_lots",
+    "requested_price",
+    "fill_price",
+    "spread_pips",
+    "slippage_pips",
+    "deviation_points",
+    "filling_mode",
+    "comment_token",
+    "magic",
+    "session_id",
+    "account_login",
+    "broker_order",
+    "broker_deals",
+    "broker_position",
+    "retcode",
+    "broker_comment",
+    "attempts",
+    "request",
+    "decided_at",
+    "received_at",
+    "submitted_at",
+    "completed_at",
+)
+_COLUMN_SET = frozenset(EXECUTION_COLUMNS)
+
+
+@dataclass(frozen=True)
+class ExecutionRow:
+    """One row of ``execution.executions`` (``values`` holds every column by name)."""
+
+    values: dict[str, Any]
+
+    @property
+    def execution_id(self) -> UUID:
+        value: UUID = self.values["execution_id"]
+        return value
+
+    @property
+    def state(self) -> str:
+        value: str = self.values["state"]
+        return value
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def get(self, column: str) -> Any:
+        return self.values.get(column)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of ``execution.execution_events``."""
+
+    stage: str
+    kind: str = "transition"
+    state: str | None = None
+    function: str | None = None
+    retcode: int | None = None
+    latency_ms: float | None = None
+    detail: dict[str, Any] | None = None
+    at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+class StoreError(Exception):
+    """The database refused or could not be reached; the message is requeued."""
+
+
+def execution_lock_key(execution_id: UUID) -> int:
+    """A stable signed 32-bit key for ``pg_try_advisory_lock(2, key)``."""
+    return zlib.crc32(execution_id.bytes) - 2**31
+
+
+def apply_migrations(conn: psycopg.Connection[Any]) -> list[int]:
+    """Apply the missing migrations under a transaction-scoped advisory lock. Idempotent."""
+    applied: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS execution")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS execution.schema_migrations ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM execution.schema_migrations")}
+        for version, sql in MIGRATIONS:
+            if version in done:
+                continue
+            conn.execute(sql.replace("CREATE SCHEMA IF NOT EXISTS execution;", ""))
+            conn.execute(
+                "INSERT INTO execution.schema_migrations (version) VALUES (%s)", (version,)
+            )
+            applied.append(version)
+    return applied
+
+
+def _insert_events(cur: psycopg.Cursor[Any], execution_id: UUID, events: Sequence[Event]) -> None:
+    if not events:
+        return
+    cur.executemany(
+        "INSERT INTO execution.execution_events"
+        " (execution_id, at, stage, kind, state, function, retcode, latency_ms, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        [
+            (
+                execution_id,
+                event.at,
+                event.stage,
+                event.kind,
+                event.state,
+                event.function,
+                event.retcode,
+                event.latency_ms,
+                Jsonb(event.detail) if event.detail is not None else None,
+            )
+            for event in events
+        ],
+    )
+
+
+def _adapt(column: str, value: Any) -> Any:
+    if column == "request" and value is not None:
+        return Jsonb(value)
+    return value
+
+
+def _checked(fields: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(fields) - _COLUMN_SET
+    if unknown:
+        raise ValueError(f"unknown execution columns: {sorted(unknown)}")
+    return fields
+
+
+class Store:
+    """Executions, events and the outbox. Thread-safe (a connection pool inside)."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    @classmethod
+    def open(cls, url: str, *, max_size: int = 10) -> Store:
+        pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs={"autocommit": True},
+            open=True,
+            name="execution-store",
+        )
+        return cls(pool)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self.pool.connection() as conn:
+            yield conn
+
+    def migrate(self) -> list[int]:
+        with self.connection() as conn:
+            return apply_migrations(conn)
+
+    # --- reads -----------------------------------------------------------------------
+
+    def load(self, conn: psycopg.Connection[Any], execution_id: UUID) -> ExecutionRow | None:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM execution.executions WHERE execution_id = %s", (execution_id,)
+            )
+            row = cur.fetchone()
+        return ExecutionRow(dict(row)) if row is not None else None
+
+    def confirmation_of(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Publish | None:
+        row = conn.execute(
+            "SELECT routing_key, payload, correlation_id, reply_to FROM execution.outbox"
+            " WHERE execution_id = %s",
+            (execution_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Publish(execution_id, row[0], row[1].encode("utf-8"), row[2], row[3])
+
+    def in_flight(self, conn: psycopg.Connection[Any]) -> list[ExecutionRow]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM execution.executions"
+                " WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED')"
+                " ORDER BY received_at"
+            )
+            return [ExecutionRow(dict(row)) for row in cur.fetchall()]
+
+    # --- per-execution writes ---------------------------------------------------------
+
+    def try_lock_execution(self, conn: psycopg.Connection[Any], execution_id: UUID) -> bool:
+        """Session-level lock on one execution; released with the lease's connection."""
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, %s)",
+            (EXECUTION_LOCK_CLASS, execution_lock_key(execution_id)),
+        ).fetchone()
+        return bool(row and row[0])
+
+    def unlock_execution(self, conn: psycopg.Connection[Any], execution_id: UUID) -> None:
+        conn.execute(
+            "SELECT pg_advisory_unlock(%s, %s)",
+            (EXECUTION_LOCK_CLASS, execution_lock_key(execution_id)),
+        )
+
+    def insert_intent(
+        self, conn: psycopg.Connection[Any], fields: dict[str, Any], events: Sequence[Event]
+    ) -> bool:
+        """Commit a new in-flight row with its events. False if the key already has a row."""
+        columns = list(_checked(fields))
+        placeholders = ", ".join(["%s"] * len(columns))
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO execution.executions ({', '.join(columns)})"
+                f" VALUES ({placeholders}) ON CONFLICT DO NOTHING",
+                [_adapt(column, fields[column]) for column in columns],
+            )
+            if cur.rowcount != 1:
+                return False
+            _insert_events(cur, fields["execution_id"], events)
+        return True
+
+    def update_in_flight(
+        self,
+        conn: psycopg.Connection[Any],
+        execution_id: UUID,
+        fields: dict[str, Any],
+        events: Sequence[Event],
+    ) -> None:
+        """Commit progress of an in-flight row (e.g. SUBMITTED with the broker's ticket)."""
+        columns = list(_checked(fields))
+        assignments = ", ".join(f"{column} = %s" for column in columns)
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(
+                f"UPDATE execution.executions SET {assignments}, updated_at = now()"
+                " WHERE execution_id = %s AND state IN ('SUBMITTING', 'SUBMITTED')",
+                [*(_adapt(column, fields[column]) for column in columns), execution_id],
+            )
+            if cur.rowcount != 1:
+                raise StoreError(f"execution {execution_id} is not in flight")
+            _insert_events(cur, execution_id, events)
+
+    def finish(
+        self,
+        conn: psycopg.Connection[Any],
+        fields: dict[str, Any],
+        events: Sequence[Event],
+        confirmation: Publish,
+    ) -> Publish:
+        """Commit the terminal row, its events and the outbox row in ONE transaction.
+
+        Inserts the row when there was no intent (a rejection before any broker call).
+        Returns the confirmation that is on record: when the key already had a terminal
+        row (a concurrent or earlier outcome), that one, unchanged.
+        """
+        columns = list(_checked(fields))
+        execution_id: UUID = fields["execution_id"]
+        updates = ", ".join(
+            f"{column} = EXCLUDED.{column}" for column in columns if column != "execution_id"
+        )
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO execution.executions ({', '.join(columns)})"
+                f" VALUES ({', '.join(['%s'] * len(columns))})"
+                f" ON CONFLICT (execution_id) DO UPDATE SET {updates}, updated_at = now()"
+                " WHERE execution.executions.state NOT IN"
+                " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')",
+                [_adapt(column, fields[column]) for column in columns],
+            )
+            if cur.rowcount != 1:
+                existing = self.confirmation_of(conn, execution_id)
+                if existing is None:
+                    raise StoreError(f"execution {execution_id} is terminal without an outbox row")
+                return existing
+            _insert_events(cur, execution_id, events)
+            cur.execute(
+                "INSERT INTO execution.outbox"
+                " (execution_id, routing_key, payload, correlation_id, reply_to)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (
+                    execution_id,
+                    confirmation.routing_key,
+                    confirmation.payload.decode("utf-8"),
+                    confirmation.correlation_id,
+                    confirmation.reply_to,
+                ),
+            )
+        return confirmation
+
+    def append_events(
+        self, conn: psycopg.Connection[Any], execution_id: UUID, events: Sequence[Event]
+    ) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            _insert_events(cur, execution_id, events)
+
+    # --- outbox (worker.delivery.Outbox) ------------------------------------------------
+
+    def unpublished(self, limit: int) -> list[Publish]:
+        with self.connection() as conn:
+            rows = conn.execute(
+                "SELECT execution_id, routing_key, payload, correlation_id, reply_to"
+                " FROM execution.outbox WHERE published_at IS NULL"
+                " ORDER BY created_at LIMIT %s",
+                (limit,),
+            ).fetchall()
+        return [Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4]) for row in rows]
+
+    def mark_published(self, execution_ids: Sequence[UUID]) -> None:
+        if not execution_ids:
+            return
+        with self.connection() as conn:
+            conn.execute(
+                "UPDATE execution.outbox SET published_at = now()"
+                " WHERE execution_id = ANY(%s) AND published_at IS NULL",
+                (list(execution_ids),),
+            )
+
+    def outbox_backlog(self) -> tuple[int, float]:
+        """(unpublished rows, age in seconds of the oldest) for metrics."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
+                " FROM execution.outbox WHERE published_at IS NULL"
+            ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
+    def ping(self) -> bool:
+        try:
+            with self.connection() as conn:
+                conn.execute("SELECT 1")
+            return True
+        except (psycopg.Error, OSError):
+            return False
+
+    def events_of(self, conn: psycopg.Connection[Any], execution_id: UUID) -> list[dict[str, Any]]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM execution.execution_events WHERE execution_id = %s"
+                " ORDER BY event_id",
+                (execution_id,),
+            )
+            return [dict(row) for row in cur.fetchall()]
+
+
+def json_default(value: Any) -> Any:
+    """For request snapshots: datetimes and UUIDs as strings."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=json_default))
+
+
+def migrate_main(args: argparse.Namespace) -> int:
+    """``execution-worker migrate``."""
+    from worker.config import load_settings, mask_url
+
+    del args
+    settings = load_settings()
+    url = settings.database_url.get_secret_value()
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            applied = apply_migrations(conn)
+    except psycopg.Error as exc:
+        print(f"migrate: cannot migrate {mask_url(url)}: {type(exc).__name__}")
+        return 1
+    print(f"migrate: {mask_url(url)}: applied {applied or 'nothing (up to date)'}")
+    return 0
