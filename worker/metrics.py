@@ -1,0 +1,426 @@
+"""Every Prometheus metric of the worker, defined once, and the helpers that move them.
+
+Call these from the pipeline and the runtime (all are thread-safe, cheap, never raise on a
+label value: anything outside the bounded sets below is counted as ``other``)::
+
+    record_received(redelivered: bool) -> None
+    observe_stage(stage: Stage, seconds: float) -> None          # or: with stage_timer(stage):
+    observe_end_to_end(seconds: float) -> None
+    record_outcome(status: str, reason: str | None = None) -> None
+    record_retcode(code: int | None) -> None                     # None = order_send gave None
+    record_send_retry(code: int | None) -> None
+    record_unknown_outcome(session: str) -> None
+    record_slippage(symbol: str, side: str, pips: float, *, breached: bool = False) -> None
+    record_fill_ratio(symbol: str, ratio: float) -> None
+    record_claim_wait(seconds: float, *, acquired: bool) -> None
+    record_dead_letter(reason: str) -> None
+    record_reconnect(target: Target) -> None
+    in_flight(delta: int) -> None                                # +1 on delivery, -1 on ack/nack
+    register_pool_state(read: Callable[[], PoolState]) -> None
+    register_outbox_state(read: Callable[[], OutboxState]) -> None
+    refresh() -> None        # reads the registered callbacks into their gauges
+
+Pool and outbox gauges are read from their owners' state by the callbacks: ``refresh()``
+runs before every scrape of ``/metrics`` (worker.health) and should also run periodically
+in each worker process when ``run --processes N`` is used, since the scrape then happens in
+another process.
+
+Multi-process: set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory) in the environment
+BEFORE ``prometheus_client`` is first imported in the supervisor and its children;
+prometheus-client chooses its storage at import time. Gauges declare how processes combine
+(``livesum`` for per-process quantities, ``livemax`` for shared state read by every
+process). Call ``mark_process_dead(pid)`` in the supervisor when a child exits.
+
+Labels never carry an order id, an execution id or a secret; docs/METRICS.md lists them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Literal, NamedTuple
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import multiprocess as _multiprocess
+
+from schemas.enums import ExecutionStatus, RejectionReason
+
+PREFIX = "execution_worker_"
+OTHER = "other"
+NONE = "none"
+
+Stage = Literal["validate", "claim", "submit", "monitor", "commit", "publish", "reconcile"]
+STAGES: tuple[Stage, ...] = (
+    "validate",
+    "claim",
+    "submit",
+    "monitor",
+    "commit",
+    "publish",
+    "reconcile",
+)
+Target = Literal["rabbitmq", "database", "mt5"]
+TARGETS: tuple[Target, ...] = ("rabbitmq", "database", "mt5")
+SIDES = ("buy", "sell")
+STATUSES = frozenset(status.value.lower() for status in ExecutionStatus)
+REASONS = frozenset(reason.value for reason in RejectionReason)
+# Every documented MT5 trade server return code sits in 10004..10046.
+RETCODE_RANGE = range(10004, 10047)
+MAX_SYMBOLS = 200  # label cardinality guard: later symbols count as "other"
+MAX_SESSIONS = 64
+MAX_DEAD_LETTER_REASONS = 50
+_SYMBOL_SHAPE = re.compile(r"^[A-Za-z0-9._#+-]{1,32}$")
+_REASON_SHAPE = re.compile(r"^[A-Z][A-Z0-9_]{0,47}$")
+
+_log = logging.getLogger(__name__)
+
+# The *_created series double the exposition for nothing an operator reads.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# --- definitions -------------------------------------------------------------------------
+
+REQUESTS_RECEIVED = Counter(
+    PREFIX + "requests_received_total",
+    "Deliveries taken from execution.requests.",
+    ["redelivered"],
+)
+EXECUTIONS = Counter(
+    PREFIX + "executions_total",
+    "Executions finished, by final status and rejection reason (none when filled).",
+    ["status", "reason"],
+)
+STAGE_SECONDS = Histogram(
+    PREFIX + "stage_duration_seconds",
+    "Time spent in one pipeline stage.",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END_SECONDS = Histogram(
+    PREFIX + "end_to_end_seconds",
+    "From delivery received to confirmation published (or dead-lettered) and acked.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+BROKER_RETCODES = Counter(
+    PREFIX + "broker_retcodes_total",
+    "order_send return codes (none = the call returned None).",
+    ["retcode"],
+)
+SEND_RETRIES = Counter(
+    PREFIX + "send_retries_total",
+    "order_send calls repeated after a retryable return code.",
+    ["retcode"],
+)
+UNKNOWN_OUTCOMES = Counter(
+    PREFIX + "unknown_outcomes_total",
+    "order_send calls whose outcome was unknown and had to be reconciled.",
+    ["session"],
+)
+SLIPPAGE_PIPS = Histogram(
+    PREFIX + "slippage_pips",
+    "Signed slippage of fills in pips, positive = adverse.",
+    ["symbol", "side"],
+    buckets=(-5, -2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 2, 3, 5, 10),
+)
+SLIPPAGE_BREACHES = Counter(
+    PREFIX + "slippage_breaches_total",
+    "Fills whose adverse slippage exceeded the symbol's slippage limit.",
+    ["symbol", "side"],
+)
+FILL_RATIO = Histogram(
+    PREFIX + "fill_ratio",
+    "Executed volume / intended volume of orders that reached the broker.",
+    ["symbol"],
+    buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
+)
+SESSIONS = Gauge(
+    PREFIX + "sessions",
+    "MT5 sessions in the pool.",
+    multiprocess_mode="livesum",
+)
+SESSIONS_IN_USE = Gauge(
+    PREFIX + "sessions_in_use",
+    "MT5 sessions claimed by an execution right now.",
+    multiprocess_mode="livesum",
+)
+SESSIONS_UNHEALTHY = Gauge(
+    PREFIX + "sessions_unhealthy",
+    "MT5 sessions failing their health check (disconnected, trading disabled...).",
+    multiprocess_mode="livesum",
+)
+CLAIM_WAIT_SECONDS = Histogram(
+    PREFIX + "session_claim_wait_seconds",
+    "Time waiting for a free session, by result (acquired or timeout).",
+    ["result"],
+    buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+OUTBOX_BACKLOG = Gauge(
+    PREFIX + "outbox_backlog",
+    "Committed confirmations not yet confirmed by RabbitMQ.",
+    multiprocess_mode="livemax",
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    PREFIX + "outbox_oldest_age_seconds",
+    "Age of the oldest unpublished confirmation (0 when none).",
+    multiprocess_mode="livemax",
+)
+DEAD_LETTERED = Counter(
+    PREFIX + "dead_lettered_total",
+    "Requests the worker sent to execution.requests.dlx, by reason.",
+    ["reason"],
+)
+RECONNECTS = Counter(
+    PREFIX + "reconnects_total",
+    "Reconnections after a lost connection, by target.",
+    ["target"],
+)
+IN_FLIGHT = Gauge(
+    PREFIX + "in_flight_messages",
+    "Deliveries received and not yet acked or nacked.",
+    multiprocess_mode="livesum",
+)
+
+# --- label guards ------------------------------------------------------------------------
+
+_symbols: set[str] = set()
+_sessions: set[str] = set()
+_dead_letter_reasons: set[str] = set(REASONS)
+_guard = threading.Lock()
+
+
+def _bounded(value: str, seen: set[str], limit: int, shape: re.Pattern[str] = _SYMBOL_SHAPE) -> str:
+    if not shape.match(value):
+        return OTHER
+    if value in seen:
+        return value
+    with _guard:
+        if value in seen:
+            return value
+        if len(seen) >= limit:
+            return OTHER
+        seen.add(value)
+    return value
+
+
+def symbol_label(symbol: str) -> str:
+    """The symbol as a label value: its shape checked, at most MAX_SYMBOLS distinct values."""
+    return _bounded(symbol.upper(), _symbols, MAX_SYMBOLS)
+
+
+def side_label(side: str | int) -> str:
+    """``buy``/``sell`` from ``"buy"``, ``"BUY"``, ``1`` or ``-1``; else ``other``."""
+    if isinstance(side, int):
+        return {1: "buy", -1: "sell"}.get(side, OTHER)
+    lowered = side.lower()
+    return lowered if lowered in SIDES else OTHER
+
+
+def retcode_label(code: int | None) -> str:
+    if code is None:
+        return NONE
+    return str(code) if code in RETCODE_RANGE else OTHER
+
+
+def _stage_label(stage: str) -> str:
+    return stage if stage in STAGES else OTHER
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+# --- helpers the pipeline and runtime call -----------------------------------------------
+
+
+def record_received(redelivered: bool) -> None:
+    REQUESTS_RECEIVED.labels(redelivered="true" if redelivered else "false").inc()
+
+
+def observe_stage(stage: Stage, seconds: float) -> None:
+    if _finite(seconds) and seconds >= 0:
+        STAGE_SECONDS.labels(stage=_stage_label(stage)).observe(seconds)
+
+
+@contextlib.contextmanager
+def stage_timer(stage: Stage) -> Iterator[None]:
+    """Time the ``with`` block as one ``stage`` (also when it raises)."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        observe_stage(stage, time.perf_counter() - started)
+
+
+def observe_end_to_end(seconds: float) -> None:
+    if _finite(seconds) and seconds >= 0:
+        END_TO_END_SECONDS.observe(seconds)
+
+
+def record_outcome(status: str, reason: str | None = None) -> None:
+    """One finished execution. ``status`` is an ExecutionStatus (any case)."""
+    status_label = status.lower() if status.lower() in STATUSES else OTHER
+    if reason is None or reason == "":
+        reason_label = NONE
+    else:
+        reason_label = reason if reason in REASONS else OTHER
+    EXECUTIONS.labels(status=status_label, reason=reason_label).inc()
+
+
+def record_retcode(code: int | None) -> None:
+    BROKER_RETCODES.labels(retcode=retcode_label(code)).inc()
+
+
+def record_send_retry(code: int | None) -> None:
+    SEND_RETRIES.labels(retcode=retcode_label(code)).inc()
+
+
+def record_unknown_outcome(session: str) -> None:
+    UNKNOWN_OUTCOMES.labels(session=_bounded(session, _sessions, MAX_SESSIONS)).inc()
+
+
+def record_slippage(symbol: str, side: str | int, pips: float, *, breached: bool = False) -> None:
+    """A fill's signed slippage (positive = adverse); ``breached`` if over the limit."""
+    if not _finite(pips):
+        return
+    labels = {"symbol": symbol_label(symbol), "side": side_label(side)}
+    SLIPPAGE_PIPS.labels(**labels).observe(pips)
+    if breached:
+        SLIPPAGE_BREACHES.labels(**labels).inc()
+
+
+def record_fill_ratio(symbol: str, ratio: float) -> None:
+    if _finite(ratio) and ratio >= 0:
+        FILL_RATIO.labels(symbol=symbol_label(symbol)).observe(ratio)
+
+
+def record_claim_wait(seconds: float, *, acquired: bool) -> None:
+    if _finite(seconds) and seconds >= 0:
+        result = "acquired" if acquired else "timeout"
+        CLAIM_WAIT_SECONDS.labels(result=result).observe(seconds)
+
+
+def record_dead_letter(reason: str) -> None:
+    """``reason`` is an upper-case code (a RejectionReason or the runtime's own, such as
+    MALFORMED_JSON); at most MAX_DEAD_LETTER_REASONS distinct codes, then ``other``."""
+    label = _bounded(
+        reason, _dead_letter_reasons, len(REASONS) + MAX_DEAD_LETTER_REASONS, _REASON_SHAPE
+    )
+    DEAD_LETTERED.labels(reason=label).inc()
+
+
+def record_reconnect(target: Target) -> None:
+    RECONNECTS.labels(target=target if target in TARGETS else OTHER).inc()
+
+
+def in_flight(delta: int) -> None:
+    IN_FLIGHT.inc(delta)
+
+
+# --- state read through callbacks --------------------------------------------------------
+
+
+class PoolState(NamedTuple):
+    size: int
+    in_use: int
+    unhealthy: int
+
+
+class OutboxState(NamedTuple):
+    backlog: int
+    oldest_age_seconds: float
+
+
+_pool_reader: Callable[[], PoolState] | None = None
+_outbox_reader: Callable[[], OutboxState] | None = None
+
+
+def register_pool_state(read: Callable[[], PoolState]) -> None:
+    """The session pool's owner registers how to read its state (replaces any earlier one)."""
+    global _pool_reader
+    _pool_reader = read
+
+
+def register_outbox_state(read: Callable[[], OutboxState]) -> None:
+    """The outbox's owner registers how to read its backlog (replaces any earlier one)."""
+    global _outbox_reader
+    _outbox_reader = read
+
+
+def clear_state_readers() -> None:
+    global _pool_reader, _outbox_reader
+    _pool_reader = None
+    _outbox_reader = None
+
+
+def refresh() -> None:
+    """Read the registered callbacks into their gauges. A failing callback is logged and its
+    gauges keep their last value, so a scrape never fails because of it."""
+    pool, outbox = _pool_reader, _outbox_reader
+    if pool is not None:
+        try:
+            state = pool()
+        except Exception:
+            _log.warning("metrics: reading the session pool state failed", exc_info=True)
+        else:
+            SESSIONS.set(state.size)
+            SESSIONS_IN_USE.set(state.in_use)
+            SESSIONS_UNHEALTHY.set(state.unhealthy)
+    if outbox is not None:
+        try:
+            backlog = outbox()
+        except Exception:
+            _log.warning("metrics: reading the outbox backlog failed", exc_info=True)
+        else:
+            OUTBOX_BACKLOG.set(backlog.backlog)
+            OUTBOX_OLDEST_AGE.set(backlog.oldest_age_seconds)
+
+
+# --- multi-process -----------------------------------------------------------------------
+
+
+def multiprocess_dir() -> str | None:
+    """The multi-process metrics directory if multi-process mode is on, else None."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead child's live gauges (supervisor side, after the child exited)."""
+    path = multiprocess_dir()
+    if path is not None:
+        _multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def metric_names() -> list[str]:
+    """The exposed family names of every metric above (docs and tests use it)."""
+    metrics = (
+        REQUESTS_RECEIVED,
+        EXECUTIONS,
+        STAGE_SECONDS,
+        END_TO_END_SECONDS,
+        BROKER_RETCODES,
+        SEND_RETRIES,
+        UNKNOWN_OUTCOMES,
+        SLIPPAGE_PIPS,
+        SLIPPAGE_BREACHES,
+        FILL_RATIO,
+        SESSIONS,
+        SESSIONS_IN_USE,
+        SESSIONS_UNHEALTHY,
+        CLAIM_WAIT_SECONDS,
+        OUTBOX_BACKLOG,
+        OUTBOX_OLDEST_AGE,
+        DEAD_LETTERED,
+        RECONNECTS,
+        IN_FLIGHT,
+    )
+    names: list[str] = []
+    for metric in metrics:
+        for family in metric.describe():
+            suffix = "_total" if family.type == "counter" else ""
+            names.append(family.name + suffix)
+    return names
