@@ -136,10 +136,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _ms_between(start: datetime | None, end: datetime | None) -> str:
+def _at_and_since(start: datetime | None, end: datetime | None) -> str:
+    """``end``, and how long after ``start`` it was (when both are known)."""
     if start is None or end is None:
-        return "-"
-    return f"{(end - start).total_seconds() * 1000:.1f} ms"
+        return _fmt(end)
+    return f"{_fmt(end)}  (+{(end - start).total_seconds() * 1000:.1f} ms)"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -205,16 +206,8 @@ def _summary(row: dict[str, Any]) -> list[str]:
     pairs += [
         ("decided at", _fmt(row.get("decided_at"))),
         ("received at", _fmt(row.get("received_at"))),
-        (
-            "submitted at",
-            f"{_fmt(row.get('submitted_at'))}"
-            f"  (+{_ms_between(row.get('received_at'), row.get('submitted_at'))})",
-        ),
-        (
-            "completed at",
-            f"{_fmt(row.get('completed_at'))}"
-            f"  (+{_ms_between(row.get('received_at'), row.get('completed_at'))})",
-        ),
+        ("submitted at", _at_and_since(row.get("received_at"), row.get("submitted_at"))),
+        ("completed at", _at_and_since(row.get("received_at"), row.get("completed_at"))),
     ]
     width = max(len(name) for name, _ in pairs)
     return [f"  {name.ljust(width)}  {value}" for name, value in pairs]
