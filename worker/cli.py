@@ -61,12 +61,16 @@ def _sim_terminal_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", required=True, help="file holding the broker state")
     parser.add_argument("--dump", action="store_true", help="print every deal as JSON lines")
     parser.add_argument("--config", help="TOML file of simulator settings and fault knobs")
+    parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
 
 
 def _bridge_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=18812)
-    parser.add_argument("--terminal-path", help="path of terminal64.exe")
+    parser.add_argument("--terminal-path", help="path of terminal64.exe (or MT5_PATH)")
+    parser.add_argument("--login", help="account number (or MT5_LOGIN)")
+    parser.add_argument("--server", help="trade server name (or MT5_SERVER)")
     parser.add_argument("--tls-cert")
     parser.add_argument("--tls-key")
 

@@ -1,0 +1,507 @@
+"""The session pool: exclusive, healthy MT5 sessions for worker threads and processes.
+
+``claim(timeout)`` hands out one session as a :class:`Lease`. Exclusivity across processes
+comes from a PostgreSQL session-level advisory lock, ``pg_try_advisory_lock(1, key)``, taken
+on a connection from the database pool that the lease then holds:
+
+- a process that dies loses its leases at once (its connections close, the locks go);
+- the pipeline commits its intent row THROUGH ``lease.conn``: if the lock's connection is
+  gone, that commit fails and no order is sent, so a stale holder is fenced off.
+
+A claimed session is checked (``terminal_info().connected``, ``last_error``) before it is
+handed out. A failing one is re-initialized in the background with exponential backoff
+(tenacity), reported as ``down`` after ``max_failures`` failed attempts, and comes back into
+rotation once healthy. A session is never handed out while unhealthy.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import psycopg
+import tenacity
+from psycopg import pq
+
+from worker.mt5 import api
+from worker.mt5.sessions import SessionSpec
+
+_log = logging.getLogger("worker.mt5.pool")
+
+SessionState = Literal["idle", "in_use", "reconnecting", "down", "closed"]
+LOCK_CLASS = 1  # first argument of the two-int advisory lock: 1 = MT5 session
+_LOCK_SQL = "SELECT pg_try_advisory_lock(%s::integer, %s::integer)"
+_UNLOCK_SQL = "SELECT pg_advisory_unlock_all()"
+
+
+class ClaimTimeout(Exception):
+    """No healthy session became free in time (or the database is unreachable)."""
+
+
+class PoolClosed(ClaimTimeout):
+    pass
+
+
+class UnknownSession(ClaimTimeout):
+    """``claim(session_id=...)`` named a session this process does not have."""
+
+
+class LeaseLost(Exception):
+    """The connection holding the session's lock is gone: do not touch the broker."""
+
+
+class SessionOpenError(Exception):
+    """A terminal could not be opened or initialized (message safe to log)."""
+
+
+# --- terminals per backend ---------------------------------------------------------------
+
+
+def _new_terminal(spec: SessionSpec) -> api.Terminal:
+    if spec.backend == "bridge":
+        from worker.mt5.bridge import BridgeTerminal
+
+        if spec.address is None or spec.secret is None:
+            raise SessionOpenError(f"session {spec.id}: bridge needs an address and a secret")
+        return BridgeTerminal(spec.address, spec.secret, tls_ca=spec.tls_ca)
+    if spec.backend == "native":
+        from worker.mt5.native import NativeTerminal
+
+        native: api.Terminal = NativeTerminal()
+        return native
+    from worker.mt5.sim import SimConfig, SimTerminal
+
+    config = SimConfig.from_toml(spec.sim_config) if spec.sim_config else None
+    sim: api.Terminal = SimTerminal(config)
+    return sim
+
+
+def connect_terminal(terminal: api.Terminal, spec: SessionSpec) -> None:
+    """(Re-)initialize ``terminal`` with the spec's account; raises SessionOpenError."""
+    password = spec.password.get_secret_value() if spec.password is not None else None
+    try:
+        ok = terminal.initialize(spec.path, login=spec.login, password=password, server=spec.server)
+    except api.TransportError as exc:
+        raise SessionOpenError(f"session {spec.id}: {exc}") from None
+    if not ok:
+        code, message = terminal.last_error()
+        raise SessionOpenError(f"session {spec.id}: initialize failed: {code} {message}")
+
+
+def open_terminal(spec: SessionSpec) -> api.Terminal:
+    """A connected terminal for ``spec`` (sim in process, native module, or bridge client)."""
+    terminal = _new_terminal(spec)
+    connect_terminal(terminal, spec)
+    return terminal
+
+
+def check_terminal(terminal: api.Terminal) -> str | None:
+    """None when the terminal is connected, else why not (one line, no secrets)."""
+    try:
+        info = terminal.terminal_info()
+        code, message = terminal.last_error()
+    except api.TransportError as exc:
+        return str(exc)
+    if info is None:
+        return f"terminal_info failed: {code} {message}"
+    if not info.connected:
+        return "terminal not connected to its trade server"
+    if code in api.CONNECTION_LOST_ERRORS:
+        return f"connection lost: {code} {message}"
+    return None
+
+
+# --- sessions and leases -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    spec: SessionSpec
+    terminal: api.Terminal
+    gateway: Any  # whatever gateway_factory built for this terminal
+    login: int | None
+    server: str | None
+
+
+@dataclass(frozen=True)
+class SessionHealth:
+    id: str
+    backend: str
+    state: SessionState
+    failures: int
+    last_error: str | None
+    login: int | None
+    server: str | None
+
+
+@dataclass(frozen=True)
+class PoolHealth:
+    size: int
+    in_use: int
+    unhealthy: int
+    sessions: tuple[SessionHealth, ...]
+
+    @property
+    def available(self) -> int:
+        return self.size - self.in_use - self.unhealthy
+
+
+@dataclass
+class _Slot:
+    spec: SessionSpec
+    session: Session | None = None
+    in_use: bool = False
+    healthy: bool = False
+    failures: int = 0
+    last_error: str | None = None
+    recovery: threading.Thread | None = field(default=None, repr=False)
+
+    def state(self, closed: bool) -> SessionState:
+        if closed:
+            return "closed"
+        if self.in_use:
+            return "in_use"
+        if self.healthy:
+            return "idle"
+        return "reconnecting" if self.recovery is not None else "down"
+
+
+class Lease:
+    """One session for exclusive use until :meth:`release` (also a context manager)."""
+
+    def __init__(
+        self,
+        pool: SessionPool,
+        slot: _Slot,
+        session: Session,
+        conn: psycopg.Connection[Any],
+        autocommit_was: bool,
+    ) -> None:
+        self.session = session
+        self.conn = conn
+        self._pool = pool
+        self._slot = slot
+        self._autocommit_was = autocommit_was
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"Lease({self.session.id!r}, released={self._released})"
+
+    def fence_check(self) -> None:
+        """Raise LeaseLost if the lock's connection is known to be gone (no round trip).
+
+        The real fence is the intent commit through :attr:`conn`: it fails if the
+        connection, and with it the lock, was lost in a way not yet noticed here.
+        """
+        if self._released:
+            raise LeaseLost(f"session {self.session.id}: lease already released")
+        if self.conn.closed or self.conn.broken:
+            raise LeaseLost(f"session {self.session.id}: the lock connection is gone")
+
+    def release(self, *, broken: bool = False) -> None:
+        """Unlock and give the session back; ``broken`` discards the database connection."""
+        if self._released:
+            return
+        self._released = True
+        self._pool._release(self._slot, self.conn, broken=broken, autocommit=self._autocommit_was)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release(broken=isinstance(exc, psycopg.OperationalError))
+
+
+# --- the pool ----------------------------------------------------------------------------
+
+
+class SessionPool:
+    """Sessions of this process; thread-safe."""
+
+    def __init__(
+        self,
+        specs: Sequence[SessionSpec],
+        db_pool: Any,
+        gateway_factory: Callable[[api.Terminal, SessionSpec], Any],
+        *,
+        reconnect_backoff: tuple[float, float] = (0.2, 10.0),
+        max_failures: int = 3,
+        poll_interval: float = 0.02,
+        opener: Callable[[SessionSpec], api.Terminal] = open_terminal,
+    ) -> None:
+        if not specs:
+            raise ValueError("a session pool needs at least one session")
+        self._db_pool = db_pool  # psycopg_pool.ConnectionPool (untyped module)
+        self._gateway_factory = gateway_factory
+        self._backoff = reconnect_backoff
+        self._max_failures = max_failures
+        self._poll_interval = poll_interval
+        self._opener = opener
+        self._cond = threading.Condition()
+        self._closing = threading.Event()
+        self._slots: list[_Slot] = [_Slot(spec) for spec in specs]
+        for slot in self._slots:
+            try:
+                slot.session = self._build_session(slot.spec, opener(slot.spec))
+                slot.healthy = True
+            except (SessionOpenError, api.TransportError) as exc:
+                self._mark_unhealthy(slot, str(exc))
+
+    def __repr__(self) -> str:
+        return f"SessionPool({[slot.spec.id for slot in self._slots]})"
+
+    @property
+    def size(self) -> int:
+        return len(self._slots)
+
+    def _build_session(self, spec: SessionSpec, terminal: api.Terminal) -> Session:
+        login, server = spec.login, spec.server
+        account = terminal.account_info()
+        if account is not None:
+            login, server = account.login, account.server
+        gateway = self._gateway_factory(terminal, spec)
+        return Session(spec.id, spec, terminal, gateway, login, server)
+
+    # --- claim / release -------------------------------------------------------------
+
+    def claim(self, timeout: float, *, session_id: str | None = None) -> Lease:
+        """One healthy session for exclusive use, or ClaimTimeout after ``timeout`` s.
+
+        ``session_id`` asks for that session only (an in-flight execution is reconciled on
+        the account it was sent to); UnknownSession if this process has no such session.
+        """
+        only: _Slot | None = None
+        if session_id is not None:
+            only = next((slot for slot in self._slots if slot.spec.id == session_id), None)
+            if only is None:
+                raise UnknownSession(f"no MT5 session {session_id!r} in this process")
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            if self._closing.is_set():
+                raise PoolClosed("the session pool is closed")
+            lease = self._try_claim(deadline, only)
+            if lease is not None:
+                _record_claim_wait(time.monotonic() - started, acquired=True)
+                return lease
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                _record_claim_wait(time.monotonic() - started, acquired=False)
+                raise ClaimTimeout(f"no MT5 session free within {timeout:g} s")
+            # local releases notify; other processes' releases are seen by polling
+            with self._cond:
+                self._cond.wait(min(remaining, self._poll_interval))
+
+    def _candidates(self, only: _Slot | None) -> list[_Slot]:
+        with self._cond:
+            slots = self._slots if only is None else [only]
+            free = [slot for slot in slots if slot.healthy and not slot.in_use]
+        random.shuffle(free)  # spread processes over the sessions
+        return free
+
+    def _reserve(self, slot: _Slot) -> Session | None:
+        with self._cond:
+            if not slot.healthy or slot.in_use or slot.session is None:
+                return None
+            slot.in_use = True
+            return slot.session
+
+    def _unreserve(self, slot: _Slot, problem: str | None = None) -> None:
+        with self._cond:
+            if problem is not None:
+                self._mark_unhealthy(slot, problem)  # before anyone else can reserve it
+            slot.in_use = False
+            self._cond.notify_all()
+
+    def _try_claim(self, deadline: float, only: _Slot | None) -> Lease | None:
+        candidates = self._candidates(only)
+        if not candidates:
+            return None
+        conn = self._getconn(deadline)
+        autocommit_was = conn.autocommit
+        handed_over = False
+        try:
+            if not autocommit_was:
+                conn.autocommit = True
+            for slot in candidates:
+                session = self._reserve(slot)
+                if session is None:
+                    continue
+                try:
+                    locked = conn.execute(_LOCK_SQL, (LOCK_CLASS, slot.spec.lock_key)).fetchone()
+                except BaseException:
+                    self._unreserve(slot)
+                    raise
+                if not (locked and locked[0]):
+                    self._unreserve(slot)  # held by another process
+                    continue
+                problem = check_terminal(session.terminal)
+                if problem is None:
+                    handed_over = True
+                    return Lease(self, slot, session, conn, autocommit_was)
+                conn.execute(_UNLOCK_SQL)
+                self._unreserve(slot, problem)
+            return None
+        except psycopg.Error as exc:
+            conn.close()
+            raise ClaimTimeout(f"database error while claiming: {type(exc).__name__}") from None
+        finally:
+            if not handed_over:
+                if not conn.closed:
+                    conn.autocommit = autocommit_was
+                self._db_pool.putconn(conn)
+
+    def _getconn(self, deadline: float) -> psycopg.Connection[Any]:
+        remaining = max(deadline - time.monotonic(), 0.001)
+        try:
+            conn: psycopg.Connection[Any] = self._db_pool.getconn(timeout=remaining)
+        except Exception as exc:  # psycopg_pool.PoolTimeout, PoolClosed, connection errors
+            raise ClaimTimeout(f"no database connection: {type(exc).__name__}") from None
+        return conn
+
+    def _release(
+        self, slot: _Slot, conn: psycopg.Connection[Any], *, broken: bool, autocommit: bool
+    ) -> None:
+        if not broken and not conn.closed and not conn.broken:
+            try:
+                if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.execute(_UNLOCK_SQL)
+                conn.autocommit = autocommit
+            except psycopg.Error:
+                broken = True
+        if broken or conn.closed or conn.broken:
+            conn.close()  # closing the session drops its locks too
+        try:
+            self._db_pool.putconn(conn)
+        finally:
+            self._unreserve(slot)
+
+    # --- health and recovery -----------------------------------------------------------
+
+    def _mark_unhealthy(self, slot: _Slot, problem: str) -> None:
+        with self._cond:
+            slot.healthy = False
+            slot.last_error = problem
+            if slot.recovery is not None or self._closing.is_set():
+                return
+            _log.warning("mt5 session %s unhealthy: %s", slot.spec.id, problem)
+            slot.recovery = threading.Thread(
+                target=self._recover, args=(slot,), name=f"mt5-recover-{slot.spec.id}", daemon=True
+            )
+            slot.recovery.start()
+
+    def _reconnect_once(self, slot: _Slot) -> bool:
+        _record_reconnect()
+        try:
+            if slot.session is None:
+                session = self._build_session(slot.spec, self._opener(slot.spec))
+            else:
+                # the same terminal object: an in-process sim keeps its broker state
+                terminal = slot.session.terminal
+                terminal.shutdown()
+                connect_terminal(terminal, slot.spec)
+                session = slot.session
+            problem = check_terminal(session.terminal)
+        except (SessionOpenError, api.TransportError) as exc:
+            problem = str(exc)
+        except Exception as exc:  # a backend bug must not kill the recovery thread
+            problem = f"{type(exc).__name__}: {exc}"
+        with self._cond:
+            if problem is None:
+                slot.session = session
+                slot.healthy = True
+                slot.failures = 0
+                slot.last_error = None
+                self._cond.notify_all()
+                return True
+            slot.failures += 1
+            slot.last_error = problem
+            failures = slot.failures
+        if failures == self._max_failures:
+            _log.error(
+                "mt5 session %s taken out of rotation after %d failed reconnects: %s",
+                slot.spec.id,
+                failures,
+                problem,
+            )
+        return False
+
+    def _sleep(self, seconds: float) -> None:
+        self._closing.wait(seconds)  # close() cuts a backoff short
+
+    def _recover(self, slot: _Slot) -> None:
+        first, cap = self._backoff
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential(multiplier=first, min=first, max=cap),
+            retry=tenacity.retry_if_result(lambda ok: not ok and not self._closing.is_set()),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            recovered = retrying(self._reconnect_once, slot)
+        finally:
+            with self._cond:
+                slot.recovery = None
+        if recovered:
+            _log.info("mt5 session %s back in rotation", slot.spec.id)
+
+    def health(self) -> PoolHealth:
+        with self._cond:
+            closed = self._closing.is_set()
+            sessions = tuple(
+                SessionHealth(
+                    id=slot.spec.id,
+                    backend=slot.spec.backend,
+                    state=slot.state(closed),
+                    failures=slot.failures,
+                    last_error=slot.last_error,
+                    login=slot.session.login if slot.session else slot.spec.login,
+                    server=slot.session.server if slot.session else slot.spec.server,
+                )
+                for slot in self._slots
+            )
+        in_use = sum(1 for s in sessions if s.state == "in_use")
+        unhealthy = sum(1 for s in sessions if s.state in ("reconnecting", "down"))
+        return PoolHealth(len(sessions), in_use, unhealthy, sessions)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop recovery and shut the terminals down (release leases first)."""
+        self._closing.set()
+        with self._cond:
+            self._cond.notify_all()
+            threads = [slot.recovery for slot in self._slots if slot.recovery is not None]
+        for thread in threads:
+            thread.join(timeout)
+        for slot in self._slots:
+            if slot.in_use:
+                _log.warning("mt5 session %s closed while leased", slot.spec.id)
+            if slot.session is not None:
+                try:
+                    slot.session.terminal.shutdown()
+                except Exception:  # closing must go on for the other sessions
+                    _log.warning("mt5 session %s: shutdown failed", slot.spec.id, exc_info=True)
+
+
+def _record_claim_wait(seconds: float, *, acquired: bool) -> None:
+    from worker import metrics
+
+    metrics.record_claim_wait(seconds, acquired=acquired)
+
+
+def _record_reconnect() -> None:
+    from worker import metrics
+
+    metrics.record_reconnect("mt5")
