@@ -1,0 +1,366 @@
+#!/usr/bin/env bash
+# Validates the deployment files and, as far as this machine allows, builds and runs them:
+#
+#   1. static: docker-compose.yml / overrides render (`docker compose config` or
+#      `docker-compose config`), the Kubernetes kustomization renders (`kubectl kustomize`);
+#   2. image: a Python base image from Debian (debootstrap bookworm, `docker import`) when no
+#      registry is reachable, a wheelhouse built on the host, the worker image built FROM it
+#      with deploy/Dockerfile, then smoke checks inside it (--help of every subcommand, the
+#      version, non-root user, no compiler);
+#   3. stack: rabbitmq, postgres, sim-terminal and two workers with local images under
+#      compose, the workers must turn healthy and published samples must be confirmed;
+#      then everything is torn down (containers, volumes, network).
+#
+# Whatever cannot run here is reported at the end under "NOT EXERCISED", and only steps that
+# ran count. Exit status: 0 when every step that ran passed, 1 otherwise.
+#
+# Environment (all optional):
+#   BASE_IMAGE       base of the worker image (default local/python:3.11, built if missing)
+#   WORKER_IMAGE     tag of the worker image (default local/execution-worker:check)
+#   RABBITMQ_IMAGE   default local/rabbitmq:3.10   (built by deploy/images/build-local.sh)
+#   POSTGRES_IMAGE   default local/postgres:15     (built by deploy/images/build-local.sh)
+#   DEBIAN_MIRROR    mirror for debootstrap (default: from /etc/apt, else deb.debian.org)
+#   CHECK_SKIP_STACK=1   stop after the image checks
+#   CHECK_BUILD_SERVICES=0  do not run deploy/images/build-local.sh for missing images
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+BASE_IMAGE=${BASE_IMAGE:-local/python:3.11}
+WORKER_IMAGE=${WORKER_IMAGE:-local/execution-worker:check}
+RABBITMQ_IMAGE=${RABBITMQ_IMAGE:-local/rabbitmq:3.10}
+POSTGRES_IMAGE=${POSTGRES_IMAGE:-local/postgres:15}
+BUILD_DIR=${BUILD_DIR:-/var/tmp/ew-python-base}
+PROJECT=ewcheck$$
+PY=${PY:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+NOT_EXERCISED=()
+FAILED=()
+STARTED=$(date +%s)
+
+say() { echo "check-deploy: $*" >&2; }
+not_exercised() { NOT_EXERCISED+=("$*"); say "NOT EXERCISED: $*"; }
+fail() { FAILED+=("$*"); say "FAILED: $*"; }
+have() { command -v "$1" >/dev/null 2>&1; }
+image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# Runs one named step and prints its duration.
+step() {
+  local name=$1 t0 rc
+  shift
+  t0=$(date +%s)
+  say "--- $name"
+  set +e
+  ("$@")
+  rc=$?
+  set -e
+  say "--- $name: $([ $rc -eq 0 ] && echo ok || echo "FAILED (exit $rc)") in $(($(date +%s) - t0)) s"
+  [ $rc -eq 0 ] || FAILED+=("$name")
+  return 0
+}
+
+# --- 1. static validation -------------------------------------------------------------------
+
+COMPOSE=()
+find_compose() {
+  if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+  elif have docker-compose; then
+    COMPOSE=(docker-compose)
+  fi
+}
+
+install_compose() {
+  # Debian's docker-compose (1.29, Compose Specification files) when no compose is present.
+  [ ${#COMPOSE[@]} -gt 0 ] && return 0
+  if [ "$(id -u)" -eq 0 ] && have apt-get; then
+    say "installing Debian's docker-compose"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null; } ||
+      true
+  fi
+  find_compose
+}
+
+compose_config() {
+  local env_file=$1
+  shift
+  "${COMPOSE[@]}" --env-file "$env_file" "$@" config -q
+}
+
+# The example env files leave secrets empty on purpose (compose refuses to start without
+# them): fill them with throw-away values for rendering.
+filled_env() {
+  local out
+  out=$(mktemp)
+  sed -E 's/^(RABBITMQ_PASSWORD|POSTGRES_PASSWORD|MT5_BRIDGE_SECRET|GRAFANA_ADMIN_PASSWORD)=$/\1=render-only/' \
+    "$1" >"$out"
+  echo "$out"
+}
+
+static_compose() {
+  local env_file
+  env_file=$(filled_env .env.example)
+  if compose_config .env.example -f docker-compose.yml 2>/dev/null; then
+    say "docker-compose.yml rendered with empty secrets: it must refuse"
+    return 1
+  fi
+  say "docker-compose.yml refuses to render without the secrets"
+  compose_config "$env_file" -f docker-compose.yml
+  say "docker-compose.yml renders with .env.example and secrets"
+  compose_config "$env_file" -f docker-compose.yml -f deploy/compose/local-images.yml
+  say "docker-compose.yml + deploy/compose/local-images.yml render"
+  rm -f "$env_file"
+  env_file=$(filled_env deploy/compose/production.env.example)
+  compose_config "$env_file" -f deploy/compose/production.yml
+  say "deploy/compose/production.yml renders with its example env"
+  rm -f "$env_file"
+}
+
+static_kustomize() {
+  kubectl kustomize deploy/k8s >/dev/null
+  say "deploy/k8s renders with kubectl kustomize ($(kubectl kustomize deploy/k8s | grep -c '^kind:') objects)"
+}
+
+# --- 2. images --------------------------------------------------------------------------------
+
+find_mirror() {
+  if [ -n "${DEBIAN_MIRROR:-}" ]; then
+    echo "$DEBIAN_MIRROR"
+    return
+  fi
+  local mirror=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    mirror=$(awk '/^URIs:/ { print $2; exit }' /etc/apt/sources.list.d/debian.sources)
+  fi
+  echo "${mirror:-http://deb.debian.org/debian}"
+}
+
+# Debian bookworm's python3 is 3.11: a registry-free stand-in for python:3.11-slim.
+build_base_image() {
+  if image_exists "$BASE_IMAGE"; then
+    say "$BASE_IMAGE already present"
+    return 0
+  fi
+  if [ "$BASE_IMAGE" != "local/python:3.11" ]; then
+    say "$BASE_IMAGE is missing and is not the one this script builds"
+    return 1
+  fi
+  have debootstrap || { [ "$(id -u)" -eq 0 ] && apt-get install -y -qq debootstrap >/dev/null; }
+  local root=$BUILD_DIR/rootfs mirror
+  mirror=$(find_mirror)
+  say "debootstrap bookworm from $mirror into $root"
+  rm -rf "$root"
+  mkdir -p "$root"
+  debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates,passwd \
+    bookworm "$root" "$mirror" >"$BUILD_DIR/debootstrap.log" 2>&1 ||
+    { tail -20 "$BUILD_DIR/debootstrap.log" >&2; return 1; }
+  chroot "$root" apt-get clean
+  rm -rf "$root/var/lib/apt/lists/"* "$root/usr/share/doc/"* "$root/usr/share/man/"* \
+    "$root/var/cache/debconf/"*-old
+  tar -C "$root" -c . | docker import \
+    -c 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    -c 'ENV LANG=C.UTF-8' \
+    -c 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
+  rm -rf "$root"
+  say "built $BASE_IMAGE ($(docker image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
+}
+
+# Wheels for every dependency (Linux, this Python) plus the build backend, so that the image
+# build needs no index at all (--build-arg PIP_NO_INDEX=1).
+build_wheelhouse() {
+  rm -f deploy/wheelhouse/*.whl
+  "$PY" -m pip wheel -q --wheel-dir deploy/wheelhouse . "setuptools>=68" wheel \
+    >/tmp/check-deploy-wheel.log 2>&1 || { tail -20 /tmp/check-deploy-wheel.log >&2; return 1; }
+  # the image builds the project itself from the sources; keep only dependencies here
+  rm -f deploy/wheelhouse/mt5_execution_worker-*.whl
+  say "wheelhouse: $(ls deploy/wheelhouse/*.whl | wc -l) wheels"
+}
+
+build_worker_image() {
+  docker build -q -f deploy/Dockerfile \
+    --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg PIP_NO_INDEX=1 \
+    -t "$WORKER_IMAGE" . >/dev/null
+  say "built $WORKER_IMAGE ($(docker image inspect -f '{{.Size}}' "$WORKER_IMAGE" | awk '{printf "%d MB", $1/1e6}'))"
+}
+
+smoke_image() {
+  local out sub uid
+  out=$(docker run --rm "$WORKER_IMAGE" --help)
+  grep -q "bridge-serve" <<<"$out" || { say "--help lists no bridge-serve"; return 1; }
+  for sub in run demo publish migrate reconcile sim-terminal bridge-serve schema-export bench trail; do
+    docker run --rm "$WORKER_IMAGE" "$sub" --help >/dev/null || { say "$sub --help failed"; return 1; }
+  done
+  say "execution-worker --help and every subcommand's --help work"
+  out=$(docker run --rm --entrypoint python "$WORKER_IMAGE" -c \
+    'import importlib.metadata as m; print(m.version("mt5-execution-worker"))')
+  say "installed version: $out"
+  [ -n "$out" ] || return 1
+  uid=$(docker run --rm --entrypoint id "$WORKER_IMAGE" -u)
+  [ "$uid" != 0 ] || { say "image runs as root"; return 1; }
+  say "runs as uid $uid"
+  if docker run --rm --entrypoint sh "$WORKER_IMAGE" -c 'command -v gcc || command -v cc'; then
+    say "a compiler is present in the final image"
+    return 1
+  fi
+  [ "$(docker image inspect -f '{{json .Config.Healthcheck.Test}}' "$WORKER_IMAGE")" != null ] ||
+    { say "image has no HEALTHCHECK"; return 1; }
+  say "no compiler in the final image; HEALTHCHECK present"
+}
+
+# --- 3. stack -------------------------------------------------------------------------------
+
+STACK_ENV=""
+stack_files() { echo -f docker-compose.yml -f deploy/compose/local-images.yml; }
+dc() {
+  # shellcheck disable=SC2046
+  "${COMPOSE[@]}" -p "$PROJECT" --env-file "$STACK_ENV" $(stack_files) "$@"
+}
+
+write_stack_env() {
+  STACK_ENV=$(mktemp)
+  local secret
+  secret=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
+  # Host ports away from the machine's own RabbitMQ/PostgreSQL; fresh throw-away secrets.
+  sed -e "s|^WORKER_IMAGE=.*|WORKER_IMAGE=$WORKER_IMAGE|" \
+    -e "s|^RABBITMQ_IMAGE=.*|RABBITMQ_IMAGE=$RABBITMQ_IMAGE|" \
+    -e "s|^POSTGRES_IMAGE=.*|POSTGRES_IMAGE=$POSTGRES_IMAGE|" \
+    -e "s|^POSTGRES_PASSWORD=.*|POSTGRES_PASSWORD=pg$secret|" \
+    -e "s|^RABBITMQ_PASSWORD=.*|RABBITMQ_PASSWORD=mq$secret|" \
+    -e "s|^MT5_BRIDGE_SECRET=.*|MT5_BRIDGE_SECRET=br$secret|" \
+    -e "s|^GRAFANA_ADMIN_PASSWORD=.*|GRAFANA_ADMIN_PASSWORD=gf$secret|" \
+    -e "s|^RABBITMQ_PORT=.*|RABBITMQ_PORT=35672|" \
+    -e "s|^RABBITMQ_MANAGEMENT_PORT=.*|RABBITMQ_MANAGEMENT_PORT=35673|" \
+    -e "s|^POSTGRES_PORT=.*|POSTGRES_PORT=35432|" \
+    -e "s|^WORKER_1_METRICS_PORT=.*|WORKER_1_METRICS_PORT=39108|" \
+    -e "s|^WORKER_2_METRICS_PORT=.*|WORKER_2_METRICS_PORT=39109|" \
+    .env.example >"$STACK_ENV"
+}
+
+wait_healthy() {
+  local service=$1 limit=$2 id status=""
+  id=$(dc ps -q "$service")
+  for _ in $(seq 1 "$limit"); do
+    status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo gone)
+    [ "$status" = healthy ] && { say "$service is healthy"; return 0; }
+    case $status in exited | dead | gone) break ;; esac
+    sleep 2
+  done
+  say "$service is $status"
+  docker logs --tail 30 "$id" >&2 || true
+  return 1
+}
+
+# Binds a queue to execution.confirmations, publishes samples through the worker image and
+# waits (bounded) until each one's confirmation arrives.
+CONFIRM_SCRIPT='
+import json, os, subprocess, sys, time
+import pika
+n = int(sys.argv[1])
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["RABBITMQ_URL"]))
+ch = conn.channel()
+ch.exchange_declare("execution.confirmations", exchange_type="topic", durable=True, passive=True)
+q = ch.queue_declare("", exclusive=True).method.queue
+ch.queue_bind(q, "execution.confirmations", routing_key="confirmation.#")
+subprocess.run(["execution-worker", "publish", "--samples", str(n)], check=True)
+seen = {}
+deadline = time.monotonic() + 90
+while len(seen) < n and time.monotonic() < deadline:
+    method, props, body = ch.basic_get(q, auto_ack=True)
+    if method is None:
+        conn.sleep(0.5)
+        continue
+    doc = json.loads(body)
+    seen[props.message_id] = method.routing_key
+    print(method.routing_key, props.message_id, doc.get("status"), flush=True)
+print(f"{len(seen)}/{n} confirmations", flush=True)
+sys.exit(0 if len(seen) >= n else 1)
+'
+
+stack_up() {
+  dc up -d rabbitmq postgres sim-terminal worker-1 worker-2
+  wait_healthy rabbitmq 90 && wait_healthy postgres 60 && wait_healthy sim-terminal 60 &&
+    wait_healthy worker-1 90 && wait_healthy worker-2 60
+}
+
+stack_confirm() {
+  dc run --rm --no-deps --entrypoint python worker-1 -c "$CONFIRM_SCRIPT" 5
+}
+
+stack_down() {
+  dc down -v --remove-orphans >/dev/null 2>&1 || true
+  rm -f "$STACK_ENV"
+}
+
+# --- main -------------------------------------------------------------------------------------
+
+find_compose
+engine=no
+if docker info >/dev/null 2>&1; then engine=yes; fi
+install_compose
+
+if [ ${#COMPOSE[@]} -gt 0 ]; then
+  say "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo '?'))"
+  step "compose config" static_compose
+else
+  not_exercised "compose files were not rendered: neither 'docker compose' nor docker-compose is installed"
+fi
+if have kubectl; then
+  step "kustomize" static_kustomize
+else
+  not_exercised "kubectl kustomize deploy/k8s (no kubectl); tests/unit/test_deploy.py checks structure"
+fi
+
+if [ $engine = no ]; then
+  not_exercised "image build, image smoke checks and the compose stack: no Docker engine answers (run deploy/images/build-local.sh to install and start one)"
+else
+  step "base image $BASE_IMAGE" build_base_image
+  step "wheelhouse" build_wheelhouse
+  if [ ${#FAILED[@]} -eq 0 ]; then
+    step "worker image" build_worker_image
+  fi
+  if image_exists "$WORKER_IMAGE"; then
+    step "image smoke checks" smoke_image
+  else
+    not_exercised "image smoke checks: the worker image was not built"
+  fi
+
+  if [ "${CHECK_SKIP_STACK:-0}" = 1 ]; then
+    not_exercised "compose stack (CHECK_SKIP_STACK=1)"
+  elif [ ${#COMPOSE[@]} -eq 0 ]; then
+    not_exercised "compose stack: no compose implementation"
+  elif ! image_exists "$WORKER_IMAGE"; then
+    not_exercised "compose stack: no worker image"
+  else
+    if { ! image_exists "$RABBITMQ_IMAGE" || ! image_exists "$POSTGRES_IMAGE"; } &&
+      [ "${CHECK_BUILD_SERVICES:-1}" = 1 ] && [ -f deploy/images/build-local.sh ]; then
+      step "service images" env RABBITMQ_IMAGE="$RABBITMQ_IMAGE" POSTGRES_IMAGE="$POSTGRES_IMAGE" \
+        bash deploy/images/build-local.sh
+    fi
+    if image_exists "$RABBITMQ_IMAGE" && image_exists "$POSTGRES_IMAGE"; then
+      write_stack_env
+      trap stack_down EXIT
+      step "stack up and healthy" stack_up
+      if [ ${#FAILED[@]} -eq 0 ]; then
+        step "samples published and confirmed" stack_confirm
+      else
+        not_exercised "publish and confirm: the stack did not become healthy"
+      fi
+      stack_down
+      trap - EXIT
+      say "stack torn down"
+    else
+      not_exercised "compose stack: $RABBITMQ_IMAGE or $POSTGRES_IMAGE is missing"
+    fi
+    not_exercised "prometheus and grafana containers (their images come from a registry; compose config validates them)"
+  fi
+fi
+
+say "=== summary after $(($(date +%s) - STARTED)) s"
+for item in "${NOT_EXERCISED[@]}"; do say "not exercised: $item"; done
+if [ ${#FAILED[@]} -gt 0 ]; then
+  for item in "${FAILED[@]}"; do say "failed: $item"; done
+  exit 1
+fi
+say "every step that ran passed"
