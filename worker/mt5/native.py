@@ -1,0 +1,236 @@
+"""The real ``MetaTrader5`` module (Windows only) behind the :class:`api.Terminal` interface.
+
+The module is imported when a :class:`NativeTerminal` is created, never at import time, so
+this file loads on every platform. Results are converted into the ``api`` named tuples by
+field name (fields the module does not report take a neutral default), so nothing else in
+the worker depends on which backend runs. The module keeps one terminal connection per
+process and is not thread-safe: calls are serialised by a process-wide lock.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import typing
+from collections.abc import Callable
+from datetime import datetime
+from types import ModuleType
+from typing import Any, TypeVar
+
+from worker.mt5 import api
+
+N = TypeVar("N")
+
+_MODULE_LOCK = threading.RLock()  # the module has process-global state
+_DEFAULTS: dict[type, Any] = {int: 0, float: 0.0, str: "", bool: False}
+
+
+def _defaults(kind: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(kind)
+    return {name: _DEFAULTS.get(hint) for name, hint in hints.items()}
+
+
+_FIELD_DEFAULTS: dict[Any, dict[str, Any]] = {
+    kind: _defaults(kind)
+    for kind in (
+        api.TerminalInfo,
+        api.AccountInfo,
+        api.SymbolInfo,
+        api.Tick,
+        api.TradeRequest,
+        api.OrderSendResult,
+        api.OrderCheckResult,
+        api.TradeOrder,
+        api.TradePosition,
+        api.TradeDeal,
+    )
+}
+
+
+def convert(kind: Callable[..., N], raw: Any) -> N:
+    """Pick ``kind``'s fields by name from a module result (a named tuple or object)."""
+    defaults = _FIELD_DEFAULTS[kind]
+    getter = raw._asdict() if hasattr(raw, "_asdict") else None
+    values: dict[str, Any] = {}
+    for name, default in defaults.items():
+        value = getter.get(name, default) if getter is not None else getattr(raw, name, default)
+        if name == "request" and value is not None:
+            value = convert(api.TradeRequest, value)
+        values[name] = value
+    return kind(**values)
+
+
+def _many(kind: Callable[..., N], raw: Any) -> tuple[N, ...] | None:
+    if raw is None:
+        return None
+    return tuple(convert(kind, item) for item in raw)
+
+
+def load_module() -> ModuleType:
+    try:
+        return importlib.import_module("MetaTrader5")
+    except ImportError as exc:
+        raise RuntimeError(
+            "the MetaTrader5 package is only available on Windows (pip install MetaTrader5 "
+            "next to a MetaTrader 5 terminal); elsewhere use MT5_BACKEND=sim, or "
+            "MT5_BACKEND=bridge pointing at a Windows host running `execution-worker "
+            "bridge-serve`"
+        ) from exc
+
+
+class NativeTerminal:
+    """``api.Terminal`` over the real module. Passwords are passed through, never logged."""
+
+    def __init__(self, module: ModuleType | None = None) -> None:
+        self._mt5 = module if module is not None else load_module()
+
+    def __repr__(self) -> str:
+        return "NativeTerminal()"
+
+    def initialize(
+        self,
+        path: str | None = None,
+        *,
+        login: int | None = None,
+        password: str | None = None,
+        server: str | None = None,
+        timeout: int | None = None,
+    ) -> bool:
+        kwargs = _present(login=login, password=password, server=server, timeout=timeout)
+        with _MODULE_LOCK:
+            if path is not None:
+                return bool(self._mt5.initialize(path, **kwargs))
+            return bool(self._mt5.initialize(**kwargs))
+
+    def login(
+        self,
+        login: int,
+        *,
+        password: str | None = None,
+        server: str | None = None,
+        timeout: int | None = None,
+    ) -> bool:
+        kwargs = _present(password=password, server=server, timeout=timeout)
+        with _MODULE_LOCK:
+            return bool(self._mt5.login(login, **kwargs))
+
+    def shutdown(self) -> None:
+        with _MODULE_LOCK:
+            self._mt5.shutdown()
+
+    def last_error(self) -> tuple[int, str]:
+        with _MODULE_LOCK:
+            code, message = self._mt5.last_error()
+        return int(code), str(message)
+
+    def terminal_info(self) -> api.TerminalInfo | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.terminal_info()
+        return None if raw is None else convert(api.TerminalInfo, raw)
+
+    def account_info(self) -> api.AccountInfo | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.account_info()
+        return None if raw is None else convert(api.AccountInfo, raw)
+
+    def symbols_get(self, group: str | None = None) -> tuple[api.SymbolInfo, ...] | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.symbols_get(group=group) if group else self._mt5.symbols_get()
+        return _many(api.SymbolInfo, raw)
+
+    def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.symbol_info(symbol)
+        return None if raw is None else convert(api.SymbolInfo, raw)
+
+    def symbol_info_tick(self, symbol: str) -> api.Tick | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.symbol_info_tick(symbol)
+        return None if raw is None else convert(api.Tick, raw)
+
+    def symbol_select(self, symbol: str, enable: bool = True) -> bool:
+        with _MODULE_LOCK:
+            return bool(self._mt5.symbol_select(symbol, enable))
+
+    def order_calc_margin(
+        self, action: int, symbol: str, volume: float, price: float
+    ) -> float | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.order_calc_margin(action, symbol, volume, price)
+        return None if raw is None else float(raw)
+
+    def order_check(self, request: dict[str, Any]) -> api.OrderCheckResult | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.order_check(request)
+        return None if raw is None else convert(api.OrderCheckResult, raw)
+
+    def order_send(self, request: dict[str, Any]) -> api.OrderSendResult | None:
+        with _MODULE_LOCK:
+            raw = self._mt5.order_send(request)
+        return None if raw is None else convert(api.OrderSendResult, raw)
+
+    def orders_get(
+        self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
+    ) -> tuple[api.TradeOrder, ...] | None:
+        kwargs = _present(symbol=symbol, group=group, ticket=ticket)
+        with _MODULE_LOCK:
+            raw = self._mt5.orders_get(**kwargs)
+        return _many(api.TradeOrder, raw)
+
+    def positions_get(
+        self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
+    ) -> tuple[api.TradePosition, ...] | None:
+        kwargs = _present(symbol=symbol, group=group, ticket=ticket)
+        with _MODULE_LOCK:
+            raw = self._mt5.positions_get(**kwargs)
+        return _many(api.TradePosition, raw)
+
+    def history_orders_get(
+        self,
+        date_from: api.DateLike | None = None,
+        date_to: api.DateLike | None = None,
+        group: str | None = None,
+        ticket: int | None = None,
+        position: int | None = None,
+    ) -> tuple[api.TradeOrder, ...] | None:
+        args, kwargs = _history_args(date_from, date_to, group, ticket, position)
+        with _MODULE_LOCK:
+            raw = self._mt5.history_orders_get(*args, **kwargs)
+        return _many(api.TradeOrder, raw)
+
+    def history_deals_get(
+        self,
+        date_from: api.DateLike | None = None,
+        date_to: api.DateLike | None = None,
+        group: str | None = None,
+        ticket: int | None = None,
+        position: int | None = None,
+    ) -> tuple[api.TradeDeal, ...] | None:
+        args, kwargs = _history_args(date_from, date_to, group, ticket, position)
+        with _MODULE_LOCK:
+            raw = self._mt5.history_deals_get(*args, **kwargs)
+        return _many(api.TradeDeal, raw)
+
+
+def _present(**kwargs: Any) -> dict[str, Any]:
+    return {key: value for key, value in kwargs.items() if value is not None}
+
+
+def _history_args(
+    date_from: api.DateLike | None,
+    date_to: api.DateLike | None,
+    group: str | None,
+    ticket: int | None,
+    position: int | None,
+) -> tuple[tuple[api.DateLike, ...], dict[str, Any]]:
+    """The module takes EITHER ``ticket=`` OR ``position=`` OR a date window (+ group)."""
+    if ticket is not None:
+        return (), {"ticket": ticket}
+    if position is not None:
+        return (), {"position": position}
+    dates: tuple[api.DateLike, ...] = tuple(
+        d if isinstance(d, datetime | int) else int(d)
+        for d in (date_from, date_to)
+        if d is not None
+    )
+    return dates, _present(group=group)
