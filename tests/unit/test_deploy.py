@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from worker.config import Settings, load_settings
+from worker.mt5.sessions import SessionSpec, load_session_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -52,8 +53,8 @@ SECRET_VARIABLES = {
     "MT5_BRIDGE_SECRET",
     "GRAFANA_ADMIN_PASSWORD",
 }
-# variables the bridge engineer's TLS settings use; not Settings fields yet at the time of writing
-EXTRA_WORKER_ENV = {"WORKER_CONFIG", "MT5_BRIDGE_TLS_CA"}
+# read by load_settings itself, not a Settings field
+EXTRA_WORKER_ENV = {"WORKER_CONFIG"}
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -151,6 +152,22 @@ def test_worker_environment_is_the_contract(compose: dict[str, Any]) -> None:
         )
         assert env["DATABASE_URL"].startswith("postgresql://")
         assert "@postgres:5432/" in env["DATABASE_URL"]
+
+
+def bridge_specs(sessions: str, **environ: str) -> list[SessionSpec]:
+    settings = load_settings({"MT5_BACKEND": "bridge", "MT5_SESSIONS": sessions, **environ})
+    return load_session_specs(settings, {**environ})
+
+
+def test_compose_sessions_resolve_to_the_simulated_terminal(compose: dict[str, Any]) -> None:
+    env = compose["services"]["worker-1"]["environment"]
+    example = env_example()
+    (spec,) = bridge_specs(
+        example["MT5_SESSIONS"],
+        MT5_BRIDGE_ADDRESS=env["MT5_BRIDGE_ADDRESS"],
+        MT5_BRIDGE_SECRET="not-a-real-secret",
+    )
+    assert (spec.backend, spec.address) == ("bridge", "sim-terminal:18812")
 
 
 def test_worker_health_checks_hit_the_metrics_port(compose: dict[str, Any]) -> None:
@@ -252,6 +269,18 @@ def test_shipped_toml_files_parse(path: str) -> None:
 
     with (ROOT / path).open("rb") as handle:
         assert tomllib.load(handle)
+
+
+def test_production_sessions_example_is_accepted_by_the_worker() -> None:
+    specs = bridge_specs(
+        str(ROOT / "deploy/compose/sessions.example.toml"), MT5_BRIDGE_SECRET="not-a-real-secret"
+    )
+    assert [spec.backend for spec in specs] == ["bridge", "bridge"]
+    production = load_yaml(PRODUCTION)["services"]["worker"]
+    mounted = {v.removesuffix(":ro").rsplit(":", 1)[1] for v in production["volumes"]}
+    assert {spec.tls_ca for spec in specs} <= mounted
+    assert production["environment"]["MT5_SESSIONS"] in mounted
+    assert production["environment"]["WORKER_CONFIG"] in mounted
 
 
 def test_compose_worker_config_is_accepted_by_the_worker() -> None:
@@ -448,16 +477,28 @@ def test_settings_files_and_secrets_are_mounted_where_the_env_points(
 def test_configmap_worker_settings_load(
     manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
-    import tomllib
-
     files = manifests[("ConfigMap", "execution-worker-files")]["data"]
     path = tmp_path / "worker.toml"
     path.write_text(files["worker.toml"], encoding="utf-8")
     settings = load_settings({"WORKER_CONFIG": str(path)})
     assert settings.margin_cushion == 1.5
     assert settings.spread_limit_for("XAUUSD") == 5.0
-    sessions = tomllib.loads(files["sessions.toml"])["sessions"]
-    assert all(session["address"].rsplit(":", 1)[1] == "18812" for session in sessions)
+    sessions = tmp_path / "sessions.toml"
+    sessions.write_text(files["sessions.toml"], encoding="utf-8")
+    specs = bridge_specs(str(sessions), MT5_BRIDGE_SECRET="not-a-real-secret")
+    assert len(specs) == 2
+    assert all(spec.backend == "bridge" and spec.tls_ca for spec in specs)
+    # every CA path a session names is inside the mounted bridge-ca Secret
+    spec = deployment(manifests)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    ca_mount = next(m for m in container["volumeMounts"] if m["name"] == "bridge-ca")
+    ca_secret = {doc["metadata"]["name"]: doc for doc in load_all(K8S / "secret.example.yaml")}[
+        "execution-worker-bridge-ca"
+    ]
+    for item in specs:
+        assert item.tls_ca is not None
+        assert item.tls_ca.startswith(ca_mount["mountPath"] + "/")
+        assert item.tls_ca.rsplit("/", 1)[1] in ca_secret["stringData"]
 
 
 def test_disruption_budget_and_autoscalers_target_the_workers(
