@@ -1,0 +1,412 @@
+"""The AMQP runtime against the real RabbitMQ, with a small in-memory handler and outbox.
+
+Each test gets its own vhost. The handler stands in for the pipeline: it is idempotent by
+message id (one "order" per execution id, the same confirmation on every redelivery), as
+the real pipeline is through its store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+import pika
+import pika.exceptions
+import pytest
+
+from tests.integration.test_amqp_support import (
+    Running,
+    broker,
+    close_connections,
+    ids_of,
+    ready_count,
+    settled_ready,
+    wait_until,
+)
+from worker.amqp import EXIT_OK, EXIT_TOPOLOGY_MISMATCH, AmqpRuntime, RuntimeOptions
+from worker.amqp_topology import (
+    CONFIRMATIONS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_QUEUE,
+    requests_queue_arguments,
+)
+from worker.delivery import (
+    CONFIRMATION_SCHEMA_HEADER,
+    DeadLetter,
+    Delivery,
+    Outcome,
+    Publish,
+    Requeue,
+)
+
+NAMESPACE = uuid.UUID("0b3c3f4e-2f1a-4c55-9d0e-6b1f0a7e5c21")
+OPTIONS = RuntimeOptions(
+    prefetch=4,
+    delivery_limit=3,
+    drain_timeout_seconds=10.0,
+    requeue_delay_seconds=0.05,
+    sweep_interval_seconds=0.3,
+    reconnect_min_delay_seconds=0.1,
+    reconnect_max_delay_seconds=1.0,
+)
+
+
+def execution_id(message_id: str) -> uuid.UUID:
+    return uuid.uuid5(NAMESPACE, message_id)
+
+
+class MemoryOutbox:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rows: dict[uuid.UUID, Publish] = {}
+        self.published: set[uuid.UUID] = set()
+
+    def add(self, publish: Publish) -> None:
+        with self.lock:
+            self.rows.setdefault(publish.execution_id, publish)
+
+    def unpublished(self, limit: int) -> list[Publish]:
+        with self.lock:
+            return [p for i, p in self.rows.items() if i not in self.published][:limit]
+
+    def mark_published(self, execution_ids: Sequence[uuid.UUID]) -> None:
+        with self.lock:
+            self.published.update(execution_ids)
+
+
+def confirmation_for(message_id: str, reply_to: str | None) -> Publish:
+    eid = execution_id(message_id)
+    payload = json.dumps({"execution_id": str(eid), "status": "FILLED"}).encode()
+    return Publish(eid, "confirmation.filled.EURUSD", payload, message_id, reply_to)
+
+
+class FakePipeline:
+    """Actions come from the ``test-action`` header: publish (default), dead, requeue-once,
+    raise, block (waits for ``release``), block-first (only the first delivery waits)."""
+
+    def __init__(self, outbox: MemoryOutbox) -> None:
+        self.outbox = outbox
+        self.lock = threading.Lock()
+        self.orders: Counter[uuid.UUID] = Counter()
+        self.seen: list[Delivery] = []
+        self.release = threading.Event()
+
+    def started(self) -> int:
+        with self.lock:
+            return len(self.seen)
+
+    def __call__(self, delivery: Delivery) -> Outcome:
+        with self.lock:
+            self.seen.append(delivery)
+            first = len(self.seen) == 1
+        action = delivery.properties.headers.get("test-action", "publish")
+        message_id = delivery.properties.message_id or ""
+        if action == "raise":
+            raise RuntimeError("a bug in the pipeline")
+        if action == "dead":
+            return DeadLetter("missing_idempotency_key", "neither order_id nor message_id")
+        if action == "requeue-once" and not delivery.redelivered:
+            return Requeue("no session free")
+        if action == "block" or (action == "block-first" and first):
+            self.release.wait(30)
+        with self.lock:
+            eid = execution_id(message_id)
+            if eid not in self.outbox.rows:
+                self.orders[eid] += 1
+                self.outbox.add(confirmation_for(message_id, delivery.properties.reply_to))
+            return self.outbox.rows[eid]
+
+
+Factory = Callable[..., tuple[AmqpRuntime, FakePipeline, MemoryOutbox]]
+
+
+@pytest.fixture
+def vhost_url(new_vhost: Callable[[], str]) -> str:
+    return new_vhost()
+
+
+@pytest.fixture
+def make_runtime(vhost_url: str) -> Iterator[Factory]:
+    made: list[tuple[AmqpRuntime, FakePipeline]] = []
+
+    def make(**overrides: object) -> tuple[AmqpRuntime, FakePipeline, MemoryOutbox]:
+        outbox = MemoryOutbox()
+        pipeline = FakePipeline(outbox)
+        options = replace(OPTIONS, **overrides)  # type: ignore[arg-type]
+        runtime = AmqpRuntime(vhost_url, pipeline, outbox, options)
+        made.append((runtime, pipeline))
+        return runtime, pipeline, outbox
+
+    yield make
+    for runtime, pipeline in made:  # a failed test must not leave a runtime reconnecting
+        pipeline.release.set()
+        runtime.stop()
+
+
+def test_topology_is_declared_idempotently(vhost_url: str, make_runtime: Factory) -> None:
+    for _ in range(2):
+        runtime, _, _ = make_runtime()
+        assert Running(runtime).start().stop() == EXIT_OK
+    with broker(vhost_url) as side:
+        ch = side.channel
+        # re-declaring with the contract's arguments is accepted: they are what exists
+        ch.queue_declare(REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(3))
+        ch.queue_declare(DEAD_QUEUE, passive=True)
+        ch.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
+        ch.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            ch.queue_declare(REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9))
+        assert refused.value.reply_code == 406
+
+
+def test_a_queue_with_other_arguments_is_a_one_line_error(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    with broker(vhost_url) as side:
+        side.declare_queue(REQUESTS_QUEUE)  # classic, no delivery limit
+    runtime, _, _ = make_runtime()
+    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert runtime.error is not None
+    assert "\n" not in runtime.error
+    assert "queue 'execution.requests' exists with a different x-" in runtime.error
+
+
+def test_a_different_delivery_limit_names_both_values(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    with broker(vhost_url) as side:
+        side.channel.queue_declare(
+            REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9)
+        )
+    runtime, _, _ = make_runtime()
+    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert runtime.error == (
+        "queue 'execution.requests' exists with a different x-delivery-limit: the worker "
+        "declares 3, the existing queue has 9; set DELIVERY_LIMIT to the existing value, "
+        "or delete the queue"
+    )
+
+
+def test_confirmations_are_published_then_requests_acked(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, pipeline, outbox = make_runtime()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.declare_queue("rpm.replies")
+        running = Running(runtime).start()
+        ids = [f"order-{i}" for i in range(6)]
+        for mid in ids:
+            side.publish(
+                b"{}", message_id=mid, reply_to="rpm.replies" if mid == "order-0" else None
+            )
+        got = side.take("observer", 6)
+        replies = side.take("rpm.replies", 1)
+        wait_until(lambda: outbox.published == {execution_id(m) for m in ids}, "marks")
+        assert running.stop() == EXIT_OK
+    assert sorted(m.properties.message_id for m in got) == sorted(str(execution_id(m)) for m in ids)
+    for message in got:
+        assert message.routing_key == "confirmation.filled.EURUSD"
+        assert message.properties.delivery_mode == 2
+        assert message.properties.content_type == "application/json"
+        assert message.properties.headers == {"schema": CONFIRMATION_SCHEMA_HEADER}
+        eid = uuid.UUID(message.properties.message_id)
+        assert message.body == outbox.rows[eid].payload
+        assert message.properties.correlation_id == outbox.rows[eid].correlation_id
+    assert replies[0].properties.message_id == str(execution_id("order-0"))
+    assert runtime.stats.acked == 6
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+    assert set(pipeline.orders.values()) == {1}
+
+
+def test_an_unroutable_confirmation_keeps_its_request_until_the_outbox_delivers_it(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, _, outbox = make_runtime()
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.publish(b"{}", message_id="order-unroutable")
+        wait_until(lambda: runtime.stats.returned >= 1, "the confirmation to be returned")
+        # not acked through: the request is held (not requeued either), the row not marked
+        assert runtime.stats.acked == 0
+        assert ready_count(vhost_url, REQUESTS_QUEUE) == 0
+        assert not outbox.published
+        side.bind_confirmations("late-observer")
+        got = side.take("late-observer", 1)
+        wait_until(lambda: runtime.stats.acked == 1, "the parked request's ack")
+    assert got[0].properties.message_id == str(execution_id("order-unroutable"))
+    wait_until(lambda: outbox.published == {execution_id("order-unroutable")}, "the mark")
+    assert running.stop() == EXIT_OK
+    assert runtime.stats.requeued == 0
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_a_vanished_reply_queue_does_not_block_the_ack(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, _, _ = make_runtime()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        running = Running(runtime).start()
+        side.publish(b"{}", message_id="order-r", reply_to="amq.gen-gone-long-ago")
+        side.take("observer", 1)
+        wait_until(lambda: runtime.stats.acked == 1, "the ack")
+    assert runtime.stats.reply_returned == 1
+    assert running.stop() == EXIT_OK
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_dead_letter_outcome_keeps_body_and_properties_with_the_reason(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, _, _ = make_runtime()
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.publish(b'{"no": "key"}', message_id=None, headers={"test-action": "dead", "k": "v"})
+        dead = side.take(DEAD_QUEUE, 1)
+        wait_until(lambda: runtime.stats.acked == 1, "the ack")
+    assert dead[0].body == b'{"no": "key"}'
+    headers = dead[0].properties.headers
+    assert headers["x-rejection-reason"] == "missing_idempotency_key"
+    assert headers["x-rejection-details"] == "neither order_id nor message_id"
+    assert headers["k"] == "v"
+    assert dead[0].properties.content_type == "application/json"
+    assert running.stop() == EXIT_OK
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_requeue_redelivers_with_the_delivery_count(vhost_url: str, make_runtime: Factory) -> None:
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.publish(b"{}", message_id="order-q", headers={"test-action": "requeue-once"})
+        side.take("observer", 1)
+    assert running.stop() == EXIT_OK
+    first, second = pipeline.seen
+    assert (first.redelivered, first.delivery_count) == (False, None)
+    assert (second.redelivered, second.delivery_count) == (True, 1)
+    assert runtime.stats.requeued == 1
+
+
+def test_a_handler_that_raises_is_dead_lettered_by_the_delivery_limit(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, pipeline, _ = make_runtime(delivery_limit=2)
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.publish(b"{}", message_id="poison", headers={"test-action": "raise"})
+        dead = side.take(DEAD_QUEUE, 1)
+        # the worker survived: the next message is executed normally
+        side.publish(b"{}", message_id="healthy")
+        confirmed = side.take("observer", 1)
+    assert running.stop() == EXIT_OK
+    assert dead[0].properties.message_id == "poison"
+    assert runtime.stats.handler_errors == 3  # first delivery + delivery limit of 2
+    assert ids_of(confirmed) == [str(execution_id("healthy"))]
+    assert [d.properties.message_id for d in pipeline.seen].count("poison") == 3
+
+
+def test_the_outbox_is_swept_at_start_up(vhost_url: str, make_runtime: Factory) -> None:
+    runtime, _, outbox = make_runtime(sweep_interval_seconds=60.0)
+    left_over = [confirmation_for(f"crashed-{i}", None) for i in range(3)]
+    for publish in left_over:
+        outbox.add(publish)
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        running = Running(runtime).start()
+        got = side.take("observer", 3)
+        wait_until(lambda: len(outbox.published) == 3, "marks")
+    assert running.stop() == EXIT_OK
+    assert sorted(ids_of(got)) == sorted(str(p.execution_id) for p in left_over)
+
+
+def test_broker_loss_mid_stream_loses_and_doubles_nothing(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, pipeline, outbox = make_runtime()
+    ids = [f"order-{i}" for i in range(60)]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        running = Running(runtime).start()
+        for mid in ids:
+            side.publish(b"{}", message_id=mid)
+    wait_until(lambda: runtime.stats.acked >= 5, "some progress")
+    close_connections(vhost_url)
+    wait_until(lambda: runtime.stats.connections >= 2, "a reconnect")
+    expected = {str(execution_id(m)) for m in ids}
+    seen: set[str] = set()
+    with broker(vhost_url) as side:
+
+        def all_confirmed() -> bool:
+            seen.update(m.properties.message_id for m in side.drain("observer"))
+            return seen == expected
+
+        wait_until(all_confirmed, "every confirmation")
+    wait_until(lambda: outbox.unpublished(100) == [], "the outbox to drain")
+    assert running.stop() == EXIT_OK
+    # every request confirmed and acked; copies (same message_id) are allowed, orders not
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+    assert set(pipeline.orders.values()) == {1}
+    assert len(pipeline.orders) == 60
+
+
+def test_a_result_from_a_dead_channel_is_not_acked_on_the_new_one(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.publish(b"{}", message_id="order-s", headers={"test-action": "block-first"})
+    wait_until(lambda: pipeline.started() == 1, "the first delivery")
+    close_connections(vhost_url)
+    # the redelivery runs on the new channel while the first call is still blocked
+    wait_until(lambda: pipeline.started() == 2, "the redelivery")
+    wait_until(lambda: runtime.stats.acked == 1, "the redelivery's ack")
+    pipeline.release.set()
+    wait_until(lambda: runtime.stats.stale_results == 1, "the stale result")
+    assert running.stop() == EXIT_OK
+    assert runtime.stats.acked == 1
+    assert pipeline.seen[1].redelivered
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_stop_finishes_in_flight_messages_and_leaves_the_rest_queued(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    runtime, pipeline, _ = make_runtime(prefetch=2)
+    running = Running(runtime).start()
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        for i in range(5):
+            side.publish(b"{}", message_id=f"order-{i}", headers={"test-action": "block"})
+        wait_until(lambda: pipeline.started() == 2, "two deliveries in flight")
+        runtime.stop()
+        wait_until(lambda: not runtime.consuming.is_set(), "the consumer to stop")
+        pipeline.release.set()
+        assert running.join() == EXIT_OK
+        confirmed = side.drain("observer")
+    assert len(confirmed) == 2
+    assert runtime.stats.acked == 2
+    settled_ready(vhost_url, REQUESTS_QUEUE, 3)
+
+
+def test_the_drain_timeout_requeues_what_is_stuck(vhost_url: str, make_runtime: Factory) -> None:
+    runtime, pipeline, _ = make_runtime(drain_timeout_seconds=0.3)
+    running = Running(runtime).start()
+    try:
+        with broker(vhost_url) as side:
+            side.publish(b"{}", message_id="order-stuck", headers={"test-action": "block"})
+        wait_until(lambda: pipeline.started() == 1, "the delivery")
+        assert running.stop() == EXIT_OK
+        assert runtime.stats.requeued == 1
+        settled_ready(vhost_url, REQUESTS_QUEUE, 1)
+    finally:
+        pipeline.release.set()
