@@ -3,15 +3,17 @@
 Call these from the pipeline and the runtime (all are thread-safe, cheap, never raise on a
 label value: anything outside the bounded sets below is counted as ``other``)::
 
-    record_received(redelivered: bool) -> None
-    observe_stage(stage: Stage, seconds: float) -> None          # or: with stage_timer(stage):
+    record_received(result: str = "valid", *, redelivered: bool = False) -> None  # or "invalid"
+    record_duplicate() -> None                     # a redelivery of an already finished execution
+    observe_stage(stage: str, seconds: float) -> None            # or: with stage_timer(stage):
     observe_end_to_end(seconds: float) -> None
     record_outcome(status: str, reason: str | None = None) -> None
     record_retcode(code: int | None) -> None                     # None = order_send gave None
-    record_send_retry(code: int | None) -> None
-    record_unknown_outcome(session: str) -> None
-    record_slippage(symbol: str, side: str, pips: float, *, breached: bool = False) -> None
-    record_fill_ratio(symbol: str, ratio: float) -> None
+    record_retries(count: int = 1) -> None                       # order_send calls repeated
+    record_unknown_outcome(session: str | None = None) -> None
+    record_slippage(symbol: str, side: str | int, pips: float) -> None
+    record_slippage_breach(symbol: str) -> None
+    observe_fill_ratio(ratio: float) -> None
     record_claim_wait(seconds: float, *, acquired: bool) -> None
     record_dead_letter(reason: str) -> None
     record_reconnect(target: Target) -> None
@@ -55,19 +57,13 @@ PREFIX = "execution_worker_"
 OTHER = "other"
 NONE = "none"
 
-Stage = Literal["validate", "claim", "submit", "monitor", "commit", "publish", "reconcile"]
-STAGES: tuple[Stage, ...] = (
-    "validate",
-    "claim",
-    "submit",
-    "monitor",
-    "commit",
-    "publish",
-    "reconcile",
+STAGES = frozenset(
+    {"parse", "claim", "validate", "intent", "submit", "monitor", "reconcile", "commit", "publish"}
 )
 Target = Literal["rabbitmq", "database", "mt5"]
 TARGETS: tuple[Target, ...] = ("rabbitmq", "database", "mt5")
 SIDES = ("buy", "sell")
+RESULTS = ("valid", "invalid")
 STATUSES = frozenset(status.value.lower() for status in ExecutionStatus)
 REASONS = frozenset(reason.value for reason in RejectionReason)
 # Every documented MT5 trade server return code sits in 10004..10046.
@@ -87,8 +83,12 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REQUESTS_RECEIVED = Counter(
     PREFIX + "requests_received_total",
-    "Deliveries taken from execution.requests.",
-    ["redelivered"],
+    "Deliveries taken from execution.requests, by parse result (valid/invalid).",
+    ["result", "redelivered"],
+)
+DUPLICATES = Counter(
+    PREFIX + "duplicates_total",
+    "Redelivered approvals whose execution had already finished (confirmation sent again).",
 )
 EXECUTIONS = Counter(
     PREFIX + "executions_total",
@@ -114,7 +114,6 @@ BROKER_RETCODES = Counter(
 SEND_RETRIES = Counter(
     PREFIX + "send_retries_total",
     "order_send calls repeated after a retryable return code.",
-    ["retcode"],
 )
 UNKNOWN_OUTCOMES = Counter(
     PREFIX + "unknown_outcomes_total",
@@ -129,13 +128,12 @@ SLIPPAGE_PIPS = Histogram(
 )
 SLIPPAGE_BREACHES = Counter(
     PREFIX + "slippage_breaches_total",
-    "Fills whose adverse slippage exceeded the symbol's slippage limit.",
-    ["symbol", "side"],
+    "Executions whose adverse slippage exceeded the symbol's slippage limit.",
+    ["symbol"],
 )
 FILL_RATIO = Histogram(
     PREFIX + "fill_ratio",
     "Executed volume / intended volume of orders that reached the broker.",
-    ["symbol"],
     buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0),
 )
 SESSIONS = Gauge(
@@ -237,17 +235,26 @@ def _finite(value: float) -> bool:
 # --- helpers the pipeline and runtime call -----------------------------------------------
 
 
-def record_received(redelivered: bool) -> None:
-    REQUESTS_RECEIVED.labels(redelivered="true" if redelivered else "false").inc()
+def record_received(result: str = "valid", *, redelivered: bool = False) -> None:
+    """One delivery; ``result`` is ``valid`` or ``invalid`` (it did not parse)."""
+    REQUESTS_RECEIVED.labels(
+        result=result if result in RESULTS else OTHER,
+        redelivered="true" if redelivered else "false",
+    ).inc()
 
 
-def observe_stage(stage: Stage, seconds: float) -> None:
+def record_duplicate() -> None:
+    DUPLICATES.inc()
+
+
+def observe_stage(stage: str, seconds: float) -> None:
+    """``stage`` is one of STAGES (anything else is counted as ``other``)."""
     if _finite(seconds) and seconds >= 0:
         STAGE_SECONDS.labels(stage=_stage_label(stage)).observe(seconds)
 
 
 @contextlib.contextmanager
-def stage_timer(stage: Stage) -> Iterator[None]:
+def stage_timer(stage: str) -> Iterator[None]:
     """Time the ``with`` block as one ``stage`` (also when it raises)."""
     started = time.perf_counter()
     try:
@@ -275,27 +282,31 @@ def record_retcode(code: int | None) -> None:
     BROKER_RETCODES.labels(retcode=retcode_label(code)).inc()
 
 
-def record_send_retry(code: int | None) -> None:
-    SEND_RETRIES.labels(retcode=retcode_label(code)).inc()
+def record_retries(count: int = 1) -> None:
+    """``count`` order_send calls repeated (the retcodes are in broker_retcodes_total)."""
+    if count > 0:
+        SEND_RETRIES.inc(count)
 
 
-def record_unknown_outcome(session: str) -> None:
-    UNKNOWN_OUTCOMES.labels(session=_bounded(session, _sessions, MAX_SESSIONS)).inc()
+def record_unknown_outcome(session: str | None = None) -> None:
+    label = NONE if session is None else _bounded(session, _sessions, MAX_SESSIONS)
+    UNKNOWN_OUTCOMES.labels(session=label).inc()
 
 
-def record_slippage(symbol: str, side: str | int, pips: float, *, breached: bool = False) -> None:
-    """A fill's signed slippage (positive = adverse); ``breached`` if over the limit."""
-    if not _finite(pips):
-        return
-    labels = {"symbol": symbol_label(symbol), "side": side_label(side)}
-    SLIPPAGE_PIPS.labels(**labels).observe(pips)
-    if breached:
-        SLIPPAGE_BREACHES.labels(**labels).inc()
+def record_slippage(symbol: str, side: str | int, pips: float) -> None:
+    """A fill's signed slippage in pips (positive = adverse)."""
+    if _finite(pips):
+        SLIPPAGE_PIPS.labels(symbol=symbol_label(symbol), side=side_label(side)).observe(pips)
 
 
-def record_fill_ratio(symbol: str, ratio: float) -> None:
+def record_slippage_breach(symbol: str) -> None:
+    """An execution's adverse slippage exceeded the symbol's limit."""
+    SLIPPAGE_BREACHES.labels(symbol=symbol_label(symbol)).inc()
+
+
+def observe_fill_ratio(ratio: float) -> None:
     if _finite(ratio) and ratio >= 0:
-        FILL_RATIO.labels(symbol=symbol_label(symbol)).observe(ratio)
+        FILL_RATIO.observe(ratio)
 
 
 def record_claim_wait(seconds: float, *, acquired: bool) -> None:
@@ -399,6 +410,7 @@ def metric_names() -> list[str]:
     """The exposed family names of every metric above (docs and tests use it)."""
     metrics = (
         REQUESTS_RECEIVED,
+        DUPLICATES,
         EXECUTIONS,
         STAGE_SECONDS,
         END_TO_END_SECONDS,

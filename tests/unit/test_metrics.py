@@ -68,50 +68,61 @@ def test_stage_timer_observes_also_when_the_block_raises() -> None:
 def test_unknown_stage_is_counted_as_other() -> None:
     name = "execution_worker_stage_duration_seconds_count"
     before = value(name, stage="other")
-    metrics.observe_stage("bogus", 0.1)  # type: ignore[arg-type]
+    parse = value(name, stage="parse")
+    metrics.observe_stage("bogus", 0.1)
+    metrics.observe_stage("parse", 0.1)
     assert value(name, stage="other") == before + 1
+    assert value(name, stage="parse") == parse + 1
 
 
 def test_retcodes_retries_and_unknown_outcomes() -> None:
     codes = "execution_worker_broker_retcodes_total"
     done, none, other = (value(codes, retcode=c) for c in ("10009", "none", "other"))
-    retry = value("execution_worker_send_retries_total", retcode="10004")
+    retries = value("execution_worker_send_retries_total")
     unknown = value("execution_worker_unknown_outcomes_total", session="sim-1")
+    unknown_none = value("execution_worker_unknown_outcomes_total", session="none")
 
     metrics.record_retcode(10009)
     metrics.record_retcode(None)
     metrics.record_retcode(1)
-    metrics.record_send_retry(10004)
+    metrics.record_retries(2)
+    metrics.record_retries(0)
     metrics.record_unknown_outcome("sim-1")
+    metrics.record_unknown_outcome()
 
     assert value(codes, retcode="10009") == done + 1
     assert value(codes, retcode="none") == none + 1
     assert value(codes, retcode="other") == other + 1
-    assert value("execution_worker_send_retries_total", retcode="10004") == retry + 1
+    assert value("execution_worker_send_retries_total") == retries + 2
     assert value("execution_worker_unknown_outcomes_total", session="sim-1") == unknown + 1
+    assert value("execution_worker_unknown_outcomes_total", session="none") == unknown_none + 1
 
 
-def test_slippage_is_signed_and_breaches_count_only_when_flagged() -> None:
+def test_slippage_is_signed_by_symbol_and_side_and_breaches_count() -> None:
     hist = "execution_worker_slippage_pips"
     labels = {"symbol": "USDJPY", "side": "sell"}
     favourable = value(hist + "_bucket", le="-0.5", **labels)
     adverse_small = value(hist + "_bucket", le="0.2", **labels)
     count = value(hist + "_count", **labels)
-    breaches = value("execution_worker_slippage_breaches_total", **labels)
+    buys = value(hist + "_count", symbol="USDJPY", side="buy")
+    breaches = value("execution_worker_slippage_breaches_total", symbol="USDJPY")
 
     metrics.record_slippage("USDJPY", -1, -0.7)  # favourable: below -0.5
-    metrics.record_slippage("usdjpy", "SELL", 2.4, breached=True)
+    metrics.record_slippage("usdjpy", "SELL", 2.4)
+    metrics.record_slippage("USDJPY", "sell", float("nan"))
+    metrics.record_slippage_breach("USDJPY")
 
     assert value(hist + "_count", **labels) == count + 2
+    assert value(hist + "_count", symbol="USDJPY", side="buy") == buys
     assert value(hist + "_bucket", le="-0.5", **labels) == favourable + 1
     assert value(hist + "_bucket", le="0.2", **labels) == adverse_small + 1
-    assert value("execution_worker_slippage_breaches_total", **labels) == breaches + 1
+    assert value("execution_worker_slippage_breaches_total", symbol="USDJPY") == breaches + 1
 
 
 def test_symbol_labels_are_bounded_and_shaped(monkeypatch: pytest.MonkeyPatch) -> None:
-    name = "execution_worker_fill_ratio_count"
+    name = "execution_worker_slippage_breaches_total"
     other = value(name, symbol="other")
-    metrics.record_fill_ratio("EUR USD; DROP TABLE", 1.0)  # not a symbol's shape
+    metrics.record_slippage_breach("EUR USD; DROP TABLE")  # not a symbol's shape
     assert value(name, symbol="other") == other + 1
 
     monkeypatch.setattr(metrics, "_symbols", set())  # a fresh guard, restored afterwards
@@ -127,16 +138,16 @@ def test_symbol_labels_are_bounded_and_shaped(monkeypatch: pytest.MonkeyPatch) -
 
 def test_fill_ratio_and_claim_wait() -> None:
     ratio = "execution_worker_fill_ratio_bucket"
-    below_full = value(ratio, symbol="EURUSD", le="0.95")
+    below_full = value(ratio, le="0.95")
     timeouts = value("execution_worker_session_claim_wait_seconds_count", result="timeout")
     acquired = value("execution_worker_session_claim_wait_seconds_count", result="acquired")
 
-    metrics.record_fill_ratio("EURUSD", 0.92)
-    metrics.record_fill_ratio("EURUSD", 1.0)
+    metrics.observe_fill_ratio(0.92)
+    metrics.observe_fill_ratio(1.0)
     metrics.record_claim_wait(5.0, acquired=False)
     metrics.record_claim_wait(0.001, acquired=True)
 
-    assert value(ratio, symbol="EURUSD", le="0.95") == below_full + 1
+    assert value(ratio, le="0.95") == below_full + 1
     assert (
         value("execution_worker_session_claim_wait_seconds_count", result="timeout") == timeouts + 1
     )
@@ -147,13 +158,18 @@ def test_fill_ratio_and_claim_wait() -> None:
 
 
 def test_received_dead_letters_reconnects_and_in_flight() -> None:
-    received = value("execution_worker_requests_received_total", redelivered="true")
+    received = "execution_worker_requests_received_total"
+    valid_again = value(received, result="valid", redelivered="true")
+    invalid = value(received, result="invalid", redelivered="false")
+    duplicates = value("execution_worker_duplicates_total")
     dead = value("execution_worker_dead_lettered_total", reason="MALFORMED_JSON")
     dead_other = value("execution_worker_dead_lettered_total", reason="other")
     reconnects = value("execution_worker_reconnects_total", target="rabbitmq")
     flying = value("execution_worker_in_flight_messages")
 
     metrics.record_received(redelivered=True)
+    metrics.record_received("invalid")
+    metrics.record_duplicate()
     metrics.record_dead_letter("MALFORMED_JSON")
     metrics.record_dead_letter("order 3f0c-42 was bad")  # free text never becomes a label
     metrics.record_reconnect("rabbitmq")
@@ -161,7 +177,9 @@ def test_received_dead_letters_reconnects_and_in_flight() -> None:
     metrics.in_flight(+1)
     metrics.in_flight(-1)
 
-    assert value("execution_worker_requests_received_total", redelivered="true") == received + 1
+    assert value(received, result="valid", redelivered="true") == valid_again + 1
+    assert value(received, result="invalid", redelivered="false") == invalid + 1
+    assert value("execution_worker_duplicates_total") == duplicates + 1
     assert value("execution_worker_dead_lettered_total", reason="MALFORMED_JSON") == dead + 1
     assert value("execution_worker_dead_lettered_total", reason="other") == dead_other + 1
     assert value("execution_worker_reconnects_total", target="rabbitmq") == reconnects + 1
