@@ -225,8 +225,9 @@ class BridgeServer:
             if not isinstance(request_id, int) or not isinstance(name, str):
                 raise ProtocolError("bad_request", "id and fn are required")
             if name not in ALLOWED_FUNCTIONS:
+                self._refuse(peer, "not_allowed", f"function {name[:40]!r}")
                 channel.send({"id": request_id, "ok": False, "error": "not_allowed"})
-                raise ProtocolError("not_allowed", f"function {name[:40]!r}")
+                return  # and close the connection
             args = decode_value(request.get("args", []))
             kwargs = decode_value(request.get("kwargs", {"$m": {}}))
             if not isinstance(args, list) or not isinstance(kwargs, dict):
