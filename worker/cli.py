@@ -42,7 +42,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _publish_args(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
+    source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--file", help="a JSON file: one message, or a list of messages")
     source.add_argument("--stdin", action="store_true", help="read JSON lines from stdin")
     source.add_argument("--samples", type=int, help="generate N sample approvals")
