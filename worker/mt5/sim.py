@@ -1113,7 +1113,7 @@ class SimTerminal:
             if ticket is not None:
                 found = self._orders.get(ticket)
                 selected: Iterable[OrderRecord] = (
-                    () if found is None or found.state in _OPEN_STATES else (found,)
+                    () if found is None or ticket in self._open_orders else (found,)
                 )
             elif position is not None:
                 selected = self._orders_by_position.get(position, ())
@@ -1211,7 +1211,7 @@ class SimTerminal:
         history: list[OrderRecord] = []
         for order in loaded.orders:
             self._orders[order.ticket] = order
-            if order.state in _OPEN_STATES:
+            if order.state in _OPEN_STATES and not order.time_done_msc:
                 self._open_orders[order.ticket] = order
                 self._pending_fills[order.ticket] = now
                 continue
