@@ -8,7 +8,7 @@ import socket
 import struct
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -33,7 +33,7 @@ from worker.mt5.bridge_protocol import (
 )
 
 
-def _deal(**changes: object) -> api.TradeDeal:
+def _deal(**changes: Any) -> api.TradeDeal:
     deal = api.TradeDeal(
         ticket=7, order=6, time=1_700_000_000, time_msc=1_700_000_000_123, type=0, entry=0,
         magic=26112501, position_id=6, reason=3, volume=0.95, price=1.08512, commission=-0.5,

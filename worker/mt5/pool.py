@@ -163,14 +163,15 @@ class _Slot:
     last_error: str | None = None
     recovery: threading.Thread | None = field(default=None, repr=False)
 
-    def state(self, closed: bool) -> SessionState:
+    def state(self, closed: bool, max_failures: int) -> SessionState:
         if closed:
             return "closed"
         if self.in_use:
             return "in_use"
         if self.healthy:
             return "idle"
-        return "reconnecting" if self.recovery is not None else "down"
+        # "down" is still retried in the background, with the longest backoff
+        return "down" if self.failures >= max_failures else "reconnecting"
 
 
 class Lease:
@@ -423,6 +424,7 @@ class SessionPool:
             if problem is None:
                 slot.session = session
                 slot.healthy = True
+                slot.recovery = None  # with healthy, atomically: a new failure starts anew
                 slot.failures = 0
                 slot.last_error = None
                 self._cond.notify_all()
@@ -454,7 +456,8 @@ class SessionPool:
             recovered = retrying(self._reconnect_once, slot)
         finally:
             with self._cond:
-                slot.recovery = None
+                if slot.recovery is threading.current_thread():
+                    slot.recovery = None
         if recovered:
             _log.info("mt5 session %s back in rotation", slot.spec.id)
 
@@ -465,7 +468,7 @@ class SessionPool:
                 SessionHealth(
                     id=slot.spec.id,
                     backend=slot.spec.backend,
-                    state=slot.state(closed),
+                    state=slot.state(closed, self._max_failures),
                     failures=slot.failures,
                     last_error=slot.last_error,
                     login=slot.session.login if slot.session else slot.spec.login,

@@ -1,0 +1,367 @@
+"""The session pool on real PostgreSQL: exclusive leases, fencing, health, recovery, threads."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from tests.integration.test_bridge_helpers import (
+    OPEN_MARKETS_TOML,
+    address_of,
+    new_secret,
+    open_config,
+)
+from worker.mt5 import api
+from worker.mt5.bridge import BridgeServer
+from worker.mt5.pool import (
+    LOCK_CLASS,
+    ClaimTimeout,
+    LeaseLost,
+    PoolClosed,
+    SessionPool,
+    UnknownSession,
+)
+from worker.mt5.sessions import SessionSpec
+from worker.mt5.sim import SimTerminal
+
+
+def _factory(terminal: api.Terminal, spec: SessionSpec) -> tuple[str, api.Terminal]:
+    return (spec.id, terminal)  # stands for the gateway built on this terminal
+
+
+@pytest.fixture
+def db_pool(database_url: str) -> Iterator[ConnectionPool]:
+    pool = ConnectionPool(database_url, min_size=1, max_size=8, open=True)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def sim_specs(tmp_path: Path) -> list[SessionSpec]:
+    config = tmp_path / "sim.toml"
+    config.write_text(OPEN_MARKETS_TOML, encoding="utf-8")
+    return [SessionSpec(id=f"sim-{i}", backend="sim", sim_config=str(config)) for i in range(3)]
+
+
+@pytest.fixture
+def make_pool(db_pool: ConnectionPool) -> Iterator[Callable[..., SessionPool]]:
+    pools: list[SessionPool] = []
+
+    def make(specs: list[SessionSpec], **options: Any) -> SessionPool:
+        options.setdefault("reconnect_backoff", (0.02, 0.1))
+        pool = SessionPool(specs, db_pool, _factory, **options)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close()
+
+
+def _advisory_holders(database_url: str) -> dict[int, int]:
+    """objid of every class-1 advisory lock -> pid of the backend holding it."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT objid::bigint, pid FROM pg_locks "
+            "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted",
+            (LOCK_CLASS,),
+        ).fetchall()
+    return {int(objid): int(pid) for objid, pid in rows}
+
+
+def _oid(key: int) -> int:
+    return key & 0xFFFFFFFF  # pg_locks shows the int4 key as an unsigned oid
+
+
+def test_claims_are_exclusive_and_hold_an_advisory_lock(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs)
+    leases = [pool.claim(timeout=1) for _ in range(3)]
+    assert sorted(lease.session.id for lease in leases) == ["sim-0", "sim-1", "sim-2"]
+    holders = _advisory_holders(database_url)
+    for lease in leases:
+        assert holders[_oid(lease.session.spec.lock_key)] == lease.conn.info.backend_pid
+        assert lease.session.gateway == (lease.session.id, lease.session.terminal)
+        assert lease.session.login == 5_000_001 and lease.session.server == "SimBroker-Demo"
+    assert pool.health().in_use == 3
+    with pytest.raises(ClaimTimeout):
+        pool.claim(timeout=0.2)
+    freed = leases.pop(1)
+    freed.release()
+    assert _oid(freed.session.spec.lock_key) not in _advisory_holders(database_url)
+    again = pool.claim(timeout=1)
+    assert again.session.id == freed.session.id
+    for lease in [*leases, again]:
+        lease.release()
+    assert _advisory_holders(database_url) == {}
+    assert pool.health().in_use == 0
+
+
+def test_a_session_locked_elsewhere_is_not_handed_out_until_unlocked(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:2])
+    # another process holding sim-0 is, to PostgreSQL, just another session with the lock
+    other = psycopg.connect(database_url, autocommit=True)
+    key = sim_specs[0].lock_key
+    other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, key))
+    try:
+        leases = [pool.claim(timeout=0.5)]
+        assert leases[0].session.id == "sim-1"
+        with pytest.raises(ClaimTimeout):
+            pool.claim(timeout=0.3)
+        with pytest.raises(ClaimTimeout):
+            pool.claim(timeout=0.2, session_id="sim-0")
+        timer = threading.Timer(
+            0.2, lambda: other.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+        )
+        timer.start()
+        leases.append(pool.claim(timeout=5, session_id="sim-0"))
+        timer.join()
+        assert leases[1].session.id == "sim-0"
+        for lease in leases:
+            lease.release()
+    finally:
+        other.close()
+
+
+def test_claim_by_session_id(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    pool = make_pool(sim_specs)
+    with pool.claim(timeout=1, session_id="sim-2") as lease:
+        assert lease.session.id == "sim-2"
+        with pytest.raises(ClaimTimeout):
+            pool.claim(timeout=0.1, session_id="sim-2")
+    with pytest.raises(UnknownSession):
+        pool.claim(timeout=1, session_id="sim-9")
+
+
+def test_the_lock_connection_fences_a_stale_holder(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:1])
+    lease = pool.claim(timeout=1)
+    lease.fence_check()
+    with lease.conn.transaction():
+        lease.conn.execute("CREATE TABLE intents (id int)")
+    # the lock's connection dies (network partition, backend killed, failover)
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (lease.conn.info.backend_pid,))
+    assert _advisory_holders(database_url) == {}
+    with pytest.raises(psycopg.OperationalError), lease.conn.transaction():
+        lease.conn.execute("INSERT INTO intents VALUES (1)")  # the intent commit fails
+    with pytest.raises(LeaseLost):
+        lease.fence_check()
+    lease.release()
+    with pytest.raises(LeaseLost):
+        lease.fence_check()
+    with pool.claim(timeout=1) as again:  # the session is available on a fresh connection
+        again.fence_check()
+        with again.conn.transaction():
+            again.conn.execute("INSERT INTO intents VALUES (2)")
+    with psycopg.connect(database_url) as check:
+        assert check.execute("SELECT id FROM intents").fetchall() == [(2,)]
+
+
+def test_release_restores_the_connection_and_rolls_back_leftovers(
+    make_pool: Callable[..., SessionPool],
+    sim_specs: list[SessionSpec],
+    db_pool: ConnectionPool,
+    database_url: str,
+) -> None:
+    pool = make_pool(sim_specs[:1])
+    lease = pool.claim(timeout=1)
+    assert lease.conn.autocommit is True
+    conn = lease.conn
+    conn.execute("BEGIN")
+    conn.execute("SELECT 1")  # an abandoned transaction
+    lease.release()
+    assert conn.autocommit is False  # the pool's connections are not autocommit
+    assert _advisory_holders(database_url) == {}
+    lease.release()  # idempotent
+    assert pool.health().in_use == 0
+    with db_pool.connection() as same:
+        assert same.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_release_broken_discards_the_connection(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:1])
+    lease = pool.claim(timeout=1)
+    conn = lease.conn
+    lease.release(broken=True)
+    assert conn.closed
+    assert _advisory_holders(database_url) == {}
+    with pool.claim(timeout=1) as again:
+        assert again.conn is not conn
+
+
+def test_a_disconnected_terminal_is_never_handed_out_and_comes_back(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    pool = make_pool(sim_specs[:2], reconnect_backoff=(0.05, 0.1))
+    first = pool.claim(timeout=1)
+    terminal = first.session.terminal
+    assert isinstance(terminal, SimTerminal)
+    first.release()
+    terminal.disconnect()  # the terminal lost its connection while idle
+    seen: set[str] = set()
+    for _ in range(10):
+        with pool.claim(timeout=2) as lease:
+            info = lease.session.terminal.terminal_info()
+            assert info is not None and info.connected
+            seen.add(lease.session.id)
+    # it was reconnected in the background (same terminal object) and is back in rotation
+    deadline = time.monotonic() + 5
+    while pool.health().unhealthy and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pool.health().unhealthy == 0
+    with pool.claim(timeout=1, session_id=first.session.id) as lease:
+        assert lease.session.terminal is terminal
+
+
+def test_a_failing_bridge_is_taken_out_of_rotation_and_returns_when_healthy(
+    make_pool: Callable[..., SessionPool],
+    sim_specs: list[SessionSpec],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = new_secret()
+    sim = SimTerminal(open_config())
+    assert sim.initialize()
+    server = BridgeServer(sim, secret.encode())
+    server.start()
+    address = address_of(server)
+    host, port = server.address
+    bridge = SessionSpec(id="remote", backend="bridge", address=address, secret=secret)
+    pool = make_pool([bridge, sim_specs[0]], max_failures=2, reconnect_backoff=(0.02, 0.05))
+    with pool.claim(timeout=1, session_id="remote") as lease:
+        assert lease.session.login == 5_000_001
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.pool"):
+        for _ in range(5):  # only the healthy local session is handed out
+            with pool.claim(timeout=2) as lease:
+                assert lease.session.id == "sim-0"
+        deadline = time.monotonic() + 10
+        while _state(pool, "remote") != "down" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert _state(pool, "remote") == "down"
+    health = pool.health()
+    assert health.unhealthy == 1 and health.size == 2
+    remote = next(s for s in health.sessions if s.id == "remote")
+    assert remote.failures >= 2 and remote.last_error and "connect" in remote.last_error
+    assert "out of rotation" in caplog.text and secret not in caplog.text
+    assert secret not in repr(health)
+    with pytest.raises(ClaimTimeout):
+        pool.claim(timeout=0.2, session_id="remote")
+    # the terminal's bridge comes back: so does the session
+    again = BridgeServer(sim, secret.encode(), host=host, port=port)
+    again.start()
+    try:
+        with pool.claim(timeout=10, session_id="remote") as lease:
+            assert lease.session.terminal.account_info() == sim.account_info()
+        assert _state(pool, "remote") == "idle"
+    finally:
+        again.stop()
+
+
+def _state(pool: SessionPool, session_id: str) -> str:
+    return next(s.state for s in pool.health().sessions if s.id == session_id)
+
+
+def test_a_session_that_never_opened_is_retried(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    secret = new_secret()
+    sim = SimTerminal(open_config())
+    assert sim.initialize()
+    server = BridgeServer(sim, secret.encode())
+    server.start()
+    host, port = server.address
+    server.stop()  # nothing listens there when the pool starts
+    spec = SessionSpec(id="late", backend="bridge", address=f"{host}:{port}", secret=secret)
+    pool = make_pool([spec])
+    assert pool.health().unhealthy == 1
+    with pytest.raises(ClaimTimeout):
+        pool.claim(timeout=0.1)
+    late = BridgeServer(sim, secret.encode(), host=host, port=port)
+    late.start()
+    try:
+        with pool.claim(timeout=10) as lease:
+            assert lease.session.id == "late"
+            assert lease.session.login == 5_000_001
+    finally:
+        late.stop()
+
+
+def test_threads_never_share_a_session(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    pool = make_pool(sim_specs)
+    intervals: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    errors: list[BaseException] = []
+    record = threading.Lock()
+
+    def work() -> None:
+        try:
+            for _ in range(15):
+                with pool.claim(timeout=10) as lease:
+                    start = time.monotonic_ns()
+                    assert lease.session.terminal.account_info() is not None
+                    end = time.monotonic_ns()
+                with record:
+                    intervals[lease.session.id].append((start, end))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert sum(len(spans) for spans in intervals.values()) == 90
+    for spans in intervals.values():
+        spans.sort()
+        for (_, end), (start, _) in itertools.pairwise(spans):
+            assert end <= start
+    assert pool.health().in_use == 0
+
+
+def test_close_stops_claims(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    pool = make_pool(sim_specs[:1])
+    with pool.claim(timeout=1) as lease:
+        terminal = lease.session.terminal
+    pool.close()
+    with pytest.raises(PoolClosed):
+        pool.claim(timeout=1)
+    assert terminal.terminal_info() is None  # shut down
+    assert {s.state for s in pool.health().sessions} == {"closed"}
+
+
+def test_database_unreachable_is_a_claim_timeout(sim_specs: list[SessionSpec]) -> None:
+    unreachable = ConnectionPool(
+        "postgresql://postgres@127.0.0.1:1/none", min_size=0, max_size=1, open=True
+    )
+    try:
+        pool = SessionPool(sim_specs[:1], unreachable, _factory)
+        with pytest.raises(ClaimTimeout):
+            pool.claim(timeout=0.5)
+        assert pool.health().in_use == 0
+        pool.close()
+    finally:
+        unreachable.close()
