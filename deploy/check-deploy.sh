@@ -241,6 +241,7 @@ write_stack_env() {
 wait_healthy() {
   local service=$1 limit=$2 id status=""
   id=$(dc ps -q "$service")
+  [ -n "$id" ] || { say "$service has no container"; return 1; }
   for _ in $(seq 1 "$limit"); do
     status=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id" 2>/dev/null || echo gone)
     [ "$status" = healthy ] && { say "$service is healthy"; return 0; }
@@ -279,7 +280,14 @@ sys.exit(0 if len(seen) >= n else 1)
 '
 
 stack_up() {
-  dc up -d rabbitmq postgres sim-terminal worker-1 worker-2
+  if ! dc up -d rabbitmq postgres sim-terminal worker-1 worker-2; then
+    local service
+    for service in rabbitmq postgres sim-terminal migrate worker-1 worker-2; do
+      say "logs of $service:"
+      dc logs --no-color --tail 15 "$service" >&2 || true
+    done
+    return 1
+  fi
   wait_healthy rabbitmq 90 && wait_healthy postgres 60 && wait_healthy sim-terminal 60 &&
     wait_healthy worker-1 90 && wait_healthy worker-2 60
 }
