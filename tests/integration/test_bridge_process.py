@@ -184,3 +184,15 @@ def test_sim_terminal_reads_its_secret_from_a_file(tmp_path: Path) -> None:
     assert proc.returncode == 0
     assert secret not in stderr
     assert "bad_auth" in stderr
+
+
+def test_bridge_serve_needs_a_secret_and_the_native_module(tmp_path: Path) -> None:
+    without_secret = _cli("bridge-serve", "--port", "0")
+    assert without_secret.returncode == 2
+    assert "MT5_BRIDGE_SECRET" in without_secret.stderr
+    password = "pw-" + new_secret()
+    on_linux = _cli("bridge-serve", "--port", "0", secret=new_secret(), MT5_PASSWORD=password)
+    assert on_linux.returncode == 2
+    assert len(on_linux.stderr.strip().splitlines()) == 1
+    assert "MetaTrader5" in on_linux.stderr
+    assert password not in on_linux.stderr + on_linux.stdout

@@ -28,7 +28,8 @@ def test_a_count_of_bridges_on_consecutive_ports() -> None:
         MT5_BRIDGE_ADDRESS="terminals:18812",
         MT5_BRIDGE_SECRET="s3cret-value",
     )
-    specs = load_session_specs(settings, {})
+    specs = load_session_specs(settings, {"MT5_BRIDGE_TLS_CA": "/etc/ca.pem"})
+    assert {spec.tls_ca for spec in specs} == {"/etc/ca.pem"}
     assert [spec.address for spec in specs] == [
         "terminals:18812",
         "terminals:18813",

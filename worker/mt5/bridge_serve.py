@@ -166,7 +166,10 @@ def bridge_serve_main(args: argparse.Namespace) -> int:
         from worker.logs import register_secret
 
         register_secret(password)
-    terminal: api.Terminal = NativeTerminal()
+    try:
+        terminal: api.Terminal = NativeTerminal()
+    except RuntimeError as exc:  # no MetaTrader5 module on this platform
+        raise ConfigError(str(exc)) from None
 
     def connect() -> bool:
         return terminal.initialize(path, login=login, password=password, server=server_name)

@@ -29,6 +29,7 @@ import psycopg
 import tenacity
 from psycopg import pq
 
+from worker.config import ConfigError
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
 
@@ -73,7 +74,10 @@ def _new_terminal(spec: SessionSpec) -> api.Terminal:
     if spec.backend == "native":
         from worker.mt5.native import NativeTerminal
 
-        native: api.Terminal = NativeTerminal()
+        try:
+            native: api.Terminal = NativeTerminal()
+        except RuntimeError as exc:  # no MetaTrader5 module: a configuration error
+            raise ConfigError(f"session {spec.id}: {exc}") from None
         return native
     from worker.mt5.sim import SimConfig, SimTerminal
 

@@ -8,7 +8,8 @@
   ``MT5_BRIDGE_ADDRESS``, which is either a comma-separated list of exactly N ``host:port``
   addresses, or ONE address: then the sessions use N consecutive ports from it
   (``host:P``, ``host:P+1``, ...: one bridge per terminal, the usual layout of a host
-  running N terminals). The secret is ``MT5_BRIDGE_SECRET``.
+  running N terminals). The secret is ``MT5_BRIDGE_SECRET``; ``MT5_BRIDGE_TLS_CA`` (a CA
+  file) turns TLS on.
 - a count with ``MT5_BACKEND=native``: must be 1 (the module holds one terminal per
   process); ``MT5_PATH``, ``MT5_LOGIN``, ``MT5_SERVER`` and ``MT5_PASSWORD`` /
   ``MT5_PASSWORD_FILE`` describe it.
@@ -169,9 +170,14 @@ def _from_count(count: int, settings: Settings, environ: Mapping[str, str]) -> l
     if settings.mt5_bridge_secret is None:
         raise ConfigError("MT5_BACKEND=bridge needs MT5_BRIDGE_SECRET")
     addresses = _bridge_addresses(settings.mt5_bridge_address, count)
+    tls_ca = environ.get("MT5_BRIDGE_TLS_CA") or None
     return [
         SessionSpec(
-            id=f"bridge-{i}", backend="bridge", address=address, secret=settings.mt5_bridge_secret
+            id=f"bridge-{i}",
+            backend="bridge",
+            address=address,
+            secret=settings.mt5_bridge_secret,
+            tls_ca=tls_ca,
         )
         for i, address in enumerate(addresses)
     ]
