@@ -5,7 +5,8 @@
 #
 #   sudo bash deploy/images/build-local.sh
 #
-# Idempotent: each step is skipped when its result already exists.
+# Idempotent: each step is skipped when its result already exists. Run as root or with sudo;
+# a non-root user running the tests needs access to the Docker socket (the docker group).
 #   1. installs docker.io and debootstrap with apt-get if missing;
 #   2. starts dockerd in the background if no engine answers, and waits for `docker info`;
 #   3. builds local/rabbitmq:3.10 and local/postgres:15 (debootstrap --variant=minbase of
