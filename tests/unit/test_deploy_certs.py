@@ -1,0 +1,99 @@
+"""deploy/windows/make-bridge-certs.sh makes certificates the bridge and its clients accept.
+
+A bridge served with the script's server certificate (loaded the way bridge-serve loads
+--tls-cert/--tls-key) is reached over TLS on loopback by a client that trusts only the
+script's CA, under each name the certificate lists; a client trusting another CA is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker.mt5.bridge import BridgeServer, BridgeTerminal
+from worker.mt5.sim import SimTerminal
+
+SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "windows" / "make-bridge-certs.sh"
+
+
+def make(out: Path, name: str, *sans: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), name, *sans],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    make(out, "localhost", "127.0.0.1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def secret() -> str:
+    return secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def server(certs: Path, secret: str) -> Iterator[BridgeServer]:
+    terminal = SimTerminal()
+    assert terminal.initialize()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(certs / "localhost.pem"), str(certs / "localhost.key"))
+    bridge = BridgeServer(terminal, secret.encode(), host="127.0.0.1", port=0, tls=context)
+    bridge.start()
+    try:
+        yield bridge
+    finally:
+        bridge.stop(timeout=5)
+        terminal.shutdown()
+
+
+def test_keys_are_private_and_the_ca_is_reused(certs: Path) -> None:
+    for key in ("ca.key", "localhost.key"):
+        assert stat.S_IMODE(os.stat(certs / key).st_mode) == 0o600
+    ca_before = (certs / "ca.pem").read_bytes()
+    make(certs, "second-host")
+    assert (certs / "ca.pem").read_bytes() == ca_before
+    assert "BEGIN PRIVATE KEY" not in (certs / "localhost.pem").read_text()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_clients_trusting_the_ca_reach_the_bridge_under_each_name(
+    server: BridgeServer, certs: Path, secret: str, host: str
+) -> None:
+    _, port = server.address
+    client = BridgeTerminal(f"{host}:{port}", secret, tls_ca=str(certs / "ca.pem"), timeout=5)
+    try:
+        assert client.initialize(), client.last_error()
+        assert client.account_info() is not None
+    finally:
+        client.shutdown()
+
+
+def test_a_client_trusting_another_ca_is_refused(
+    server: BridgeServer, secret: str, tmp_path: Path
+) -> None:
+    make(tmp_path, "localhost", "127.0.0.1")  # same names, a different CA
+    _, port = server.address
+    client = BridgeTerminal(f"127.0.0.1:{port}", secret, tls_ca=str(tmp_path / "ca.pem"), timeout=5)
+    assert client.initialize() is False
+    assert "CERTIFICATE_VERIFY_FAILED" in client.last_error()[1]
+
+
+def test_usage_without_arguments() -> None:
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2
+    assert "OUT_DIR NAME" in result.stderr
