@@ -1,0 +1,113 @@
+"""A pipeline over a real PostgreSQL and an in-process simulated terminal, for tests."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from schemas.request import MessageProperties
+from tests import samples
+from worker.config import Settings, load_settings
+from worker.delivery import Delivery, Outcome, Publish
+from worker.mt5 import api
+from worker.mt5.pool import SessionPool
+from worker.mt5.sessions import SessionSpec
+from worker.mt5.sim import SimConfig, SimTerminal
+from worker.pipeline import Pipeline
+from worker.service import gateway_factory
+from worker.store import Store
+
+
+def always_open(config: SimConfig) -> SimConfig:
+    """Tests must not depend on the weekday: no weekly closing unless a test asks for it."""
+    symbols = {name: replace(symbol, closed_weekly=()) for name, symbol in config.symbols.items()}
+    return replace(config, symbols=symbols)
+
+
+@dataclass
+class PipelineEnv:
+    settings: Settings
+    store: Store
+    sim: SimTerminal
+    pool: SessionPool
+    pipeline: Pipeline
+
+    def deliver(
+        self,
+        message: dict[str, Any] | bytes,
+        *,
+        props: MessageProperties | None = None,
+        redelivered: bool = False,
+    ) -> Outcome:
+        body = message if isinstance(message, bytes) else json.dumps(message).encode()
+        delivery = Delivery(
+            body=body,
+            properties=props or MessageProperties(content_type="application/json"),
+            redelivered=redelivered,
+            delivery_count=None,
+            received_at=datetime.now(UTC),
+        )
+        return self.pipeline.handle(delivery)
+
+    def confirm(self, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        outcome = self.deliver(message, **kw)
+        assert isinstance(outcome, Publish), outcome
+        document: dict[str, Any] = json.loads(outcome.payload)
+        return document
+
+    def deals(self, comment: str | None = None) -> list[api.TradeDeal]:
+        deals = self.sim.history_deals_get(0, 2**31 - 1) or ()
+        return [deal for deal in deals if comment is None or deal.comment == comment]
+
+    def row(self, execution_id: str) -> dict[str, Any]:
+        with self.store.connection() as conn:
+            row = self.store.load(conn, uuid.UUID(execution_id))
+            assert row is not None
+            return dict(row.values)
+
+    def events(self, execution_id: str) -> list[dict[str, Any]]:
+        with self.store.connection() as conn:
+            return self.store.events_of(conn, uuid.UUID(execution_id))
+
+
+@contextmanager
+def pipeline_env(
+    database_url: str, sim_config: SimConfig | None = None, **settings: Any
+) -> Iterator[PipelineEnv]:
+    environ = {"DATABASE_URL": database_url, "MT5_SESSIONS": "1"}
+    base = load_settings(environ)
+    values = {"reconcile_grace_seconds": 0.05, "order_timeout_seconds": 2.0, **settings}
+    config = base.model_copy(update=values)
+    store = Store.open(database_url, max_size=6)
+    store.migrate()
+    sim = SimTerminal(always_open(sim_config or SimConfig()))
+    assert sim.initialize()
+
+    def opener(spec: SessionSpec) -> api.Terminal:
+        del spec
+        return sim
+
+    pool = SessionPool(
+        [SessionSpec(id="sim-0", backend="sim")],
+        store.pool,
+        gateway_factory(config),
+        opener=opener,
+    )
+    try:
+        yield PipelineEnv(config, store, sim, pool, Pipeline(config, store, pool))
+    finally:
+        pool.close()
+        store.close()
+
+
+def approval(
+    symbol: str = "EURUSD", direction: int = 1, units: float = 100_000.0, **decision_fields: Any
+) -> dict[str, Any]:
+    decision = samples.decision(trade=samples.approved_trade(symbol, direction, units))
+    decision.update(decision_fields)
+    return samples.rpm_output(decision)

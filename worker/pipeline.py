@@ -1,0 +1,982 @@
+"""One delivery in, one outcome out: validate -> intent -> submit -> monitor -> fills -> audit.
+
+The exactly-once protocol (DOMAIN.md 3):
+- the execution id, the broker comment token and the confirmation's message id all derive
+  from the idempotency key, so a redelivery is recognised by the store and by the broker;
+- a terminal row answers a redelivery with the same confirmation, no broker call;
+- the intent row (SUBMITTING) is committed through the session lease's connection BEFORE
+  ``order_send``; an in-flight row found later is settled from what the broker says
+  (reconcile by comment token + magic), never by a blind resend;
+- the final row, its events and the outbox row are committed in one transaction, and only
+  then is the confirmation handed to the runtime for publishing and acking.
+
+Database trouble at any point requeues the delivery: before the intent commit no order was
+sent, after it the in-flight row makes the redelivery reconcile.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+from uuid import UUID
+
+import psycopg
+
+from schemas.confirmation import ExecutionConfirmation
+from schemas.enums import DecisionStatus, ExecutionStatus, RejectionReason
+from schemas.identity import comment_token_for, execution_id_for
+from schemas.request import ExecutionRequest, InvalidMessage, parse_request
+from worker import metrics
+from worker.config import Settings
+from worker.delivery import DeadLetter, Delivery, Outcome, Publish, Requeue
+from worker.mt5 import api
+from worker.mt5.gateway import (
+    BrokerCall,
+    Gateway,
+    GatewayRejection,
+    SendOutcome,
+    Side,
+    SymbolSpec,
+    signed_slippage_pips,
+)
+from worker.mt5.pool import ClaimTimeout, Lease
+from worker.store import Event, ExecutionRow, Store, StoreError, as_json
+
+log = logging.getLogger(__name__)
+
+RECONCILE_PADDING = timedelta(minutes=5)
+MONITOR_FIRST_POLL_SECONDS = 0.01
+MONITOR_MAX_POLL_SECONDS = 0.5
+FINAL_ORDER_STATES = frozenset(
+    {
+        api.ORDER_STATE_FILLED,
+        api.ORDER_STATE_CANCELED,
+        api.ORDER_STATE_REJECTED,
+        api.ORDER_STATE_EXPIRED,
+    }
+)
+# Final broker refusals that have a more specific reason than BROKER_REJECTED.
+RETCODE_REASONS = {
+    api.TRADE_RETCODE_MARKET_CLOSED: RejectionReason.MARKET_CLOSED,
+    api.TRADE_RETCODE_NO_MONEY: RejectionReason.MARGIN_INSUFFICIENT,
+    api.TRADE_RETCODE_INVALID_VOLUME: RejectionReason.VOLUME_INVALID,
+    api.TRADE_RETCODE_TRADE_DISABLED: RejectionReason.SYMBOL_NOT_TRADABLE,
+    api.TRADE_RETCODE_SERVER_DISABLES_AT: RejectionReason.TRADING_DISABLED,
+    api.TRADE_RETCODE_CLIENT_DISABLES_AT: RejectionReason.TRADING_DISABLED,
+}
+
+
+class SessionSource(Protocol):
+    """The session pool, as the pipeline sees it."""
+
+    def claim(self, timeout: float, *, session_id: str | None = None) -> Lease: ...
+
+
+@dataclass(frozen=True)
+class Leg:
+    """One order of a plan: ``lots`` to trade, closing ``position`` when set (hedging)."""
+
+    lots: float
+    position: int | None = None
+
+
+@dataclass
+class Fill:
+    """What the broker executed for one order."""
+
+    order: int
+    deals: list[int]
+    volume: float
+    price: float
+    requested_price: float
+    position: int | None = None
+
+
+@dataclass
+class Plan:
+    """Everything needed to send, monitor and settle one execution; rebuildable from its row."""
+
+    execution_id: UUID
+    idempotency_key: str
+    rpm_order_id: str | None
+    token: str
+    symbol: str
+    broker_symbol: str
+    side: Side
+    intended_units: float
+    intended_lots: float
+    legs: list[Leg]
+    requested_price: float | None
+    deviation: int
+    spread_pips: float | None
+    received_at: datetime
+    decided_at: datetime | None
+    reply_to: str | None
+    correlation_id: str | None
+
+
+@dataclass
+class Run:
+    """Bookkeeping of one handling: events, stage timings, attempts."""
+
+    clock: Callable[[], float]
+    started: float
+    events: list[Event] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    attempts: int = 0
+    submissions: int = 0
+    submitted_at: datetime | None = None
+    retcode: int | None = None
+    broker_comment: str | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        begin = self.clock()
+        try:
+            yield
+        finally:
+            seconds = self.clock() - begin
+            self.timings_ms[name] = round(self.timings_ms.get(name, 0.0) + seconds * 1000, 3)
+            metrics.observe_stage(name, seconds)
+
+    def event(self, stage: str, state: str | None = None, **detail: Any) -> None:
+        self.events.append(Event(stage, "transition", state, detail=detail or None))
+
+    def note(self, stage: str, **detail: Any) -> None:
+        self.events.append(Event(stage, "note", detail=detail or None))
+
+    def broker_calls(self, stage: str, calls: list[BrokerCall]) -> None:
+        for call in calls:
+            detail: dict[str, Any] = {}
+            if call.error is not None:
+                detail["error"] = list(call.error)
+            if call.request is not None:
+                detail["request"] = call.request
+            self.events.append(
+                Event(
+                    stage,
+                    "broker_call",
+                    function=call.function,
+                    retcode=call.retcode,
+                    latency_ms=call.latency_ms,
+                    detail=as_json(detail) if detail else None,
+                    at=call.at,
+                )
+            )
+            if call.retcode is not None:
+                metrics.record_retcode(call.retcode)
+
+    def take_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+
+class Pipeline:
+    """The handler the runtime calls on worker threads (thread-safe; state per call)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sessions: SessionSource,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sessions = sessions
+        self.clock = clock
+        self.sleep = sleep
+
+    # --- entry points ------------------------------------------------------------------
+
+    def handle(self, delivery: Delivery) -> Outcome:
+        """Never raises: database or terminal trouble becomes a requeue."""
+        try:
+            return self._handle(delivery)
+        except (psycopg.Error, StoreError) as exc:
+            log.warning("database unavailable, requeued: %s", type(exc).__name__)
+            return Requeue(f"database: {type(exc).__name__}")
+        except Exception:
+            log.exception("unexpected error, requeued")
+            return Requeue("internal error")
+
+    def resume(self, row: ExecutionRow) -> Outcome:
+        """Settle an in-flight row from the broker's truth (start-up sweep, ``reconcile``)."""
+        try:
+            lease = self.sessions.claim(
+                self.settings.claim_timeout_seconds, session_id=row.get("session_id")
+            )
+        except ClaimTimeout:
+            return Requeue("no MT5 session available")
+        with lease:
+            if not self.store.try_lock_execution(lease.conn, row.execution_id):
+                return Requeue("execution in progress elsewhere")
+            current = self.store.load(lease.conn, row.execution_id)
+            if current is None:
+                return Requeue("row vanished")
+            if current.terminal:
+                return self._recorded(lease.conn, current)
+            run = Run(self.clock, self.clock())
+            return self._settle(_plan_from_row(current), lease, run, resumed=True)
+
+    # --- the path of one delivery ------------------------------------------------------
+
+    def _handle(self, delivery: Delivery) -> Outcome:
+        run = Run(self.clock, self.clock())
+        try:
+            with run.stage("parse"):
+                request = parse_request(
+                    delivery.body,
+                    delivery.properties,
+                    received_at=delivery.received_at,
+                    max_body_bytes=self.settings.max_body_bytes,
+                )
+        except InvalidMessage as invalid:
+            metrics.record_received("invalid")
+            if invalid.idempotency_key is None:
+                return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
+            return self._reject_invalid(invalid, delivery, run)
+        metrics.record_received("valid")
+
+        with self.store.connection() as conn:
+            existing = self.store.load(conn, request.execution_id)
+            if existing is not None and existing.terminal:
+                return self._recorded(conn, existing)
+            if existing is None:
+                refusal = self._refusal(request)
+                if refusal is not None:
+                    return self._finish_rejection(conn, request, *refusal, run)
+
+        with run.stage("claim"):
+            try:
+                lease = self.sessions.claim(
+                    self.settings.claim_timeout_seconds,
+                    session_id=existing.get("session_id") if existing is not None else None,
+                )
+            except ClaimTimeout:
+                return Requeue("no MT5 session available")
+        with lease:
+            if not self.store.try_lock_execution(lease.conn, request.execution_id):
+                return Requeue("execution in progress elsewhere")
+            row = self.store.load(lease.conn, request.execution_id)
+            if row is not None and row.terminal:
+                return self._recorded(lease.conn, row)
+            if row is not None:
+                return self._settle(_plan_from_row(row), lease, run, resumed=True)
+            return self._execute(request, lease, run)
+
+    def _refusal(self, request: ExecutionRequest) -> tuple[RejectionReason, str] | None:
+        """Checks that need no terminal: they never reach the broker."""
+        if request.status not in (DecisionStatus.APPROVED, DecisionStatus.ADJUSTED):
+            return RejectionReason.NOT_APPROVED, f"RPM status {request.status.value}"
+        if request.kill_switch:
+            return RejectionReason.KILL_SWITCH, request.kill_switch_reason or "kill switch set"
+        if request.trading_halted:
+            return RejectionReason.TRADING_HALTED, request.halt_reason or "trading halted"
+        return self._staleness(request.decided_at)
+
+    def _staleness(self, decided_at: datetime | None) -> tuple[RejectionReason, str] | None:
+        if decided_at is None:
+            return None
+        age = self.clock() - decided_at.timestamp()
+        if age > self.settings.approval_ttl_seconds:
+            return (
+                RejectionReason.STALE_APPROVAL,
+                f"approval is {age:.1f} s old (TTL {self.settings.approval_ttl_seconds:g} s)",
+            )
+        return None
+
+    def _execute(self, request: ExecutionRequest, lease: Lease, run: Run) -> Outcome:
+        trade = request.trade
+        assert trade is not None  # _refusal guarantees an approved trade
+        gateway: Gateway = lease.session.gateway
+        side = Side(trade.direction)
+        broker_symbol = self.settings.broker_symbol_for(trade.symbol)
+        try:
+            with run.stage("validate"):
+                spec = gateway.symbol_spec(broker_symbol)
+                gateway.check_trading_allowed(spec, side)
+                snapshot = gateway.snapshot(spec)
+                limit = self.settings.spread_limit_for(trade.symbol)
+                if snapshot.spread_pips > limit:
+                    raise GatewayRejection(
+                        RejectionReason.SPREAD_TOO_WIDE,
+                        f"spread {snapshot.spread_pips:.2f} pips > limit {limit:g} pips",
+                    )
+                lot_plan = gateway.lots_for(
+                    spec, trade.position_units, self.settings.volume_over_max
+                )
+                price = snapshot.ask if side is Side.BUY else snapshot.bid
+                legs = self._legs(gateway, spec, side, lot_plan.chunks)
+                opening = sum(leg.lots for leg in legs if leg.position is None)
+                if opening > 0:
+                    gateway.check_margin(spec, side, opening, price, self.settings.margin_cushion)
+                deviation = gateway.deviation_points(
+                    spec, self.settings.slippage_limit_for(trade.symbol)
+                )
+        except GatewayRejection as rejection:
+            run.broker_calls("validate", gateway.drain_calls())
+            return self._finish_rejection(
+                lease.conn,
+                request,
+                rejection.reason,
+                rejection.details,
+                run,
+                retcode=rejection.retcode,
+                session=lease,
+            )
+        run.broker_calls("validate", gateway.drain_calls())
+        run.event("validate", "VALIDATED", spread_pips=snapshot.spread_pips)
+
+        plan = Plan(
+            execution_id=request.execution_id,
+            idempotency_key=request.idempotency_key,
+            rpm_order_id=request.rpm_order_id,
+            token=request.comment_token,
+            symbol=trade.symbol,
+            broker_symbol=broker_symbol,
+            side=side,
+            intended_units=trade.position_units,
+            intended_lots=lot_plan.lots,
+            legs=legs,
+            requested_price=price,
+            deviation=deviation,
+            spread_pips=snapshot.spread_pips,
+            received_at=request.received_at,
+            decided_at=request.decided_at,
+            reply_to=request.reply_to,
+            correlation_id=request.correlation_id,
+        )
+        run.submitted_at = datetime.now(UTC)
+        with run.stage("intent"):
+            run.event("intent", "SUBMITTING", legs=len(legs), lots=lot_plan.lots)
+            fields = self._intent_fields(plan, request, lease, run)
+            if not self.store.insert_intent(lease.conn, fields, run.take_events()):
+                return Requeue("execution row appeared concurrently")
+        return self._submit(plan, spec, lease, run)
+
+    def _legs(
+        self, gateway: Gateway, spec: SymbolSpec, side: Side, chunks: tuple[float, ...]
+    ) -> list[Leg]:
+        """On hedging accounts an opposite approval closes our opposite positions first."""
+        total = sum(chunks)
+        legs: list[Leg] = []
+        account = gateway.account()
+        if (
+            self.settings.hedging_close_opposite
+            and account.margin_mode == api.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING
+        ):
+            remaining = total
+            for position in gateway.opposite_positions(spec, side):
+                if remaining < spec.volume_min / 2:
+                    break
+                close = _round_step(min(position.volume, remaining), spec.volume_step)
+                if close <= 0:
+                    continue
+                legs.append(Leg(close, position.ticket))
+                remaining = _round_step(remaining - close, spec.volume_step)
+            if not legs:
+                return [Leg(lots) for lots in chunks]
+            while remaining >= spec.volume_min:
+                lots = min(remaining, spec.volume_max)
+                legs.append(Leg(lots))
+                remaining = _round_step(remaining - lots, spec.volume_step)
+            return legs
+        return [Leg(lots) for lots in chunks]
+
+    # --- submit, monitor, settle -------------------------------------------------------
+
+    def _submit(self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run) -> Outcome:
+        gateway: Gateway = lease.session.gateway
+        run.submissions += 1
+        fills: list[Fill] = []
+        timed_out = False
+        final_reject: SendOutcome | None = None
+        for leg in plan.legs:
+            with run.stage("submit"):
+                outcome = gateway.send(
+                    spec,
+                    plan.side,
+                    leg.lots,
+                    comment=plan.token,
+                    deviation=plan.deviation,
+                    position=leg.position,
+                )
+            run.broker_calls("submit", gateway.drain_calls())
+            run.attempts += outcome.attempts
+            run.retcode = outcome.retcode
+            run.broker_comment = outcome.comment
+            if outcome.attempts > 1:
+                metrics.record_retries(outcome.attempts - 1)
+            if outcome.status == "unknown":
+                metrics.record_unknown_outcome()
+                run.note("submit", outcome="unknown", retcode=outcome.retcode)
+                return self._settle(plan, lease, run, resumed=False, spec=spec)
+            if outcome.status == "rejected":
+                final_reject = outcome
+                break
+            if outcome.status == "placed":
+                self.store.update_in_flight(
+                    lease.conn,
+                    plan.execution_id,
+                    {"state": "SUBMITTED", "broker_order": outcome.order},
+                    [*run.take_events(), Event("submit", "transition", "SUBMITTED")],
+                )
+                fill, leg_timed_out = self._monitor(gateway, outcome.order, outcome, run)
+                timed_out = timed_out or leg_timed_out
+                if fill is not None:
+                    fills.append(fill)
+                continue
+            fills.append(
+                Fill(
+                    order=outcome.order,
+                    deals=[outcome.deal] if outcome.deal else [],
+                    volume=outcome.volume,
+                    price=outcome.price,
+                    requested_price=outcome.requested_price,
+                    position=leg.position,
+                )
+            )
+        if not fills and final_reject is not None:
+            reason = RETCODE_REASONS.get(final_reject.retcode or 0, RejectionReason.BROKER_REJECTED)
+            details = f"retcode {final_reject.retcode}: {final_reject.comment}"
+            return self._finish(plan, lease, run, [], reason=reason, details=details, spec=spec)
+        return self._finish(plan, lease, run, fills, timed_out=timed_out, spec=spec)
+
+    def _monitor(
+        self, gateway: Gateway, order: int, placed: SendOutcome, run: Run
+    ) -> tuple[Fill | None, bool]:
+        """Poll a placed (10008) order until final or the order timeout, then cancel the rest."""
+        deadline = self.clock() + self.settings.order_timeout_seconds
+        delay = MONITOR_FIRST_POLL_SECONDS
+        timed_out = False
+        with run.stage("monitor"):
+            while True:
+                state = gateway.order_state(order)
+                if state is not None and state.state in FINAL_ORDER_STATES:
+                    break
+                if self.clock() >= deadline:
+                    timed_out = True
+                    cancel = gateway.cancel(order)
+                    run.note("monitor", cancelled=order, retcode=cancel.retcode)
+                    break
+                self.sleep(delay)
+                delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
+            deals = gateway.deals_for_order(order)
+        run.broker_calls("monitor", gateway.drain_calls())
+        volume = sum(deal.volume for deal in deals)
+        if volume <= 0:
+            return None, timed_out
+        price = sum(deal.volume * deal.price for deal in deals) / volume
+        return (
+            Fill(
+                order=order,
+                deals=[deal.ticket for deal in deals],
+                volume=volume,
+                price=price,
+                requested_price=placed.requested_price,
+                position=deals[0].position_id if deals else None,
+            ),
+            timed_out,
+        )
+
+    def _settle(
+        self,
+        plan: Plan,
+        lease: Lease,
+        run: Run,
+        *,
+        resumed: bool,
+        spec: SymbolSpec | None = None,
+    ) -> Outcome:
+        """The outcome is unknown (lost reply, crash, redelivery): ask the broker.
+
+        Found -> finish from the broker's deals (monitoring a still-pending order). Not found,
+        even after a grace period for a terminal still processing -> the order never reached
+        the broker; it is sent again with the same comment token, if the approval is still
+        fresh and attempts remain. A terminal that cannot answer leaves the row in flight.
+        """
+        gateway: Gateway = lease.session.gateway
+        since = plan.received_at - RECONCILE_PADDING
+        try:
+            with run.stage("reconcile"):
+                found = gateway.reconcile(plan.token, plan.broker_symbol, since)
+                if not found.found and self.settings.reconcile_grace_seconds > 0:
+                    self.sleep(self.settings.reconcile_grace_seconds)
+                    found = gateway.reconcile(plan.token, plan.broker_symbol, since)
+        except (GatewayRejection, api.TransportError) as exc:
+            run.broker_calls("reconcile", gateway.drain_calls())
+            run.note("reconcile", error=str(exc)[:200])
+            self._save_events(lease, plan.execution_id, run)
+            return Requeue("outcome unknown and the terminal cannot be asked")
+        run.broker_calls("reconcile", gateway.drain_calls())
+        run.note("reconcile", found=found.found, resumed=resumed, deals=len(found.deals))
+        if found.found:
+            fills = _fills_from_deals(found.deals, plan)
+            timed_out = False
+            for order in found.open_orders:
+                placed = SendOutcome(
+                    status="placed",
+                    retcode=api.TRADE_RETCODE_PLACED,
+                    order=order.ticket,
+                    deal=0,
+                    volume=0.0,
+                    price=0.0,
+                    bid=0.0,
+                    ask=0.0,
+                    comment="",
+                    attempts=0,
+                    requested_price=plan.requested_price or order.price_open,
+                    filling_mode=order.type_filling,
+                    deviation=plan.deviation,
+                )
+                fill, leg_timed_out = self._monitor(gateway, order.ticket, placed, run)
+                timed_out = timed_out or leg_timed_out
+                fills = [f for f in fills if f.order != order.ticket]
+                if fill is not None:
+                    fills.append(fill)
+            return self._finish(plan, lease, run, fills, timed_out=timed_out)
+
+        stale = self._staleness(plan.decided_at)
+        if stale is not None:
+            return self._finish(plan, lease, run, [], reason=stale[0], details=stale[1])
+        if run.submissions >= self.settings.max_send_attempts:
+            return self._finish(
+                plan,
+                lease,
+                run,
+                [],
+                reason=RejectionReason.UNKNOWN_OUTCOME,
+                details=f"no order reached the broker after {run.submissions} submissions",
+                status=ExecutionStatus.FAILED,
+            )
+        run.note("reconcile", resend=True)
+        try:
+            spec = spec or gateway.symbol_spec(plan.broker_symbol)
+        except GatewayRejection as rejection:
+            run.broker_calls("reconcile", gateway.drain_calls())
+            return self._finish(
+                plan, lease, run, [], reason=rejection.reason, details=rejection.details
+            )
+        return self._submit(plan, spec, lease, run)
+
+    # --- finishing -----------------------------------------------------------------------
+
+    def _finish(
+        self,
+        plan: Plan,
+        lease: Lease,
+        run: Run,
+        fills: list[Fill],
+        *,
+        timed_out: bool = False,
+        reason: RejectionReason | None = None,
+        details: str | None = None,
+        status: ExecutionStatus | None = None,
+        spec: SymbolSpec | None = None,
+    ) -> Outcome:
+        gateway: Gateway = lease.session.gateway
+        spec = spec or _spec_or_none(gateway, plan.broker_symbol)
+        contract = spec.contract_size if spec is not None else 0.0
+        executed_lots = round(sum(fill.volume for fill in fills), 8)
+        fill_price = (
+            sum(fill.volume * fill.price for fill in fills) / executed_lots
+            if executed_lots > 0
+            else None
+        )
+        requested = (
+            sum(fill.volume * fill.requested_price for fill in fills) / executed_lots
+            if executed_lots > 0
+            else plan.requested_price
+        )
+        slippage = None
+        if fill_price is not None and requested is not None and spec is not None:
+            slippage = round(signed_slippage_pips(plan.side, requested, fill_price, spec.pip), 4)
+            metrics.record_slippage(plan.symbol, plan.side.name.lower(), slippage)
+
+        if status is None:
+            status, reason, details = self._classify(
+                plan, executed_lots, timed_out, reason, details
+            )
+        limit = self.settings.slippage_limit_for(plan.symbol)
+        if slippage is not None and slippage > limit and executed_lots > 0:
+            metrics.record_slippage_breach(plan.symbol)
+            breach = f"slippage {slippage:.2f} pips > limit {limit:g} pips"
+            if self.settings.slippage_policy == "close" and spec is not None:
+                closing = self._close_fills(gateway, spec, plan, fills, run)
+                fills = fills + closing
+                status, reason = ExecutionStatus.CANCELLED, RejectionReason.SLIPPAGE_EXCEEDED
+                details = f"{breach}; position closed at once"
+            elif reason is None:
+                reason, details = RejectionReason.SLIPPAGE_EXCEEDED, breach
+
+        run.event("commit", status.value, executed_lots=executed_lots)
+        deals = [deal for fill in fills for deal in fill.deals]
+        order = fills[0].order if fills else None
+        position = next((fill.position for fill in fills if fill.position), None)
+        completed = datetime.now(UTC)
+        run.timings_ms["total"] = round((self.clock() - run.started) * 1000, 3)
+        confirmation = ExecutionConfirmation(
+            execution_id=plan.execution_id,
+            order_id=plan.rpm_order_id,
+            idempotency_key=plan.idempotency_key,
+            status=status,
+            rejection_reason=reason,
+            rejection_details=details,
+            symbol=plan.symbol,
+            broker_symbol=plan.broker_symbol,
+            direction=plan.side.value,
+            intended_units=plan.intended_units,
+            executed_units=round(executed_lots * contract, 6),
+            intended_lots=plan.intended_lots,
+            executed_lots=executed_lots,
+            requested_price=requested,
+            fill_price=fill_price,
+            spread_pips_at_submit=plan.spread_pips,
+            slippage_pips=slippage,
+            broker_order=order,
+            broker_deals=deals,
+            broker_position=position,
+            retcode=run.retcode,
+            broker_comment=run.broker_comment,
+            attempts=run.attempts,
+            session_id=lease.session.id,
+            account_login=lease.session.login,
+            timings_ms=dict(run.timings_ms),
+            received_at=plan.received_at,
+            submitted_at=run.submitted_at,
+            completed_at=completed,
+        )
+        fields: dict[str, Any] = {
+            "execution_id": plan.execution_id,
+            "idempotency_key": plan.idempotency_key,
+            "rpm_order_id": plan.rpm_order_id,
+            "state": status.value,
+            "rejection_reason": reason.value if reason else None,
+            "rejection_details": details,
+            "symbol": plan.symbol,
+            "broker_symbol": plan.broker_symbol,
+            "direction": plan.side.value,
+            "intended_units": plan.intended_units,
+            "intended_lots": plan.intended_lots,
+            "executed_units": confirmation.executed_units,
+            "executed_lots": executed_lots,
+            "requested_price": requested,
+            "fill_price": fill_price,
+            "slippage_pips": slippage,
+            "comment_token": plan.token,
+            "session_id": lease.session.id,
+            "account_login": lease.session.login,
+            "broker_order": order,
+            "broker_deals": deals,
+            "broker_position": position,
+            "retcode": run.retcode,
+            "broker_comment": run.broker_comment,
+            "attempts": run.attempts,
+            "received_at": plan.received_at,
+            "completed_at": completed,
+        }
+        with run.stage("commit"):
+            kept = self.store.finish(
+                lease.conn, fields, run.take_events(), _publish_of(confirmation, plan)
+            )
+        metrics.record_outcome(status.value, reason.value if reason else None)
+        metrics.observe_end_to_end(self.clock() - plan.received_at.timestamp())
+        return kept
+
+    def _classify(
+        self,
+        plan: Plan,
+        executed_lots: float,
+        timed_out: bool,
+        reason: RejectionReason | None,
+        details: str | None,
+    ) -> tuple[ExecutionStatus, RejectionReason | None, str | None]:
+        """The partial-fill rule: the ratio of executed to intended lots decides."""
+        if executed_lots <= 0:
+            if timed_out:
+                return (
+                    ExecutionStatus.EXPIRED,
+                    RejectionReason.ORDER_TIMEOUT,
+                    f"nothing filled within {self.settings.order_timeout_seconds:g} s",
+                )
+            return ExecutionStatus.REJECTED, reason or RejectionReason.BROKER_REJECTED, details
+        ratio = executed_lots / plan.intended_lots if plan.intended_lots else 1.0
+        metrics.observe_fill_ratio(ratio)
+        if ratio >= self.settings.fill_ratio_filled:
+            return ExecutionStatus.FILLED, None, None
+        described = f"filled {executed_lots:g} of {plan.intended_lots:g} lots ({ratio:.1%})"
+        if ratio >= self.settings.fill_ratio_partial:
+            return ExecutionStatus.PARTIALLY_FILLED, None, described
+        return ExecutionStatus.PARTIALLY_FILLED, RejectionReason.INSUFFICIENT_FILL, described
+
+    def _close_fills(
+        self, gateway: Gateway, spec: SymbolSpec, plan: Plan, fills: list[Fill], run: Run
+    ) -> list[Fill]:
+        """Slippage policy ``close``: take the fresh exposure off at once."""
+        closing: list[Fill] = []
+        opposite = Side.SELL if plan.side is Side.BUY else Side.BUY
+        for fill in fills:
+            if fill.position is None:
+                deals = gateway.deals_for_order(fill.order)
+                fill.position = deals[0].position_id if deals else None
+            outcome = gateway.send(
+                spec,
+                opposite,
+                fill.volume,
+                comment=plan.token,
+                deviation=plan.deviation,
+                position=fill.position,
+            )
+            run.broker_calls("slippage", gateway.drain_calls())
+            if outcome.status in ("done", "partial"):
+                closing.append(
+                    Fill(outcome.order, [outcome.deal], 0.0, outcome.price, outcome.price)
+                )
+        return closing
+
+    def _finish_rejection(
+        self,
+        conn: psycopg.Connection[Any],
+        request: ExecutionRequest,
+        reason: RejectionReason,
+        details: str,
+        run: Run,
+        *,
+        retcode: int | None = None,
+        session: Lease | None = None,
+    ) -> Outcome:
+        """A refusal before any order: terminal row + outbox in one transaction."""
+        trade = request.trade
+        run.event("validate", "REJECTED", reason=reason.value)
+        now = datetime.now(UTC)
+        run.timings_ms["total"] = round((self.clock() - run.started) * 1000, 3)
+        confirmation = ExecutionConfirmation(
+            execution_id=request.execution_id,
+            order_id=request.rpm_order_id,
+            idempotency_key=request.idempotency_key,
+            status=ExecutionStatus.REJECTED,
+            rejection_reason=reason,
+            rejection_details=details,
+            symbol=trade.symbol if trade else None,
+            broker_symbol=self.settings.broker_symbol_for(trade.symbol) if trade else None,
+            direction=trade.direction if trade else None,
+            intended_units=trade.position_units if trade else None,
+            retcode=retcode,
+            session_id=session.session.id if session else None,
+            account_login=session.session.login if session else None,
+            timings_ms=dict(run.timings_ms),
+            received_at=request.received_at,
+            completed_at=now,
+        )
+        fields: dict[str, Any] = {
+            "execution_id": request.execution_id,
+            "idempotency_key": request.idempotency_key,
+            "rpm_order_id": request.rpm_order_id,
+            "state": "REJECTED",
+            "rejection_reason": reason.value,
+            "rejection_details": details,
+            "symbol": confirmation.symbol,
+            "broker_symbol": confirmation.broker_symbol,
+            "direction": confirmation.direction,
+            "intended_units": confirmation.intended_units,
+            "comment_token": request.comment_token,
+            "magic": self.settings.magic,
+            "session_id": confirmation.session_id,
+            "account_login": confirmation.account_login,
+            "retcode": retcode,
+            "request": _request_snapshot(request),
+            "decided_at": request.decided_at,
+            "received_at": request.received_at,
+            "completed_at": now,
+        }
+        with run.stage("commit"):
+            kept = self.store.finish(
+                conn,
+                fields,
+                run.take_events(),
+                _publish(confirmation, request.correlation_id, request.reply_to),
+            )
+        metrics.record_outcome("REJECTED", reason.value)
+        return kept
+
+    def _reject_invalid(self, invalid: InvalidMessage, delivery: Delivery, run: Run) -> Outcome:
+        """Invalid but keyed: a REJECTED confirmation (INVALID_REQUEST) on the record."""
+        assert invalid.idempotency_key is not None
+        key = invalid.idempotency_key
+        execution_id = execution_id_for(key)
+        details = f"{invalid.field}: {invalid.detail}"
+        received = delivery.received_at.astimezone(UTC)
+        symbol = invalid.symbol if invalid.symbol and _routable(invalid.symbol) else None
+        confirmation = ExecutionConfirmation(
+            execution_id=execution_id,
+            order_id=invalid.rpm_order_id,
+            idempotency_key=key,
+            status=ExecutionStatus.REJECTED,
+            rejection_reason=RejectionReason.INVALID_REQUEST,
+            rejection_details=details,
+            symbol=symbol,
+            received_at=received,
+            completed_at=datetime.now(UTC),
+        )
+        correlation = delivery.properties.correlation_id or invalid.rpm_order_id
+        run.event("validate", "REJECTED", reason="INVALID_REQUEST", code=invalid.code)
+        fields: dict[str, Any] = {
+            "execution_id": execution_id,
+            "idempotency_key": key,
+            "rpm_order_id": invalid.rpm_order_id,
+            "state": "REJECTED",
+            "rejection_reason": RejectionReason.INVALID_REQUEST.value,
+            "rejection_details": details,
+            "symbol": symbol,
+            "comment_token": comment_token_for(execution_id),
+            "received_at": received,
+            "completed_at": confirmation.completed_at,
+        }
+        with self.store.connection() as conn:
+            existing = self.store.load(conn, execution_id)
+            if existing is not None and existing.terminal:
+                return self._recorded(conn, existing)
+            if existing is not None:
+                return Requeue("a valid delivery of this key is in flight")
+            kept = self.store.finish(
+                conn,
+                fields,
+                run.take_events(),
+                _publish(confirmation, correlation, delivery.properties.reply_to or None),
+            )
+        metrics.record_outcome("REJECTED", RejectionReason.INVALID_REQUEST.value)
+        return kept
+
+    def _recorded(self, conn: psycopg.Connection[Any], row: ExecutionRow) -> Outcome:
+        """A terminal row: the same confirmation again, no broker call."""
+        metrics.record_duplicate()
+        published = self.store.confirmation_of(conn, row.execution_id)
+        if published is None:
+            raise StoreError(f"terminal execution {row.execution_id} has no outbox row")
+        return published
+
+    def _intent_fields(
+        self, plan: Plan, request: ExecutionRequest, lease: Lease, run: Run
+    ) -> dict[str, Any]:
+        snapshot = _request_snapshot(request)
+        snapshot["legs"] = [[leg.lots, leg.position] for leg in plan.legs]
+        snapshot["deviation"] = plan.deviation
+        return {
+            "execution_id": plan.execution_id,
+            "idempotency_key": plan.idempotency_key,
+            "rpm_order_id": plan.rpm_order_id,
+            "state": "SUBMITTING",
+            "symbol": plan.symbol,
+            "broker_symbol": plan.broker_symbol,
+            "direction": plan.side.value,
+            "intended_units": plan.intended_units,
+            "intended_lots": plan.intended_lots,
+            "requested_price": plan.requested_price,
+            "spread_pips": plan.spread_pips,
+            "deviation_points": plan.deviation,
+            "comment_token": plan.token,
+            "magic": self.settings.magic,
+            "session_id": lease.session.id,
+            "account_login": lease.session.login,
+            "request": snapshot,
+            "decided_at": plan.decided_at,
+            "received_at": plan.received_at,
+            "submitted_at": run.submitted_at,
+        }
+
+    def _save_events(self, lease: Lease, execution_id: UUID, run: Run) -> None:
+        try:
+            self.store.append_events(lease.conn, execution_id, run.take_events())
+        except (psycopg.Error, StoreError):
+            log.warning("could not record events of %s", execution_id)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _round_step(volume: float, step: float) -> float:
+    """Round to the volume step (nearest, to undo float noise; never used to upsize)."""
+    steps = round(volume / step)
+    return round(steps * step, 8)
+
+
+def _routable(symbol: str) -> bool:
+    return symbol.isascii() and symbol.replace(".", "").replace("_", "").isalnum()
+
+
+def _spec_or_none(gateway: Gateway, broker_symbol: str) -> SymbolSpec | None:
+    try:
+        return gateway.symbol_spec(broker_symbol)
+    except GatewayRejection:
+        return None
+
+
+def _fills_from_deals(deals: tuple[api.TradeDeal, ...], plan: Plan) -> list[Fill]:
+    by_order: dict[int, Fill] = {}
+    for deal in deals:
+        fill = by_order.get(deal.order)
+        requested = plan.requested_price if plan.requested_price is not None else deal.price
+        if fill is None:
+            by_order[deal.order] = Fill(
+                deal.order, [deal.ticket], deal.volume, deal.price, requested, deal.position_id
+            )
+            continue
+        volume = fill.volume + deal.volume
+        fill.price = (fill.price * fill.volume + deal.price * deal.volume) / volume
+        fill.volume = volume
+        fill.deals.append(deal.ticket)
+    return list(by_order.values())
+
+
+def _request_snapshot(request: ExecutionRequest) -> dict[str, Any]:
+    snapshot: dict[str, Any] = as_json(request.model_dump(mode="json"))
+    return snapshot
+
+
+def _publish(
+    confirmation: ExecutionConfirmation, correlation_id: str | None, reply_to: str | None
+) -> Publish:
+    return Publish(
+        execution_id=confirmation.execution_id,
+        routing_key=confirmation.routing_key(),
+        payload=confirmation.to_json_bytes(),
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+    )
+
+
+def _publish_of(confirmation: ExecutionConfirmation, plan: Plan) -> Publish:
+    return _publish(confirmation, plan.correlation_id, plan.reply_to)
+
+
+def _plan_from_row(row: ExecutionRow) -> Plan:
+    """Rebuild the plan of an in-flight row (redelivery, restart)."""
+    snapshot: dict[str, Any] = row.get("request") or {}
+    legs = [Leg(float(lots), position) for lots, position in snapshot.get("legs", [])]
+    return Plan(
+        execution_id=row.execution_id,
+        idempotency_key=row.get("idempotency_key"),
+        rpm_order_id=row.get("rpm_order_id"),
+        token=row.get("comment_token"),
+        symbol=row.get("symbol"),
+        broker_symbol=row.get("broker_symbol"),
+        side=Side(row.get("direction")),
+        intended_units=row.get("intended_units"),
+        intended_lots=row.get("intended_lots"),
+        legs=legs or [Leg(row.get("intended_lots"))],
+        requested_price=row.get("requested_price"),
+        deviation=row.get("deviation_points") or 0,
+        spread_pips=row.get("spread_pips"),
+        received_at=row.get("received_at"),
+        decided_at=row.get("decided_at"),
+        reply_to=snapshot.get("reply_to"),
+        correlation_id=snapshot.get("correlation_id") or row.get("rpm_order_id"),
+    )

@@ -1,0 +1,38 @@
+"""``execution-worker reconcile``: settle every in-flight execution against the terminals."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from worker.config import load_settings
+from worker.delivery import Publish
+
+
+def main(args: argparse.Namespace) -> int:
+    from worker.service import Service
+
+    service = Service.start(load_settings(), recover=False)
+    unresolved = 0
+    try:
+        for row, outcome in service.recover():
+            settled = isinstance(outcome, Publish)
+            unresolved += 0 if settled else 1
+            record = {
+                "execution_id": str(row.execution_id),
+                "idempotency_key": row.get("idempotency_key"),
+                "symbol": row.get("symbol"),
+                "state_before": row.state,
+                "result": json.loads(outcome.payload) if isinstance(outcome, Publish) else None,
+                "unresolved_reason": None if settled else getattr(outcome, "reason", None),
+            }
+            if args.json:
+                print(json.dumps(record))
+            else:
+                status = record["result"]["status"] if record["result"] else "UNRESOLVED"
+                print(f"{record['execution_id']}  {row.state:>10} -> {status}")
+        if not args.json:
+            print(f"reconcile: done, {unresolved} unresolved")
+    finally:
+        service.close()
+    return 1 if unresolved else 0

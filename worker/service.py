@@ -1,0 +1,95 @@
+"""The composition root: settings -> store, session pool, gateways, pipeline.
+
+``Service.start`` migrates the database, opens the pools, settles what a previous run left
+in flight (reconcile against the terminals), and hands the runtime a handler and an outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from worker.config import Settings
+from worker.delivery import Handler, Outbox, Outcome, Publish
+from worker.mt5.api import Terminal
+from worker.mt5.gateway import Gateway
+from worker.mt5.pool import SessionPool
+from worker.mt5.sessions import SessionSpec, load_session_specs
+from worker.pipeline import Pipeline
+from worker.store import ExecutionRow, Store
+
+log = logging.getLogger(__name__)
+
+
+def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gateway]:
+    def build(terminal: Terminal, spec: SessionSpec) -> Gateway:
+        del spec
+        return Gateway(
+            terminal,
+            magic=settings.magic,
+            pip_sizes=settings.pip_sizes,
+            max_tick_age_seconds=settings.max_tick_age_seconds,
+            server_utc_offset_seconds=settings.server_utc_offset_seconds,
+            max_attempts=settings.max_send_attempts,
+        )
+
+    return build
+
+
+@dataclass
+class Service:
+    settings: Settings
+    store: Store
+    pool: SessionPool
+    pipeline: Pipeline
+
+    @classmethod
+    def start(cls, settings: Settings, *, recover: bool = True) -> Service:
+        specs = load_session_specs(settings)
+        store = Store.open(
+            settings.database_url.get_secret_value(),
+            max_size=max(settings.db_pool_size, 2 * len(specs) + 4),
+        )
+        try:
+            store.migrate()
+            pool = SessionPool(specs, store.pool, gateway_factory(settings))
+        except Exception:
+            store.close()
+            raise
+        service = cls(settings, store, pool, Pipeline(settings, store, pool))
+        if recover:
+            service.recover()
+        return service
+
+    @property
+    def handler(self) -> Handler:
+        return self.pipeline.handle
+
+    @property
+    def outbox(self) -> Outbox:
+        return self.store
+
+    @property
+    def sessions(self) -> int:
+        return self.settings.prefetch or self.pool.health().size
+
+    def recover(self) -> list[tuple[ExecutionRow, Outcome]]:
+        """Settle every in-flight row left by an earlier run, before consuming."""
+        with self.store.connection() as conn:
+            rows = self.store.in_flight(conn)
+        results = []
+        for row in rows:
+            outcome = self.pipeline.resume(row)
+            kind = "settled" if isinstance(outcome, Publish) else "still in flight"
+            log.warning("recovery: execution %s %s", row.execution_id, kind)
+            results.append((row, outcome))
+        return results
+
+    def readiness(self) -> dict[str, bool]:
+        health = self.pool.health()
+        return {"database": self.store.ping(), "sessions": health.size - health.unhealthy > 0}
+
+    def close(self) -> None:
+        self.pool.close()
+        self.store.close()
