@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
 from schemas.request import MessageProperties
+from worker import metrics
 from worker.amqp_publisher import PERSISTENT, ConfirmingPublisher, PublishResult
 from worker.amqp_topology import (
     CONFIRMATIONS_EXCHANGE,
@@ -205,8 +207,18 @@ class _InFlight:
 class AmqpRuntime:
     """Consume, hand to the handler, publish, ack; reconnect; drain on :meth:`stop`."""
 
-    def __init__(self, url: str, handler: Handler, outbox: Outbox, options: RuntimeOptions) -> None:
+    def __init__(
+        self,
+        url: str,
+        handler: Handler,
+        outbox: Outbox,
+        options: RuntimeOptions,
+        *,
+        beat: Callable[[], None] | None = None,
+    ) -> None:
+        """``beat`` is called on the IO thread every second: a liveness signal (healthz)."""
         self._url = url
+        self._beat = beat
         self._handler = handler
         self._outbox = outbox
         self._options = options
@@ -249,6 +261,7 @@ class AmqpRuntime:
         if self._stop_requested:
             self._ioloop.add_callback_threadsafe(self._begin_drain)
         self._ioloop.call_later(self._options.sweep_interval_seconds, self._periodic_sweep)
+        self._ioloop.add_callback_threadsafe(self._heartbeat)
         try:
             self._ioloop.start()
         finally:
@@ -270,6 +283,12 @@ class AmqpRuntime:
         if self._ioloop is not None and self._loop_open.is_set():
             self._ioloop.add_callback_threadsafe(callback)
 
+    def _heartbeat(self) -> None:
+        assert self._ioloop is not None
+        if self._beat is not None:
+            self._beat()
+        self._ioloop.call_later(1.0, self._heartbeat)
+
     def _connect(self) -> None:
         if self._stopping:
             self._stop_loop()
@@ -289,6 +308,8 @@ class AmqpRuntime:
 
     def _on_connection_open(self, connection: Any) -> None:
         self.stats.connections += 1
+        if self.stats.connections > 1:
+            metrics.record_reconnect("rabbitmq")
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, _connection: Any, error: BaseException) -> None:
@@ -376,6 +397,7 @@ class AmqpRuntime:
         self._consumer_tag = None
         self._declaring = False
         self._epoch += 1  # results of the old channel's deliveries are now stale
+        metrics.in_flight(-len(self._inflight))
         self._inflight.clear()
         self._parked.clear()
         publisher, self._publisher = self._publisher, None
@@ -410,6 +432,7 @@ class AmqpRuntime:
         )
         item = _InFlight(self._epoch, method.delivery_tag, delivery, properties, method.routing_key)
         self._inflight[item.tag] = item
+        metrics.in_flight(1)
         assert self._workers is not None
         self._workers.submit(lambda: self._work(item))
 
@@ -457,12 +480,14 @@ class AmqpRuntime:
         epoch = self._epoch
         properties = confirmation_properties(publish)
         self._publishing.add(execution_id)
+        started = time.perf_counter()
 
         def done(result: PublishResult) -> None:
             self._publishing.discard(execution_id)
             if epoch != self._epoch:
                 return
             if result is PublishResult.CONFIRMED:
+                metrics.observe_stage("publish", time.perf_counter() - started)
                 self.stats.confirmations_published += 1
                 self._mark(execution_id)
                 for parked in self._parked.pop(execution_id, []):
@@ -526,6 +551,7 @@ class AmqpRuntime:
         def done(result: PublishResult) -> None:
             if result is PublishResult.CONFIRMED:
                 self.stats.dead_lettered += 1
+                metrics.record_dead_letter(outcome.reason.upper())
                 self._settle(item, ack=True)
             elif result is PublishResult.LOST:
                 self._check_drained()
@@ -560,9 +586,12 @@ class AmqpRuntime:
             self._check_drained()
             return
         del self._inflight[item.tag]
+        metrics.in_flight(-1)
         if ack:
             self._channel.basic_ack(item.tag)
             self.stats.acked += 1
+            elapsed = datetime.now(UTC) - item.delivery.received_at
+            metrics.observe_end_to_end(elapsed.total_seconds())
         else:
             self._channel.basic_nack(item.tag, requeue=True)
             self.stats.requeued += 1
@@ -698,7 +727,12 @@ class AmqpRuntime:
 
 
 def runtime_from_settings(
-    settings: Settings, handler: Handler, outbox: Outbox, sessions: int
+    settings: Settings,
+    handler: Handler,
+    outbox: Outbox,
+    sessions: int,
+    *,
+    beat: Callable[[], None] | None = None,
 ) -> AmqpRuntime:
     """An :class:`AmqpRuntime` configured from settings (call ``run()`` on it)."""
     return AmqpRuntime(
@@ -706,4 +740,5 @@ def runtime_from_settings(
         handler,
         outbox,
         RuntimeOptions.from_settings(settings, sessions),
+        beat=beat,
     )
