@@ -56,6 +56,9 @@ class Settings(BaseModel):
     mt5_sessions: str = Field(
         default="1", description="a count of simulated sessions, or a sessions file (TOML)"
     )
+    sim_config: str | None = Field(
+        default=None, description="simulator TOML file for MT5_SESSIONS=N in-process sims"
+    )
     mt5_bridge_address: str | None = None
     mt5_bridge_secret: SecretStr | None = None
     metrics_port: int = Field(default=9108, ge=0, le=65535)

@@ -3,6 +3,7 @@
 ``MT5_SESSIONS`` is either a count or the path of a TOML file:
 
 - a count N with ``MT5_BACKEND=sim``: N in-process simulated sessions ``sim-0``..``sim-N-1``
+  (configured by the simulator TOML file named by ``SIM_CONFIG``, if set)
   (each private to this process).
 - a count N with ``MT5_BACKEND=bridge``: N bridge sessions ``bridge-0``.. at
   ``MT5_BRIDGE_ADDRESS``, which is either a comma-separated list of exactly N ``host:port``
@@ -143,7 +144,10 @@ def _from_count(count: int, settings: Settings, environ: Mapping[str, str]) -> l
     if count < 1:
         raise ConfigError("MT5_SESSIONS must be at least 1")
     if settings.mt5_backend == "sim":
-        return [SessionSpec(id=f"sim-{i}", backend="sim") for i in range(count)]
+        return [
+            SessionSpec(id=f"sim-{i}", backend="sim", sim_config=settings.sim_config)
+            for i in range(count)
+        ]
     if settings.mt5_backend == "native":
         if count != 1:
             raise ConfigError(
