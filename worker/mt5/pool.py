@@ -81,7 +81,10 @@ def _new_terminal(spec: SessionSpec) -> api.Terminal:
         return native
     from worker.mt5.sim import SimConfig, SimTerminal
 
-    config = SimConfig.from_toml(spec.sim_config) if spec.sim_config else None
+    try:
+        config = SimConfig.from_toml(spec.sim_config) if spec.sim_config else None
+    except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError
+        raise ConfigError(f"session {spec.id}: sim_config {spec.sim_config}: {exc}") from None
     sim: api.Terminal = SimTerminal(config)
     return sim
 
