@@ -40,6 +40,7 @@ from worker.mt5.gateway import (
     Gateway,
     GatewayRejection,
     SendOutcome,
+    SessionLost,
     Side,
     SymbolSpec,
     signed_slippage_pips,
@@ -203,6 +204,11 @@ class Pipeline:
         except (psycopg.Error, StoreError) as exc:
             log.warning("database unavailable, requeued: %s", type(exc).__name__)
             return Requeue(f"database: {type(exc).__name__}")
+        except (GatewayRejection, api.TransportError) as exc:
+            # the terminal failed mid-way (e.g. SessionLost while monitoring): any row stays
+            # in flight and the redelivery settles it from the broker's truth
+            log.warning("terminal unavailable, requeued: %s", exc)
+            return Requeue(f"terminal: {type(exc).__name__}")
         except Exception:
             log.exception("unexpected error, requeued")
             return Requeue("internal error")
@@ -239,11 +245,11 @@ class Pipeline:
                     max_body_bytes=self.settings.max_body_bytes,
                 )
         except InvalidMessage as invalid:
-            metrics.record_received("invalid")
+            metrics.record_received("invalid", redelivered=delivery.redelivered)
             if invalid.idempotency_key is None:
                 return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
             return self._reject_invalid(invalid, delivery, run)
-        metrics.record_received("valid")
+        metrics.record_received("valid", redelivered=delivery.redelivered)
 
         with self.store.connection() as conn:
             existing = self.store.load(conn, request.execution_id)
@@ -400,14 +406,31 @@ class Pipeline:
         timed_out = False
         final_reject: SendOutcome | None = None
         for leg in plan.legs:
-            with run.stage("submit"):
-                outcome = gateway.send(
-                    spec,
-                    plan.side,
-                    leg.lots,
-                    comment=plan.token,
-                    deviation=plan.deviation,
-                    position=leg.position,
+            try:
+                with run.stage("submit"):
+                    outcome = gateway.send(
+                        spec,
+                        plan.side,
+                        leg.lots,
+                        comment=plan.token,
+                        deviation=plan.deviation,
+                        position=leg.position,
+                    )
+            except SessionLost:
+                raise  # nothing sent for this leg; the row stays in flight (see handle)
+            except GatewayRejection as refused:
+                # nothing was sent for this leg (no quote, no filling mode)
+                run.broker_calls("submit", gateway.drain_calls())
+                if fills:
+                    break
+                return self._finish(
+                    plan,
+                    lease,
+                    run,
+                    [],
+                    reason=refused.reason,
+                    details=refused.details,
+                    spec=spec,
                 )
             run.broker_calls("submit", gateway.drain_calls())
             run.attempts += outcome.attempts
@@ -416,7 +439,7 @@ class Pipeline:
             if outcome.attempts > 1:
                 metrics.record_retries(outcome.attempts - 1)
             if outcome.status == "unknown":
-                metrics.record_unknown_outcome()
+                metrics.record_unknown_outcome(lease.session.id)
                 run.note("submit", outcome="unknown", retcode=outcome.retcode)
                 return self._settle(plan, lease, run, resumed=False, spec=spec)
             if outcome.status == "rejected":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -337,3 +338,21 @@ def _delivery(message: dict[str, Any]) -> Any:
         delivery_count=None,
         received_at=datetime.now(UTC),
     )
+
+
+def test_a_lost_terminal_requeues_and_the_redelivery_fills_once(env: PipelineEnv) -> None:
+    env.sim.set_faults(disconnect_rate=1.0)  # every call drops the connection
+    message = approval("EURUSD", 1, 100_000.0)
+    outcome = env.deliver(message)
+    assert isinstance(outcome, Requeue)
+    assert env.deals() == []
+    env.sim.set_faults(disconnect_rate=0.0)
+    confirmation: dict[str, Any] | None = None
+    for _ in range(100):  # the pool reconnects the session in the background
+        outcome = env.deliver(message, redelivered=True)
+        if isinstance(outcome, Publish):
+            confirmation = json.loads(outcome.payload)
+            break
+        time.sleep(0.05)
+    assert confirmation is not None and confirmation["status"] == "FILLED"
+    assert len(env.deals()) == 1
