@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from worker import metrics
 from worker.config import Settings
 from worker.delivery import Handler, Outbox, Outcome, Publish
 from worker.mt5.api import Terminal
@@ -58,9 +59,23 @@ class Service:
             store.close()
             raise
         service = cls(settings, store, pool, Pipeline(settings, store, pool))
+        service.register_metrics()
         if recover:
             service.recover()
         return service
+
+    def register_metrics(self) -> None:
+        """Gauges read from state at scrape time: the session pool and the outbox backlog."""
+
+        def pool_state() -> metrics.PoolState:
+            health = self.pool.health()
+            return metrics.PoolState(health.size, health.in_use, health.unhealthy)
+
+        def outbox_state() -> metrics.OutboxState:
+            return metrics.OutboxState(*self.store.outbox_backlog())
+
+        metrics.register_pool_state(pool_state)
+        metrics.register_outbox_state(outbox_state)
 
     @property
     def handler(self) -> Handler:
