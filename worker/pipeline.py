@@ -711,7 +711,6 @@ class Pipeline:
                 lease.conn, fields, run.take_events(), _publish_of(confirmation, plan)
             )
         metrics.record_outcome(status.value, reason.value if reason else None)
-        metrics.observe_end_to_end(self.clock() - plan.received_at.timestamp())
         return kept
 
     def _classify(
