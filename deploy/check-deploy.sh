@@ -293,7 +293,13 @@ stack_up() {
 }
 
 stack_confirm() {
+  local out deals
   dc run --rm --no-deps --entrypoint python worker-1 -c "$CONFIRM_SCRIPT" 5
+  # the simulated broker holds the deals (the documented --dump, on the live state file)
+  out=$(dc exec -T sim-terminal execution-worker sim-terminal --state /data/sim.db --dump)
+  deals=$(grep -c '"ticket"' <<<"$out" || true)
+  say "sim-terminal --dump: $deals deals"
+  [ "$deals" -ge 5 ] || return 1
 }
 
 stack_down() {
