@@ -8,9 +8,11 @@ read, so that the caller can answer with a REJECTED confirmation instead of a de
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import re
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -21,6 +23,15 @@ from schemas.identity import comment_token_for, execution_id_for
 from schemas.rpm import MAX_ORDER_ID_LENGTH, ApprovedTrade, RPMOutput, TradeDecision, as_utc
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
+# Structure bounds checked by a linear pre-scan BEFORE json.loads (see _check_structure). An
+# RPM message is ~4 levels deep with ~100 values; these leave wide room for extra fields.
+DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_ELEMENTS = 50_000
+DEFAULT_PARSE_TIMEOUT_SECONDS = 1.0
+# How far ahead of this machine's clock a decision timestamp may be (clock skew between the
+# RPM's host and ours). Further ahead is an invalid field: a future stamp would stretch the
+# approval's time-to-live by the same amount.
+MAX_FUTURE_SKEW_SECONDS = 5.0
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json", "application/x-json"})
 UTF8_ENCODINGS = frozenset({"utf-8", "utf8", "identity"})
 MAX_ERROR_DETAIL = 500
@@ -96,6 +107,40 @@ class ExecutionRequest(BaseModel):
         return self.trade.symbol if self.trade is not None else None
 
 
+# A JSON string (closing quote optional, so an unterminated one ends the scan in one pass;
+# possessive quantifiers: no backtracking, linear in the body).
+_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _check_structure(text: str, max_depth: int, max_elements: int) -> None:
+    """Bound nesting depth and value count in linear time, before ``json.loads`` runs.
+
+    ``json.loads`` recurses per nesting level and allocates per value; the size limit alone
+    lets 1 MB of ``[[[[`` or of ``0,0,0,`` through. Strings are blanked first (brackets in
+    them do not count), then separators and brackets are counted with ``str.count`` (C
+    speed); the depth loop stops after ``2 * max_elements`` brackets.
+    """
+    skeleton = _JSON_STRING.sub('""', text)
+    depth = deepest = 0
+    for seen, bracket in enumerate(_BRACKETS.finditer(skeleton)):
+        if seen >= 2 * max_elements:
+            break  # more brackets than that fail the element bound below
+        depth += 1 if bracket.group() in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > max_depth:
+                raise InvalidMessage(
+                    "too_deep", "body", f"JSON nesting deeper than {max_depth} levels"
+                )
+    opened = skeleton.count("[") + skeleton.count("{")
+    elements = opened + skeleton.count(",") + skeleton.count(":")
+    if elements > max_elements:
+        raise InvalidMessage(
+            "too_many_elements", "body", f"more than {max_elements} JSON values and keys"
+        )
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
 
@@ -109,7 +154,36 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _decode_json(body: bytes, props: MessageProperties) -> Any:
+@dataclass(frozen=True)
+class ParseLimits:
+    """Bounds on the work one message may cost; all checked before or around ``json.loads``."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    timeout_seconds: float = DEFAULT_PARSE_TIMEOUT_SECONDS
+    max_future_skew_seconds: float = MAX_FUTURE_SKEW_SECONDS
+
+
+class _Budget:
+    """The parse-time budget: checked between stages (C code such as ``json.loads`` cannot be
+    interrupted; the structure bounds are what keep each stage short)."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._seconds = seconds
+        self._deadline = clock() + seconds
+
+    def check(self, stage: str) -> None:
+        if self._clock() > self._deadline:
+            raise InvalidMessage(
+                "parse_timeout", "body", f"{stage} exceeded the {self._seconds:g} s parse budget"
+            )
+
+
+def _decode_json(
+    body: bytes, props: MessageProperties, limits: ParseLimits, budget: _Budget
+) -> Any:
     if props.content_type and props.content_type.split(";")[0].strip().lower() not in (
         JSON_CONTENT_TYPES
     ):
@@ -122,14 +196,18 @@ def _decode_json(body: bytes, props: MessageProperties) -> Any:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage("not_utf8", "body", f"not UTF-8 at byte {exc.start}") from None
+    _check_structure(text, limits.max_depth, limits.max_elements)
+    budget.check("the structure scan")
     try:
-        return json.loads(
+        document = json.loads(
             text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
         )
     except RecursionError:
         raise InvalidMessage("too_deep", "body", "JSON nesting is too deep") from None
     except ValueError as exc:
         raise InvalidMessage("not_json", "body", str(exc)) from None
+    budget.check("JSON decoding")
+    return document
 
 
 def _decision_of(document: Any) -> tuple[Literal["rpm_output", "decision"], Any]:
@@ -164,6 +242,22 @@ def _symbol_of(decision: Any) -> str | None:
     return None
 
 
+def _lax_trade_field(decision: Any) -> tuple[str, str] | None:
+    """Refuse what pydantic's lax mode would coerce in the two fields that make an order.
+
+    ``"direction": true`` or ``"-1"`` would become a side, ``"position_units": "95000"`` or
+    ``true`` a size; the RPM writes JSON numbers, so anything else is a malformed approval.
+    """
+    trade = decision.get("approved_trade") if isinstance(decision, dict) else None
+    if not isinstance(trade, dict):
+        return None
+    if "direction" in trade and type(trade["direction"]) is not int:
+        return "decision.approved_trade.direction", "must be the JSON integer 1 or -1"
+    if "position_units" in trade and type(trade["position_units"]) not in (int, float):
+        return "decision.approved_trade.position_units", "must be a JSON number"
+    return None
+
+
 def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"])
@@ -184,17 +278,49 @@ def parse_request(
     *,
     received_at: datetime,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    parse_timeout_seconds: float = DEFAULT_PARSE_TIMEOUT_SECONDS,
+    limits: ParseLimits | None = None,
+    now: datetime | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ExecutionRequest:
-    """Validate one delivery. Raises ``InvalidMessage`` (and nothing else) on bad input."""
-    if len(body) > max_body_bytes:
+    """Validate one delivery. Raises ``InvalidMessage`` (and nothing else) on bad input.
+
+    ``limits`` overrides ``max_body_bytes`` / ``parse_timeout_seconds`` when given. ``now``
+    (default: this machine's clock) is the reference for refusing decision timestamps more
+    than ``limits.max_future_skew_seconds`` in the future.
+    """
+    if limits is None:
+        limits = ParseLimits(max_body_bytes=max_body_bytes, timeout_seconds=parse_timeout_seconds)
+    try:
+        return _parse(body, props, received_at, limits, now, _Budget(limits.timeout_seconds, clock))
+    except InvalidMessage:
+        raise
+    except Exception as exc:  # a safety net: a parser bug must not crash or loop the worker
+        raise InvalidMessage(
+            "unparseable",
+            "body",
+            f"{type(exc).__name__} while parsing",
+            idempotency_key=_valid_message_id(props),
+        ) from None
+
+
+def _parse(
+    body: bytes,
+    props: MessageProperties,
+    received_at: datetime,
+    limits: ParseLimits,
+    now: datetime | None,
+    budget: _Budget,
+) -> ExecutionRequest:
+    if len(body) > limits.max_body_bytes:
         raise InvalidMessage(
             "body_too_large",
             "body",
-            f"{len(body)} bytes exceeds the limit of {max_body_bytes}",
+            f"{len(body)} bytes exceeds the limit of {limits.max_body_bytes}",
             idempotency_key=_valid_message_id(props),
         )
     try:
-        document = _decode_json(body, props)
+        document = _decode_json(body, props, limits, budget)
     except InvalidMessage as exc:
         exc.idempotency_key = _valid_message_id(props)
         raise
@@ -209,6 +335,9 @@ def parse_request(
             "decision.order_id",
             "neither decision.order_id nor the AMQP message_id is set",
         )
+    lax = _lax_trade_field(raw_decision)
+    if lax is not None:
+        raise InvalidMessage("invalid_field", *lax, **context)
     try:
         if shape == "rpm_output":
             output = RPMOutput.model_validate(document)
@@ -222,6 +351,12 @@ def parse_request(
     except ValidationError as exc:
         path, message = _describe(exc, "" if shape == "rpm_output" else "decision")
         raise InvalidMessage("invalid_field", path, message, **context) from None
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        # e.g. a timestamp at year 9999 with a negative offset overflows its UTC conversion
+        raise InvalidMessage(
+            "invalid_field", "body", f"{type(exc).__name__}: {exc}", **context
+        ) from None
+    budget.check("validation")
 
     trade = decision.approved_trade
     if decision.status in (DecisionStatus.APPROVED, DecisionStatus.ADJUSTED) and trade is None:
@@ -231,12 +366,28 @@ def parse_request(
             f"status {decision.status.value} requires an approved_trade",
             **context,
         )
-    decided_at = (trade.timestamp if trade else None) or decision.timestamp or outer_time
-    if decided_at is None:
+    stamped = (
+        ("decision.approved_trade.timestamp", trade.timestamp if trade else None),
+        ("decision.timestamp", decision.timestamp),
+        ("timestamp", outer_time),
+    )
+    found = [(path, value) for path, value in stamped if value is not None]
+    if not found:
         raise InvalidMessage(
             "missing_field",
             "decision.approved_trade.timestamp",
             "no decision timestamp: the approval's age cannot be checked",
+            **context,
+        )
+    decided_path, decided_at = found[0]
+    reference = as_utc(now) if now is not None else datetime.now(UTC)
+    ahead = decided_at - reference
+    if ahead > timedelta(seconds=limits.max_future_skew_seconds):
+        raise InvalidMessage(
+            "future_timestamp",
+            decided_path,
+            f"{ahead.total_seconds():.1f} s in the future (allowed clock skew "
+            f"{limits.max_future_skew_seconds:g} s)",
             **context,
         )
     return ExecutionRequest(
