@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -30,6 +32,7 @@ from schemas.identity import execution_id_for
 from worker.amqp import AmqpRuntime, runtime_from_settings
 from worker.amqp_topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
+from worker.mt5.sim_config import default_symbols
 from worker.publish import (
     OutgoingMessage,
     PublishError,
@@ -42,7 +45,7 @@ from worker.publish import (
 
 EXIT_TIMEOUT = 1
 EXIT_BROKER = 3
-DEMO_SESSIONS = "2"
+DEMO_SESSIONS = "2"  # when MT5_SESSIONS is a file (of real sessions)
 RUN_HEADER = "x-demo-run"
 SYMBOLS = ("EURUSD", "USDJPY", "XAUUSD", "GBPUSD")
 # GBPUSD is IOC-only in the simulator and fills at most 30 lots per order
@@ -239,17 +242,31 @@ def watch(
 # ----------------------------------------------------------------------------- main
 
 
-def demo_settings(settings: Settings) -> Settings:
-    """The simulated terminal, whatever MT5_BACKEND says; two sessions unless a count is set."""
-    sessions = settings.mt5_sessions if settings.mt5_sessions.isdigit() else DEMO_SESSIONS
-    return settings.model_copy(update={"mt5_backend": "sim", "mt5_sessions": sessions})
+def demo_settings(settings: Settings, directory: str) -> Settings:
+    """Simulated sessions whatever MT5_BACKEND says (MT5_SESSIONS of them if it is a count),
+    with the simulated market open around the clock so that the demo fills on weekends too."""
+    count = int(settings.mt5_sessions) if settings.mt5_sessions.isdigit() else int(DEMO_SESSIONS)
+    sim = Path(directory) / "sim.toml"
+    sim.write_text("".join(f"[symbols.{name}]\nclosed_weekly = []\n" for name in default_symbols()))
+    sessions = Path(directory) / "sessions.toml"
+    sessions.write_text(
+        "".join(
+            f'[[sessions]]\nid = "demo-{i}"\nbackend = "sim"\nsim_config = "{sim}"\n'
+            for i in range(max(1, count))
+        )
+    )
+    return settings.model_copy(update={"mt5_backend": "sim", "mt5_sessions": str(sessions)})
 
 
 def main(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="execution-worker-demo-") as directory:
+        return _demo(demo_settings(load_settings(), directory), args)
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from worker.logs import configure_logging, register_settings_secrets
     from worker.service import Service
 
-    settings = demo_settings(load_settings())
     register_settings_secrets(settings)
     configure_logging("console", "WARNING")
     url = settings.rabbitmq_url.get_secret_value()

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
+import pika.exceptions
 
 from worker.amqp import AmqpRuntime
 from worker.amqp_topology import CONFIRMATIONS_EXCHANGE
@@ -76,7 +77,10 @@ class Broker:
 
     def close(self) -> None:
         if self.connection.is_open:
-            self.connection.close()
+            try:
+                self.connection.close()
+            except pika.exceptions.AMQPError:
+                pass  # the broker closed it first (close_all_connections)
 
     def publish(
         self,
