@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
@@ -77,10 +78,9 @@ class Broker:
 
     def close(self) -> None:
         if self.connection.is_open:
-            try:
+            # the broker may have closed it first (close_all_connections)
+            with contextlib.suppress(pika.exceptions.AMQPError):
                 self.connection.close()
-            except pika.exceptions.AMQPError:
-                pass  # the broker closed it first (close_all_connections)
 
     def publish(
         self,
