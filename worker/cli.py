@@ -83,6 +83,9 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
     parser.add_argument("--plot", help="write a PNG plot here")
     parser.add_argument("--quick", action="store_true", help="tiny counts (smoke test)")
+    parser.add_argument(
+        "--vhost-url", help="an empty vhost of the bench's own (when rabbitmqctl is unavailable)"
+    )
 
 
 def _trail_args(parser: argparse.ArgumentParser) -> None:

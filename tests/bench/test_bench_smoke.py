@@ -1,0 +1,137 @@
+"""``execution-worker bench --quick`` end to end on the real services: every key, sane values.
+
+No timed assertions: the figures depend on the machine; only their shape and consistency are
+checked (percentiles ordered, ratios computed from the figures, every message FILLED).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.containers import Broker, Service
+from worker import bench, bench_report
+from worker.cli import main
+
+pytestmark = pytest.mark.integration
+
+LATENCY_KEYS = ("overhead_ms", "floor_ms", "overhead_100_ms", "floor_100_ms")
+
+
+def _bench_databases(admin_url: str) -> set[str]:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'ew_bench_%'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def _check_latency(figures: dict[str, Any], expected_n: int) -> None:
+    assert figures["n"] == expected_n
+    values = [figures[key] for key in ("p50", "p95", "p99", "max")]
+    assert all(isinstance(v, float | int) and math.isfinite(v) and v > 0 for v in values)
+    assert values == sorted(values), figures
+
+
+@pytest.fixture(scope="module")
+def results(
+    tmp_path_factory: pytest.TempPathFactory,
+    rabbitmq_broker: Broker,
+    postgres_server: Service,
+    new_vhost: Callable[[], str],
+) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, plot_path = out / "bench.json", out / "bench.png"
+    before = _bench_databases(postgres_server.admin_url)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RABBITMQ_URL", rabbitmq_broker.admin_url)
+        env.setenv("DATABASE_URL", postgres_server.admin_url)
+        env.delenv("WORKER_CONFIG", raising=False)
+        code = main(
+            [
+                "bench",
+                "--quick",
+                "--json",
+                str(json_path),
+                "--plot",
+                str(plot_path),
+                "--vhost-url",
+                new_vhost(),
+            ]
+        )
+    assert code == 0
+    # its own database is gone again
+    assert _bench_databases(postgres_server.admin_url) <= before
+    document: dict[str, Any] = json.loads(json_path.read_text())
+    document["_plot"] = plot_path
+    return document
+
+
+def test_latency_figures(results: dict[str, Any]) -> None:
+    counts = bench.QUICK
+    _check_latency(results["overhead_ms"], counts.serial)
+    _check_latency(results["floor_ms"], counts.serial)
+    _check_latency(results["overhead_100_ms"], counts.rated)
+    _check_latency(results["floor_100_ms"], counts.rated)
+
+
+def test_throughput_and_scaling(results: dict[str, Any]) -> None:
+    throughput = results["throughput"]
+    assert throughput["worker"] > 0 and throughput["floor"] > 0
+    ratio = throughput["worker"] / throughput["floor"]
+    assert results["throughput_ratio"] == pytest.approx(ratio, rel=0.01)
+    assert results["prefetch"] == bench.QUICK.prefetch
+    assert set(results["scaling"]) == {"1", "2", "4", "8"}
+    assert all(rate > 0 for rate in results["scaling"].values())
+
+
+def test_memory(results: dict[str, Any]) -> None:
+    rss = results["rss_mb"]
+    assert set(rss) == {"1k", "50k"}
+    assert all(10.0 < value < 2000.0 for value in rss.values())
+    assert results["memory_messages"] == {
+        "1k": bench.QUICK.memory_first,
+        "50k": bench.QUICK.memory_total,
+    }
+    counted = [point[0] for point in results["rss_curve"]]
+    assert counted[0] == 0 and counted[-1] == bench.QUICK.memory_total
+    assert counted == sorted(counted)
+
+
+def test_every_message_filled(results: dict[str, Any]) -> None:
+    counts = bench.QUICK
+    per_target = counts.warmup * 2 + counts.serial + counts.rated + counts.throughput
+    scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
+    expected = 2 * per_target + scaling + counts.memory_total
+    assert results["statuses"] == {"FILLED": expected}
+
+
+def test_machine_and_goals(results: dict[str, Any]) -> None:
+    machine = results["machine"]
+    for key in ("cpu", "cores", "memory_gb", "python", "os", "rabbitmq", "postgresql"):
+        assert machine[key], key
+    assert set(results["goals_met"]) == set(bench_report.GOALS)
+    assert all(isinstance(value, bool) for value in results["goals_met"].values())
+    assert results["quick"] is True
+
+
+def test_plot_written(results: dict[str, Any]) -> None:
+    plot: Path = results["_plot"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summary_percentiles() -> None:
+    summary = bench_report.summary_ms([i / 1000 for i in range(1, 101)])
+    assert (summary["p50"], summary["p95"], summary["p99"], summary["max"]) == (
+        50.0,
+        95.0,
+        99.0,
+        100.0,
+    )
+    assert summary["n"] == 100

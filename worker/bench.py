@@ -1,0 +1,770 @@
+"""``execution-worker bench``: the worker against the floor of durable work, on real services.
+
+Every figure comes from ONE invocation, so that the noise of a shared machine hits the worker
+and the floor alike. The bench isolates itself: a vhost of its own (``rabbitmqctl add_vhost``,
+or ``--vhost-url``) and a database of its own, dropped at the end. The worker runs as
+``execution-worker run`` in a child process (in-process simulated sessions, never closed,
+netting account, ample balance); the floor (worker/bench_floor.py) in another. The bench
+process is only the client: it publishes RPM approvals and times their confirmations.
+
+1. overhead: publish -> confirmation, one message at a time and at 100 msg/s offered,
+   worker (1 session) and floor (1 consumer);
+2. throughput: a backlog drained by the worker (``prefetch`` sessions, latency 0) and by the
+   floor (``prefetch`` consumers);
+3. scaling: worker throughput with 1, 2, 4, 8 sessions at 20 ms ``order_send`` latency;
+4. memory: worker RSS after 1k and after 50k messages. The simulated terminals run in their
+   own processes here (``sim-terminal`` behind the bridge, as a real terminal would), so the
+   worker's RSS does not include the simulated broker's ever-growing deal history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+import psutil
+import psycopg
+
+from worker import bench_report
+from worker.amqp_topology import (
+    CONFIRMATIONS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_QUEUE,
+    dead_queue_arguments,
+    requests_queue_arguments,
+)
+from worker.bench_floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
+from worker.config import Settings, load_settings, mask_url
+from worker.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
+
+RESULTS_DIR = "bench-results"
+STOP_TIMEOUT_SECONDS = 45.0
+START_TIMEOUT_SECONDS = 90.0
+SIM_SYMBOL = "EURUSD"
+UNITS = 10_000.0  # 0.1 lots
+
+
+class BenchError(Exception):
+    """The bench cannot go on; one line, safe to print (no secrets)."""
+
+
+@dataclass(frozen=True)
+class Counts:
+    warmup: int  # unrecorded messages before each latency run
+    serial: int  # one at a time
+    rated: int  # at ``rate`` msg/s offered
+    rate: float
+    throughput: int  # backlog drained by the worker and by the floor
+    prefetch: int
+    scaling_per_session: int  # backlog per session in the scaling runs
+    scaling_latency_ms: float
+    memory_first: int  # RSS sample "1k"
+    memory_total: int  # RSS sample "50k"
+    memory_sessions: int
+
+
+FULL = Counts(
+    warmup=30,
+    serial=500,
+    rated=1000,
+    rate=100.0,
+    throughput=3000,
+    prefetch=4,
+    scaling_per_session=150,
+    scaling_latency_ms=20.0,
+    memory_first=1000,
+    memory_total=50_000,
+    memory_sessions=2,
+)
+QUICK = Counts(
+    warmup=2,
+    serial=10,
+    rated=15,
+    rate=100.0,
+    throughput=24,
+    prefetch=4,
+    scaling_per_session=3,
+    scaling_latency_ms=20.0,
+    memory_first=10,
+    memory_total=30,
+    memory_sessions=2,
+)
+
+
+# ----------------------------------------------------------------------------- isolation
+
+
+def _with_path(url: str, path: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=path))
+
+
+def _rabbitmqctl(*args: str) -> None:
+    done = subprocess.run(
+        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if done.returncode != 0:
+        last = (done.stderr or done.stdout).strip().splitlines()[-1:]
+        raise BenchError(f"rabbitmqctl {args[0]} failed: {' '.join(last)}")
+
+
+@contextlib.contextmanager
+def isolated_vhost(admin_url: str, given_url: str | None) -> Iterator[str]:
+    """A vhost of the bench's own: created and deleted with rabbitmqctl, or ``--vhost-url``."""
+    if given_url:
+        yield given_url
+        return
+    if shutil.which("rabbitmqctl") is None:
+        raise BenchError(
+            "rabbitmqctl is not available to create the bench's own vhost; "
+            "pass --vhost-url with the URL of an empty vhost reserved for the bench"
+        )
+    name = f"ew_bench_{uuid.uuid4().hex[:10]}"
+    user = urlsplit(admin_url).username or "guest"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+        yield _with_path(admin_url, "/" + quote(name, safe=""))
+    finally:
+        with contextlib.suppress(BenchError, OSError, subprocess.SubprocessError):
+            _rabbitmqctl("delete_vhost", name)
+
+
+@contextlib.contextmanager
+def isolated_database(admin_url: str) -> Iterator[str]:
+    """A database of the bench's own, dropped at the end."""
+    name = f"ew_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        raise BenchError(
+            f"cannot create the bench database at {mask_url(admin_url)}: {type(exc).__name__}"
+        ) from None
+    try:
+        yield _with_path(admin_url, f"/{name}")
+    finally:
+        with (
+            contextlib.suppress(psycopg.Error),
+            psycopg.connect(admin_url, autocommit=True) as conn,
+        ):
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# ----------------------------------------------------------------------------- client
+
+
+def _client_parameters(url: str, name: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.heartbeat = 0  # the client idles while a phase runs; never time it out
+    params.client_properties = {"connection_name": name}
+    return params
+
+
+class Arrivals:
+    """Confirmations of the worker and of the floor, timed as they arrive (own thread)."""
+
+    def __init__(self, url: str) -> None:
+        self.times: dict[str, float] = {}
+        self.statuses: Counter[str] = Counter()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise BenchError(f"cannot consume confirmations: {self._error!r}")
+
+    def _run(self, url: str) -> None:
+        try:
+            connection = pika.BlockingConnection(_client_parameters(url, "bench observer"))
+            channel = connection.channel()
+            channel.exchange_declare(CONFIRMATIONS_EXCHANGE, exchange_type="topic", durable=True)
+            channel.exchange_declare(FLOOR_EXCHANGE, exchange_type="topic", durable=True)
+            queue = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+            channel.queue_bind(queue, CONFIRMATIONS_EXCHANGE, "confirmation.#")
+            channel.queue_bind(queue, FLOOR_EXCHANGE, "#")
+            channel.basic_consume(queue, self._on_message, auto_ack=True)
+        except Exception as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while not self._stop.is_set():
+                connection.process_data_events(time_limit=0.1)
+        except Exception as exc:
+            self._error = exc
+        finally:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _on_message(self, _channel: Any, _method: Any, properties: Any, body: bytes) -> None:
+        now = time.perf_counter()
+        key = properties.correlation_id
+        try:
+            status = str(json.loads(body).get("status"))
+        except ValueError:
+            status = "unparsable"
+        with self._cond:
+            if key not in self.times:
+                self.times[key] = now
+                self.statuses[status] += 1
+            self._cond.notify_all()
+
+    def wait(self, keys: Sequence[str], timeout: float, on_progress: Progressed) -> None:
+        """Until every key arrived; raises BenchError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                done = sum(1 for key in keys if key in self.times)
+                on_progress(done, len(keys))
+                if done == len(keys):
+                    return
+                if self._error is not None:
+                    raise BenchError(f"observer failed: {type(self._error).__name__}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"timed out: {done} of {len(keys)} confirmations arrived")
+                self._cond.wait(min(left, 0.5))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+Progressed = Callable[[int, int], None]
+
+
+class Publisher:
+    """Requests, one at a time with a publisher confirm each (main thread only)."""
+
+    def __init__(self, url: str, delivery_limit: int) -> None:
+        self.connection = pika.BlockingConnection(_client_parameters(url, "bench publisher"))
+        self.channel = self.connection.channel()
+        self.channel.confirm_delivery()
+        # the worker's topology, so a backlog can wait in the queue before a worker starts
+        channel = self.channel
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, exchange_type="fanout", durable=True)
+        channel.queue_declare(DEAD_QUEUE, durable=True, arguments=dead_queue_arguments())
+        channel.queue_bind(DEAD_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="#")
+        channel.queue_declare(
+            REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(delivery_limit)
+        )
+        channel.exchange_declare(CONFIRMATIONS_EXCHANGE, exchange_type="topic", durable=True)
+        declare_floor(channel)
+
+    @property
+    def server_version(self) -> str | None:
+        properties = getattr(self.connection._impl, "server_properties", None)
+        return bench_report.rabbitmq_version(properties)
+
+    def publish(self, queue: str, message: OutgoingMessage) -> None:
+        self.channel.basic_publish(
+            "", queue, message.body, properties=message.properties(), mandatory=True
+        )
+
+    def consumers(self, queue: str) -> int:
+        count: int = self.channel.queue_declare(queue, passive=True).method.consumer_count
+        return count
+
+    def messages(self, queue: str) -> int:
+        count: int = self.channel.queue_declare(queue, passive=True).method.message_count
+        return count
+
+    def sleep(self, seconds: float) -> None:
+        self.connection.sleep(seconds)
+
+    def close(self) -> None:
+        with contextlib.suppress(pika.exceptions.AMQPError):
+            self.connection.close()
+
+
+def approvals(prefix: str, count: int) -> list[OutgoingMessage]:
+    """``count`` EURUSD approvals, buys and sells alternating (no position piles up)."""
+    messages = []
+    for i in range(count):
+        trade = approved_trade(SIM_SYMBOL, 1 if i % 2 == 0 else -1, UNITS)
+        order_id = f"{prefix}-{i}"
+        body = json.dumps(rpm_output(trade, order_id=order_id)).encode()
+        messages.append(OutgoingMessage(body, order_id, correlation_id=order_id))
+    return messages
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class Child:
+    """A child process of the bench: a worker, the floor, or a simulated terminal."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def check_alive(self) -> None:
+        code = self.process.poll()
+        if code is not None:
+            raise BenchError(f"{self.name} exited {code}: {self.log_tail()}")
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])[-600:] or "(empty log)"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def rss_mb(self) -> float:
+        return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
+
+
+def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path) -> Child:
+    log_path = workdir / f"{name.replace(' ', '-')}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    return Child(name, process, log_path)
+
+
+def sim_config_toml(order_send_latency_ms: float) -> str:
+    """Simulator settings for the bench: open all week, netting, ample balance."""
+    text = (
+        "[account]\nbalance = 1000000000000.0\nmargin_mode = 0\n\n"
+        f"[symbols.{SIM_SYMBOL}]\nclosed_weekly = []\n"
+    )
+    if order_send_latency_ms > 0:
+        text += f"\n[faults.latency_by_function]\norder_send = {order_send_latency_ms}\n"
+    return text
+
+
+def _free_port_block(size: int) -> int:
+    """The first port of ``size`` consecutive free ports on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            base: int = probe.getsockname()[1]
+        if base + size > 65535:
+            continue
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise BenchError("no block of free local ports for the simulated terminals")
+
+
+def _wait_listening(port: int, child: Child, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child.check_alive()
+        with socket.socket() as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{child.name} did not listen on port {port}")
+
+
+class Bench:
+    """The phases, sharing one vhost, one database, one observer and one publisher."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        amqp_url: str,
+        database_url: str,
+        counts: Counts,
+        workdir: Path,
+        progress: bench_report.Progress,
+    ) -> None:
+        self.settings = settings
+        self.amqp_url = amqp_url
+        self.database_url = database_url
+        self.counts = counts
+        self.workdir = workdir
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:8]
+        self.samples: dict[str, list[float]] = {}
+        self.children: list[Child] = []
+        self.publisher = Publisher(amqp_url, settings.delivery_limit)
+        self.arrivals = Arrivals(amqp_url)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+        self.arrivals.close()
+        self.publisher.close()
+
+    # --- processes ----------------------------------------------------------------------
+
+    def _base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in ("PREFETCH", "PROMETHEUS_MULTIPROC_DIR", "MT5_BRIDGE_ADDRESS"):
+            env.pop(name, None)
+        env.update(
+            RABBITMQ_URL=self.amqp_url,
+            DATABASE_URL=self.database_url,
+            METRICS_PORT="0",
+            LOG_FORMAT="json",
+            LOG_LEVEL="WARNING",
+            # a backlog waits in the queue: the bench measures the worker, not the TTL check
+            APPROVAL_TTL_SECONDS="86400",
+        )
+        return env
+
+    def _start(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+        child = spawn(name, command, env, self.workdir)
+        self.children.append(child)
+        return child
+
+    def _stop(self, child: Child) -> None:
+        child.stop()
+        if child in self.children:
+            self.children.remove(child)
+
+    def start_worker(
+        self, sessions: int, latency_ms: float = 0.0, bridge: tuple[int, str] | None = None
+    ) -> Child:
+        env = self._base_env()
+        if bridge is None:
+            config = self.workdir / f"sim-{latency_ms:g}.toml"
+            config.write_text(sim_config_toml(latency_ms))
+            env.update(MT5_BACKEND="sim", MT5_SESSIONS=str(sessions), SIM_CONFIG=str(config))
+        else:
+            port, secret = bridge
+            env.update(
+                MT5_BACKEND="bridge",
+                MT5_SESSIONS=str(sessions),
+                MT5_BRIDGE_ADDRESS=f"127.0.0.1:{port}",
+                MT5_BRIDGE_SECRET=secret,
+            )
+        command = [sys.executable, "-m", "worker.cli", "run"]
+        child = self._start(f"worker {sessions} sessions", command, env)
+        self._wait_consumers(REQUESTS_QUEUE, 1, child)
+        return child
+
+    def start_floor(self, concurrency: int) -> Child:
+        env = dict(os.environ)
+        env.update(BENCH_FLOOR_AMQP_URL=self.amqp_url, BENCH_FLOOR_DB_URL=self.database_url)
+        command = [sys.executable, "-m", "worker.bench_floor", str(concurrency)]
+        child = self._start(f"floor x{concurrency}", command, env)
+        self._wait_consumers(FLOOR_QUEUE, concurrency, child)
+        return child
+
+    def start_sim_terminals(self, count: int) -> tuple[int, str]:
+        """``count`` sim-terminal processes on consecutive ports: (first port, secret)."""
+        secret = secrets.token_hex(24)
+        port = _free_port_block(count)
+        config = self.workdir / "sim-bridge.toml"
+        config.write_text(sim_config_toml(0.0))
+        env = dict(os.environ)
+        env.update(MT5_BRIDGE_SECRET=secret, LOG_LEVEL="WARNING")
+        for i in range(count):
+            command = [
+                sys.executable, "-m", "worker.cli", "sim-terminal", "--port", str(port + i),
+                "--state", str(self.workdir / f"sim-{i}.state"), "--config", str(config),
+            ]  # fmt: skip
+            child = self._start(f"sim-terminal {i}", command, env)
+            _wait_listening(port + i, child, START_TIMEOUT_SECONDS)
+        return port, secret
+
+    def _wait_consumers(self, queue: str, count: int, child: Child) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        while self.publisher.consumers(queue) < count:
+            child.check_alive()
+            if time.monotonic() > deadline:
+                raise BenchError(f"{child.name} did not start consuming: {child.log_tail()}")
+            self.publisher.sleep(0.05)
+
+    # --- measurements ---------------------------------------------------------------------
+
+    def _messages(self, phase: str, count: int) -> list[OutgoingMessage]:
+        return approvals(f"bench-{self.run_id}-{phase}", count)
+
+    def serial(self, label: str, queue: str, child: Child) -> list[float]:
+        """One message at a time: publish, wait for its confirmation, next."""
+        messages = self._messages(f"{label}-serial", self.counts.warmup + self.counts.serial)
+        self.progress.start(f"{label}: one at a time")
+        latencies: list[float] = []
+        for index, message in enumerate(messages):
+            key = message.message_id or ""
+            sent = time.perf_counter()
+            self.publisher.publish(queue, message)
+            self.arrivals.wait([key], 30.0, lambda _d, _t: None)
+            if index >= self.counts.warmup:
+                latencies.append(self.arrivals.times[key] - sent)
+            if index % 20 == 0:
+                child.check_alive()
+            self.progress.update(index + 1, len(messages))
+        self.progress.finish(f"p50 {bench_report.summary_ms(latencies)['p50']:.2f} ms")
+        return latencies
+
+    def rated(self, label: str, queue: str, child: Child) -> list[float]:
+        """``rate`` msg/s offered on a fixed schedule, whatever the answers do."""
+        warm = self._messages(f"{label}-ratewarm", self.counts.warmup)
+        for message in warm:
+            self.publisher.publish(queue, message)
+        self.arrivals.wait([m.message_id or "" for m in warm], 60.0, lambda _d, _t: None)
+        messages = self._messages(f"{label}-rated", self.counts.rated)
+        interval = 1.0 / self.counts.rate
+        self.progress.start(f"{label}: {self.counts.rate:g} msg/s")
+        sent: dict[str, float] = {}
+        start = time.perf_counter()
+        for index, message in enumerate(messages):
+            pause = start + index * interval - time.perf_counter()
+            if pause > 0:
+                self.publisher.sleep(pause)
+            key = message.message_id or ""
+            sent[key] = time.perf_counter()
+            self.publisher.publish(queue, message)
+            self.progress.update(index + 1, len(messages))
+        child.check_alive()
+        self.arrivals.wait(list(sent), 120.0, lambda _d, _t: None)
+        latencies = [self.arrivals.times[key] - at for key, at in sent.items()]
+        self.progress.finish(f"p50 {bench_report.summary_ms(latencies)['p50']:.2f} ms")
+        return latencies
+
+    def backlog(self, phase: str, queue: str, count: int) -> list[str]:
+        """Publish ``count`` requests (async confirms) for a consumer started afterwards."""
+        messages = self._messages(phase, count)
+        report = publish_messages(
+            self.amqp_url,
+            messages,
+            delivery_limit=self.settings.delivery_limit,
+            routing_key=queue,
+            timeout=max(60.0, count / 200.0),
+        )
+        if report.confirmed != count:
+            raise BenchError(f"backlog for {phase}: {report.summary()}")
+        return [m.message_id or "" for m in messages]
+
+    def drain_rate(self, label: str, keys: Sequence[str], child: Child) -> float:
+        """msg/s between the first and the last confirmation of a backlog."""
+        self.progress.start(label)
+
+        def progressed(done: int, total: int) -> None:
+            self.progress.update(done, total)
+            if done < total:
+                child.check_alive()
+
+        self.arrivals.wait(keys, max(120.0, len(keys) / 5.0), progressed)
+        times = sorted(self.arrivals.times[key] for key in keys)
+        elapsed = times[-1] - times[0]
+        rate = (len(times) - 1) / elapsed if elapsed > 0 else float("nan")
+        self.progress.finish(f"{rate:.1f} msg/s")
+        return rate
+
+    # --- phases ---------------------------------------------------------------------------
+
+    def overhead(self) -> dict[str, Any]:
+        floor = self.start_floor(1)
+        floor_serial = self.serial("floor", FLOOR_QUEUE, floor)
+        floor_rated = self.rated("floor", FLOOR_QUEUE, floor)
+        self._stop(floor)
+        worker = self.start_worker(1)
+        worker_serial = self.serial("worker", REQUESTS_QUEUE, worker)
+        worker_rated = self.rated("worker", REQUESTS_QUEUE, worker)
+        self._stop(worker)
+        self.samples.update(
+            {
+                "worker, one at a time": worker_serial,
+                "floor, one at a time": floor_serial,
+                f"worker, {self.counts.rate:g} msg/s": worker_rated,
+                f"floor, {self.counts.rate:g} msg/s": floor_rated,
+            }
+        )
+        return {
+            "overhead_ms": bench_report.summary_ms(worker_serial),
+            "floor_ms": bench_report.summary_ms(floor_serial),
+            "overhead_100_ms": bench_report.summary_ms(worker_rated),
+            "floor_100_ms": bench_report.summary_ms(floor_rated),
+        }
+
+    def throughput(self) -> dict[str, Any]:
+        prefetch, count = self.counts.prefetch, self.counts.throughput
+        keys = self.backlog("floor-throughput", FLOOR_QUEUE, count)
+        floor = self.start_floor(prefetch)
+        floor_rate = self.drain_rate(f"floor x{prefetch}: backlog {count}", keys, floor)
+        self._stop(floor)
+        keys = self.backlog("worker-throughput", REQUESTS_QUEUE, count)
+        worker = self.start_worker(prefetch)
+        worker_rate = self.drain_rate(f"worker {prefetch} sessions: backlog {count}", keys, worker)
+        self._stop(worker)
+        return {
+            "throughput": {"worker": round(worker_rate, 1), "floor": round(floor_rate, 1)},
+            "throughput_ratio": round(worker_rate / floor_rate, 3),
+            "prefetch": prefetch,
+        }
+
+    def scaling(self) -> dict[str, Any]:
+        latency = self.counts.scaling_latency_ms
+        rates: dict[str, float] = {}
+        for sessions in (1, 2, 4, 8):
+            count = sessions * self.counts.scaling_per_session
+            keys = self.backlog(f"scaling-{sessions}", REQUESTS_QUEUE, count)
+            worker = self.start_worker(sessions, latency)
+            label = f"worker {sessions} sessions at {latency:g} ms"
+            rates[str(sessions)] = round(self.drain_rate(label, keys, worker), 1)
+            self._stop(worker)
+        return {"scaling": rates, "scaling_latency_ms": latency}
+
+    def memory(self) -> dict[str, Any]:
+        """Worker RSS after ``memory_first`` and ``memory_total`` messages (bridge sims)."""
+        counts = self.counts
+        bridge = self.start_sim_terminals(counts.memory_sessions)
+        worker = self.start_worker(counts.memory_sessions, bridge=bridge)
+        keys = self._messages("memory", counts.memory_total)
+        publishing = threading.Thread(
+            target=self._publish_quietly, args=(keys,), name="bench-backlog", daemon=True
+        )
+        publishing.start()
+        ids = [m.message_id or "" for m in keys]
+        curve: list[tuple[int, float]] = [(0, round(worker.rss_mb(), 1))]
+        step = max(1, counts.memory_total // 50)
+        checkpoints = sorted({counts.memory_first, *range(step, counts.memory_total + 1, step)})
+        self.progress.start(f"memory: worker {counts.memory_sessions} sessions (bridge)")
+        done = 0
+        started = time.perf_counter()
+        for checkpoint in checkpoints:
+            self.arrivals.wait(ids[done:checkpoint], 600.0, lambda _d, _t: None)
+            worker.check_alive()
+            done = checkpoint
+            curve.append((checkpoint, round(worker.rss_mb(), 1)))
+            self.progress.update(done, counts.memory_total)
+        elapsed = time.perf_counter() - started
+        publishing.join(60)
+        rss = dict(curve)
+        self.progress.finish(f"RSS {rss[counts.memory_first]:.1f} -> {rss[counts.memory_total]} MB")
+        self._stop(worker)
+        return {
+            "rss_mb": {"1k": rss[counts.memory_first], "50k": rss[counts.memory_total]},
+            "rss_curve": [list(point) for point in curve],
+            "memory_messages": {"1k": counts.memory_first, "50k": counts.memory_total},
+            "memory_rate": round(counts.memory_total / elapsed, 1),
+            "memory_backend": f"bridge, {counts.memory_sessions} sim-terminal processes",
+        }
+
+    def _publish_quietly(self, messages: Sequence[OutgoingMessage]) -> None:
+        with contextlib.suppress(Exception):
+            publish_messages(
+                self.amqp_url,
+                messages,
+                delivery_limit=self.settings.delivery_limit,
+                timeout=max(60.0, len(messages) / 50.0),
+            )
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run(
+    settings: Settings, counts: Counts, vhost_url: str | None, progress: bench_report.Progress
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Every phase, in the bench's own vhost and database; (results, latency samples)."""
+    admin_amqp = settings.rabbitmq_url.get_secret_value()
+    admin_db = settings.database_url.get_secret_value()
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix="ew-bench-"))
+    keep_logs = True
+    try:
+        with (
+            isolated_vhost(admin_amqp, vhost_url) as amqp_url,
+            isolated_database(admin_db) as database_url,
+        ):
+            progress.say(f"bench: broker {mask_url(amqp_url)}, database {mask_url(database_url)}")
+            bench = Bench(settings, amqp_url, database_url, counts, workdir, progress)
+            try:
+                if vhost_url and bench.publisher.messages(REQUESTS_QUEUE):
+                    raise BenchError(f"{REQUESTS_QUEUE} in --vhost-url is not empty")
+                results: dict[str, Any] = {}
+                results.update(bench.overhead())
+                results.update(bench.throughput())
+                results.update(bench.scaling())
+                results.update(bench.memory())
+                results["statuses"] = dict(bench.arrivals.statuses)
+                results["machine"] = bench_report.machine(
+                    database_url, bench.publisher.server_version
+                )
+            finally:
+                bench.close()
+        keep_logs = False
+    except (pika.exceptions.AMQPError, psycopg.Error) as exc:
+        raise BenchError(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if keep_logs:
+            progress.say(f"bench: logs of the child processes kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    results["goals_met"] = bench_report.goals_met(results)
+    results["counts"] = asdict(counts)
+    results["quick"] = counts is QUICK
+    results["duration_s"] = round(time.perf_counter() - started, 1)
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    return results, bench.samples
+
+
+def default_json_path() -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return Path(RESULTS_DIR) / f"bench-{stamp}.json"
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    counts = QUICK if args.quick else FULL
+    progress = bench_report.Progress()
+    try:
+        results, samples = run(settings, counts, args.vhost_url, progress)
+    except BenchError as exc:
+        print(f"execution-worker bench: {exc}", file=sys.stderr)
+        return 1
+    path = Path(args.json_path) if args.json_path else default_json_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(bench_report.table(results), file=sys.stderr)
+    print(f"bench: results in {path}", file=sys.stderr)
+    if args.plot:
+        problem = bench_report.plot(results, samples, args.plot)
+        if problem:
+            print(f"bench: no plot: {problem}", file=sys.stderr)
+        else:
+            print(f"bench: plot in {args.plot}", file=sys.stderr)
+    return 0
