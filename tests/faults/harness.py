@@ -1,0 +1,392 @@
+"""One fault scenario's world: a vhost, a database, N simulated terminals, workers, a checker.
+
+The checker proves the promise on what the outside world can see:
+- RabbitMQ: every published approval has at least one confirmation on a queue bound to
+  ``execution.confirmations`` with ``#``, and all confirmations of one approval are
+  byte-identical (same ``message_id`` = execution id);
+- PostgreSQL: exactly one terminal row per approval in ``execution.executions``;
+- the terminals' own books (``sim-terminal --dump``): per comment token, exactly one broker
+  order for a filled approval and none for one that was refused, and no order at all whose
+  token is not one of ours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import secrets
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pika
+import pika.exceptions
+import psycopg
+
+from schemas.identity import comment_token_for, execution_id_for
+from tests import samples
+from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
+from worker.amqp_topology import (
+    CONFIRMATIONS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_QUEUE,
+    dead_queue_arguments,
+    requests_queue_arguments,
+)
+
+OBSERVER_QUEUE = "fault.observer"
+FILLED_STATES = frozenset({"FILLED", "PARTIALLY_FILLED"})
+NO_ORDER_STATES = frozenset({"REJECTED", "FAILED"})
+TERMINAL_STATES = frozenset(
+    {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
+)
+SYMBOLS = ("EURUSD", "USDJPY", "GBPUSD")
+
+SIM_TOML = """
+seed = {seed}
+[account]
+balance = 1000000000.0
+margin_mode = 0  # netting: one approval is one order and one deal
+
+[symbols.EURUSD]
+closed_weekly = []
+[symbols.GBPUSD]
+closed_weekly = []
+[symbols.USDJPY]
+closed_weekly = []
+
+[faults]
+fault_seed = {seed}
+{faults}
+"""
+
+
+def sim_toml(seed: int, faults: str = "") -> str:
+    return SIM_TOML.format(seed=seed, faults=faults)
+
+
+@dataclass
+class Tally:
+    """One scenario's numbers, as the results table shows them."""
+
+    scenario: str
+    runs: int = 1
+    messages: int = 0
+    orders: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    notes: str = ""
+    by_state: dict[str, int] = field(default_factory=dict)
+
+
+class Side:
+    """The test's own RabbitMQ connection: topology, publishing, the confirmation observer."""
+
+    def __init__(self, url: str, delivery_limit: int) -> None:
+        self.url = url
+        self.delivery_limit = delivery_limit
+        self.received: dict[str, list[bytes]] = defaultdict(list)
+        self.routing: dict[str, str] = {}
+        self._connection: Any = None
+        self._channel: Any = None
+        self._open()
+        channel: Any = self._channel
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+        channel.queue_declare(DEAD_QUEUE, durable=True, arguments=dead_queue_arguments())
+        channel.queue_bind(DEAD_QUEUE, DEAD_LETTER_EXCHANGE, routing_key="#")
+        channel.queue_declare(
+            REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(delivery_limit)
+        )
+        channel.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
+        channel.queue_declare(OBSERVER_QUEUE, durable=True)
+        channel.queue_bind(OBSERVER_QUEUE, CONFIRMATIONS_EXCHANGE, "#")
+
+    def _open(self) -> None:
+        params = pika.URLParameters(self.url)
+        params.connection_attempts = 1
+        params.socket_timeout = 5
+        self._connection = pika.BlockingConnection(params)
+        self._channel = self._connection.channel()
+        self._channel.confirm_delivery()
+
+    def _reopen_on_failure(self, action: Callable[[], Any], seconds: float = 90.0) -> Any:
+        """Run ``action``; when the broker connection is gone, reconnect and run it again."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return action()
+            except (pika.exceptions.AMQPError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                self.close()
+                time.sleep(0.5)
+                with contextlib.suppress(pika.exceptions.AMQPError, OSError):
+                    self._open()
+
+    def publish(self, documents: list[dict[str, Any]]) -> list[str]:
+        """Publish (persistent, mandatory, confirmed) and return the idempotency keys."""
+        keys: list[str] = []
+        for document in documents:
+            key = document["decision"]["order_id"]
+            body = samples.body(document)
+            properties = pika.BasicProperties(
+                content_type="application/json",
+                delivery_mode=2,
+                message_id=key,
+                correlation_id=key,
+            )
+            self._reopen_on_failure(partial(self._publish_one, body, properties))
+            keys.append(key)
+        return keys
+
+    def _publish_one(self, body: bytes, properties: pika.BasicProperties) -> None:
+        self._channel.basic_publish("", REQUESTS_QUEUE, body, properties, mandatory=True)
+
+    def collect(self) -> dict[str, list[bytes]]:
+        """Move every confirmation waiting in the observer queue into ``received``."""
+
+        def drain() -> None:
+            while True:
+                method, properties, body = self._channel.basic_get(OBSERVER_QUEUE, auto_ack=True)
+                if method is None:
+                    return
+                key = str(properties.message_id)
+                self.received[key].append(body)
+                self.routing[key] = method.routing_key
+
+        self._reopen_on_failure(drain)
+        return self.received
+
+    def confirmed_keys(self) -> set[str]:
+        """Execution ids (message ids) with at least one confirmation so far."""
+        return set(self.collect())
+
+    def dead_lettered(self) -> int:
+        def count() -> int:
+            method = self._channel.queue_declare(DEAD_QUEUE, passive=True).method
+            return int(method.message_count)
+
+        value: int = self._reopen_on_failure(count)
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+        self._connection = None
+
+
+def approvals(count: int, rng: random.Random) -> list[dict[str, Any]]:
+    """``count`` approvals of small random size, mixed symbols and sides."""
+    documents = []
+    for _ in range(count):
+        symbol = rng.choice(SYMBOLS)
+        units = rng.choice((10_000.0, 20_000.0, 30_000.0, 50_000.0))
+        trade = samples.approved_trade(symbol, rng.choice((1, -1)), units)
+        order_id = uuid.UUID(int=rng.getrandbits(128)).hex
+        documents.append(samples.rpm_output(samples.decision(order_id=order_id, trade=trade)))
+    return documents
+
+
+class FaultEnv:
+    """Terminals, worker settings, the broker side and the checker of one scenario."""
+
+    def __init__(
+        self,
+        rabbitmq_url: str,
+        database_url: str,
+        directory: Path,
+        terminal_configs: list[str],
+        *,
+        delivery_limit: int = 5,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.rabbitmq_url = rabbitmq_url
+        self.database_url = database_url
+        self.directory = directory
+        self.secret = secrets.token_urlsafe(24)
+        self.delivery_limit = delivery_limit
+        self.settings = settings or {}
+        self.terminals: list[SimTerminalProcess] = []
+        for index, text in enumerate(terminal_configs):
+            config = directory / f"sim-{index}.toml"
+            config.write_text(text)
+            self.terminals.append(
+                SimTerminalProcess(directory, f"terminal-{index}", config, self.secret)
+            )
+        self.workers: list[WorkerProcess] = []
+        self.side: Side | None = None
+
+    def start(self) -> FaultEnv:
+        for terminal in self.terminals:
+            terminal.start()
+        self.side = Side(self.rabbitmq_url, self.delivery_limit)
+        return self
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.kill_group()
+        for terminal in self.terminals:
+            terminal.stop()
+        if self.side is not None:
+            self.side.close()
+
+    # --- workers ------------------------------------------------------------------------
+
+    def worker_env(self, kill_point: str | None = None, kill_at: int = 1) -> dict[str, str]:
+        env = base_env()
+        env.update(
+            {
+                "RABBITMQ_URL": self.rabbitmq_url,
+                "DATABASE_URL": self.database_url,
+                "MT5_BACKEND": "bridge",
+                "MT5_SESSIONS": str(len(self.terminals)),
+                "MT5_BRIDGE_ADDRESS": ",".join(t.address for t in self.terminals),
+                "MT5_BRIDGE_SECRET": self.secret,
+                "METRICS_PORT": "0",
+                "LOG_FORMAT": "json",
+                "DELIVERY_LIMIT": str(self.delivery_limit),
+                # the approvals of a long scenario must not expire while workers are killed
+                "APPROVAL_TTL_SECONDS": "900",
+                "RECONCILE_GRACE_SECONDS": "1",
+                "DRAIN_TIMEOUT_SECONDS": "20",
+            }
+        )
+        env.update(self.settings)
+        if kill_point is not None:
+            env["FAULT_KILL_POINT"] = kill_point
+            env["FAULT_KILL_AT"] = str(kill_at)
+        return env
+
+    def start_worker(
+        self, kill_point: str | None = None, kill_at: int = 1, processes: int = 1
+    ) -> WorkerProcess:
+        log = self.directory / f"worker-{len(self.workers)}.log"
+        worker = WorkerProcess(self.worker_env(kill_point, kill_at), log, processes)
+        self.workers.append(worker)
+        return worker
+
+    # --- observing ------------------------------------------------------------------------
+
+    @property
+    def broker_side(self) -> Side:
+        assert self.side is not None, "start() first"
+        return self.side
+
+    def publish(self, documents: list[dict[str, Any]]) -> list[str]:
+        return self.broker_side.publish(documents)
+
+    def wait_confirmed(
+        self, keys: list[str], seconds: float, worker: WorkerProcess | None = None
+    ) -> None:
+        """Until every key has a confirmation; fail early if ``worker`` died."""
+        wanted = {str(execution_id_for(key)) for key in keys}
+
+        def done() -> bool:
+            if worker is not None and not worker.alive():
+                raise AssertionError(
+                    f"worker exited {worker.process.returncode} before all were confirmed:\n"
+                    f"{worker.tail()}"
+                )
+            return wanted <= self.broker_side.confirmed_keys()
+
+        try:
+            wait_for(done, f"{len(wanted)} confirmations", seconds, interval=0.25)
+        except AssertionError as exc:
+            missing = len(wanted - self.broker_side.confirmed_keys())
+            tail = worker.tail() if worker is not None else ""
+            raise AssertionError(f"{exc}; {missing} missing\n{tail}") from None
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.database_url, autocommit=True, connect_timeout=5) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """idempotency key -> its rows (state, broker_order, executed_lots, submitted_at)."""
+        found: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for key, *rest in self.query(
+            "SELECT idempotency_key, state, broker_order, executed_lots, submitted_at,"
+            " completed_at FROM execution.executions"
+        ):
+            found[key].append(tuple(rest))
+        return found
+
+    def deals(self) -> list[dict[str, Any]]:
+        return [deal for terminal in self.terminals for deal in terminal.deals()]
+
+    # --- the promise ----------------------------------------------------------------------
+
+    def check(self, scenario: str, keys: list[str], **extra: Any) -> Tally:
+        """Assert the promise for every published key; return the scenario's numbers."""
+        side = self.broker_side
+        received = side.collect()
+        rows = self.rows()
+        orders_by_token: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        volume_by_token: dict[str, float] = defaultdict(float)
+        for terminal in self.terminals:
+            for deal in terminal.deals():
+                orders_by_token[deal["comment"]].add((terminal.name, int(deal["order"])))
+                volume_by_token[deal["comment"]] += float(deal["volume"])
+        tally = Tally(scenario, messages=len(keys), **extra)
+        problems: list[str] = []
+        tokens = set()
+        states: dict[str, int] = defaultdict(int)
+        for key in keys:
+            execution_id = execution_id_for(key)
+            token = comment_token_for(execution_id)
+            tokens.add(token)
+            orders = orders_by_token.get(token, set())
+            tally.orders += len(orders)
+            tally.duplicates += max(0, len(orders) - 1)
+            key_rows = rows.get(key, [])
+            copies = received.get(str(execution_id), [])
+            if len(key_rows) != 1 or key_rows[0][0] not in TERMINAL_STATES or not copies:
+                tally.lost += 1
+                problems.append(f"{key}: rows {key_rows}, {len(copies)} confirmation(s)")
+                continue
+            state, broker_order, executed_lots, *_ = key_rows[0]
+            states[state] += 1
+            if len(set(copies)) != 1:
+                problems.append(f"{key}: {len(set(copies))} different confirmation bodies")
+            body = json.loads(copies[0])
+            if body["status"] != state or body["idempotency_key"] != key:
+                problems.append(f"{key}: confirmation says {body['status']}, row says {state}")
+            if state in FILLED_STATES:
+                if len(orders) != 1:
+                    problems.append(f"{key}: {state} with {len(orders)} broker orders")
+                elif broker_order != next(iter(orders))[1]:
+                    problems.append(f"{key}: row order {broker_order} != broker's {orders}")
+                elif abs(volume_by_token[token] - float(executed_lots)) > 1e-6:
+                    problems.append(
+                        f"{key}: row says {executed_lots} lots, broker {volume_by_token[token]}"
+                    )
+            elif state in NO_ORDER_STATES and orders:
+                problems.append(f"{key}: {state} but the broker has orders {orders}")
+        strays = {t: o for t, o in orders_by_token.items() if t not in tokens}
+        if strays:
+            tally.duplicates += sum(len(o) for o in strays.values())
+            problems.append(f"orders with tokens of no published approval: {strays}")
+        tally.by_state = dict(sorted(states.items()))
+        dead = side.dead_lettered()
+        if dead:
+            problems.append(f"{dead} request(s) dead-lettered")
+        assert not problems, f"{scenario}: " + "; ".join(problems[:20])
+        return tally
+
+
+@contextlib.contextmanager
+def fault_env(
+    rabbitmq_url: str, database_url: str, directory: Path, configs: list[str], **kwargs: Any
+) -> Iterator[FaultEnv]:
+    env = FaultEnv(rabbitmq_url, database_url, directory, configs, **kwargs)
+    try:
+        yield env.start()
+    finally:
+        env.close()
