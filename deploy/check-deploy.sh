@@ -222,7 +222,8 @@ write_stack_env() {
   STACK_ENV=$(mktemp)
   local secret
   secret=$("$PY" -c 'import secrets; print(secrets.token_hex(16))')
-  # Host ports away from the machine's own RabbitMQ/PostgreSQL; fresh throw-away secrets.
+  # Host ports below the ephemeral range, away from the machine's own RabbitMQ/PostgreSQL;
+  # fresh throw-away secrets.
   sed -e "s|^WORKER_IMAGE=.*|WORKER_IMAGE=$WORKER_IMAGE|" \
     -e "s|^RABBITMQ_IMAGE=.*|RABBITMQ_IMAGE=$RABBITMQ_IMAGE|" \
     -e "s|^POSTGRES_IMAGE=.*|POSTGRES_IMAGE=$POSTGRES_IMAGE|" \
@@ -230,11 +231,11 @@ write_stack_env() {
     -e "s|^RABBITMQ_PASSWORD=.*|RABBITMQ_PASSWORD=mq$secret|" \
     -e "s|^MT5_BRIDGE_SECRET=.*|MT5_BRIDGE_SECRET=br$secret|" \
     -e "s|^GRAFANA_ADMIN_PASSWORD=.*|GRAFANA_ADMIN_PASSWORD=gf$secret|" \
-    -e "s|^RABBITMQ_PORT=.*|RABBITMQ_PORT=35672|" \
-    -e "s|^RABBITMQ_MANAGEMENT_PORT=.*|RABBITMQ_MANAGEMENT_PORT=35673|" \
-    -e "s|^POSTGRES_PORT=.*|POSTGRES_PORT=35432|" \
-    -e "s|^WORKER_1_METRICS_PORT=.*|WORKER_1_METRICS_PORT=39108|" \
-    -e "s|^WORKER_2_METRICS_PORT=.*|WORKER_2_METRICS_PORT=39109|" \
+    -e "s|^RABBITMQ_PORT=.*|RABBITMQ_PORT=25673|" \
+    -e "s|^RABBITMQ_MANAGEMENT_PORT=.*|RABBITMQ_MANAGEMENT_PORT=25674|" \
+    -e "s|^POSTGRES_PORT=.*|POSTGRES_PORT=25433|" \
+    -e "s|^WORKER_1_METRICS_PORT=.*|WORKER_1_METRICS_PORT=29108|" \
+    -e "s|^WORKER_2_METRICS_PORT=.*|WORKER_2_METRICS_PORT=29109|" \
     .env.example >"$STACK_ENV"
 }
 
