@@ -1,12 +1,14 @@
 #!/bin/sh
 # Entrypoint of local/postgres:15 (built by build-local.sh from Debian's postgresql-15).
-# Honours the official image's POSTGRES_USER, POSTGRES_PASSWORD and POSTGRES_DB on first
-# start, then runs the server in the foreground listening on all addresses.
+# Honours the official image's POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB and
+# POSTGRES_HOST_AUTH_METHOD (default scram-sha-256) on first start, then runs the server in
+# the foreground listening on all addresses.
 set -eu
 
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
 POSTGRES_USER=${POSTGRES_USER:-postgres}
 POSTGRES_DB=${POSTGRES_DB:-$POSTGRES_USER}
+AUTH=${POSTGRES_HOST_AUTH_METHOD:-scram-sha-256}
 export PGDATA
 
 mkdir -p "$PGDATA" /var/run/postgresql
@@ -14,20 +16,24 @@ chown postgres:postgres "$PGDATA" /var/run/postgresql
 chmod 700 "$PGDATA"
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
-  if [ -z "${POSTGRES_PASSWORD:-}" ]; then
-    echo "docker-entrypoint: POSTGRES_PASSWORD is required" >&2
+  if [ -z "${POSTGRES_PASSWORD:-}" ] && [ "$AUTH" != trust ]; then
+    echo "docker-entrypoint: POSTGRES_PASSWORD is required (or POSTGRES_HOST_AUTH_METHOD=trust)" >&2
     exit 1
   fi
-  # The password goes through a file so that it never shows in a process listing.
+  set -- --username="$POSTGRES_USER" --auth-local=trust --auth-host="$AUTH" \
+    --encoding=UTF8 --locale=C.UTF-8
   pwfile=$(mktemp)
-  printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
-  chown postgres "$pwfile"
-  runuser -u postgres -- initdb --username="$POSTGRES_USER" --pwfile="$pwfile" \
-    --auth-local=trust --auth-host=scram-sha-256 --encoding=UTF8 --locale=C.UTF-8 >/dev/null
+  if [ -n "${POSTGRES_PASSWORD:-}" ]; then
+    # Through a file, so that the password never shows in a process listing.
+    printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
+    chown postgres "$pwfile"
+    set -- "$@" --pwfile="$pwfile"
+  fi
+  runuser -u postgres -- initdb "$@" >/dev/null
   rm -f "$pwfile"
   {
-    echo "host all all 0.0.0.0/0 scram-sha-256"
-    echo "host all all ::/0 scram-sha-256"
+    echo "host all all 0.0.0.0/0 $AUTH"
+    echo "host all all ::/0 $AUTH"
   } >>"$PGDATA/pg_hba.conf"
   if [ "$POSTGRES_DB" != "postgres" ]; then
     echo "CREATE DATABASE \"$POSTGRES_DB\" OWNER \"$POSTGRES_USER\";" |
@@ -35,5 +41,6 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   fi
 fi
 
-# setpriv execs (runuser would stay as PID 1 and turn docker stop's SIGINT into SIGTERM).
+# setpriv execs: the server is PID 1 and gets Docker's signals itself (SIGINT = fast
+# shutdown); runuser would stay in between as a parent that does not forward them as sent.
 exec setpriv --reuid=postgres --regid=postgres --init-groups postgres -D "$PGDATA" -c listen_addresses='*'
