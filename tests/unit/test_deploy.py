@@ -53,8 +53,8 @@ SECRET_VARIABLES = {
     "MT5_BRIDGE_SECRET",
     "GRAFANA_ADMIN_PASSWORD",
 }
-# read by load_settings itself, not a Settings field
-EXTRA_WORKER_ENV = {"WORKER_CONFIG"}
+# read by load_settings / load_session_specs themselves, not Settings fields
+EXTRA_WORKER_ENV = {"WORKER_CONFIG", "MT5_BRIDGE_TLS_CA"}
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
