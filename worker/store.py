@@ -348,12 +348,14 @@ class Store:
         """Commit a new in-flight row with its events. False if the key already has a row."""
         columns = list(_checked(fields))
         placeholders = ", ".join(["%s"] * len(columns))
-        with conn.transaction(), conn.cursor() as cur:
+        # pipeline mode: BEGIN + INSERT in one round trip, events + COMMIT in a second one
+        with conn.pipeline() as pipeline, conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 f"INSERT INTO execution.executions ({', '.join(columns)})"
                 f" VALUES ({placeholders}) ON CONFLICT DO NOTHING",
                 [_adapt(column, fields[column]) for column in columns],
             )
+            pipeline.sync()  # the INSERT's rowcount is known after the sync
             if cur.rowcount != 1:
                 return False
             _insert_events(cur, fields["execution_id"], events)
@@ -397,7 +399,8 @@ class Store:
         updates = ", ".join(
             f"{column} = EXCLUDED.{column}" for column in columns if column != "execution_id"
         )
-        with conn.transaction(), conn.cursor() as cur:
+        # pipeline mode: BEGIN + upsert in one round trip, events + outbox + COMMIT in another
+        with conn.pipeline() as pipeline, conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 f"INSERT INTO execution.executions ({', '.join(columns)})"
                 f" VALUES ({', '.join(['%s'] * len(columns))})"
@@ -406,6 +409,7 @@ class Store:
                 " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')",
                 [_adapt(column, fields[column]) for column in columns],
             )
+            pipeline.sync()  # the upsert's rowcount is known after the sync
             if cur.rowcount != 1:
                 existing = self.confirmation_of(conn, execution_id)
                 if existing is None:
