@@ -32,6 +32,9 @@ DEFAULT_PARSE_TIMEOUT_SECONDS = 1.0
 # RPM's host and ours). Further ahead is an invalid field: a future stamp would stretch the
 # approval's time-to-live by the same amount.
 MAX_FUTURE_SKEW_SECONDS = 5.0
+# No real order is this large (1e15 units = 10 billion lots of EURUSD); beyond it the size is
+# hostile, and the lot arithmetic's 28-digit decimals would overflow.
+MAX_POSITION_UNITS = 1e15
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json", "application/x-json"})
 UTF8_ENCODINGS = frozenset({"utf-8", "utf8", "identity"})
 MAX_ERROR_DETAIL = 500
@@ -253,8 +256,11 @@ def _lax_trade_field(decision: Any) -> tuple[str, str] | None:
         return None
     if "direction" in trade and type(trade["direction"]) is not int:
         return "decision.approved_trade.direction", "must be the JSON integer 1 or -1"
-    if "position_units" in trade and type(trade["position_units"]) not in (int, float):
+    units = trade.get("position_units")
+    if "position_units" in trade and type(units) not in (int, float):
         return "decision.approved_trade.position_units", "must be a JSON number"
+    if isinstance(units, int | float) and abs(units) > MAX_POSITION_UNITS:
+        return "decision.approved_trade.position_units", f"larger than {MAX_POSITION_UNITS:g}"
     return None
 
 

@@ -200,7 +200,10 @@ def wrong_encoding(rng: random.Random) -> Made:
 
 
 def missing_key(rng: random.Random) -> Made:
+    """No usable order_id. With a message_id the key is readable; the kill switch then
+    refuses it (a valid approval keyed by its message_id WOULD trade, rightly)."""
     doc = _approval(rng)
+    doc["decision"]["kill_switch_triggered"] = True
     doc["decision"]["order_id"] = rng.choice((None, "", "   ", "x" * 200, 42, ["a"], {"a": 1}))
     if rng.random() < 0.5:
         del doc["decision"]["order_id"]

@@ -150,6 +150,7 @@ def test_the_seeded_hostile_catalogue() -> None:
         result = outcome(message.body, props)
         if isinstance(result, ExecutionRequest):
             assert_executable_shape(result)
+            assert refused_before_any_order(result), (message.kind, result)
             parsed_kinds.add(message.kind)
             assert message.expect != "dead", message.kind
         elif message.expect != "either":
@@ -163,9 +164,25 @@ def test_the_seeded_hostile_catalogue() -> None:
         "unknown_symbol",
         "look_alike_symbol",
         "far_timestamp",  # in the past: stale
-        "missing_key",  # key from the message_id; the trade itself is EURUSD
+        "missing_key",  # key from the message_id; the kill switch refuses it
         "refused_by_rpm",
     }
+
+
+def refused_before_any_order(request: ExecutionRequest) -> bool:
+    """What the pipeline refuses a parsed request for, given the simulator's EURUSD (contract
+    100 000, 0.01..100 lots), ``volume_over_max="reject"`` and the 30 s TTL."""
+    if request.status.value not in ("APPROVED", "ADJUSTED"):
+        return True
+    if request.kill_switch or request.trading_halted:
+        return True
+    if (datetime.now(UTC) - request.decided_at).total_seconds() > 30:
+        return True
+    trade = request.trade
+    assert trade is not None
+    if trade.symbol not in ("EURUSD", "GBPUSD", "USDJPY", "XAUUSD", "US500", "BTCUSD"):
+        return True
+    return trade.symbol == "EURUSD" and not 1_000 <= trade.position_units <= 10_000_000
 
 
 # --- the limits --------------------------------------------------------------------------
@@ -256,6 +273,7 @@ def test_a_timestamp_that_overflows_utc_is_a_field_error_not_a_crash() -> None:
         ("direction", 1.0),
         ("position_units", "95000"),
         ("position_units", True),
+        ("position_units", 1e300),  # implausible: it would overflow the lot arithmetic
     ],
 )
 def test_lax_coercions_of_side_and_size_are_refused(field: str, value: Any) -> None:
