@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from schemas.request import parse_request
-from tests.integration.test_amqp_support import broker, ready_count
+from tests.integration.test_amqp_support import broker, ready_count, reset_vhost
 from worker import cli
 from worker.amqp import to_message_properties
 from worker.amqp_topology import REQUESTS_QUEUE, requests_queue_arguments
@@ -23,11 +23,16 @@ from worker.publish import (
 )
 
 
+@pytest.fixture(scope="module")
+def module_vhost(new_vhost: Callable[[], str]) -> str:
+    return new_vhost()
+
+
 @pytest.fixture
-def vhost_url(new_vhost: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> str:
-    url = new_vhost()
-    monkeypatch.setenv("RABBITMQ_URL", url)
-    return url
+def vhost_url(module_vhost: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    reset_vhost(module_vhost)
+    monkeypatch.setenv("RABBITMQ_URL", module_vhost)
+    return module_vhost
 
 
 def test_samples_are_confirmed_persistent_and_parse_as_approvals(

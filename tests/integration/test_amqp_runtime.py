@@ -24,6 +24,7 @@ from tests.integration.test_amqp_support import (
     close_connections,
     ids_of,
     ready_count,
+    reset_vhost,
     settled_ready,
     wait_until,
 )
@@ -125,9 +126,16 @@ class FakePipeline:
 Factory = Callable[..., tuple[AmqpRuntime, FakePipeline, MemoryOutbox]]
 
 
-@pytest.fixture
-def vhost_url(new_vhost: Callable[[], str]) -> str:
+@pytest.fixture(scope="module")
+def module_vhost(new_vhost: Callable[[], str]) -> str:
     return new_vhost()
+
+
+@pytest.fixture
+def vhost_url(module_vhost: str) -> str:
+    """The module's vhost, emptied of everything the previous test declared."""
+    reset_vhost(module_vhost, ("observer", "late-observer", "rpm.replies"))
+    return module_vhost
 
 
 @pytest.fixture

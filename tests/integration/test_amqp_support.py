@@ -16,7 +16,12 @@ import pika
 import pika.exceptions
 
 from worker.amqp import AmqpRuntime
-from worker.amqp_topology import CONFIRMATIONS_EXCHANGE
+from worker.amqp_topology import (
+    CONFIRMATIONS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_QUEUE,
+)
 
 WAIT_SECONDS = 30.0
 
@@ -49,6 +54,16 @@ def settled_ready(url: str, queue: str, expected: int, seconds: float = 0.5) -> 
     while time.monotonic() < deadline:
         assert ready_count(url, queue) == expected
         time.sleep(0.1)
+
+
+def reset_vhost(url: str, queues: Sequence[str] = ()) -> None:
+    """Delete the contract's queues and exchanges (and ``queues``): a vhost as good as new,
+    without the cost of ``rabbitmqctl add_vhost`` (seconds on a loaded machine)."""
+    with broker(url) as side:
+        for queue in (REQUESTS_QUEUE, DEAD_QUEUE, *queues):
+            side.channel.queue_delete(queue)
+        for exchange in (CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE):
+            side.channel.exchange_delete(exchange)
 
 
 def close_connections(url: str) -> None:
