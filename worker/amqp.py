@@ -77,7 +77,7 @@ MARK_FLUSH_SECONDS = 0.2
 @dataclass(frozen=True)
 class RuntimeOptions:
     prefetch: int
-    delivery_limit: int = 5
+    delivery_limit: int = 20
     drain_timeout_seconds: float = 30.0
     requeue_delay_seconds: float = 1.0
     sweep_interval_seconds: float = 10.0

@@ -96,7 +96,9 @@ class Settings(BaseModel):
     # runtime
     prefetch: int | None = Field(default=None, ge=1)
     claim_timeout_seconds: float = Field(default=5.0, gt=0)
-    delivery_limit: int = Field(default=5, ge=1)
+    delivery_limit: int = Field(
+        default=20, ge=1, description="deliveries before dead-lettering (requeues count too)"
+    )
     drain_timeout_seconds: float = Field(default=30.0, ge=0)
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     parse_timeout_seconds: float = Field(default=1.0, gt=0)
