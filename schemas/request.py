@@ -8,6 +8,7 @@ read, so that the caller can answer with a REJECTED confirmation instead of a de
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -259,7 +260,8 @@ def _lax_trade_field(decision: Any) -> tuple[str, str] | None:
     units = trade.get("position_units")
     if "position_units" in trade and type(units) not in (int, float):
         return "decision.approved_trade.position_units", "must be a JSON number"
-    if isinstance(units, int | float) and abs(units) > MAX_POSITION_UNITS:
+    # (infinities are left to the model: "must be finite")
+    if isinstance(units, int | float) and MAX_POSITION_UNITS < abs(units) < math.inf:
         return "decision.approved_trade.position_units", f"larger than {MAX_POSITION_UNITS:g}"
     return None
 

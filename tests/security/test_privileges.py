@@ -1,0 +1,367 @@
+"""Least privilege, proven on the real services.
+
+PostgreSQL: ``deploy/sql/roles.sql`` creates an owner (migrations) and a worker role in a
+fresh database; the REAL pipeline runs as the worker role (a fill, a refusal, an invalid
+request, the outbox), and every write outside its grant fails with a permission error.
+
+RabbitMQ: a user with the ``deploy/rabbitmq/permissions.env`` regexes in a fresh vhost runs
+the real runtime (topology declare, consume, confirmations, reply_to, dead letters) and is
+refused on every other name.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+import psycopg
+import pytest
+
+from schemas.request import MessageProperties
+from tests.containers import Broker, Service
+from tests.integration.pipeline_env import always_open, approval
+from tests.integration.test_amqp_support import Running, wait_until
+from worker.amqp import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
+from worker.amqp_topology import (
+    CONFIRMATIONS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_QUEUE,
+    REQUESTS_QUEUE,
+)
+from worker.config import load_settings
+from worker.delivery import DeadLetter, Delivery, Outcome, Publish
+from worker.mt5 import api
+from worker.mt5.pool import SessionPool
+from worker.mt5.sessions import SessionSpec
+from worker.mt5.sim import SimConfig, SimTerminal
+from worker.pipeline import Pipeline
+from worker.service import gateway_factory
+from worker.store import Store, apply_migrations
+from worker.trail import find_trails
+
+ROOT = Path(__file__).resolve().parents[2]
+ROLES_SQL = ROOT / "deploy" / "sql" / "roles.sql"
+PERMISSIONS = ROOT / "deploy" / "rabbitmq" / "permissions.env"
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    host = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+@dataclass
+class Roles:
+    admin_url: str
+    owner_url: str
+    worker_url: str
+
+
+def _psql(url: str, *variables: str) -> None:
+    command = ["psql", "-q", "-X", url, *variables, "-f", str(ROLES_SQL)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture(scope="module")
+def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator[Roles]:
+    admin_url = new_database()
+    suffix = uuid.uuid4().hex[:8]
+    owner, worker = f"ew_owner_{suffix}", f"ew_worker_{suffix}"
+    owner_pw, worker_pw = uuid.uuid4().hex, uuid.uuid4().hex
+    variables = ["-v", f"owner_role={owner}", "-v", f"worker_role={worker}"]
+    secrets = ["-v", f"owner_password='{owner_pw}'", "-v", f"worker_password='{worker_pw}'"]
+    _psql(admin_url, *variables, *secrets)
+    owner_url = with_user(admin_url, owner, owner_pw)
+    with psycopg.connect(owner_url, autocommit=True) as conn:
+        assert apply_migrations(conn) == [1]  # `execution-worker migrate` as the owner
+    _psql(admin_url, *variables)  # again after the migration: grants on the new tables
+    try:
+        yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            for role in (worker, owner):
+                conn.execute(f'DROP OWNED BY "{role}" CASCADE')
+        with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
+            database = urlsplit(admin_url).path.lstrip("/")
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            for role in (worker, owner):
+                conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+@pytest.fixture(scope="module")
+def pipeline_as_worker(roles: Roles) -> Iterator[tuple[Pipeline, Store, SimTerminal]]:
+    """The real pipeline over the worker role's connections (no migration: the owner did)."""
+    settings = load_settings({"DATABASE_URL": roles.worker_url, "MT5_SESSIONS": "1"})
+    settings = settings.model_copy(update={"reconcile_grace_seconds": 0.0})
+    store = Store.open(roles.worker_url, max_size=4)
+    sim = SimTerminal(always_open(SimConfig()))
+    assert sim.initialize()
+
+    def opener(spec: SessionSpec) -> api.Terminal:
+        del spec
+        return sim
+
+    pool = SessionPool(
+        [SessionSpec(id="sim-priv", backend="sim")],
+        store.pool,
+        gateway_factory(settings),
+        opener=opener,
+    )
+    try:
+        yield Pipeline(settings, store, pool), store, sim
+    finally:
+        pool.close()
+        store.close()
+
+
+def _deliver(pipeline: Pipeline, body: bytes, message_id: str | None = None) -> Outcome:
+    return pipeline.handle(
+        Delivery(
+            body=body,
+            properties=MessageProperties(content_type="application/json", message_id=message_id),
+            redelivered=False,
+            delivery_count=None,
+            received_at=datetime.now(UTC),
+        )
+    )
+
+
+def test_the_worker_role_runs_the_real_pipeline(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal]
+) -> None:
+    pipeline, store, sim = pipeline_as_worker
+    outcomes = {
+        "FILLED": _deliver(pipeline, json.dumps(approval("EURUSD", 1, 10_000.0)).encode()),
+        "REJECTED": _deliver(pipeline, json.dumps(approval(kill_switch_triggered=True)).encode()),
+        "INVALID": _deliver(pipeline, b"{not json", message_id=f"m-{uuid.uuid4().hex}"),
+    }
+    statuses = {}
+    for name, outcome in outcomes.items():
+        assert isinstance(outcome, Publish), (name, outcome)
+        statuses[name] = json.loads(outcome.payload)["status"]
+    assert statuses == {"FILLED": "FILLED", "REJECTED": "REJECTED", "INVALID": "REJECTED"}
+    assert len(sim.history_deals_get(0, 2**31 - 1) or ()) == 1
+
+    # the runtime's outbox calls, and the reads of health and trail
+    pending = store.unpublished(10)
+    assert {p.execution_id for p in pending} == {
+        o.execution_id for o in outcomes.values() if isinstance(o, Publish)
+    }
+    store.mark_published([p.execution_id for p in pending])
+    assert store.unpublished(10) == [] and store.outbox_backlog()[0] == 0
+    assert store.ping()
+    with store.connection() as conn:
+        assert store.in_flight(conn) == []
+        filled = outcomes["FILLED"]
+        assert isinstance(filled, Publish)
+        assert find_trails(conn, str(filled.execution_id))
+
+
+FORBIDDEN = (
+    "UPDATE execution.execution_events SET stage = 'forged'",
+    "DELETE FROM execution.execution_events",
+    "TRUNCATE execution.execution_events",
+    "DELETE FROM execution.executions",
+    "TRUNCATE execution.executions",
+    "DELETE FROM execution.outbox",
+    "UPDATE execution.outbox SET payload = 'forged'",
+    "UPDATE execution.schema_migrations SET version = 99",
+    "CREATE TABLE execution.evil (x int)",
+    "CREATE TABLE public.evil (x int)",
+    "CREATE SCHEMA evil",
+    "ALTER TABLE execution.executions ADD COLUMN evil int",
+    "ALTER TABLE execution.execution_events DISABLE TRIGGER execution_events_append_only",
+    "DROP TRIGGER execution_events_append_only ON execution.execution_events",
+    "DROP TABLE execution.outbox",
+    "DROP SCHEMA execution CASCADE",
+    "CREATE FUNCTION execution.evil() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE INDEX evil ON execution.executions (symbol)",
+)
+
+
+@pytest.mark.parametrize("statement", FORBIDDEN)
+def test_the_worker_role_cannot_rewrite_the_audit_trail_or_the_schema(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal], statement: str
+) -> None:
+    with (
+        psycopg.connect(roles.worker_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as info,
+    ):
+        conn.execute(statement)
+    message = str(info.value)
+    # refused by privileges, not merely by the append-only trigger
+    assert "permission denied" in message or "must be owner" in message, message
+
+
+def test_the_owner_still_cannot_edit_events_the_trigger_holds(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal]
+) -> None:
+    with (
+        psycopg.connect(roles.owner_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege) as info,
+    ):
+        conn.execute("DELETE FROM execution.execution_events")
+    assert "append-only" in str(info.value)
+
+
+def test_roles_sql_is_idempotent(roles: Roles) -> None:
+    # a third run (e.g. after the next migration) changes nothing and fails on nothing
+    suffix = urlsplit(roles.worker_url).username or ""
+    owner = suffix.replace("ew_worker_", "ew_owner_")
+    _psql(roles.admin_url, "-v", f"owner_role={owner}", "-v", f"worker_role={suffix}")
+
+
+# ----------------------------------------------------------------------------- RabbitMQ
+
+
+def _regexes() -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in PERMISSIONS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            values[name] = shlex.split(value)[0]
+    return values
+
+
+@pytest.fixture(scope="module")
+def restricted(rabbitmq_broker: Broker, new_vhost: Callable[[], str]) -> Iterator[tuple[str, str]]:
+    """(admin url, restricted user's url) on a fresh vhost."""
+    admin_url = new_vhost()
+    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
+    user, password = f"ew-worker-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    regexes = _regexes()
+    rabbitmq_broker.ctl("add_user", user, password)
+    try:
+        rabbitmq_broker.ctl(
+            "set_permissions",
+            "-p",
+            vhost,
+            user,
+            regexes["WORKER_CONFIGURE"],
+            regexes["WORKER_WRITE"],
+            regexes["WORKER_READ"],
+        )
+        yield admin_url, with_user(admin_url, user, password)
+    finally:
+        rabbitmq_broker.ctl("delete_user", user)
+
+
+class Outbox:
+    def unpublished(self, limit: int) -> list[Publish]:
+        return []
+
+    def mark_published(self, execution_ids: Sequence[uuid.UUID]) -> None:
+        del execution_ids
+
+
+def handler(delivery: Delivery) -> Outcome:
+    message_id = delivery.properties.message_id
+    if not message_id:
+        return DeadLetter("missing_idempotency_key", "no key")
+    execution_id = uuid.uuid5(uuid.NAMESPACE_URL, message_id)
+    payload = json.dumps({"execution_id": str(execution_id), "status": "REJECTED"}).encode()
+    return Publish(
+        execution_id,
+        "confirmation.rejected.EURUSD",
+        payload,
+        message_id,
+        delivery.properties.reply_to,
+    )
+
+
+def _take(channel: Any, queue: str, count: int) -> list[tuple[Any, bytes]]:
+    got: list[tuple[Any, bytes]] = []
+
+    def enough() -> bool:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is not None:
+            got.append((properties, body))
+        return len(got) >= count
+
+    wait_until(enough, f"{count} message(s) on {queue}")
+    return got
+
+
+def test_a_restricted_user_runs_the_worker(restricted: tuple[str, str]) -> None:
+    admin_url, worker_url = restricted
+    options = RuntimeOptions(prefetch=2, requeue_delay_seconds=0.1, sweep_interval_seconds=1.0)
+    running = Running(AmqpRuntime(worker_url, handler, Outbox(), options)).start()
+    try:
+        with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            channel.queue_declare("observer", durable=True)
+            channel.queue_bind("observer", CONFIRMATIONS_EXCHANGE, "confirmation.#")
+            channel.queue_declare("rpm.replies", durable=True)
+            props = pika.BasicProperties(message_id="k-1", reply_to="rpm.replies")
+            channel.basic_publish("", REQUESTS_QUEUE, b"{}", props)
+            channel.basic_publish("", REQUESTS_QUEUE, b"garbage", pika.BasicProperties())
+            (confirmed, _), *_ = _take(channel, "observer", 1)
+            (replied, _), *_ = _take(channel, "rpm.replies", 1)
+            (dead, _), *_ = _take(channel, DEAD_QUEUE, 1)
+        assert confirmed.correlation_id == replied.correlation_id == "k-1"
+        assert dead.headers[REJECTION_REASON_HEADER] == "missing_idempotency_key"
+        assert running.runtime.stats.acked == 2
+    finally:
+        assert running.stop() == 0
+
+
+def _refused(worker_url: str, action: Callable[[Any], Any]) -> None:
+    with pika.BlockingConnection(pika.URLParameters(worker_url)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
+            action(channel)
+        assert info.value.reply_code == 403, info.value
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        lambda ch: ch.queue_declare("other.queue", durable=True),
+        lambda ch: ch.exchange_declare("evil", exchange_type="fanout"),
+        lambda ch: ch.basic_publish("amq.topic", "x", b"x"),
+        lambda ch: ch.basic_publish("amq.fanout", "", b"x"),
+        lambda ch: ch.basic_consume(DEAD_QUEUE, lambda *a: None),
+        lambda ch: ch.basic_get(DEAD_QUEUE),
+        lambda ch: ch.queue_bind(REQUESTS_QUEUE, CONFIRMATIONS_EXCHANGE, "#"),
+        lambda ch: ch.exchange_bind(DEAD_LETTER_EXCHANGE, CONFIRMATIONS_EXCHANGE, "#"),
+        lambda ch: ch.queue_declare("", exclusive=True),
+    ],
+    ids=[
+        "declare-other-queue",
+        "declare-exchange",
+        "publish-amq.topic",
+        "publish-amq.fanout",
+        "consume-dead-letters",
+        "get-dead-letters",
+        "tap-confirmations",
+        "exchange-bind",
+        "server-named-queue",
+    ],
+)
+def test_the_restricted_user_is_refused_elsewhere(
+    restricted: tuple[str, str], action: Callable[[Any], Any]
+) -> None:
+    admin_url, worker_url = restricted
+    with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
+        channel = connection.channel()  # the topology exists (declared by the admin here)
+        channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+        channel.queue_declare(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
+    _refused(worker_url, action)
