@@ -192,9 +192,10 @@ def table(results: Mapping[str, Any]) -> str:
     )
     lines.append(f"scaling (msg/s, order_send 20 ms): {steps}")
     rss = results["rss_mb"]
+    counted = results.get("memory_messages", {"1k": 1000, "50k": 50_000})
     lines.append(
-        f"worker RSS (MB): after 1k {_fmt(rss['1k'], 1)}, after "
-        f"{results.get('memory_messages', '50k')} {_fmt(rss['50k'], 1)}"
+        f"worker RSS (MB): after {counted['1k']:,} {_fmt(rss['1k'], 1)}, after "
+        f"{counted['50k']:,} {_fmt(rss['50k'], 1)}"
     )
     met = results.get("goals_met", {})
     for key, text in GOALS.items():
