@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -196,3 +197,21 @@ def test_bridge_serve_needs_a_secret_and_the_native_module(tmp_path: Path) -> No
     assert len(on_linux.stderr.strip().splitlines()) == 1
     assert "MetaTrader5" in on_linux.stderr
     assert password not in on_linux.stderr + on_linux.stdout
+
+
+def test_sim_terminal_comes_back_after_its_connection_drops(tmp_path: Path) -> None:
+    secret = new_secret()
+    flaky = OPEN_MARKETS_TOML + "\n[faults]\ndisconnect_rate = 0.5\nfault_seed = 3\n"
+    sim = start_sim_terminal(tmp_path, tmp_path / "state.db", secret, config=flaky)
+    try:
+        terminal = BridgeTerminal(sim.address, secret)
+        seen: list[bool] = []
+        for _ in range(300):  # bounded: the watch re-initializes every few seconds
+            seen.append(terminal.terminal_info() is not None)
+            if False in seen and seen[-1]:
+                break
+            time.sleep(0.05)
+        failed_at = seen.index(False)
+        assert True in seen[failed_at:], "the terminal never reconnected after a drop"
+    finally:
+        sim.kill()

@@ -140,8 +140,15 @@ def sim_terminal_main(args: argparse.Namespace) -> int:
         print(f"sim-terminal: initialize failed: {terminal.last_error()}", file=sys.stderr)
         return 1
     server = BridgeServer(terminal, secret, host=args.host, port=args.port, tls=tls)
+    # like a real terminal, the simulated one comes back after its connection drops
+    watch = threading.Thread(
+        target=_watch_terminal,
+        args=(server, terminal.initialize),
+        name="sim-terminal-watch",
+        daemon=True,
+    )
     try:
-        return _serve_until_signalled(server, watch=None)
+        return _serve_until_signalled(server, watch=watch)
     finally:
         terminal.shutdown()
         terminal.close()  # releases the state file
@@ -190,7 +197,7 @@ def bridge_serve_main(args: argparse.Namespace) -> int:
 
 
 def _watch_terminal(server: BridgeServer, connect: Callable[[], bool]) -> None:
-    """Re-initialize the native terminal when it reports itself disconnected."""
+    """Re-initialize the terminal when it reports itself disconnected."""
     while True:
         time.sleep(WATCH_INTERVAL_SECONDS)
         with server.lock:
