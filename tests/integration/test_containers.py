@@ -188,9 +188,11 @@ def test_rabbitmqctl_on_path_reaches_the_session_broker(rabbitmq_url: str) -> No
 def test_no_password_in_reprs(rabbitmq_broker: Broker, postgres_server: Service) -> None:
     for service in (rabbitmq_broker, postgres_server):
         password = urlsplit(service.admin_url).password
+        if service.backend == "container":
+            assert password, "containers get a random password per session"
         if password:
-            assert password not in repr(service)
-            assert password not in mask(service.admin_url)
+            assert f":{password}@" not in repr(service)
+            assert ":***@" in repr(service)
 
 
 def test_mask_hides_only_the_password() -> None:
