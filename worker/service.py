@@ -7,8 +7,9 @@ in flight (reconcile against the terminals), and hands the runtime a handler and
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker import metrics
 from worker.config import Settings
@@ -21,6 +22,7 @@ from worker.pipeline import Pipeline
 from worker.store import ExecutionRow, Store
 
 log = logging.getLogger(__name__)
+RECOVERY_INTERVAL_SECONDS = 60.0
 
 
 def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gateway]:
@@ -44,6 +46,7 @@ class Service:
     store: Store
     pool: SessionPool
     pipeline: Pipeline
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def start(cls, settings: Settings, *, recover: bool = True) -> Service:
@@ -62,7 +65,22 @@ class Service:
         service.register_metrics()
         if recover:
             service.recover()
+            service._start_sweeper()
         return service
+
+    def _start_sweeper(self) -> None:
+        """Settle rows abandoned mid-way while running (e.g. their delivery was dead-lettered
+        by the queue's delivery limit while the terminal was down), not only at start-up."""
+        idle = self.settings.order_timeout_seconds + 4 * self.settings.claim_timeout_seconds + 60
+
+        def sweep() -> None:
+            while not self._stopping.wait(RECOVERY_INTERVAL_SECONDS):
+                try:
+                    self.recover(idle_seconds=idle)
+                except Exception:
+                    log.exception("recovery sweep failed; retrying later")
+
+        threading.Thread(target=sweep, name="recovery-sweep", daemon=True).start()
 
     def register_metrics(self) -> None:
         """Gauges read from state at scrape time: the session pool and the outbox backlog."""
@@ -89,10 +107,14 @@ class Service:
     def sessions(self) -> int:
         return self.settings.prefetch or self.pool.health().size
 
-    def recover(self) -> list[tuple[ExecutionRow, Outcome]]:
-        """Settle every in-flight row left by an earlier run, before consuming."""
+    def recover(self, *, idle_seconds: float = 0.0) -> list[tuple[ExecutionRow, Outcome]]:
+        """Settle in-flight rows left by an earlier run (or abandoned: ``idle_seconds``).
+
+        A row whose execution is still being worked on is skipped: ``Pipeline.resume``
+        cannot take its execution lock and answers Requeue.
+        """
         with self.store.connection() as conn:
-            rows = self.store.in_flight(conn)
+            rows = self.store.in_flight(conn, idle_seconds=idle_seconds)
         results = []
         for row in rows:
             outcome = self.pipeline.resume(row)
@@ -106,5 +128,6 @@ class Service:
         return {"database": self.store.ping(), "sessions": health.size - health.unhealthy > 0}
 
     def close(self) -> None:
+        self._stopping.set()
         self.pool.close()
         self.store.close()

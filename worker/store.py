@@ -317,12 +317,17 @@ class Store:
             return None
         return Publish(execution_id, row[0], row[1].encode("utf-8"), row[2], row[3])
 
-    def in_flight(self, conn: psycopg.Connection[Any]) -> list[ExecutionRow]:
+    def in_flight(
+        self, conn: psycopg.Connection[Any], *, idle_seconds: float = 0.0
+    ) -> list[ExecutionRow]:
+        """Rows not yet terminal, oldest first; ``idle_seconds``: untouched for that long."""
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT * FROM execution.executions"
                 " WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED')"
-                " ORDER BY received_at"
+                " AND updated_at <= now() - make_interval(secs => %s)"
+                " ORDER BY received_at",
+                (idle_seconds,),
             )
             return [ExecutionRow(dict(row)) for row in cur.fetchall()]
 

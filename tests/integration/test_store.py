@@ -56,6 +56,7 @@ def test_intent_then_finish_keeps_one_row_and_one_outbox_entry(store: Store) -> 
             conn, execution_id, {"state": "SUBMITTED", "broker_order": 7}, [Event("submit")]
         )
         assert [row.execution_id for row in store.in_flight(conn)] == [execution_id]
+        assert store.in_flight(conn, idle_seconds=3600) == [], "recently touched rows are busy"
         confirmation = _publish(execution_id)
         kept = store.finish(
             conn,
