@@ -165,8 +165,9 @@ def _drain(url: str, queue: str) -> list[tuple[Any, bytes]]:
 
 def _history(service: Service) -> tuple[int, int]:
     deals = orders = 0
-    for _ in range(2):
-        with service.pool.claim(10.0) as lease:
+    for index in range(2):  # each session once (claims without an id may repeat one)
+        with service.pool.claim(10.0, session_id=f"sim-fuzz-{index}") as lease:
+            assert lease.session.id == f"sim-fuzz-{index}"
             terminal = lease.session.terminal
             deals += len(
                 terminal.history_deals_get(datetime(2000, 1, 1), datetime(2100, 1, 1)) or ()
