@@ -22,7 +22,10 @@ def as_utc(value: datetime) -> datetime:
     """Naive timestamps are UTC (the RPM writes ``datetime.utcnow().isoformat()``)."""
     if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00
+        raise ValueError("timestamp is out of range") from None
 
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]

@@ -11,6 +11,7 @@ broker symbol names) live in that file.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,10 @@ DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MASK = "***"
 # Metals, indices and crypto have no digits rule for pips (DOMAIN.md 2): configured here.
+# query parameters that carry secrets (sslpassword=..., ssl_options={'password': ...})
+_SECRET_QUERY = re.compile(
+    r"((?:pass\w*|secret\w*)['\"]?\s*(?:=|%3D|:|%3A)\s*['\"]?)[^&'\",}]*", re.I
+)
 DEFAULT_PIP_SIZES = {"XAUUSD": 0.1, "XAGUSD": 0.01, "US500": 1.0, "BTCUSD": 1.0}
 
 
@@ -32,8 +37,10 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return MASK
+    if parts.query:
+        parts = parts._replace(query=_SECRET_QUERY.sub(rf"\1{MASK}", parts.query))
     if parts.password is None:
-        return url
+        return urlunsplit(parts)
     host = parts.hostname or ""
     if parts.port is not None:
         host = f"{host}:{parts.port}"

@@ -243,6 +243,7 @@ class Pipeline:
                     delivery.properties,
                     received_at=delivery.received_at,
                     max_body_bytes=self.settings.max_body_bytes,
+                    parse_timeout_seconds=self.settings.parse_timeout_seconds,
                 )
         except InvalidMessage as invalid:
             metrics.record_received("invalid", redelivered=delivery.redelivered)

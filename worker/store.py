@@ -34,6 +34,7 @@ TERMINAL_STATES = frozenset(
 IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
 MIGRATION_LOCK = 0x45574D47  # "EWMG"
 EXECUTION_LOCK_CLASS = 2  # advisory lock class; class 1 is the session pool's
+OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
 
 MIGRATIONS: tuple[tuple[int, str], ...] = (
     (
@@ -208,9 +209,19 @@ def execution_lock_key(execution_id: UUID) -> int:
     return zlib.crc32(execution_id.bytes) - 2**31
 
 
+def _up_to_date(conn: psycopg.Connection[Any]) -> bool:
+    row = conn.execute("SELECT to_regclass('execution.schema_migrations') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return False
+    done = {r[0] for r in conn.execute("SELECT version FROM execution.schema_migrations")}
+    return all(version in done for version, _ in MIGRATIONS)
+
+
 def apply_migrations(conn: psycopg.Connection[Any]) -> list[int]:
     """Apply the missing migrations under a transaction-scoped advisory lock. Idempotent."""
     applied: list[int] = []
+    if _up_to_date(conn):
+        return applied  # no DDL at all: a least-privilege worker role can start
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         conn.execute("CREATE SCHEMA IF NOT EXISTS execution")
@@ -281,6 +292,7 @@ class Store:
             max_size=max_size,
             kwargs={"autocommit": True},
             open=True,
+            timeout=OPEN_TIMEOUT_SECONDS,
             name="execution-store",
         )
         return cls(pool)

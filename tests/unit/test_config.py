@@ -57,3 +57,10 @@ def test_toml_file_supplies_per_symbol_tables(tmp_path: pytest.TempPathFactory) 
 def test_mask_url_leaves_passwordless_urls_alone() -> None:
     assert mask_url("postgresql://postgres@127.0.0.1/x") == "postgresql://postgres@127.0.0.1/x"
     assert mask_url("amqps://u:p@h/v") == "amqps://u:***@h/v"
+
+
+def test_mask_url_masks_secret_query_parameters() -> None:
+    masked = mask_url("postgresql://u:pw@h/db?sslmode=verify-full&sslpassword=topsecret")
+    assert masked == "postgresql://u:***@h/db?sslmode=verify-full&sslpassword=***"
+    masked = mask_url("amqps://u@h/%2F?ssl_options={'keyfile':'k','password':'xyz'}")
+    assert "xyz" not in masked and "'keyfile':'k'" in masked

@@ -408,3 +408,10 @@ def test_connection_loss_raises_session_lost_outside_send(h: Harness) -> None:
     h.sim.initialize()
     h.sim.set_faults(scripted=("lost_reply",))
     assert h.send().status == "unknown"
+
+
+def test_absurd_sizes_are_volume_invalid_not_a_crash(h: Harness) -> None:
+    spec = h.gateway.symbol_spec("EURUSD")
+    with pytest.raises(GatewayRejection) as huge:
+        h.gateway.lots_for(spec, 1e300, "split")
+    assert huge.value.reason is RejectionReason.VOLUME_INVALID

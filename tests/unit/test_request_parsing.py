@@ -243,3 +243,10 @@ def test_overflowing_number_literal_is_not_finite() -> None:
     error = invalid(text.encode())
     assert error.field == "decision.approved_trade.position_units"
     assert "finite" in error.detail
+
+
+def test_out_of_range_aware_timestamp_is_a_field_error() -> None:
+    trade = samples.approved_trade(timestamp="9999-12-31T23:59:59-05:00")
+    error = invalid(samples.body(samples.decision(order_id="rpm-far", trade=trade)))
+    assert error.idempotency_key == "rpm-far"
+    assert "timestamp" in error.field

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
@@ -519,8 +519,13 @@ class Gateway:
         step = _decimal(spec.volume_step)
         vmin = _decimal(spec.volume_min)
         vmax = _decimal(spec.volume_max)
-        raw = (_decimal(units) / contract).quantize(_FLOAT_NOISE, rounding=ROUND_HALF_EVEN)
-        lots = (raw / step).to_integral_value(rounding=ROUND_FLOOR) * step
+        try:
+            raw = (_decimal(units) / contract).quantize(_FLOAT_NOISE, rounding=ROUND_HALF_EVEN)
+            lots = (raw / step).to_integral_value(rounding=ROUND_FLOOR) * step
+        except InvalidOperation:  # beyond Decimal's precision: absurdly large
+            raise GatewayRejection(
+                RejectionReason.VOLUME_INVALID, f"{units:g} units is not a tradable size"
+            ) from None
         if lots < vmin or lots <= 0:
             raise GatewayRejection(
                 RejectionReason.VOLUME_INVALID,
