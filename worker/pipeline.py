@@ -252,42 +252,47 @@ class Pipeline:
             return self._reject_invalid(invalid, delivery, run)
         metrics.record_received("valid", redelivered=delivery.redelivered)
 
-        with self.store.connection() as conn:
-            existing = self.store.load(conn, request.execution_id)
-            if existing is not None and existing.terminal:
-                return self._recorded(conn, existing)
-            if existing is None:
-                refusal = self._refusal(request)
-                if refusal is not None:
-                    return self._finish_rejection(conn, request, *refusal, run)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            # decided by the message alone: no session, no lock; an existing row is kept
+            with self.store.connection() as conn:
+                return self._finish_rejection(conn, request, *refusal, run, insert_only=True)
 
         with run.stage("claim"):
             try:
-                lease = self.sessions.claim(
-                    self.settings.claim_timeout_seconds,
-                    session_id=existing.get("session_id") if existing is not None else None,
-                )
+                lease = self.sessions.claim(self.settings.claim_timeout_seconds)
             except ClaimTimeout:
                 return Requeue("no MT5 session available")
         with lease:
-            if not self.store.try_lock_execution(lease.conn, request.execution_id):
+            locked, row = self.store.lock_and_load(lease.conn, request.execution_id)
+            if not locked:
                 return Requeue("execution in progress elsewhere")
-            row = self.store.load(lease.conn, request.execution_id)
             if row is not None and row.terminal:
                 return self._recorded(lease.conn, row)
-            if row is not None:
+            if row is not None and row.get("session_id") == lease.session.id:
                 return self._settle(_plan_from_row(row), lease, run, resumed=True)
-            return self._execute(request, lease, run)
+            if row is None:
+                stale = self._staleness(request.decided_at)
+                if stale is not None:
+                    return self._finish_rejection(lease.conn, request, *stale, run)
+                return self._execute(request, lease, run)
+        # in flight on another session: it is settled on the account it was sent to
+        assert row is not None
+        return self.resume(row)
 
     def _refusal(self, request: ExecutionRequest) -> tuple[RejectionReason, str] | None:
-        """Checks that need no terminal: they never reach the broker."""
+        """Refusals that follow from the message itself: they never reach the broker.
+
+        (Staleness depends on the time too, so it is judged under the execution's lock: a
+        redelivery of an approval already in flight must be settled, not refused.)
+        """
         if request.status not in (DecisionStatus.APPROVED, DecisionStatus.ADJUSTED):
             return RejectionReason.NOT_APPROVED, f"RPM status {request.status.value}"
         if request.kill_switch:
             return RejectionReason.KILL_SWITCH, request.kill_switch_reason or "kill switch set"
         if request.trading_halted:
             return RejectionReason.TRADING_HALTED, request.halt_reason or "trading halted"
-        return self._staleness(request.decided_at)
+        return None
 
     def _staleness(self, decided_at: datetime | None) -> tuple[RejectionReason, str] | None:
         if decided_at is None:
@@ -775,6 +780,7 @@ class Pipeline:
         *,
         retcode: int | None = None,
         session: Lease | None = None,
+        insert_only: bool = False,
     ) -> Outcome:
         """A refusal before any order: terminal row + outbox in one transaction."""
         trade = request.trade
@@ -821,12 +827,16 @@ class Pipeline:
             "completed_at": now,
         }
         with run.stage("commit"):
-            kept = self.store.finish(
-                conn,
-                fields,
-                run.take_events(),
-                _publish(confirmation, request.correlation_id, request.reply_to),
-            )
+            try:
+                kept = self.store.finish(
+                    conn,
+                    fields,
+                    run.take_events(),
+                    _publish(confirmation, request.correlation_id, request.reply_to),
+                    insert_only=insert_only,
+                )
+            except StoreError:
+                return Requeue("a delivery of this key is in flight")
         metrics.record_outcome("REJECTED", reason.value)
         return kept
 
@@ -864,17 +874,16 @@ class Pipeline:
             "completed_at": confirmation.completed_at,
         }
         with self.store.connection() as conn:
-            existing = self.store.load(conn, execution_id)
-            if existing is not None and existing.terminal:
-                return self._recorded(conn, existing)
-            if existing is not None:
+            try:
+                kept = self.store.finish(
+                    conn,
+                    fields,
+                    run.take_events(),
+                    _publish(confirmation, correlation, delivery.properties.reply_to or None),
+                    insert_only=True,
+                )
+            except StoreError:
                 return Requeue("a valid delivery of this key is in flight")
-            kept = self.store.finish(
-                conn,
-                fields,
-                run.take_events(),
-                _publish(confirmation, correlation, delivery.properties.reply_to or None),
-            )
         metrics.record_outcome("REJECTED", RejectionReason.INVALID_REQUEST.value)
         return kept
 

@@ -353,6 +353,32 @@ class Store:
         ).fetchone()
         return bool(row and row[0])
 
+    def lock_and_load(
+        self, conn: psycopg.Connection[Any], execution_id: UUID
+    ) -> tuple[bool, ExecutionRow | None]:
+        """``try_lock_execution`` then ``load``, as two statements in one round trip.
+
+        The row is read by a statement that starts after the lock is held, so it is the
+        state left by whoever held the lock before.
+        """
+        with (
+            conn.pipeline(),
+            conn.cursor(row_factory=dict_row) as lock,
+            conn.cursor(row_factory=dict_row) as read,
+        ):
+            lock.execute(
+                "SELECT pg_try_advisory_lock(%s, %s) AS locked",
+                (EXECUTION_LOCK_CLASS, execution_lock_key(execution_id)),
+            )
+            read.execute(
+                "SELECT * FROM execution.executions WHERE execution_id = %s", (execution_id,)
+            )
+            locked = lock.fetchone()
+            row = read.fetchone()
+        if not locked or not locked["locked"]:
+            return False, None
+        return True, ExecutionRow(dict(row)) if row is not None else None
+
     def unlock_execution(self, conn: psycopg.Connection[Any], execution_id: UUID) -> None:
         conn.execute(
             "SELECT pg_advisory_unlock(%s, %s)",
@@ -404,33 +430,41 @@ class Store:
         fields: dict[str, Any],
         events: Sequence[Event],
         confirmation: Publish,
+        *,
+        insert_only: bool = False,
     ) -> Publish:
         """Commit the terminal row, its events and the outbox row in ONE transaction.
 
-        Inserts the row when there was no intent (a rejection before any broker call).
-        Returns the confirmation that is on record: when the key already had a terminal
-        row (a concurrent or earlier outcome), that one, unchanged.
+        Inserts the row when there was no intent (a rejection before any broker call); with
+        ``insert_only`` an existing row is never touched (a refusal decided without the
+        execution's lock). Returns the confirmation that is on record: when the key already
+        had a terminal row (a concurrent or earlier outcome), that one, unchanged. An
+        existing row still in flight raises StoreError (the delivery is requeued).
         """
         columns = list(_checked(fields))
         execution_id: UUID = fields["execution_id"]
         updates = ", ".join(
             f"{column} = EXCLUDED.{column}" for column in columns if column != "execution_id"
         )
+        on_conflict = (
+            "ON CONFLICT DO NOTHING"
+            if insert_only
+            else f"ON CONFLICT (execution_id) DO UPDATE SET {updates}, updated_at = now()"
+            " WHERE execution.executions.state NOT IN"
+            " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')"
+        )
         # pipeline mode: BEGIN + upsert in one round trip, events + outbox + COMMIT in another
         with conn.pipeline() as pipeline, conn.transaction(), conn.cursor() as cur:
             cur.execute(
                 f"INSERT INTO execution.executions ({', '.join(columns)})"
-                f" VALUES ({', '.join(['%s'] * len(columns))})"
-                f" ON CONFLICT (execution_id) DO UPDATE SET {updates}, updated_at = now()"
-                " WHERE execution.executions.state NOT IN"
-                " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')",
+                f" VALUES ({', '.join(['%s'] * len(columns))}) {on_conflict}",
                 [_adapt(column, fields[column]) for column in columns],
             )
             pipeline.sync()  # the upsert's rowcount is known after the sync
             if cur.rowcount != 1:
                 existing = self.confirmation_of(conn, execution_id)
                 if existing is None:
-                    raise StoreError(f"execution {execution_id} is terminal without an outbox row")
+                    raise StoreError(f"execution {execution_id} has a row still in flight")
                 return existing
             _insert_events(cur, execution_id, events)
             cur.execute(

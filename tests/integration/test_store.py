@@ -12,7 +12,7 @@ import pytest
 
 from schemas.identity import comment_token_for
 from worker.delivery import Publish
-from worker.store import Event, Store
+from worker.store import Event, Store, StoreError
 
 
 @pytest.fixture
@@ -125,3 +125,30 @@ def test_a_failed_finish_commits_nothing(store: Store) -> None:
         assert row is not None and row.state == "SUBMITTING"
         assert store.events_of(conn, execution_id) == []
     assert store.unpublished(10) == []
+
+
+def test_insert_only_finish_never_touches_an_existing_row(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [])
+        with pytest.raises(StoreError):
+            store.finish(
+                conn,
+                _fields(execution_id, "REJECTED"),
+                [],
+                _publish(execution_id),
+                insert_only=True,
+            )
+        row = store.load(conn, execution_id)
+        assert row is not None and row.state == "SUBMITTING"
+
+
+def test_lock_and_load_in_one_round_trip(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as first, store.connection() as second:
+        assert store.lock_and_load(first, execution_id) == (True, None)
+        assert store.lock_and_load(second, execution_id) == (False, None)
+        store.insert_intent(first, _fields(execution_id, "SUBMITTING"), [])
+        store.unlock_execution(first, execution_id)
+        locked, row = store.lock_and_load(second, execution_id)
+        assert locked and row is not None and row.state == "SUBMITTING"
