@@ -502,7 +502,11 @@ class Store:
     def mark_published(self, execution_ids: Sequence[UUID]) -> None:
         if not execution_ids:
             return
-        with self.connection() as conn:
+        # The marker only spares the sweep a republish: if a crash loses it, the identical
+        # confirmation (same message_id) goes out once more. So this one transaction does
+        # not wait for its WAL flush; every audit write above keeps synchronous_commit on.
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(
                 "UPDATE execution.outbox SET published_at = now()"
                 " WHERE execution_id = ANY(%s) AND published_at IS NULL",
