@@ -14,6 +14,7 @@ from tests.integration.test_amqp_support import broker, ready_count, reset_vhost
 from worker import cli
 from worker.amqp import to_message_properties
 from worker.amqp_topology import REQUESTS_QUEUE, requests_queue_arguments
+from worker.config import Settings
 from worker.publish import (
     EXIT_BROKER,
     OutgoingMessage,
@@ -101,7 +102,8 @@ def test_a_mismatched_queue_is_reported_not_a_traceback(
         )
     assert cli.main(["publish", "--samples", "1"]) == EXIT_BROKER
     error = capsys.readouterr().err
-    assert "x-delivery-limit" in error and "declares 5" in error and "has 9" in error
+    declared = Settings().delivery_limit  # the default the CLI declares
+    assert "x-delivery-limit" in error and f"declares {declared}" in error and "has 9" in error
 
 
 def test_an_unreachable_broker_is_one_line_without_the_password(

@@ -73,7 +73,8 @@ def _advisory_holders(database_url: str) -> dict[int, int]:
     with psycopg.connect(database_url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT objid::bigint, pid FROM pg_locks "
-            "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted",
+            "WHERE locktype = 'advisory' AND classid = %s AND objsubid = 2 AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (LOCK_CLASS,),
         ).fetchall()
     return {int(objid): int(pid) for objid, pid in rows}
