@@ -683,35 +683,7 @@ class Pipeline:
             submitted_at=run.submitted_at,
             completed_at=completed,
         )
-        fields: dict[str, Any] = {
-            "execution_id": plan.execution_id,
-            "idempotency_key": plan.idempotency_key,
-            "rpm_order_id": plan.rpm_order_id,
-            "state": status.value,
-            "rejection_reason": reason.value if reason else None,
-            "rejection_details": details,
-            "symbol": plan.symbol,
-            "broker_symbol": plan.broker_symbol,
-            "direction": plan.side.value,
-            "intended_units": plan.intended_units,
-            "intended_lots": plan.intended_lots,
-            "executed_units": confirmation.executed_units,
-            "executed_lots": executed_lots,
-            "requested_price": requested,
-            "fill_price": fill_price,
-            "slippage_pips": slippage,
-            "comment_token": plan.token,
-            "session_id": lease.session.id,
-            "account_login": lease.session.login,
-            "broker_order": order,
-            "broker_deals": deals,
-            "broker_position": position,
-            "retcode": run.retcode,
-            "broker_comment": run.broker_comment,
-            "attempts": run.attempts,
-            "received_at": plan.received_at,
-            "completed_at": completed,
-        }
+        fields = _terminal_fields(confirmation, plan.token)
         with run.stage("commit"):
             kept = self.store.finish(
                 lease.conn, fields, run.take_events(), _publish_of(confirmation, plan)
@@ -805,27 +777,13 @@ class Pipeline:
             received_at=request.received_at,
             completed_at=now,
         )
-        fields: dict[str, Any] = {
-            "execution_id": request.execution_id,
-            "idempotency_key": request.idempotency_key,
-            "rpm_order_id": request.rpm_order_id,
-            "state": "REJECTED",
-            "rejection_reason": reason.value,
-            "rejection_details": details,
-            "symbol": confirmation.symbol,
-            "broker_symbol": confirmation.broker_symbol,
-            "direction": confirmation.direction,
-            "intended_units": confirmation.intended_units,
-            "comment_token": request.comment_token,
-            "magic": self.settings.magic,
-            "session_id": confirmation.session_id,
-            "account_login": confirmation.account_login,
-            "retcode": retcode,
-            "request": _request_snapshot(request),
-            "decided_at": request.decided_at,
-            "received_at": request.received_at,
-            "completed_at": now,
-        }
+        fields = _terminal_fields(
+            confirmation,
+            request.comment_token,
+            magic=self.settings.magic,
+            request=_request_snapshot(request),
+            decided_at=request.decided_at,
+        )
         with run.stage("commit"):
             try:
                 kept = self.store.finish(
@@ -861,18 +819,7 @@ class Pipeline:
         )
         correlation = delivery.properties.correlation_id or invalid.rpm_order_id
         run.event("validate", "REJECTED", reason="INVALID_REQUEST", code=invalid.code)
-        fields: dict[str, Any] = {
-            "execution_id": execution_id,
-            "idempotency_key": key,
-            "rpm_order_id": invalid.rpm_order_id,
-            "state": "REJECTED",
-            "rejection_reason": RejectionReason.INVALID_REQUEST.value,
-            "rejection_details": details,
-            "symbol": symbol,
-            "comment_token": comment_token_for(execution_id),
-            "received_at": received,
-            "completed_at": confirmation.completed_at,
-        }
+        fields = _terminal_fields(confirmation, comment_token_for(execution_id))
         with self.store.connection() as conn:
             try:
                 kept = self.store.finish(
@@ -966,6 +913,46 @@ def _fills_from_deals(deals: tuple[api.TradeDeal, ...], plan: Plan) -> list[Fill
         fill.volume = volume
         fill.deals.append(deal.ticket)
     return list(by_order.values())
+
+
+def _terminal_fields(
+    confirmation: ExecutionConfirmation, comment_token: str, **extra: Any
+) -> dict[str, Any]:
+    """The final audit row mirrors the confirmation it commits with."""
+    c = confirmation
+    fields: dict[str, Any] = {
+        "execution_id": c.execution_id,
+        "idempotency_key": c.idempotency_key,
+        "rpm_order_id": c.order_id,
+        "state": c.status.value,
+        "rejection_reason": c.rejection_reason.value if c.rejection_reason else None,
+        "rejection_details": c.rejection_details,
+        "symbol": c.symbol,
+        "broker_symbol": c.broker_symbol,
+        "direction": c.direction,
+        "intended_units": c.intended_units,
+        "intended_lots": c.intended_lots,
+        "executed_units": c.executed_units,
+        "executed_lots": c.executed_lots,
+        "requested_price": c.requested_price,
+        "fill_price": c.fill_price,
+        "spread_pips": c.spread_pips_at_submit,
+        "slippage_pips": c.slippage_pips,
+        "comment_token": comment_token,
+        "session_id": c.session_id,
+        "account_login": c.account_login,
+        "broker_order": c.broker_order,
+        "broker_deals": c.broker_deals,
+        "broker_position": c.broker_position,
+        "retcode": c.retcode,
+        "broker_comment": c.broker_comment,
+        "attempts": c.attempts,
+        "received_at": c.received_at,
+        "submitted_at": c.submitted_at,
+        "completed_at": c.completed_at,
+    }
+    fields.update(extra)
+    return fields
 
 
 def _request_snapshot(request: ExecutionRequest) -> dict[str, Any]:
