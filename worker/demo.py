@@ -49,7 +49,9 @@ DEMO_SESSIONS = "2"  # when MT5_SESSIONS is a file (of real sessions)
 RUN_HEADER = "x-demo-run"
 SYMBOLS = ("EURUSD", "USDJPY", "XAUUSD", "GBPUSD")
 # GBPUSD is IOC-only in the simulator and fills at most 30 lots per order
-PARTIAL_SYMBOL, PARTIAL_UNITS = "GBPUSD", 3_200_000.0
+# 40 lots against 30 lots of liquidity per order: a partial fill even after the hedging
+# account first closes an opposite GBPUSD position left by the ordinary trades
+PARTIAL_SYMBOL, PARTIAL_UNITS = "GBPUSD", 4_000_000.0
 COLUMNS = (
     ("status", 17),
     ("symbol", 7),
