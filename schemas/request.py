@@ -200,6 +200,8 @@ def _decode_json(
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage("not_utf8", "body", f"not UTF-8 at byte {exc.start}") from None
+    if "\\u0000" in text:  # PostgreSQL text cannot hold NUL: refuse it up front
+        raise InvalidMessage("nul_character", "body", "a string contains \\u0000")
     _check_structure(text, limits.max_depth, limits.max_elements)
     budget.check("the structure scan")
     try:
@@ -275,7 +277,12 @@ def _describe(error: ValidationError, prefix: str) -> tuple[str, str]:
 
 def _valid_message_id(props: MessageProperties) -> str | None:
     mid = props.message_id
-    if mid is not None and mid.strip() and len(mid) <= MAX_ORDER_ID_LENGTH:
+    if (
+        isinstance(mid, str)
+        and mid.strip()
+        and len(mid) <= MAX_ORDER_ID_LENGTH
+        and "\x00" not in mid
+    ):
         return mid
     return None
 

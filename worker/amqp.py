@@ -118,13 +118,20 @@ def to_message_properties(props: Any) -> MessageProperties:
     """pika ``BasicProperties`` -> the library-independent ``MessageProperties``."""
     headers = props.headers if isinstance(props.headers, dict) else {}
     return MessageProperties(
-        message_id=props.message_id,
-        correlation_id=props.correlation_id,
-        reply_to=props.reply_to,
-        content_type=props.content_type,
-        content_encoding=props.content_encoding,
+        message_id=_text(props.message_id),
+        correlation_id=_text(props.correlation_id),
+        reply_to=_text(props.reply_to),
+        content_type=_text(props.content_type),
+        content_encoding=_text(props.content_encoding),
         headers=dict(headers),
     )
+
+
+def _text(value: Any) -> str | None:
+    """A property as text we can store: pika gives bytes for non-UTF-8 values; NUL is out."""
+    if isinstance(value, str) and "\x00" not in value:
+        return value
+    return None
 
 
 def delivery_count_of(props: Any) -> int | None:

@@ -39,8 +39,8 @@ from worker.mt5.gateway import (
     BrokerCall,
     Gateway,
     GatewayRejection,
+    Reconciliation,
     SendOutcome,
-    SessionLost,
     Side,
     SymbolSpec,
     signed_slippage_pips,
@@ -119,6 +119,10 @@ class Plan:
     decided_at: datetime | None
     reply_to: str | None
     correlation_id: str | None
+    contract_size: float
+    pip: float
+    submitted_at: datetime | None = None
+    attempts: int = 0
 
 
 @dataclass
@@ -199,22 +203,28 @@ class Pipeline:
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Never raises: database or terminal trouble becomes a requeue."""
+        return self._guarded(lambda: self._handle(delivery))
+
+    def resume(self, row: ExecutionRow) -> Outcome:
+        """Settle an in-flight row from the broker's truth (recovery sweep, ``reconcile``)."""
+        return self._guarded(lambda: self._resume(row))
+
+    def _guarded(self, work: Callable[[], Outcome]) -> Outcome:
         try:
-            return self._handle(delivery)
+            return work()
         except (psycopg.Error, StoreError) as exc:
             log.warning("database unavailable, requeued: %s", type(exc).__name__)
             return Requeue(f"database: {type(exc).__name__}")
-        except (GatewayRejection, api.TransportError) as exc:
-            # the terminal failed mid-way (e.g. SessionLost while monitoring): any row stays
-            # in flight and the redelivery settles it from the broker's truth
+        except api.TransportError as exc:
+            # the terminal failed mid-way (SessionLost, a dropped bridge, an unconfirmed
+            # cancel): any row stays in flight and is settled later from the broker's truth
             log.warning("terminal unavailable, requeued: %s", exc)
             return Requeue(f"terminal: {type(exc).__name__}")
         except Exception:
             log.exception("unexpected error, requeued")
             return Requeue("internal error")
 
-    def resume(self, row: ExecutionRow) -> Outcome:
-        """Settle an in-flight row from the broker's truth (start-up sweep, ``reconcile``)."""
+    def _resume(self, row: ExecutionRow) -> Outcome:
         try:
             lease = self.sessions.claim(
                 self.settings.claim_timeout_seconds, session_id=row.get("session_id")
@@ -222,9 +232,9 @@ class Pipeline:
         except ClaimTimeout:
             return Requeue("no MT5 session available")
         with lease:
-            if not self.store.try_lock_execution(lease.conn, row.execution_id):
+            locked, current = self.store.lock_and_load(lease.conn, row.execution_id)
+            if not locked:
                 return Requeue("execution in progress elsewhere")
-            current = self.store.load(lease.conn, row.execution_id)
             if current is None:
                 return Requeue("row vanished")
             if current.terminal:
@@ -365,6 +375,8 @@ class Pipeline:
             decided_at=request.decided_at,
             reply_to=request.reply_to,
             correlation_id=request.correlation_id,
+            contract_size=spec.contract_size,
+            pip=spec.pip,
         )
         run.submitted_at = datetime.now(UTC)
         with run.stage("intent"):
@@ -422,8 +434,6 @@ class Pipeline:
                         deviation=plan.deviation,
                         position=leg.position,
                     )
-            except SessionLost:
-                raise  # nothing sent for this leg; the row stays in flight (see handle)
             except GatewayRejection as refused:
                 # nothing was sent for this leg (no quote, no filling mode)
                 run.broker_calls("submit", gateway.drain_calls())
@@ -479,6 +489,29 @@ class Pipeline:
             return self._finish(plan, lease, run, [], reason=reason, details=details, spec=spec)
         return self._finish(plan, lease, run, fills, timed_out=timed_out, spec=spec)
 
+    def _fills_of_orders(
+        self, gateway: Gateway, found: Reconciliation, plan: Plan, run: Run
+    ) -> list[Fill]:
+        """Our order or position exists but the deals window showed no deal: ask by ticket.
+
+        Settling with nothing filled is only right when every order we sent is final
+        without a fill; otherwise (history lag, a position without its deal) the row stays
+        in flight and is settled later.
+        """
+        deals = tuple(
+            deal for order in found.history_orders for deal in gateway.deals_for_order(order.ticket)
+        )
+        run.broker_calls("reconcile", gateway.drain_calls())
+        fills = _fills_from_deals(deals, plan)
+        unfilled_final = all(
+            order.state
+            in (api.ORDER_STATE_CANCELED, api.ORDER_STATE_REJECTED, api.ORDER_STATE_EXPIRED)
+            for order in found.history_orders
+        )
+        if not fills and (found.positions or not unfilled_final):
+            raise api.TransportError("the broker shows our order but not yet its deals")
+        return fills
+
     def _monitor(
         self, gateway: Gateway, order: int, placed: SendOutcome, run: Run
     ) -> tuple[Fill | None, bool]:
@@ -495,6 +528,12 @@ class Pipeline:
                     timed_out = True
                     cancel = gateway.cancel(order)
                     run.note("monitor", cancelled=order, retcode=cancel.retcode)
+                    after = gateway.order_state(order)
+                    if cancel.status != "done" and (
+                        after is None or after.state not in FINAL_ORDER_STATES
+                    ):
+                        # it may still fill: leave the row in flight, settle it later
+                        raise api.TransportError(f"cancel of order {order} not confirmed")
                     break
                 self.sleep(delay)
                 delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
@@ -533,6 +572,9 @@ class Pipeline:
         fresh and attempts remain. A terminal that cannot answer leaves the row in flight.
         """
         gateway: Gateway = lease.session.gateway
+        if resumed:  # the audit keeps what earlier deliveries did
+            run.attempts = max(run.attempts, plan.attempts)
+            run.submitted_at = run.submitted_at or plan.submitted_at
         since = plan.received_at - RECONCILE_PADDING
         try:
             with run.stage("reconcile"):
@@ -549,6 +591,8 @@ class Pipeline:
         run.note("reconcile", found=found.found, resumed=resumed, deals=len(found.deals))
         if found.found:
             fills = _fills_from_deals(found.deals, plan)
+            if not fills and not found.open_orders:
+                fills = self._fills_of_orders(gateway, found, plan, run)
             timed_out = False
             for order in found.open_orders:
                 placed = SendOutcome(
@@ -612,8 +656,10 @@ class Pipeline:
         spec: SymbolSpec | None = None,
     ) -> Outcome:
         gateway: Gateway = lease.session.gateway
-        spec = spec or _spec_or_none(gateway, plan.broker_symbol)
-        contract = spec.contract_size if spec is not None else 0.0
+        if plan.contract_size <= 0 or plan.pip <= 0:  # a row from before these were kept
+            spec = spec or gateway.symbol_spec(plan.broker_symbol)
+            plan.contract_size, plan.pip = spec.contract_size, spec.pip
+        contract = plan.contract_size
         executed_lots = round(sum(fill.volume for fill in fills), 8)
         fill_price = (
             sum(fill.volume * fill.price for fill in fills) / executed_lots
@@ -626,8 +672,8 @@ class Pipeline:
             else plan.requested_price
         )
         slippage = None
-        if fill_price is not None and requested is not None and spec is not None:
-            slippage = round(signed_slippage_pips(plan.side, requested, fill_price, spec.pip), 4)
+        if fill_price is not None and requested is not None:
+            slippage = round(signed_slippage_pips(plan.side, requested, fill_price, plan.pip), 4)
             metrics.record_slippage(plan.symbol, plan.side.name.lower(), slippage)
 
         if status is None:
@@ -638,11 +684,16 @@ class Pipeline:
         if slippage is not None and slippage > limit and executed_lots > 0:
             metrics.record_slippage_breach(plan.symbol)
             breach = f"slippage {slippage:.2f} pips > limit {limit:g} pips"
-            if self.settings.slippage_policy == "close" and spec is not None:
-                closing = self._close_fills(gateway, spec, plan, fills, run)
+            if self.settings.slippage_policy == "close":
+                spec = spec or gateway.symbol_spec(plan.broker_symbol)
+                closing, closed_all = self._close_fills(gateway, spec, plan, fills, run)
                 fills = fills + closing
-                status, reason = ExecutionStatus.CANCELLED, RejectionReason.SLIPPAGE_EXCEEDED
-                details = f"{breach}; position closed at once"
+                if closed_all:
+                    status = ExecutionStatus.CANCELLED
+                    reason, details = RejectionReason.SLIPPAGE_EXCEEDED, f"{breach}; closed at once"
+                else:
+                    reason = RejectionReason.SLIPPAGE_EXCEEDED
+                    details = f"{breach}; closing it FAILED: the position may still be open"
             elif reason is None:
                 reason, details = RejectionReason.SLIPPAGE_EXCEEDED, breach
 
@@ -719,9 +770,13 @@ class Pipeline:
 
     def _close_fills(
         self, gateway: Gateway, spec: SymbolSpec, plan: Plan, fills: list[Fill], run: Run
-    ) -> list[Fill]:
-        """Slippage policy ``close``: take the fresh exposure off at once."""
+    ) -> tuple[list[Fill], bool]:
+        """Slippage policy ``close``: take the fresh exposure off at once.
+
+        Returns the closing fills and whether every one closed in full.
+        """
         closing: list[Fill] = []
+        closed_all = True
         opposite = Side.SELL if plan.side is Side.BUY else Side.BUY
         for fill in fills:
             if fill.position is None:
@@ -736,11 +791,16 @@ class Pipeline:
                 position=fill.position,
             )
             run.broker_calls("slippage", gateway.drain_calls())
+            if outcome.status == "unknown":
+                raise api.TransportError("the slippage close has an unknown outcome")
             if outcome.status in ("done", "partial"):
                 closing.append(
                     Fill(outcome.order, [outcome.deal], 0.0, outcome.price, outcome.price)
                 )
-        return closing
+            closed_all = (
+                closed_all and outcome.status == "done" and (outcome.volume >= fill.volume - 1e-9)
+            )
+        return closing, closed_all
 
     def _finish_rejection(
         self,
@@ -847,7 +907,9 @@ class Pipeline:
     ) -> dict[str, Any]:
         snapshot = _request_snapshot(request)
         snapshot["legs"] = [[leg.lots, leg.position] for leg in plan.legs]
-        snapshot["deviation"] = plan.deviation
+        # what settling needs even if the terminal cannot describe the symbol then
+        snapshot["contract_size"] = plan.contract_size
+        snapshot["pip"] = plan.pip
         return {
             "execution_id": plan.execution_id,
             "idempotency_key": plan.idempotency_key,
@@ -891,16 +953,12 @@ def _routable(symbol: str) -> bool:
     return symbol.isascii() and symbol.replace(".", "").replace("_", "").isalnum()
 
 
-def _spec_or_none(gateway: Gateway, broker_symbol: str) -> SymbolSpec | None:
-    try:
-        return gateway.symbol_spec(broker_symbol)
-    except GatewayRejection:
-        return None
-
-
 def _fills_from_deals(deals: tuple[api.TradeDeal, ...], plan: Plan) -> list[Fill]:
     by_order: dict[int, Fill] = {}
+    ours = api.DEAL_TYPE_BUY if plan.side is Side.BUY else api.DEAL_TYPE_SELL
     for deal in deals:
+        if deal.type != ours:  # e.g. the close of SLIPPAGE_POLICY=close: not a fill
+            continue
         fill = by_order.get(deal.order)
         requested = plan.requested_price if plan.requested_price is not None else deal.price
         if fill is None:
@@ -998,4 +1056,8 @@ def _plan_from_row(row: ExecutionRow) -> Plan:
         decided_at=row.get("decided_at"),
         reply_to=snapshot.get("reply_to"),
         correlation_id=snapshot.get("correlation_id") or row.get("rpm_order_id"),
+        contract_size=float(snapshot.get("contract_size") or 0.0),
+        pip=float(snapshot.get("pip") or 0.0),
+        submitted_at=row.get("submitted_at"),
+        attempts=row.get("attempts") or 0,
     )

@@ -246,6 +246,8 @@ def test_a_crash_then_a_redelivery_gives_exactly_one_order(
     assert env.row(execution_id)["state"] == "SUBMITTING"
     confirmation = env.confirm(message, redelivered=True)
     assert confirmation["status"] == "FILLED" and confirmation["executed_lots"] == 2.0
+    assert confirmation["executed_units"] == 200.0  # XAUUSD: contract 100 per lot
+    assert confirmation["slippage_pips"] is not None
     assert len(env.deals()) == 1
     assert env.row(execution_id)["state"] == "FILLED"
 
@@ -348,6 +350,8 @@ def test_a_lost_terminal_requeues_and_the_redelivery_fills_once(env: PipelineEnv
     outcome = env.deliver(message)
     assert isinstance(outcome, Requeue)
     assert env.deals() == []
+    with env.store.connection() as conn:  # a transient fault never refuses the approval
+        assert env.store.load(conn, execution_id_for(_key(message))) is None
     env.sim.set_faults(disconnect_rate=0.0)
     confirmation: dict[str, Any] | None = None
     for _ in range(100):  # the pool reconnects the session in the background

@@ -415,3 +415,15 @@ def test_absurd_sizes_are_volume_invalid_not_a_crash(h: Harness) -> None:
     with pytest.raises(GatewayRejection) as huge:
         h.gateway.lots_for(spec, 1e300, "split")
     assert huge.value.reason is RejectionReason.VOLUME_INVALID
+
+
+def test_a_tick_too_old_to_learn_the_server_clock_is_stale_not_a_crash(h: Harness) -> None:
+    import time
+
+    later = Gateway(
+        h.sim, magic=1, pip_sizes={}, max_tick_age_seconds=10,
+        clock=lambda: time.time() + 20 * 3600,
+    )  # fmt: skip
+    with pytest.raises(GatewayRejection) as stale:
+        later.snapshot(later.symbol_spec("EURUSD"))
+    assert stale.value.reason is RejectionReason.STALE_TICK

@@ -250,3 +250,12 @@ def test_out_of_range_aware_timestamp_is_a_field_error() -> None:
     error = invalid(samples.body(samples.decision(order_id="rpm-far", trade=trade)))
     assert error.idempotency_key == "rpm-far"
     assert "timestamp" in error.field
+
+
+def test_nul_characters_are_refused_before_they_reach_the_database() -> None:
+    message = samples.decision(order_id="rpm-nul")
+    message["kill_switch_reason"] = "a\u0000b"
+    error = invalid(samples.body(message), MessageProperties(message_id="m-nul"))
+    assert error.code == "nul_character" and error.idempotency_key == "m-nul"
+    error = invalid(samples.body(message), MessageProperties(message_id="bad\x00id"))
+    assert error.idempotency_key is None

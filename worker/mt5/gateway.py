@@ -9,6 +9,7 @@ reconciles by comment token + magic. Every terminal call is recorded as a
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import re
@@ -74,15 +75,19 @@ class GatewayRejection(Exception):
         self.retcode = retcode
 
 
-class SessionLost(GatewayRejection):
+class SessionLost(api.TransportError):
     """The terminal connection is gone (last_error -10000..-10005 or a transport error).
 
     Raised by every call except ``send`` (where it is an unknown outcome) so that the
-    session pool can reconnect.
+    session pool can reconnect. Not a rejection: the approval is retried (requeued) on a
+    healthy session, never refused because of a transient fault.
     """
 
+    reason = RejectionReason.SESSION_UNAVAILABLE
+
     def __init__(self, details: str) -> None:
-        super().__init__(RejectionReason.SESSION_UNAVAILABLE, details)
+        super().__init__(f"{self.reason.value}: {details}")
+        self.details = details
 
 
 @dataclass(frozen=True)
@@ -479,7 +484,12 @@ class Gateway:
         """A fresh tick; its age is judged in server time (never against local UTC)."""
         tick = self._tick(spec.name)
         offset = self._offset_ms()
-        assert offset is not None  # _tick learned it
+        if offset is None:  # only ticks too old to learn the server clock from
+            raise GatewayRejection(
+                RejectionReason.STALE_TICK,
+                f"{spec.name}: the last tick is too old to judge (server clock offset unknown; "
+                "set SERVER_UTC_OFFSET_SECONDS)",
+            )
         server_now_ms = int(self._clock() * 1000) + offset
         age = (server_now_ms - tick.time_msc) / 1000
         if age > self._max_tick_age:
@@ -767,11 +777,8 @@ class Gateway:
         """
         offset = self._offset_ms()
         if offset is None:
-            try:
+            with contextlib.suppress(GatewayRejection):  # no tick: use the wider window
                 self._tick(broker_symbol)
-            except GatewayRejection as exc:
-                if isinstance(exc, SessionLost):
-                    raise
             offset = self._offset_ms()
         pad = _RECONCILE_PAD if offset is not None else _RECONCILE_PAD + timedelta(hours=14)
         since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
