@@ -200,8 +200,6 @@ def _decode_json(
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage("not_utf8", "body", f"not UTF-8 at byte {exc.start}") from None
-    if "\\u0000" in text:  # PostgreSQL text cannot hold NUL: refuse it up front
-        raise InvalidMessage("nul_character", "body", "a string contains \\u0000")
     _check_structure(text, limits.max_depth, limits.max_elements)
     budget.check("the structure scan")
     try:
@@ -234,7 +232,12 @@ def _order_id_of(decision: Any) -> str | None:
     if not isinstance(decision, dict):
         return None
     order_id = decision.get("order_id")
-    if isinstance(order_id, str) and order_id.strip() and len(order_id) <= MAX_ORDER_ID_LENGTH:
+    if (
+        isinstance(order_id, str)
+        and order_id.strip()
+        and len(order_id) <= MAX_ORDER_ID_LENGTH
+        and "\x00" not in order_id
+    ):
         return order_id
     return None
 
@@ -350,6 +353,8 @@ def _parse(
             "decision.order_id",
             "neither decision.order_id nor the AMQP message_id is set",
         )
+    if b"\\u0000" in body:  # PostgreSQL text cannot hold NUL: refused, with the key known
+        raise InvalidMessage("nul_character", "body", "a string contains \\u0000", **context)
     lax = _lax_trade_field(raw_decision)
     if lax is not None:
         raise InvalidMessage("invalid_field", *lax, **context)

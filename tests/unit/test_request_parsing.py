@@ -256,6 +256,7 @@ def test_nul_characters_are_refused_before_they_reach_the_database() -> None:
     message = samples.decision(order_id="rpm-nul")
     message["kill_switch_reason"] = "a\u0000b"
     error = invalid(samples.body(message), MessageProperties(message_id="m-nul"))
-    assert error.code == "nul_character" and error.idempotency_key == "m-nul"
+    assert error.code == "nul_character" and error.idempotency_key == "rpm-nul"
+    message["order_id"] = "rpm\u0000nul"  # a key with NUL is no key
     error = invalid(samples.body(message), MessageProperties(message_id="bad\x00id"))
-    assert error.idempotency_key is None
+    assert error.code == "missing_idempotency_key" and error.idempotency_key is None
