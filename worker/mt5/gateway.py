@@ -414,7 +414,7 @@ class Gateway:
         """Terminal, account and symbol permissions for opening ``side``."""
         terminal, _ = self._query("terminal_info", self._terminal.terminal_info)
         if terminal is None:
-            raise GatewayRejection(RejectionReason.SESSION_UNAVAILABLE, "terminal_info failed")
+            raise SessionLost("terminal_info failed")
         if not terminal.trade_allowed:
             raise GatewayRejection(
                 RejectionReason.TRADING_DISABLED,
@@ -833,11 +833,8 @@ class Gateway:
 
     def account(self) -> api.AccountInfo:
         info, error = self._query("account_info", self._terminal.account_info)
-        if info is None:
-            raise GatewayRejection(
-                RejectionReason.SESSION_UNAVAILABLE,
-                f"account_info failed {error or ''}".strip(),
-            )
+        if info is None:  # the terminal cannot answer: retry elsewhere, never refuse
+            raise SessionLost(f"account_info failed {error or ''}".strip())
         return info
 
 
