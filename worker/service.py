@@ -124,8 +124,14 @@ class Service:
         return results
 
     def readiness(self) -> dict[str, bool]:
+        """Database, sessions, and each trading-permission level last seen by any session
+        (terminal Algo Trading, trade API, account trading, expert trading: DOMAIN.md 6)."""
         health = self.pool.health()
-        return {"database": self.store.ping(), "sessions": health.size - health.unhealthy > 0}
+        ready = {"database": self.store.ping(), "sessions": health.size - health.unhealthy > 0}
+        for _session, gateway in self.pool.gateways():
+            for level, allowed in getattr(gateway, "permissions", {}).items():
+                ready[f"trading_{level}"] = ready.get(f"trading_{level}", False) or allowed
+        return ready
 
     def close(self) -> None:
         self._stopping.set()

@@ -362,3 +362,18 @@ def test_a_lost_terminal_requeues_and_the_redelivery_fills_once(env: PipelineEnv
         time.sleep(0.05)
     assert confirmation is not None and confirmation["status"] == "FILLED"
     assert len(env.deals()) == 1
+
+
+def test_readiness_reports_each_trading_permission_level(env: PipelineEnv) -> None:
+    from worker.service import Service
+
+    service = Service(env.settings, env.store, env.pool, env.pipeline)
+    env.confirm(approval())
+    ready = service.readiness()
+    assert ready["database"] and ready["sessions"]
+    assert ready["trading_terminal_trade_allowed"] and ready["trading_account_trade_expert"]
+    env.sim.set_trading(terminal=False)  # the terminal's Algo Trading button
+    assert env.confirm(approval())["rejection_reason"] == "TRADING_DISABLED"
+    ready = service.readiness()
+    assert ready["trading_terminal_trade_allowed"] is False
+    assert ready["trading_account_trade_allowed"] is True

@@ -264,6 +264,7 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        self.permissions: dict[str, bool] = {}
         self._terminal = terminal
         self._magic = magic
         self._pip_sizes = dict(pip_sizes)
@@ -415,6 +416,13 @@ class Gateway:
         terminal, _ = self._query("terminal_info", self._terminal.terminal_info)
         if terminal is None:
             raise SessionLost("terminal_info failed")
+        account = self.account()
+        self.permissions = {  # the last seen, for readiness (DOMAIN.md 6: report each level)
+            "terminal_trade_allowed": terminal.trade_allowed,
+            "terminal_tradeapi_enabled": not terminal.tradeapi_disabled,
+            "account_trade_allowed": account.trade_allowed,
+            "account_trade_expert": account.trade_expert,
+        }
         if not terminal.trade_allowed:
             raise GatewayRejection(
                 RejectionReason.TRADING_DISABLED,
@@ -425,7 +433,6 @@ class Gateway:
             raise GatewayRejection(
                 RejectionReason.TRADING_DISABLED, "terminal: the trade API is disabled"
             )
-        account = self.account()
         if not account.trade_allowed:
             raise GatewayRejection(
                 RejectionReason.TRADING_DISABLED, "account: trading is not allowed"

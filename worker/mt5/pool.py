@@ -468,6 +468,11 @@ class SessionPool:
         if recovered:
             _log.info("mt5 session %s back in rotation", slot.spec.id)
 
+    def gateways(self) -> list[tuple[str, Any]]:
+        """(session id, gateway) of every session opened so far (for readiness reports)."""
+        with self._cond:
+            return [(slot.spec.id, slot.session.gateway) for slot in self._slots if slot.session]
+
     def health(self) -> PoolHealth:
         with self._cond:
             closed = self._closing.is_set()
