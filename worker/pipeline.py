@@ -44,6 +44,7 @@ from worker.mt5.gateway import (
     Side,
     SymbolSpec,
     signed_slippage_pips,
+    vwap,
 )
 from worker.mt5.pool import ClaimTimeout, Lease
 from worker.store import Event, ExecutionRow, Store, StoreError, as_json
@@ -539,10 +540,10 @@ class Pipeline:
                 delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
             deals = gateway.deals_for_order(order)
         run.broker_calls("monitor", gateway.drain_calls())
-        volume = sum(deal.volume for deal in deals)
-        if volume <= 0:
+        price = vwap(deals)
+        if price is None:
             return None, timed_out
-        price = sum(deal.volume * deal.price for deal in deals) / volume
+        volume = sum(deal.volume for deal in deals)
         return (
             Fill(
                 order=order,
