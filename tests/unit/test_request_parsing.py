@@ -58,7 +58,7 @@ def test_rejected_decision_carries_no_trade() -> None:
 def test_kill_switch_and_halt_are_read() -> None:
     message = samples.rpm_output(samples.decision(kill_switch=True), halted=True)
     request = parse(samples.body(message))
-    assert request.kill_switch and request.kill_switch_reason == "drawdown limit"
+    assert request.kill_switch and request.kill_switch_reason == "daily drawdown limit"
     assert request.trading_halted and request.halt_reason == "daily loss"
 
 
