@@ -103,6 +103,11 @@ class Settings(BaseModel):
     # runtime
     prefetch: int | None = Field(default=None, ge=1)
     claim_timeout_seconds: float = Field(default=5.0, gt=0)
+    session_linger_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        description="a released session keeps its lock this long for this process's next message",
+    )
     delivery_limit: int = Field(
         default=20, ge=1, description="deliveries before dead-lettering (requeues count too)"
     )

@@ -7,6 +7,11 @@ The exactly-once protocol (DOMAIN.md 3):
 - the intent row (SUBMITTING) is committed through the session lease's connection BEFORE
   ``order_send``; an in-flight row found later is settled from what the broker says
   (reconcile by comment token + magic), never by a blind resend;
+- who may act on an execution: before its row exists, whoever inserts the intent (the
+  primary key decides; a refusal never overwrites a row); once it exists, whoever holds the
+  lease of the session named in the row, which is exclusive across threads and processes.
+  So a first delivery needs no read before its intent: a key that already has a row shows
+  up as a conflict of the intent insert (or of the refusal), and is then loaded;
 - the final row, its events and the outbox row are committed in one transaction, and only
   then is the confirmation handed to the runtime for publishing and acking.
 
@@ -233,9 +238,8 @@ class Pipeline:
         except ClaimTimeout:
             return Requeue("no MT5 session available")
         with lease:
-            locked, current = self.store.lock_and_load(lease.conn, row.execution_id)
-            if not locked:
-                return Requeue("execution in progress elsewhere")
+            # read under the row's session lease: the state its last holder left
+            current = self.store.load(lease.conn, row.execution_id)
             if current is None:
                 return Requeue("row vanished")
             if current.terminal:
@@ -265,9 +269,9 @@ class Pipeline:
 
         refusal = self._refusal(request)
         if refusal is not None:
-            # decided by the message alone: no session, no lock; an existing row is kept
+            # decided by the message alone: no session; an existing row is kept
             with self.store.connection() as conn:
-                return self._finish_rejection(conn, request, *refusal, run, insert_only=True)
+                return self._finish_rejection(conn, request, *refusal, run)
 
         with run.stage("claim"):
             try:
@@ -275,26 +279,32 @@ class Pipeline:
             except ClaimTimeout:
                 return Requeue("no MT5 session available")
         with lease:
-            locked, row = self.store.lock_and_load(lease.conn, request.execution_id)
-            if not locked:
-                return Requeue("execution in progress elsewhere")
-            if row is not None and row.terminal:
-                return self._recorded(lease.conn, row)
-            if row is not None and row.get("session_id") == lease.session.id:
-                return self._settle(_plan_from_row(row), lease, run, resumed=True)
+            # a redelivery most likely has a row; a first delivery is loaded only if its
+            # intent conflicts (see the module's docstring)
+            row = None
+            if delivery.redelivered:
+                row = self.store.load(lease.conn, request.execution_id)
             if row is None:
                 stale = self._staleness(request.decided_at)
                 if stale is not None:
                     return self._finish_rejection(lease.conn, request, *stale, run)
-                return self._execute(request, lease, run)
+                executed = self._execute(request, lease, run)
+                if executed is not None:
+                    return executed
+                row = self.store.load(lease.conn, request.execution_id)
+                if row is None:
+                    return Requeue("the execution's row vanished")
+            if row.terminal:
+                return self._recorded(lease.conn, row)
+            if row.get("session_id") == lease.session.id:
+                return self._settle(_plan_from_row(row), lease, run, resumed=True)
         # in flight on another session: it is settled on the account it was sent to
-        assert row is not None
         return self.resume(row)
 
     def _refusal(self, request: ExecutionRequest) -> tuple[RejectionReason, str] | None:
         """Refusals that follow from the message itself: they never reach the broker.
 
-        (Staleness depends on the time too, so it is judged under the execution's lock: a
+        (Staleness depends on the time too, so it is judged only for a key without a row: a
         redelivery of an approval already in flight must be settled, not refused.)
         """
         if request.status not in (DecisionStatus.APPROVED, DecisionStatus.ADJUSTED):
@@ -316,7 +326,8 @@ class Pipeline:
             )
         return None
 
-    def _execute(self, request: ExecutionRequest, lease: Lease, run: Run) -> Outcome:
+    def _execute(self, request: ExecutionRequest, lease: Lease, run: Run) -> Outcome | None:
+        """Validate, commit the intent, send. None: the key already has a row (no order)."""
         trade = request.trade
         assert trade is not None  # _refusal guarantees an approved trade
         gateway: Gateway = lease.session.gateway
@@ -384,7 +395,7 @@ class Pipeline:
             run.event("intent", "SUBMITTING", legs=len(legs), lots=lot_plan.lots)
             fields = self._intent_fields(plan, request, lease, run)
             if not self.store.insert_intent(lease.conn, fields, run.take_events()):
-                return Requeue("execution row appeared concurrently")
+                return None
         return self._submit(plan, spec, lease, run)
 
     def _legs(
@@ -813,9 +824,12 @@ class Pipeline:
         *,
         retcode: int | None = None,
         session: Lease | None = None,
-        insert_only: bool = False,
     ) -> Outcome:
-        """A refusal before any order: terminal row + outbox in one transaction."""
+        """A refusal before any order: terminal row + outbox in one transaction.
+
+        Insert-only: a key that already has a row keeps it (its recorded confirmation is
+        answered, or the delivery is requeued while that row is in flight).
+        """
         trade = request.trade
         run.event("validate", "REJECTED", reason=reason.value)
         now = datetime.now(UTC)
@@ -852,7 +866,7 @@ class Pipeline:
                     fields,
                     run.take_events(),
                     _publish(confirmation, request.correlation_id, request.reply_to),
-                    insert_only=insert_only,
+                    insert_only=True,
                 )
             except StoreError:
                 return Requeue("a delivery of this key is in flight")

@@ -57,7 +57,12 @@ class Service:
         )
         try:
             store.migrate()
-            pool = SessionPool(specs, store.pool, gateway_factory(settings))
+            pool = SessionPool(
+                specs,
+                store.pool,
+                gateway_factory(settings),
+                linger_seconds=settings.session_linger_seconds,
+            )
         except Exception:
             store.close()
             raise

@@ -97,6 +97,7 @@ def pipeline_env(
         store.pool,
         gateway_factory(config),
         opener=opener,
+        linger_seconds=config.session_linger_seconds,  # as the service does
     )
     try:
         yield PipelineEnv(config, store, sim, pool, Pipeline(config, store, pool))

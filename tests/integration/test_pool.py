@@ -341,6 +341,113 @@ def test_threads_never_share_a_session(
     assert pool.health().in_use == 0
 
 
+def test_threads_never_share_a_parked_session(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:2], linger_seconds=5.0)
+    seen: dict[str, set[int]] = defaultdict(set)
+    errors: list[BaseException] = []
+    active: dict[str, int] = defaultdict(int)
+    record = threading.Lock()
+
+    def work() -> None:
+        try:
+            for _ in range(20):
+                with pool.claim(timeout=10) as lease:
+                    with record:
+                        active[lease.session.id] += 1
+                        assert active[lease.session.id] == 1, "two holders of one session"
+                        seen[lease.session.id].add(lease.conn.info.backend_pid)
+                    time.sleep(0.001)
+                    with record:
+                        active[lease.session.id] -= 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    # each session stayed on the one connection that holds its lock
+    assert {session: len(pids) for session, pids in seen.items()} == {"sim-0": 1, "sim-1": 1}
+    holders = _advisory_holders(database_url)
+    assert {holders[_oid(spec.lock_key)] for spec in sim_specs[:2]} == {
+        next(iter(pids)) for pids in seen.values()
+    }
+
+
+def test_a_parked_lease_keeps_its_lock_until_it_lingered(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:1], linger_seconds=0.3)
+    key = _oid(sim_specs[0].lock_key)
+    with pool.claim(timeout=1) as lease:
+        pid = lease.conn.info.backend_pid
+    assert _advisory_holders(database_url) == {key: pid}, "parked: the lock is kept"
+    assert pool.health().in_use == 0
+    with pool.claim(timeout=1) as again:
+        assert again.conn.info.backend_pid == pid, "taken back without a new lock"
+    deadline = time.monotonic() + 5
+    while _advisory_holders(database_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _advisory_holders(database_url) == {}, "released once it lingered"
+    with pool.claim(timeout=1) as fresh:
+        assert _advisory_holders(database_url) == {key: fresh.conn.info.backend_pid}
+
+
+def test_a_session_held_too_long_is_released_for_other_processes(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:1], linger_seconds=10.0, max_hold_seconds=0.2)
+    with pool.claim(timeout=1):
+        time.sleep(0.3)
+    assert _advisory_holders(database_url) == {}, "held past max_hold: unlocked on release"
+    with pool.claim(timeout=1):
+        pass
+    assert len(_advisory_holders(database_url)) == 1, "a fresh hold parks again"
+
+
+def test_a_parked_lease_whose_connection_died_is_fenced_then_locked_again(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs[:1], linger_seconds=10.0)
+    with pool.claim(timeout=1) as lease:
+        dead = lease.conn
+    with psycopg.connect(database_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (dead.info.backend_pid,))
+    other = psycopg.connect(database_url, autocommit=True)  # another process takes it
+    try:
+        other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, sim_specs[0].lock_key))
+        # handed out without a round trip, the parked lease fails its first statement,
+        # as the intent commit would: no order can follow
+        with pytest.raises(psycopg.OperationalError), pool.claim(timeout=1) as stale:
+            assert stale.conn is dead
+            stale.conn.execute("SELECT 1")
+        assert dead.closed, "released as broken"
+        with pytest.raises(ClaimTimeout):
+            pool.claim(timeout=0.3)
+    finally:
+        other.close()
+    with pool.claim(timeout=2) as again:
+        assert again.conn is not dead
+        again.fence_check()
+        holders = _advisory_holders(database_url)
+        assert holders == {_oid(sim_specs[0].lock_key): again.conn.info.backend_pid}
+
+
+def test_close_releases_parked_leases(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    pool = make_pool(sim_specs, linger_seconds=10.0)
+    for lease in [pool.claim(timeout=1) for _ in range(3)]:
+        lease.release()
+    assert len(_advisory_holders(database_url)) == 3
+    pool.close()
+    assert _advisory_holders(database_url) == {}
+
+
 def test_close_stops_claims(
     make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
 ) -> None:

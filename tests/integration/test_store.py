@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -102,14 +103,52 @@ def test_events_are_append_only(store: Store) -> None:
         assert len(store.events_of(conn, execution_id)) == 1
 
 
-def test_execution_lock_is_exclusive_across_connections(store: Store) -> None:
+def test_columns_and_events_keep_their_types_through_the_json_parameters(store: Store) -> None:
     execution_id = uuid.uuid4()
-    with store.connection() as first, store.connection() as second:
-        assert store.try_lock_execution(first, execution_id)
-        assert not store.try_lock_execution(second, execution_id)
-        store.unlock_execution(first, execution_id)
-        assert store.try_lock_execution(second, execution_id)
-        store.unlock_execution(second, execution_id)
+    at = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+    with store.connection() as conn:
+        store.insert_intent(conn, _fields(execution_id, "SUBMITTING"), [])
+        final = _fields(
+            execution_id,
+            "FILLED",
+            broker_deals=[2**40 + 1, 7],
+            broker_order=2**40,
+            fill_price=1.0849999999999999,
+            slippage_pips=float("nan"),
+            spread_pips=float("inf"),
+            requested_price=float("-inf"),
+            direction=-1,
+            rejection_details='quote "x" \\ \u00e9 \n',
+            completed_at=at,
+            request={"nested": {"list": [1, 2.5, None]}, "text": "\u00e9"},
+        )
+        event = Event(
+            "commit",
+            "broker_call",
+            "FILLED",
+            function="order_send",
+            retcode=10009,
+            latency_ms=0.25,
+            detail={"request": {"volume": 0.1}},
+            at=at,
+        )
+        store.finish(conn, final, [event], _publish(execution_id))
+        row = store.load(conn, execution_id)
+        events = store.events_of(conn, execution_id)
+    assert row is not None
+    assert row.get("broker_deals") == [2**40 + 1, 7] and row.get("broker_order") == 2**40
+    assert row.get("fill_price") == 1.0849999999999999
+    assert math.isnan(row.get("slippage_pips"))
+    assert row.get("spread_pips") == float("inf") and row.get("requested_price") == float("-inf")
+    assert row.get("direction") == -1
+    assert row.get("rejection_details") == 'quote "x" \\ \u00e9 \n'
+    assert row.get("completed_at") == at
+    assert row.get("request") == {"nested": {"list": [1, 2.5, None]}, "text": "\u00e9"}
+    assert row.get("attempts") == 0, "a column not written keeps its default"
+    [stored] = events
+    assert [stored[c] for c in ("stage", "kind", "state")] == ["commit", "broker_call", "FILLED"]
+    assert [stored[c] for c in ("function", "retcode", "latency_ms")] == ["order_send", 10009, 0.25]
+    assert stored["detail"] == {"request": {"volume": 0.1}} and stored["at"] == at
 
 
 def test_a_failed_finish_commits_nothing(store: Store) -> None:
@@ -141,14 +180,3 @@ def test_insert_only_finish_never_touches_an_existing_row(store: Store) -> None:
             )
         row = store.load(conn, execution_id)
         assert row is not None and row.state == "SUBMITTING"
-
-
-def test_lock_and_load_in_one_round_trip(store: Store) -> None:
-    execution_id = uuid.uuid4()
-    with store.connection() as first, store.connection() as second:
-        assert store.lock_and_load(first, execution_id) == (True, None)
-        assert store.lock_and_load(second, execution_id) == (False, None)
-        store.insert_intent(first, _fields(execution_id, "SUBMITTING"), [])
-        store.unlock_execution(first, execution_id)
-        locked, row = store.lock_and_load(second, execution_id)
-        assert locked and row is not None and row.state == "SUBMITTING"

@@ -8,6 +8,12 @@ on a connection from the database pool that the lease then holds:
 - the pipeline commits its intent row THROUGH ``lease.conn``: if the lock's connection is
   gone, that commit fails and no order is sent, so a stale holder is fenced off.
 
+With ``linger_seconds`` > 0 a released lease is *parked*: its connection keeps the lock, so
+the next claim in this process takes the session without a database round trip. A parked
+lease idle longer than ``linger_seconds``, or holding its lock longer than
+``max_hold_seconds`` in all, is really released, so other processes sharing the session get
+their turn.
+
 A claimed session is checked (``terminal_info().connected``, ``last_error``) before it is
 handed out. A failing one is re-initialized in the background with exponential backoff
 (tenacity), reported as ``down`` after ``max_failures`` failed attempts, and comes back into
@@ -161,6 +167,16 @@ class PoolHealth:
 
 
 @dataclass
+class _Parked:
+    """A released lease whose connection still holds the session's lock."""
+
+    conn: psycopg.Connection[Any]
+    autocommit_was: bool
+    locked_at: float  # monotonic: when the lock was taken
+    parked_at: float
+
+
+@dataclass
 class _Slot:
     spec: SessionSpec
     session: Session | None = None
@@ -169,6 +185,7 @@ class _Slot:
     failures: int = 0
     last_error: str | None = None
     recovery: threading.Thread | None = field(default=None, repr=False)
+    parked: _Parked | None = field(default=None, repr=False)
 
     def state(self, closed: bool, max_failures: int) -> SessionState:
         if closed:
@@ -191,12 +208,14 @@ class Lease:
         session: Session,
         conn: psycopg.Connection[Any],
         autocommit_was: bool,
+        locked_at: float,
     ) -> None:
         self.session = session
         self.conn = conn
         self._pool = pool
         self._slot = slot
         self._autocommit_was = autocommit_was
+        self._locked_at = locked_at
         self._released = False
 
     def __repr__(self) -> str:
@@ -218,7 +237,13 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._pool._release(self._slot, self.conn, broken=broken, autocommit=self._autocommit_was)
+        self._pool._release(
+            self._slot,
+            self.conn,
+            broken=broken,
+            autocommit=self._autocommit_was,
+            locked_at=self._locked_at,
+        )
 
     def __enter__(self) -> Lease:
         return self
@@ -248,6 +273,8 @@ class SessionPool:
         max_failures: int = 3,
         poll_interval: float = 0.02,
         opener: Callable[[SessionSpec], api.Terminal] = open_terminal,
+        linger_seconds: float = 0.0,
+        max_hold_seconds: float = 5.0,
     ) -> None:
         if not specs:
             raise ValueError("a session pool needs at least one session")
@@ -257,6 +284,8 @@ class SessionPool:
         self._max_failures = max_failures
         self._poll_interval = poll_interval
         self._opener = opener
+        self._linger = linger_seconds
+        self._max_hold = max_hold_seconds
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._slots: list[_Slot] = [_Slot(spec) for spec in specs]
@@ -266,6 +295,10 @@ class SessionPool:
                 slot.healthy = True
             except (SessionOpenError, api.TransportError) as exc:
                 self._mark_unhealthy(slot, str(exc))
+        if self._linger > 0:
+            threading.Thread(
+                target=self._expire_parked_loop, name="mt5-lease-linger", daemon=True
+            ).start()
 
     def __repr__(self) -> str:
         return f"SessionPool({[slot.spec.id for slot in self._slots]})"
@@ -317,14 +350,17 @@ class SessionPool:
             slots = self._slots if only is None else [only]
             free = [slot for slot in slots if slot.healthy and not slot.in_use]
         random.shuffle(free)  # spread processes over the sessions
+        free.sort(key=lambda slot: slot.parked is None)  # parked first: no round trip
         return free
 
-    def _reserve(self, slot: _Slot) -> Session | None:
+    def _reserve(self, slot: _Slot) -> tuple[Session, _Parked | None] | None:
+        """Mark ``slot`` in use; with the parked lock connection it still has, if any."""
         with self._cond:
             if not slot.healthy or slot.in_use or slot.session is None:
                 return None
             slot.in_use = True
-            return slot.session
+            parked, slot.parked = slot.parked, None
+            return slot.session, parked
 
     def _unreserve(self, slot: _Slot, problem: str | None = None) -> None:
         with self._cond:
@@ -337,39 +373,78 @@ class SessionPool:
         candidates = self._candidates(only)
         if not candidates:
             return None
-        conn = self._getconn(deadline)
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            for slot in candidates:
+                reserved = self._reserve(slot)
+                if reserved is None:
+                    continue
+                session, parked = reserved
+                if parked is not None:
+                    lease = self._take_parked(slot, session, parked)
+                    if lease is not None:
+                        return lease
+                    if not slot.healthy:
+                        continue
+                if conn is None:
+                    try:
+                        conn = self._getconn(deadline)
+                    except ClaimTimeout:
+                        self._unreserve(slot)
+                        raise
+                lease = self._lock(slot, session, conn)
+                if lease is not None:
+                    conn = None  # handed over
+                    return lease
+            return None
+        finally:
+            if conn is not None:
+                self._db_pool.putconn(conn)
+
+    def _take_parked(self, slot: _Slot, session: Session, parked: _Parked) -> Lease | None:
+        """The parked lock connection as a lease (no round trip), or None (slot unreserved)."""
+        conn = parked.conn
+        usable = (
+            not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        )
+        if not usable:
+            self._drop(conn, parked.autocommit_was, unlock=False)
+            # stays reserved: the caller locks it again on a fresh connection
+            return None
+        problem = check_terminal(session.terminal)
+        if problem is None:
+            return Lease(self, slot, session, conn, parked.autocommit_was, parked.locked_at)
+        self._drop(conn, parked.autocommit_was, unlock=True)
+        self._unreserve(slot, problem)
+        return None
+
+    def _lock(self, slot: _Slot, session: Session, conn: psycopg.Connection[Any]) -> Lease | None:
+        """Take ``slot``'s lock on ``conn`` (reserved slot); None (slot unreserved) if not."""
         autocommit_was = conn.autocommit
-        handed_over = False
         try:
             if not autocommit_was:
                 conn.autocommit = True
-            for slot in candidates:
-                session = self._reserve(slot)
-                if session is None:
-                    continue
-                try:
-                    locked = conn.execute(_LOCK_SQL, (LOCK_CLASS, slot.spec.lock_key)).fetchone()
-                except BaseException:
-                    self._unreserve(slot)
-                    raise
-                if not (locked and locked[0]):
-                    self._unreserve(slot)  # held by another process
-                    continue
-                problem = check_terminal(session.terminal)
-                if problem is None:
-                    handed_over = True
-                    return Lease(self, slot, session, conn, autocommit_was)
-                conn.execute(_UNLOCK_SQL)
-                self._unreserve(slot, problem)
+            locked = conn.execute(_LOCK_SQL, (LOCK_CLASS, slot.spec.lock_key)).fetchone()
+            if not (locked and locked[0]):
+                conn.autocommit = autocommit_was
+                self._unreserve(slot)  # held by another process
+                return None
+            problem = check_terminal(session.terminal)
+            if problem is None:
+                return Lease(self, slot, session, conn, autocommit_was, time.monotonic())
+            conn.execute(_UNLOCK_SQL)
+            conn.autocommit = autocommit_was
+            self._unreserve(slot, problem)
             return None
         except psycopg.Error as exc:
             conn.close()
+            self._unreserve(slot)
             raise ClaimTimeout(f"database error while claiming: {type(exc).__name__}") from None
-        finally:
-            if not handed_over:
-                if not conn.closed:
-                    conn.autocommit = autocommit_was
-                self._db_pool.putconn(conn)
+        except BaseException:
+            self._unreserve(slot)
+            raise
 
     def _getconn(self, deadline: float) -> psycopg.Connection[Any]:
         remaining = max(deadline - time.monotonic(), 0.001)
@@ -380,9 +455,38 @@ class SessionPool:
         return conn
 
     def _release(
-        self, slot: _Slot, conn: psycopg.Connection[Any], *, broken: bool, autocommit: bool
+        self,
+        slot: _Slot,
+        conn: psycopg.Connection[Any],
+        *,
+        broken: bool,
+        autocommit: bool,
+        locked_at: float,
     ) -> None:
-        if not broken and not conn.closed and not conn.broken:
+        now = time.monotonic()
+        if (
+            not broken
+            and self._linger > 0
+            and not self._closing.is_set()
+            and now - locked_at < self._max_hold
+            and not conn.closed
+            and not conn.broken
+            and conn.info.transaction_status == pq.TransactionStatus.IDLE
+        ):
+            with self._cond:
+                slot.parked = _Parked(conn, autocommit, locked_at, now)
+                slot.in_use = False
+                self._cond.notify_all()
+            return
+        try:
+            self._drop(conn, autocommit, unlock=not broken)
+        finally:
+            self._unreserve(slot)
+
+    def _drop(self, conn: psycopg.Connection[Any], autocommit: bool, *, unlock: bool) -> None:
+        """Unlock (unless ``unlock`` is False or the connection is gone) and return ``conn``."""
+        broken = not unlock
+        if unlock and not conn.closed and not conn.broken:
             try:
                 if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                     conn.rollback()
@@ -392,10 +496,28 @@ class SessionPool:
                 broken = True
         if broken or conn.closed or conn.broken:
             conn.close()  # closing the session drops its locks too
-        try:
-            self._db_pool.putconn(conn)
-        finally:
-            self._unreserve(slot)
+        self._db_pool.putconn(conn)
+
+    def _expire_parked_loop(self) -> None:
+        interval = min(self._linger / 2, 0.1)
+        while not self._closing.wait(interval):
+            self._release_parked(older_than=self._linger)
+
+    def _release_parked(self, older_than: float) -> None:
+        """Really release parked leases idle for ``older_than`` seconds (0: all of them)."""
+        now = time.monotonic()
+        expired: list[_Parked] = []
+        with self._cond:
+            for slot in self._slots:
+                parked = slot.parked
+                if parked is not None and not slot.in_use and now - parked.parked_at >= older_than:
+                    slot.parked = None
+                    expired.append(parked)
+        for parked in expired:
+            try:
+                self._drop(parked.conn, parked.autocommit_was, unlock=True)
+            except Exception:  # a pool being closed; the connection goes with it
+                _log.debug("releasing a parked lease failed", exc_info=True)
 
     # --- health and recovery -----------------------------------------------------------
 
@@ -495,6 +617,7 @@ class SessionPool:
     def close(self, timeout: float = 5.0) -> None:
         """Stop recovery and shut the terminals down (release leases first)."""
         self._closing.set()
+        self._release_parked(older_than=0.0)
         with self._cond:
             self._cond.notify_all()
             threads = [slot.recovery for slot in self._slots if slot.recovery is not None]
