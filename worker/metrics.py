@@ -46,7 +46,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client import multiprocess as _multiprocess
@@ -78,6 +78,7 @@ _log = logging.getLogger(__name__)
 
 # The *_created series double the exposition for nothing an operator reads.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+_M = TypeVar("_M", Counter, Histogram, Gauge)
 
 # --- definitions -------------------------------------------------------------------------
 
@@ -235,11 +236,25 @@ def _finite(value: float) -> bool:
 # --- helpers the pipeline and runtime call -----------------------------------------------
 
 
+_children: dict[tuple[int, tuple[str, ...]], object] = {}
+
+
+def _labelled(metric: _M, *values: str) -> _M:
+    """``metric.labels(*values)`` (label names' order), cached: every label set is bounded,
+    and ``labels()`` validates and takes a lock on each call of the hot path."""
+    key = (id(metric), values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child  # type: ignore[return-value]
+
+
 def record_received(result: str = "valid", *, redelivered: bool = False) -> None:
     """One delivery; ``result`` is ``valid`` or ``invalid`` (it did not parse)."""
-    REQUESTS_RECEIVED.labels(
-        result=result if result in RESULTS else OTHER,
-        redelivered="true" if redelivered else "false",
+    _labelled(
+        REQUESTS_RECEIVED,
+        result if result in RESULTS else OTHER,
+        "true" if redelivered else "false",
     ).inc()
 
 
@@ -250,7 +265,7 @@ def record_duplicate() -> None:
 def observe_stage(stage: str, seconds: float) -> None:
     """``stage`` is one of STAGES (anything else is counted as ``other``)."""
     if _finite(seconds) and seconds >= 0:
-        STAGE_SECONDS.labels(stage=_stage_label(stage)).observe(seconds)
+        _labelled(STAGE_SECONDS, _stage_label(stage)).observe(seconds)
 
 
 @contextlib.contextmanager
@@ -275,11 +290,11 @@ def record_outcome(status: str, reason: str | None = None) -> None:
         reason_label = NONE
     else:
         reason_label = reason if reason in REASONS else OTHER
-    EXECUTIONS.labels(status=status_label, reason=reason_label).inc()
+    _labelled(EXECUTIONS, status_label, reason_label).inc()
 
 
 def record_retcode(code: int | None) -> None:
-    BROKER_RETCODES.labels(retcode=retcode_label(code)).inc()
+    _labelled(BROKER_RETCODES, retcode_label(code)).inc()
 
 
 def record_retries(count: int = 1) -> None:
@@ -296,7 +311,7 @@ def record_unknown_outcome(session: str | None = None) -> None:
 def record_slippage(symbol: str, side: str | int, pips: float) -> None:
     """A fill's signed slippage in pips (positive = adverse)."""
     if _finite(pips):
-        SLIPPAGE_PIPS.labels(symbol=symbol_label(symbol), side=side_label(side)).observe(pips)
+        _labelled(SLIPPAGE_PIPS, symbol_label(symbol), side_label(side)).observe(pips)
 
 
 def record_slippage_breach(symbol: str) -> None:
@@ -312,7 +327,7 @@ def observe_fill_ratio(ratio: float) -> None:
 def record_claim_wait(seconds: float, *, acquired: bool) -> None:
     if _finite(seconds) and seconds >= 0:
         result = "acquired" if acquired else "timeout"
-        CLAIM_WAIT_SECONDS.labels(result=result).observe(seconds)
+        _labelled(CLAIM_WAIT_SECONDS, result).observe(seconds)
 
 
 def record_dead_letter(reason: str) -> None:

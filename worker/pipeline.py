@@ -52,7 +52,7 @@ from worker.mt5.gateway import (
     vwap,
 )
 from worker.mt5.pool import ClaimTimeout, Lease
-from worker.store import Event, ExecutionRow, Store, StoreError, as_json
+from worker.store import Event, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -162,25 +162,46 @@ class Run:
         self.events.append(Event(stage, "note", detail=detail or None))
 
     def broker_calls(self, stage: str, calls: list[BrokerCall]) -> None:
+        """The stage's terminal calls on the record: one ``broker_call`` row per order sent
+        (with its request), and the stage's read-only queries folded into ONE
+        ``broker_queries`` row whose detail lists each (function, latency, error): a row
+        per query would cost more than the queries themselves."""
+        queries: list[dict[str, Any]] = []
+        sent: list[Event] = []
         for call in calls:
-            detail: dict[str, Any] = {}
+            if call.retcode is not None:
+                metrics.record_retcode(call.retcode)
+            if call.request is None:
+                query: dict[str, Any] = {"function": call.function, "latency_ms": call.latency_ms}
+                if call.error is not None:
+                    query["error"] = list(call.error)
+                queries.append(query)
+                continue
+            detail: dict[str, Any] = {"request": call.request}
             if call.error is not None:
                 detail["error"] = list(call.error)
-            if call.request is not None:
-                detail["request"] = call.request
-            self.events.append(
+            sent.append(
                 Event(
                     stage,
                     "broker_call",
                     function=call.function,
                     retcode=call.retcode,
                     latency_ms=call.latency_ms,
-                    detail=as_json(detail) if detail else None,
+                    detail=detail,
                     at=call.at,
                 )
             )
-            if call.retcode is not None:
-                metrics.record_retcode(call.retcode)
+        if queries:
+            self.events.append(
+                Event(
+                    stage,
+                    "broker_queries",
+                    latency_ms=round(sum(query["latency_ms"] for query in queries), 3),
+                    detail={"calls": queries},
+                    at=calls[0].at,
+                )
+            )
+        self.events.extend(sent)
 
     def take_events(self) -> list[Event]:
         events, self.events = self.events, []
@@ -336,7 +357,8 @@ class Pipeline:
         try:
             with run.stage("validate"):
                 spec = gateway.symbol_spec(broker_symbol)
-                gateway.check_trading_allowed(spec, side)
+                account = gateway.account()  # one reading for every check of this order
+                gateway.check_trading_allowed(spec, side, account)
                 snapshot = gateway.snapshot(spec)
                 limit = self.settings.spread_limit_for(trade.symbol)
                 if snapshot.spread_pips > limit:
@@ -348,10 +370,12 @@ class Pipeline:
                     spec, trade.position_units, self.settings.volume_over_max
                 )
                 price = snapshot.ask if side is Side.BUY else snapshot.bid
-                legs = self._legs(gateway, spec, side, lot_plan.chunks)
+                legs = self._legs(gateway, spec, side, lot_plan.chunks, account)
                 opening = sum(leg.lots for leg in legs if leg.position is None)
                 if opening > 0:
-                    gateway.check_margin(spec, side, opening, price, self.settings.margin_cushion)
+                    gateway.check_margin(
+                        spec, side, opening, price, self.settings.margin_cushion, account
+                    )
                 deviation = gateway.deviation_points(
                     spec, self.settings.slippage_limit_for(trade.symbol)
                 )
@@ -399,12 +423,16 @@ class Pipeline:
         return self._submit(plan, spec, lease, run)
 
     def _legs(
-        self, gateway: Gateway, spec: SymbolSpec, side: Side, chunks: tuple[float, ...]
+        self,
+        gateway: Gateway,
+        spec: SymbolSpec,
+        side: Side,
+        chunks: tuple[float, ...],
+        account: api.AccountInfo,
     ) -> list[Leg]:
         """On hedging accounts an opposite approval closes our opposite positions first."""
         total = sum(chunks)
         legs: list[Leg] = []
-        account = gateway.account()
         if (
             self.settings.hedging_close_opposite
             and account.margin_mode == api.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING
@@ -1029,7 +1057,7 @@ def _terminal_fields(
 
 
 def _request_snapshot(request: ExecutionRequest) -> dict[str, Any]:
-    snapshot: dict[str, Any] = as_json(request.model_dump(mode="json"))
+    snapshot: dict[str, Any] = request.model_dump(mode="json")  # JSON types already
     return snapshot
 
 

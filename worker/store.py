@@ -283,11 +283,16 @@ def _row_json(fields: dict[str, Any]) -> str:
     A non-finite float (which JSON cannot carry) goes as the text PostgreSQL's float8
     input reads back: 'NaN', 'Infinity', '-Infinity'.
     """
+    _checked(fields)
+    try:
+        return json.dumps(fields, default=json_default, allow_nan=False)
+    except ValueError:  # rare: a NaN or an infinity somewhere
+        pass
     row = {
         column: _NON_FINITE[repr(value)]
         if isinstance(value, float) and not math.isfinite(value)
         else value
-        for column, value in _checked(fields).items()
+        for column, value in fields.items()
     }
     return json.dumps(row, default=json_default)
 
@@ -432,30 +437,34 @@ class Store:
     ) -> Publish:
         """Commit the terminal row, its events and the outbox row in ONE statement.
 
-        Inserts the row when there was no intent (a rejection before any broker call); with
-        ``insert_only`` an existing row is never touched (a refusal never overwrites a row).
-        Returns the confirmation that is on record: when the key already had a terminal row
-        (a concurrent or earlier outcome), that one, unchanged. An existing row still in
-        flight raises StoreError (the delivery is requeued).
+        ``insert_only``: a refusal before any broker call inserts its row, and a key that
+        already has one keeps it (a refusal never overwrites a row). Otherwise the
+        execution's in-flight row is settled (an UPDATE). Returns the confirmation that is
+        on record: when the key already had a terminal row (a concurrent or earlier
+        outcome), that one, unchanged. A row still in flight under ``insert_only``, or no
+        row at all otherwise, raises StoreError (the delivery is requeued).
         """
         columns = list(_checked(fields))
         execution_id: UUID = fields["execution_id"]
-        listed = ", ".join(columns)
-        updates = ", ".join(
-            f"{column} = EXCLUDED.{column}" for column in columns if column != "execution_id"
-        )
-        on_conflict = (
-            "ON CONFLICT DO NOTHING"
-            if insert_only
-            else f"ON CONFLICT (execution_id) DO UPDATE SET {updates}, updated_at = now()"
-            " WHERE execution.executions.state NOT IN"
-            " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')"
-        )
+        if insert_only:
+            listed = ", ".join(columns)
+            write = (
+                f"INSERT INTO execution.executions ({listed}) SELECT {listed} FROM r"
+                " ON CONFLICT DO NOTHING RETURNING execution_id"
+            )
+        else:
+            assignments = ", ".join(
+                f"{column} = r.{column}" for column in columns if column != "execution_id"
+            )
+            write = (
+                f"UPDATE execution.executions e SET {assignments}, updated_at = now() FROM r"
+                " WHERE e.execution_id = r.execution_id AND e.state NOT IN"
+                " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')"
+                " RETURNING e.execution_id"
+            )
         with _atomic(conn):
             row = conn.execute(
-                f"WITH {_ROW},"
-                f" final AS (INSERT INTO execution.executions ({listed})"
-                f" SELECT {listed} FROM r {on_conflict} RETURNING execution_id),"
+                f"WITH {_ROW}, final AS ({write}),"
                 f" events AS ({_events_insert('final')}),"
                 " outbox AS (INSERT INTO execution.outbox"
                 " (execution_id, routing_key, payload, correlation_id, reply_to)"
@@ -473,7 +482,8 @@ class Store:
         if not row or row[0] != 1:
             existing = self.confirmation_of(conn, execution_id)
             if existing is None:
-                raise StoreError(f"execution {execution_id} has a row still in flight")
+                state = "a row still in flight" if insert_only else "no row in flight"
+                raise StoreError(f"execution {execution_id} has {state}")
             return existing
         return confirmation
 
@@ -548,10 +558,6 @@ def json_default(value: Any) -> Any:
     if isinstance(value, UUID):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=json_default))
 
 
 def migrate_main(args: argparse.Namespace) -> int:

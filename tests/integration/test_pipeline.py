@@ -49,8 +49,16 @@ def test_an_approval_becomes_one_filled_order(env: PipelineEnv) -> None:
     events = env.events(confirmation["execution_id"])
     states = [event["state"] for event in events if event["kind"] == "transition"]
     assert states == ["VALIDATED", "SUBMITTING", "FILLED"]
-    calls = {event["function"] for event in events if event["kind"] == "broker_call"}
-    assert {"symbol_info", "symbol_info_tick", "order_calc_margin", "order_send"} <= calls
+    queried = {
+        call["function"]
+        for event in events
+        if event["kind"] == "broker_queries"
+        for call in event["detail"]["calls"]
+    }
+    assert {"symbol_info", "symbol_info_tick", "account_info", "order_calc_margin"} <= queried
+    sent = [event for event in events if event["kind"] == "broker_call"]
+    assert [event["function"] for event in sent] == ["order_send"]
+    assert sent[0]["retcode"] == 10009 and sent[0]["detail"]["request"]["comment"] == token
 
 
 def test_a_redelivery_gets_the_same_confirmation_and_no_second_order(env: PipelineEnv) -> None:

@@ -83,10 +83,21 @@ def test_intent_then_finish_keeps_one_row_and_one_outbox_entry(store: Store) -> 
 def test_rejection_without_intent_inserts_the_row(store: Store) -> None:
     execution_id = uuid.uuid4()
     with store.connection() as conn:
-        store.finish(conn, _fields(execution_id, "REJECTED"), [], _publish(execution_id))
+        store.finish(
+            conn, _fields(execution_id, "REJECTED"), [], _publish(execution_id), insert_only=True
+        )
         row = store.load(conn, execution_id)
         assert row is not None and row.terminal
         assert store.confirmation_of(conn, execution_id) == _publish(execution_id)
+
+
+def test_settling_needs_a_row_in_flight(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn, pytest.raises(StoreError):
+        store.finish(conn, _fields(execution_id, "FILLED"), [], _publish(execution_id))
+    with store.connection() as conn:
+        assert store.load(conn, execution_id) is None
+        assert store.unpublished(10) == []
 
 
 def test_events_are_append_only(store: Store) -> None:

@@ -21,8 +21,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_FLOOR, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt
-
 from schemas.enums import RejectionReason
 from worker.mt5 import api
 
@@ -411,12 +409,17 @@ class Gateway:
             f"{info.currency_profit}, {info.digits} digits); configure pip_sizes",
         )
 
-    def check_trading_allowed(self, spec: SymbolSpec, side: Side) -> None:
-        """Terminal, account and symbol permissions for opening ``side``."""
+    def check_trading_allowed(
+        self, spec: SymbolSpec, side: Side, account: api.AccountInfo | None = None
+    ) -> None:
+        """Terminal, account and symbol permissions for opening ``side``.
+
+        ``account``: an account_info already read for this order (else it is read here).
+        """
         terminal, _ = self._query("terminal_info", self._terminal.terminal_info)
         if terminal is None:
             raise SessionLost("terminal_info failed")
-        account = self.account()
+        account = account or self.account()
         self.permissions = {  # the last seen, for readiness (DOMAIN.md 6: report each level)
             "terminal_trade_allowed": terminal.trade_allowed,
             "terminal_tradeapi_enabled": not terminal.tradeapi_disabled,
@@ -596,9 +599,18 @@ class Gateway:
         return tuple(modes)
 
     def check_margin(
-        self, spec: SymbolSpec, side: Side, lots: float, price: float, cushion: float
+        self,
+        spec: SymbolSpec,
+        side: Side,
+        lots: float,
+        price: float,
+        cushion: float,
+        account: api.AccountInfo | None = None,
     ) -> tuple[float, float]:
-        """(required, free); raises MARGIN_INSUFFICIENT when free < required * cushion."""
+        """(required, free); raises MARGIN_INSUFFICIENT when free < required * cushion.
+
+        ``account``: an account_info already read for this order (else it is read here).
+        """
         required, error = self._query(
             "order_calc_margin",
             lambda: self._terminal.order_calc_margin(side.order_type, spec.name, lots, price),
@@ -608,7 +620,7 @@ class Gateway:
                 RejectionReason.MARGIN_INSUFFICIENT,
                 f"order_calc_margin failed for {spec.name} {error or ''}".strip(),
             )
-        free = self.account().margin_free
+        free = (account or self.account()).margin_free
         if free < required * cushion:
             raise GatewayRejection(
                 RejectionReason.MARGIN_INSUFFICIENT,
@@ -649,23 +661,16 @@ class Gateway:
                 f"exemode {spec.trade_exemode})",
             )
         state = _SendState(modes=modes)
-        retrying = Retrying(
-            stop=stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            sleep=self._sleep,
-            retry=retry_if_result(lambda _: state.kind in ("retry_price", "retry_backoff")),
-            retry_error_callback=lambda _: state.last,
-        )
-        outcome = retrying(self._attempt, spec, side, lots, comment, deviation, position, state)
-        assert isinstance(outcome, SendOutcome)
-        return outcome  # retryable codes still there after the last attempt are "rejected"
-
-    def _wait(self, retry_state: RetryCallState) -> float:
-        outcome = retry_state.outcome
-        last = None if outcome is None or outcome.failed else outcome.result()
-        if isinstance(last, SendOutcome) and classify_retcode(last.retcode) == "retry_backoff":
-            return float(self._backoff * 2 ** (retry_state.attempt_number - 1))
-        return 0.0
+        attempt = 1
+        while True:
+            outcome = self._attempt(spec, side, lots, comment, deviation, position, state)
+            if state.kind not in ("retry_price", "retry_backoff"):
+                return outcome
+            if attempt >= self._max_attempts:
+                return outcome  # retryable codes still there after the last attempt: rejected
+            if state.kind == "retry_backoff":
+                self._sleep(self._backoff * 2 ** (attempt - 1))
+            attempt += 1
 
     def _attempt(
         self,
