@@ -77,8 +77,9 @@ class PipelineEnv:
 
 @contextmanager
 def pipeline_env(
-    database_url: str, sim_config: SimConfig | None = None, **settings: Any
+    database_url: str, sim_config: SimConfig | None = None, *, sessions: int = 1, **settings: Any
 ) -> Iterator[PipelineEnv]:
+    """``sessions`` > 1: that many terminals on the one simulated account."""
     environ = {"DATABASE_URL": database_url, "MT5_SESSIONS": "1"}
     base = load_settings(environ)
     values = {"reconcile_grace_seconds": 0.05, "order_timeout_seconds": 2.0, **settings}
@@ -93,7 +94,7 @@ def pipeline_env(
         return sim
 
     pool = SessionPool(
-        [SessionSpec(id="sim-0", backend="sim")],
+        [SessionSpec(id=f"sim-{i}", backend="sim") for i in range(sessions)],
         store.pool,
         gateway_factory(config),
         opener=opener,

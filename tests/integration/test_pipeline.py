@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,7 +17,7 @@ from tests import samples
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from worker.delivery import DeadLetter, Publish, Requeue
 from worker.mt5 import api
-from worker.mt5.sim import SimAccount, SimConfig
+from worker.mt5.sim import FaultConfig, SimAccount, SimConfig
 from worker.pipeline import Pipeline
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
@@ -67,6 +68,42 @@ def test_a_redelivery_gets_the_same_confirmation_and_no_second_order(env: Pipeli
     second = env.deliver(message, redelivered=True)
     assert isinstance(first, Publish) and second == first
     assert len(env.deals(comment_token_for(first.execution_id))) == 1
+
+
+def _all_at_once(call: Callable[[], object], count: int) -> list[object]:
+    """``count`` threads make ``call`` at the same moment; their results."""
+    start = threading.Barrier(count)
+    results: list[object] = []
+
+    def run() -> None:
+        start.wait()
+        results.append(call())
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results
+
+
+def test_simultaneous_first_deliveries_of_one_key_send_one_order(
+    new_database: Callable[[], str],
+) -> None:
+    """No lock is taken before the intent: the intent's primary key and the session lease
+    must still let exactly one of several simultaneous deliveries send."""
+    slow = SimConfig(faults=FaultConfig(latency_by_function={"order_send": 30.0}))
+    with pipeline_env(new_database(), slow, sessions=3, claim_timeout_seconds=10.0) as env:
+        for round_ in range(4):
+            message = approval("EURUSD", 1 if round_ % 2 == 0 else -1, 10_000.0)
+            outcomes = _all_at_once(lambda message=message: env.deliver(message), 3)
+            published = [outcome for outcome in outcomes if isinstance(outcome, Publish)]
+            assert len(outcomes) == 3 and published, outcomes
+            assert all(outcome == published[0] for outcome in published), "one confirmation"
+            assert all(isinstance(o, Publish | Requeue) for o in outcomes), outcomes
+            token = comment_token_for(published[0].execution_id)
+            assert len(env.deals(token)) == 1, "exactly one order for the key"
+            assert json.loads(published[0].payload)["status"] == "FILLED"
 
 
 @pytest.mark.parametrize(
