@@ -462,13 +462,20 @@ class Bench:
             self.children.remove(child)
 
     def start_worker(
-        self, sessions: int, latency_ms: float = 0.0, bridge: tuple[int, str] | None = None
+        self,
+        sessions: int,
+        latency_ms: float = 0.0,
+        bridge: tuple[int, str] | None = None,
+        processes: int = 1,
     ) -> Child:
+        """``execution-worker run`` with ``sessions`` in all (``sessions // processes`` each)."""
         env = self._base_env()
         if bridge is None:
             config = self.workdir / f"sim-{latency_ms:g}.toml"
             config.write_text(sim_config_toml(latency_ms))
-            env.update(MT5_BACKEND="sim", MT5_SESSIONS=str(sessions), SIM_CONFIG=str(config))
+            env.update(
+                MT5_BACKEND="sim", MT5_SESSIONS=str(sessions // processes), SIM_CONFIG=str(config)
+            )
         else:
             port, secret = bridge
             env.update(
@@ -478,8 +485,10 @@ class Bench:
                 MT5_BRIDGE_SECRET=secret,
             )
         command = [sys.executable, "-m", "worker.cli", "run"]
+        if processes > 1:
+            command += ["--processes", str(processes)]
         child = self._start(f"worker {sessions} sessions", command, env)
-        self._wait_consumers(REQUESTS_QUEUE, 1, child)
+        self._wait_consumers(REQUESTS_QUEUE, processes, child)
         return child
 
     def start_floor(self, concurrency: int) -> Child:
@@ -627,6 +636,13 @@ class Bench:
         worker = self.start_worker(prefetch)
         worker_rate = self.drain_rate(f"worker {prefetch} sessions: backlog {count}", keys, worker)
         self._stop(worker)
+        # the same sessions over two processes (``run --processes 2``): two GILs
+        split = 2 if prefetch % 2 == 0 else 1
+        keys = self.backlog("worker-processes", REQUESTS_QUEUE, count)
+        worker = self.start_worker(prefetch, processes=split)
+        label = f"worker {split}x{prefetch // split} sessions: backlog {count}"
+        split_rate = self.drain_rate(label, keys, worker)
+        self._stop(worker)
         self.samples[f"worker, {rate:g} msg/s"] = worker_rated
         self.samples[f"floor, {rate:g} msg/s"] = floor_rated
         return {
@@ -634,6 +650,11 @@ class Bench:
             "floor_100_ms": bench_report.summary_ms(floor_rated),
             "throughput": {"worker": round(worker_rate, 1), "floor": round(floor_rate, 1)},
             "throughput_ratio": round(worker_rate / floor_rate, 3),
+            "throughput_processes": {
+                "processes": split,
+                "worker": round(split_rate, 1),
+                "ratio": round(split_rate / floor_rate, 3),
+            },
             "prefetch": prefetch,
         }
 

@@ -185,6 +185,12 @@ def table(results: Mapping[str, Any]) -> str:
         f"{_fmt(throughput['worker'], 1)}, floor {_fmt(throughput['floor'], 1)}, ratio "
         f"{_fmt(results['throughput_ratio'])}"
     )
+    split = results.get("throughput_processes")
+    if split:
+        lines.append(
+            f"throughput, the same sessions over {split['processes']} processes: worker "
+            f"{_fmt(split['worker'], 1)} msg/s, ratio {_fmt(split['ratio'])}"
+        )
     scaling = results["scaling"]
     base = scaling.get("1") or math.nan
     steps = ", ".join(

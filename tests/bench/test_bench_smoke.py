@@ -87,6 +87,9 @@ def test_throughput_and_scaling(results: dict[str, Any]) -> None:
     ratio = throughput["worker"] / throughput["floor"]
     assert results["throughput_ratio"] == pytest.approx(ratio, rel=0.01)
     assert results["prefetch"] == bench.QUICK.prefetch
+    split = results["throughput_processes"]
+    assert split["processes"] == 2 and split["worker"] > 0
+    assert split["ratio"] == pytest.approx(split["worker"] / throughput["floor"], rel=0.01)
     assert set(results["scaling"]) == {"1", "2", "4", "8"}
     assert all(rate > 0 for rate in results["scaling"].values())
 
@@ -108,7 +111,8 @@ def test_every_message_filled(results: dict[str, Any]) -> None:
     counts = bench.QUICK
     per_target = counts.warmup * 2 + counts.serial + counts.rated + counts.throughput
     scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
-    expected = 2 * per_target + scaling + counts.memory_total
+    split = counts.throughput  # the worker's backlog again, over two processes
+    expected = 2 * per_target + split + scaling + counts.memory_total
     assert results["statuses"] == {"FILLED": expected}
 
 
