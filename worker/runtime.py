@@ -37,10 +37,6 @@ SUPERVISED_ENV = "EXECUTION_WORKER_SUPERVISED"  # set for children: the supervis
 RESTART_MIN_SECONDS = 0.5
 RESTART_MAX_SECONDS = 30.0
 HEALTHY_RUN_SECONDS = 60.0  # a child that lived this long restarts without backoff
-# The IO thread wakes for every frame; with CPython's default 5 ms GIL switch interval it
-# can wait that long behind a worker thread that is encoding or parsing. Measured with
-# `execution-worker bench`-style drains: about 10 % more throughput at 1 ms.
-GIL_SWITCH_INTERVAL_SECONDS = 0.001
 
 
 def main(args: argparse.Namespace) -> int:
@@ -69,8 +65,6 @@ def run_worker(settings: Settings) -> int:
     """Run one worker in this process until SIGTERM/SIGINT (0) or a fatal broker error."""
     from worker.health import HealthServer
     from worker.service import Service
-
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
 
     try:
         service = Service.start(settings)

@@ -307,6 +307,14 @@ def test_a_session_that_never_opened_is_retried(
         late.stop()
 
 
+def _run_in_threads(work: Callable[[], None], count: int) -> None:
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+
 def test_threads_never_share_a_session(
     make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
 ) -> None:
@@ -327,11 +335,7 @@ def test_threads_never_share_a_session(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    _run_in_threads(work, 6)
     assert errors == []
     assert sum(len(spans) for spans in intervals.values()) == 90
     for spans in intervals.values():
@@ -364,11 +368,7 @@ def test_threads_never_share_a_parked_session(
         except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
+    _run_in_threads(work, 4)
     assert errors == []
     # each session stayed on the one connection that holds its lock
     assert {session: len(pids) for session, pids in seen.items()} == {"sim-0": 1, "sim-1": 1}
