@@ -8,10 +8,13 @@ netting account, ample balance); the floor (worker/bench_floor.py) in another. T
 process is only the client: it publishes RPM approvals and times their confirmations.
 
 1. overhead: publish -> confirmation, one message at a time, worker (1 session) and floor
-   (1 consumer); then at 100 msg/s offered with ``prefetch`` in flight (below);
+   (1 consumer) running side by side and taking turns message by message; then at 100
+   msg/s offered with ``prefetch`` in flight, in alternating rounds;
 2. throughput: a backlog drained by the worker (``prefetch`` sessions, latency 0) and by the
-   floor (``prefetch`` consumers, each with prefetch 1: the same messages in flight);
-3. scaling: worker throughput with 1, 2, 4, 8 sessions at 20 ms ``order_send`` latency;
+   floor (``prefetch`` consumers, each with prefetch 1: the same messages in flight), in
+   alternating rounds; and the worker's sessions split over two processes;
+3. scaling: worker throughput with 1, 2, 4, 8 sessions at 20 ms ``order_send`` latency, in
+   two rounds of 1, 2, 4, 8;
 4. memory: worker RSS after 1k and after 50k messages. The simulated terminals run in their
    own processes here (``sim-terminal`` behind the bridge, as a real terminal would), so the
    worker's RSS does not include the simulated broker's ever-growing deal history.
@@ -315,6 +318,30 @@ def approvals(prefix: str, count: int) -> list[OutgoingMessage]:
 
 # ----------------------------------------------------------------------------- targets
 
+ROUNDS = 2  # alternating rounds of each drained figure: a slow spell hits both sides
+SCALING_SESSIONS = (1, 2, 4, 8)
+
+
+def _shares(count: int) -> list[int]:
+    """``count`` split over ``ROUNDS`` rounds of at least 2 messages (a rate needs two)."""
+    rounds = max(1, min(ROUNDS, count // 2))
+    return [count // rounds + (1 if index < count % rounds else 0) for index in range(rounds)]
+
+
+@dataclass(frozen=True)
+class Drained:
+    """Messages after the first confirmation of a backlog, and the seconds they took."""
+
+    messages: int
+    seconds: float
+
+    def __add__(self, other: Drained) -> Drained:
+        return Drained(self.messages + other.messages, self.seconds + other.seconds)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else float("nan")
+
 
 @dataclass
 class Child:
@@ -347,6 +374,15 @@ class Child:
 
     def rss_mb(self) -> float:
         return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one side of a comparison consumes: its label, its queue and its process."""
+
+    label: str
+    queue: str
+    child: Child
 
 
 def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path) -> Child:
@@ -529,31 +565,45 @@ class Bench:
     def _messages(self, phase: str, count: int) -> list[OutgoingMessage]:
         return approvals(f"bench-{self.run_id}-{phase}", count)
 
-    def serial(self, label: str, queue: str, child: Child) -> list[float]:
-        """One message at a time: publish, wait for its confirmation, next."""
-        messages = self._messages(f"{label}-serial", self.counts.warmup + self.counts.serial)
-        self.progress.start(f"{label}: one at a time")
-        latencies: list[float] = []
-        for index, message in enumerate(messages):
-            key = message.message_id or ""
-            sent = time.perf_counter()
-            self.publisher.publish(queue, message)
-            self.arrivals.wait([key], 30.0, lambda _d, _t: None)
-            if index >= self.counts.warmup:
-                latencies.append(self.arrivals.times[key] - sent)
-            if index % 20 == 0:
-                child.check_alive()
-            self.progress.update(index + 1, len(messages))
-        self.progress.finish(f"p50 {bench_report.summary_ms(latencies)['p50']:.2f} ms")
+    def serial(self, targets: Sequence[Target]) -> dict[str, list[float]]:
+        """One message at a time, to each target in turn: publish, wait, next.
+
+        Both targets run side by side and take turns message by message, so a slow spell
+        of the machine slows both alike.
+        """
+        per_target = self.counts.warmup + self.counts.serial
+        messages = {t.label: self._messages(f"{t.label}-serial", per_target) for t in targets}
+        names = " and ".join(t.label for t in targets)
+        self.progress.start(f"{names}: one at a time")
+        latencies: dict[str, list[float]] = {t.label: [] for t in targets}
+        for index in range(per_target):
+            for target in targets:
+                message = messages[target.label][index]
+                key = message.message_id or ""
+                sent = time.perf_counter()
+                self.publisher.publish(target.queue, message)
+                self.arrivals.wait([key], 30.0, lambda _d, _t: None)
+                if index >= self.counts.warmup:
+                    latencies[target.label].append(self.arrivals.times[key] - sent)
+                if index % 20 == 0:
+                    target.child.check_alive()
+            self.progress.update(index + 1, per_target)
+        self.progress.finish(
+            ", ".join(
+                f"{label} p50 {bench_report.summary_ms(values)['p50']:.2f} ms"
+                for label, values in latencies.items()
+            )
+        )
         return latencies
 
-    def rated(self, label: str, queue: str, child: Child) -> list[float]:
-        """``rate`` msg/s offered on a fixed schedule, whatever the answers do."""
+    def rated(self, label: str, queue: str, child: Child, count: int) -> list[float]:
+        """``count`` messages at ``rate`` msg/s offered on a fixed schedule, whatever the
+        answers do (after ``warmup`` unrecorded ones)."""
         warm = self._messages(f"{label}-ratewarm", self.counts.warmup)
         for message in warm:
             self.publisher.publish(queue, message)
         self.arrivals.wait([m.message_id or "" for m in warm], 60.0, lambda _d, _t: None)
-        messages = self._messages(f"{label}-rated", self.counts.rated)
+        messages = self._messages(f"{label}-rated", count)
         interval = 1.0 / self.counts.rate
         self.progress.start(f"{label}: {self.counts.rate:g} msg/s")
         sent: dict[str, float] = {}
@@ -586,8 +636,8 @@ class Bench:
             raise BenchError(f"backlog for {phase}: {report.summary()}")
         return [m.message_id or "" for m in messages]
 
-    def drain_rate(self, label: str, keys: Sequence[str], child: Child) -> float:
-        """msg/s between the first and the last confirmation of a backlog."""
+    def drain(self, label: str, keys: Sequence[str], child: Child) -> Drained:
+        """The time between the first and the last confirmation of a backlog."""
         self.progress.start(label)
 
         def progressed(done: int, total: int) -> None:
@@ -597,57 +647,87 @@ class Bench:
 
         self.arrivals.wait(keys, max(120.0, len(keys) / 5.0), progressed)
         times = sorted(self.arrivals.times[key] for key in keys)
-        elapsed = times[-1] - times[0]
-        rate = (len(times) - 1) / elapsed if elapsed > 0 else float("nan")
-        self.progress.finish(f"{rate:.1f} msg/s")
-        return rate
+        drained = Drained(len(times) - 1, times[-1] - times[0])
+        self.progress.finish(f"{drained.rate:.1f} msg/s")
+        return drained
+
+    def drain_in_rounds(
+        self, phase: str, starts: Sequence[tuple[str, str, Callable[[], Child]]], count: int
+    ) -> dict[str, float]:
+        """msg/s of each target over ``ROUNDS`` alternating rounds of ``count`` in all.
+
+        ``starts``: (label, queue, start) per target; each round fills the target's queue,
+        starts its consumer and drains the backlog, so slow spells are shared.
+        """
+        totals = {label: Drained(0, 0.0) for label, _, _ in starts}
+        for index, share in enumerate(_shares(count)):
+            for label, queue, start in starts:
+                keys = self.backlog(f"{phase}-{label}-{index}", queue, share)
+                child = start()
+                drained = self.drain(f"{label}: backlog {share}", keys, child)
+                self._stop(child)
+                totals[label] = totals[label] + drained
+        return {label: drained.rate for label, drained in totals.items()}
 
     # --- phases ---------------------------------------------------------------------------
 
     def overhead(self) -> dict[str, Any]:
-        """One at a time: the worker with 1 session against the floor with 1 consumer."""
-        floor = self.start_floor(1)
-        floor_serial = self.serial("floor", FLOOR_QUEUE, floor)
-        self._stop(floor)
-        worker = self.start_worker(1)
-        worker_serial = self.serial("worker", REQUESTS_QUEUE, worker)
-        self._stop(worker)
-        self.samples["worker, one at a time"] = worker_serial
-        self.samples["floor, one at a time"] = floor_serial
+        """One at a time: the worker with 1 session and the floor with 1 consumer, in turn."""
+        floor = Target("floor", FLOOR_QUEUE, self.start_floor(1))
+        worker = Target("worker", REQUESTS_QUEUE, self.start_worker(1))
+        latencies = self.serial([floor, worker])
+        self._stop(worker.child)
+        self._stop(floor.child)
+        self.samples["worker, one at a time"] = latencies["worker"]
+        self.samples["floor, one at a time"] = latencies["floor"]
         return {
-            "overhead_ms": bench_report.summary_ms(worker_serial),
-            "floor_ms": bench_report.summary_ms(floor_serial),
+            "overhead_ms": bench_report.summary_ms(latencies["worker"]),
+            "floor_ms": bench_report.summary_ms(latencies["floor"]),
         }
 
     def throughput(self) -> dict[str, Any]:
-        """At ``prefetch`` in flight: latency at the offered rate, then a backlog drained."""
+        """At ``prefetch`` in flight: latency at the offered rate, then a backlog drained.
+
+        The worker and the floor take turns: two rounds each of the offered rate (both
+        running, one of them idle), then alternating rounds of the backlog.
+        """
         prefetch, count, rate = self.counts.prefetch, self.counts.throughput, self.counts.rate
         floor = self.start_floor(prefetch)
-        floor_rated = self.rated(f"floor x{prefetch}", FLOOR_QUEUE, floor)
-        self._stop(floor)
-        keys = self.backlog("floor-throughput", FLOOR_QUEUE, count)
-        floor = self.start_floor(prefetch)
-        floor_rate = self.drain_rate(f"floor x{prefetch}: backlog {count}", keys, floor)
-        self._stop(floor)
         worker = self.start_worker(prefetch)
-        worker_rated = self.rated(f"worker {prefetch} sessions", REQUESTS_QUEUE, worker)
+        rated: dict[str, list[float]] = {"floor": [], "worker": []}
+        for index, share in enumerate(_shares(self.counts.rated)):
+            for label, queue, child in (
+                ("floor", FLOOR_QUEUE, floor),
+                ("worker", REQUESTS_QUEUE, worker),
+            ):
+                rated[label] += self.rated(f"{label} x{prefetch} #{index + 1}", queue, child, share)
         self._stop(worker)
-        keys = self.backlog("worker-throughput", REQUESTS_QUEUE, count)
-        worker = self.start_worker(prefetch)
-        worker_rate = self.drain_rate(f"worker {prefetch} sessions: backlog {count}", keys, worker)
-        self._stop(worker)
+        self._stop(floor)
+        rates = self.drain_in_rounds(
+            "throughput",
+            [
+                (f"floor x{prefetch}", FLOOR_QUEUE, lambda: self.start_floor(prefetch)),
+                (
+                    f"worker {prefetch} sessions",
+                    REQUESTS_QUEUE,
+                    lambda: self.start_worker(prefetch),
+                ),
+            ],
+            count,
+        )
+        floor_rate, worker_rate = rates[f"floor x{prefetch}"], rates[f"worker {prefetch} sessions"]
         # the same sessions over two processes (``run --processes 2``): two GILs
         split = 2 if prefetch % 2 == 0 else 1
         keys = self.backlog("worker-processes", REQUESTS_QUEUE, count)
-        worker = self.start_worker(prefetch, processes=split)
+        child = self.start_worker(prefetch, processes=split)
         label = f"worker {split}x{prefetch // split} sessions: backlog {count}"
-        split_rate = self.drain_rate(label, keys, worker)
-        self._stop(worker)
-        self.samples[f"worker, {rate:g} msg/s"] = worker_rated
-        self.samples[f"floor, {rate:g} msg/s"] = floor_rated
+        split_rate = self.drain(label, keys, child).rate
+        self._stop(child)
+        self.samples[f"worker, {rate:g} msg/s"] = rated["worker"]
+        self.samples[f"floor, {rate:g} msg/s"] = rated["floor"]
         return {
-            "overhead_100_ms": bench_report.summary_ms(worker_rated),
-            "floor_100_ms": bench_report.summary_ms(floor_rated),
+            "overhead_100_ms": bench_report.summary_ms(rated["worker"]),
+            "floor_100_ms": bench_report.summary_ms(rated["floor"]),
             "throughput": {"worker": round(worker_rate, 1), "floor": round(floor_rate, 1)},
             "throughput_ratio": round(worker_rate / floor_rate, 3),
             "throughput_processes": {
@@ -659,15 +739,20 @@ class Bench:
         }
 
     def scaling(self) -> dict[str, Any]:
+        """1, 2, 4, 8 sessions at ``scaling_latency_ms``, in two alternating rounds."""
         latency = self.counts.scaling_latency_ms
-        rates: dict[str, float] = {}
-        for sessions in (1, 2, 4, 8):
-            count = sessions * self.counts.scaling_per_session
-            keys = self.backlog(f"scaling-{sessions}", REQUESTS_QUEUE, count)
-            worker = self.start_worker(sessions, latency)
-            label = f"worker {sessions} sessions at {latency:g} ms"
-            rates[str(sessions)] = round(self.drain_rate(label, keys, worker), 1)
-            self._stop(worker)
+        totals = {sessions: Drained(0, 0.0) for sessions in SCALING_SESSIONS}
+        for round_ in range(ROUNDS):
+            for sessions in SCALING_SESSIONS:
+                share = _shares(sessions * self.counts.scaling_per_session)
+                if round_ >= len(share):
+                    continue
+                keys = self.backlog(f"scaling-{sessions}-{round_}", REQUESTS_QUEUE, share[round_])
+                worker = self.start_worker(sessions, latency)
+                label = f"worker {sessions} sessions at {latency:g} ms #{round_ + 1}"
+                totals[sessions] = totals[sessions] + self.drain(label, keys, worker)
+                self._stop(worker)
+        rates = {str(sessions): round(totals[sessions].rate, 1) for sessions in SCALING_SESSIONS}
         return {"scaling": rates, "scaling_latency_ms": latency}
 
     def memory(self) -> dict[str, Any]:

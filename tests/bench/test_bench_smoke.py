@@ -109,7 +109,9 @@ def test_memory(results: dict[str, Any]) -> None:
 
 def test_every_message_filled(results: dict[str, Any]) -> None:
     counts = bench.QUICK
-    per_target = counts.warmup * 2 + counts.serial + counts.rated + counts.throughput
+    rated_rounds = len(bench._shares(counts.rated))  # each round has its own warm-up
+    per_target = counts.warmup * (1 + rated_rounds) + counts.serial + counts.rated
+    per_target += counts.throughput
     scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
     split = counts.throughput  # the worker's backlog again, over two processes
     expected = 2 * per_target + split + scaling + counts.memory_total
@@ -139,3 +141,17 @@ def test_summary_percentiles() -> None:
         100.0,
     )
     assert summary["n"] == 100
+
+
+@pytest.mark.parametrize(
+    ("count", "shares"),
+    [(0, [0]), (1, [1]), (3, [3]), (4, [2, 2]), (15, [8, 7]), (3000, [1500, 1500])],
+)
+def test_rounds_share_every_message(count: int, shares: list[int]) -> None:
+    assert bench._shares(count) == shares
+
+
+def test_drained_rounds_add_up_to_one_rate() -> None:
+    total = bench.Drained(99, 0.5) + bench.Drained(49, 0.5)
+    assert total == bench.Drained(148, 1.0) and total.rate == 148.0
+    assert math.isnan(bench.Drained(0, 0.0).rate)
