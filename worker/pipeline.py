@@ -144,6 +144,7 @@ class Run:
     submitted_at: datetime | None = None
     retcode: int | None = None
     broker_comment: str | None = None
+    filling_mode: int | None = None  # of the last order sent
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -492,6 +493,7 @@ class Pipeline:
             run.attempts += outcome.attempts
             run.retcode = outcome.retcode
             run.broker_comment = outcome.comment
+            run.filling_mode = outcome.filling_mode
             if outcome.attempts > 1:
                 metrics.record_retries(outcome.attempts - 1)
             if outcome.status == "unknown":
@@ -774,7 +776,7 @@ class Pipeline:
             submitted_at=run.submitted_at,
             completed_at=completed,
         )
-        fields = _terminal_fields(confirmation, plan.token)
+        fields = _terminal_fields(confirmation, plan.token, filling_mode=run.filling_mode)
         with run.stage("commit"):
             kept = self.store.finish(
                 lease.conn, fields, run.take_events(), _publish_of(confirmation, plan)

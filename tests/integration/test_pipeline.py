@@ -47,6 +47,8 @@ def test_an_approval_becomes_one_filled_order(env: PipelineEnv) -> None:
     assert confirmation["fill_price"] == deals[0].price
     row = env.row(confirmation["execution_id"])
     assert row["state"] == "FILLED" and row["broker_order"] == deals[0].order
+    [order] = env.sim.history_orders_get(ticket=deals[0].order) or ()
+    assert row["filling_mode"] == order.type_filling, "the filling mode sent is on record"
     events = env.events(confirmation["execution_id"])
     states = [event["state"] for event in events if event["kind"] == "transition"]
     assert states == ["VALIDATED", "SUBMITTING", "FILLED"]
