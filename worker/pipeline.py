@@ -777,12 +777,10 @@ class Pipeline:
             completed_at=completed,
         )
         fields = _terminal_fields(confirmation, plan.token, filling_mode=run.filling_mode)
+        mine = _publish_of(confirmation, plan)
         with run.stage("commit"):
-            kept = self.store.finish(
-                lease.conn, fields, run.take_events(), _publish_of(confirmation, plan)
-            )
-        metrics.record_outcome(status.value, reason.value if reason else None)
-        return kept
+            kept = self.store.finish(lease.conn, fields, run.take_events(), mine)
+        return _counted(kept, mine, status.value, reason.value if reason else None)
 
     def _classify(
         self,
@@ -889,19 +887,13 @@ class Pipeline:
             request=_request_snapshot(request),
             decided_at=request.decided_at,
         )
+        mine = _publish(confirmation, request.correlation_id, request.reply_to)
         with run.stage("commit"):
             try:
-                kept = self.store.finish(
-                    conn,
-                    fields,
-                    run.take_events(),
-                    _publish(confirmation, request.correlation_id, request.reply_to),
-                    insert_only=True,
-                )
+                kept = self.store.finish(conn, fields, run.take_events(), mine, insert_only=True)
             except StoreError:
                 return Requeue("a delivery of this key is in flight")
-        metrics.record_outcome("REJECTED", reason.value)
-        return kept
+        return _counted(kept, mine, "REJECTED", reason.value)
 
     def _reject_invalid(self, invalid: InvalidMessage, delivery: Delivery, run: Run) -> Outcome:
         """Invalid but keyed: a REJECTED confirmation (INVALID_REQUEST) on the record."""
@@ -925,19 +917,13 @@ class Pipeline:
         correlation = delivery.properties.correlation_id or invalid.rpm_order_id
         run.event("validate", "REJECTED", reason="INVALID_REQUEST", code=invalid.code)
         fields = _terminal_fields(confirmation, comment_token_for(execution_id))
+        mine = _publish(confirmation, correlation, delivery.properties.reply_to or None)
         with self.store.connection() as conn:
             try:
-                kept = self.store.finish(
-                    conn,
-                    fields,
-                    run.take_events(),
-                    _publish(confirmation, correlation, delivery.properties.reply_to or None),
-                    insert_only=True,
-                )
+                kept = self.store.finish(conn, fields, run.take_events(), mine, insert_only=True)
             except StoreError:
                 return Requeue("a valid delivery of this key is in flight")
-        metrics.record_outcome("REJECTED", RejectionReason.INVALID_REQUEST.value)
-        return kept
+        return _counted(kept, mine, "REJECTED", RejectionReason.INVALID_REQUEST.value)
 
     def _recorded(self, conn: psycopg.Connection[Any], row: ExecutionRow) -> Outcome:
         """A terminal row: the same confirmation again, no broker call."""
@@ -1073,6 +1059,15 @@ def _publish(
         correlation_id=correlation_id,
         reply_to=reply_to,
     )
+
+
+def _counted(kept: Publish, mine: Publish, status: str, reason: str | None) -> Publish:
+    """Count the outcome just committed; a key's earlier outcome kept instead is a duplicate."""
+    if kept is mine:
+        metrics.record_outcome(status, reason)
+    else:
+        metrics.record_duplicate()
+    return kept
 
 
 def _publish_of(confirmation: ExecutionConfirmation, plan: Plan) -> Publish:

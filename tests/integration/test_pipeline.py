@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.identity import comment_token_for, execution_id_for
 from schemas.request import MessageProperties
@@ -125,6 +126,24 @@ def test_refusals_that_never_reach_the_broker(
     confirmation = env.confirm(message)
     assert confirmation["status"] == "REJECTED" and confirmation["rejection_reason"] == reason
     assert env.deals() == []
+
+
+def _counter(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(f"execution_worker_{name}", labels) or 0.0
+
+
+def test_a_repeated_refusal_answers_the_first_and_counts_as_a_duplicate(
+    env: PipelineEnv,
+) -> None:
+    message = approval()
+    message["decision"]["kill_switch_triggered"] = True
+    refused = {"status": "rejected", "reason": "KILL_SWITCH"}
+    before = (_counter("executions_total", **refused), _counter("duplicates_total"))
+    first = env.deliver(message)
+    second = env.deliver(message)  # the RPM published it twice: not a redelivery
+    assert isinstance(first, Publish) and second == first
+    after = (_counter("executions_total", **refused), _counter("duplicates_total"))
+    assert after == (before[0] + 1, before[1] + 1)
 
 
 def test_halted_portfolio_is_refused(env: PipelineEnv) -> None:
