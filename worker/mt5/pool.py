@@ -443,6 +443,7 @@ class SessionPool:
             self._unreserve(slot)
             raise ClaimTimeout(f"database error while claiming: {type(exc).__name__}") from None
         except BaseException:
+            conn.close()  # it may hold the lock: closing drops it
             self._unreserve(slot)
             raise
 
