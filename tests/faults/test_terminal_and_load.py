@@ -82,3 +82,35 @@ def test_load_2000_approvals_4_processes_6_sessions(
             " msg/s incl. start-up, 2-core machine)",
         )
     )
+
+
+DUPLICATED = 300
+COPIES = 3
+
+
+def test_duplicate_publishes_across_processes_send_one_order_each(
+    make_env: MakeEnv, record: Callable[[Tally], None]
+) -> None:
+    """The RPM publishes every approval three times in a row: the copies reach different
+    processes at the same moment. No lock is taken before the intent, so the intent's
+    primary key and the session leases alone must keep it to one order per approval."""
+    env = make_env([sim_toml(80 + i) for i in range(LOAD_PROCESSES)])
+    documents = approvals(DUPLICATED, random.Random(80))
+    keys = env.publish([document for document in documents for _ in range(COPIES)])
+    unique = list(dict.fromkeys(keys))
+    assert len(unique) == DUPLICATED
+    supervisor = env.start_worker(processes=LOAD_PROCESSES)
+    env.wait_confirmed(unique, WAIT_SECONDS * 2, supervisor)
+    # every copy is answered (the later ones with the first one's confirmation)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while sum(len(copies) for copies in env.broker_side.collect().values()) < len(keys):
+        assert time.monotonic() < deadline, "some copies were never answered"
+        time.sleep(0.2)
+    assert supervisor.stop() == 0, supervisor.tail()
+    record(
+        env.check(
+            f"duplicate publishes: {COPIES} copies each, {LOAD_PROCESSES} processes",
+            unique,
+            notes=f"{len(keys)} deliveries of {DUPLICATED} approvals, copies back to back",
+        )
+    )

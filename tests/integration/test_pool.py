@@ -400,11 +400,22 @@ def test_a_parked_lease_keeps_its_lock_until_it_lingered(
 def test_a_session_held_too_long_is_released_for_other_processes(
     make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
 ) -> None:
-    pool = make_pool(sim_specs[:1], linger_seconds=10.0, max_hold_seconds=0.2)
+    # poll_interval 0.5 s: after the long hold this process leaves the session alone 1.5 s
+    pool = make_pool(sim_specs[:1], linger_seconds=10.0, max_hold_seconds=0.2, poll_interval=0.5)
     with pool.claim(timeout=1):
         time.sleep(0.3)
     assert _advisory_holders(database_url) == {}, "held past max_hold: unlocked on release"
-    with pool.claim(timeout=1):
+    with pytest.raises(ClaimTimeout):
+        pool.claim(timeout=0.3)  # its turn is given to the other processes
+    other = psycopg.connect(database_url, autocommit=True)
+    try:
+        key = sim_specs[0].lock_key
+        taken = other.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key))
+        assert taken.fetchone() == (True,), "another process takes its turn"
+        other.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+    finally:
+        other.close()
+    with pool.claim(timeout=1, session_id="sim-0"):  # asked for by id: no waiting
         pass
     assert len(_advisory_holders(database_url)) == 1, "a fresh hold parks again"
 

@@ -11,8 +11,9 @@ on a connection from the database pool that the lease then holds:
 With ``linger_seconds`` > 0 a released lease is *parked*: its connection keeps the lock, so
 the next claim in this process takes the session without a database round trip. A parked
 lease idle longer than ``linger_seconds``, or holding its lock longer than
-``max_hold_seconds`` in all, is really released, so other processes sharing the session get
-their turn.
+``max_hold_seconds`` in all, is really released, and after such a long hold this process
+leaves the session alone for a few poll intervals, so other processes sharing the session
+get their turn.
 
 A claimed session is checked (``terminal_info().connected``, ``last_error``) before it is
 handed out. A failing one is re-initialized in the background with exponential backoff
@@ -186,6 +187,9 @@ class _Slot:
     last_error: str | None = None
     recovery: threading.Thread | None = field(default=None, repr=False)
     parked: _Parked | None = field(default=None, repr=False)
+    # after a hold of max_hold_seconds: not claimed here (except by id) until then, so a
+    # process polling for this session gets its turn
+    yield_until: float = 0.0
 
     def state(self, closed: bool, max_failures: int) -> SessionState:
         if closed:
@@ -346,9 +350,16 @@ class SessionPool:
                 self._cond.wait(min(remaining, self._poll_interval))
 
     def _candidates(self, only: _Slot | None) -> list[_Slot]:
+        now = time.monotonic()
         with self._cond:
-            slots = self._slots if only is None else [only]
-            free = [slot for slot in slots if slot.healthy and not slot.in_use]
+            if only is not None:
+                free = [only] if only.healthy and not only.in_use else []
+            else:
+                free = [
+                    slot
+                    for slot in self._slots
+                    if slot.healthy and not slot.in_use and slot.yield_until <= now
+                ]
         random.shuffle(free)  # spread processes over the sessions
         free.sort(key=lambda slot: slot.parked is None)  # parked first: no round trip
         return free
@@ -479,6 +490,8 @@ class SessionPool:
                 slot.in_use = False
                 self._cond.notify_all()
             return
+        if self._linger > 0 and now - locked_at >= self._max_hold:
+            slot.yield_until = now + 3 * self._poll_interval  # others poll this often
         try:
             self._drop(conn, autocommit, unlock=not broken)
         finally:
