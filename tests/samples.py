@@ -1,6 +1,6 @@
 """Real-shaped RPM messages for tests (the shape of ``RPMOutput.to_dict()``).
 
-Built on the same builders as ``execution-worker publish`` (worker/publish.py), with the
+Built on the same builders as ``execution-worker publish`` (worker/tools/publish.py), with the
 defaults and the auto-generated order ids that tests want.
 """
 
@@ -11,8 +11,8 @@ import json
 import uuid
 from typing import Any
 
-from worker import publish
-from worker.publish import utc_naive_now
+from worker.tools import publish
+from worker.tools.publish import utc_naive_now
 
 __all__ = ["approved_trade", "body", "clone", "decision", "rpm_output", "utc_naive_now"]
 

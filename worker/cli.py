@@ -94,33 +94,38 @@ def _trail_args(parser: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("run", "consume execution.requests and execute", "worker.runtime:main", _run_args),
+    Command("run", "consume execution.requests and execute", "worker.supervisor:main", _run_args),
     Command(
-        "demo", "run the whole path against the simulated terminal", "worker.demo:main", _demo_args
+        "demo",
+        "run the whole path against the simulated terminal",
+        "worker.tools.demo:main",
+        _demo_args,
     ),
     Command(
         "publish",
         "publish RPM approvals to execution.requests",
-        "worker.publish:main",
+        "worker.tools.publish:main",
         _publish_args,
     ),
-    Command("migrate", "apply the database migrations", "worker.store:migrate_main", _no_arguments),
+    Command(
+        "migrate", "apply the database migrations", "worker.store.store:migrate_main", _no_arguments
+    ),
     Command(
         "reconcile",
         "resolve in-flight executions against the terminals",
-        "worker.recovery:main",
+        "worker.tools.reconcile:main",
         _reconcile_args,
     ),
     Command(
         "sim-terminal",
         "serve a simulated terminal with persistent broker state",
-        "worker.mt5.bridge:sim_terminal_main",
+        "worker.mt5.bridge.serve:sim_terminal_main",
         _sim_terminal_args,
     ),
     Command(
         "bridge-serve",
         "serve the native MetaTrader5 terminal over the bridge",
-        "worker.mt5.bridge:bridge_serve_main",
+        "worker.mt5.bridge.serve:bridge_serve_main",
         _bridge_serve_args,
     ),
     Command(
@@ -132,10 +137,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         "bench",
         "measure overhead, throughput, scaling and memory",
-        "worker.bench:main",
+        "worker.tools.bench.runner:main",
         _bench_args,
     ),
-    Command("trail", "show the audit timeline of one execution", "worker.trail:main", _trail_args),
+    Command(
+        "trail", "show the audit timeline of one execution", "worker.tools.trail:main", _trail_args
+    ),
 )
 
 

@@ -11,15 +11,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from worker import metrics
 from worker.config import Settings
-from worker.delivery import Handler, Outbox, Outcome, Publish
+from worker.execution.outcome import Handler, Outbox, Outcome, Publish
+from worker.execution.pipeline import Pipeline
 from worker.mt5.api import Terminal
 from worker.mt5.gateway import Gateway
 from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec, load_session_specs
-from worker.pipeline import Pipeline
-from worker.store import ExecutionRow, Store
+from worker.observability import metrics
+from worker.store.store import ExecutionRow, Store
 
 log = logging.getLogger(__name__)
 RECOVERY_INTERVAL_SECONDS = 60.0

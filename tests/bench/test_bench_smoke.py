@@ -16,8 +16,9 @@ import psycopg
 import pytest
 
 from tests.containers import Broker, Service
-from worker import bench, bench_report
 from worker.cli import main
+from worker.tools.bench import report as bench_report
+from worker.tools.bench import runner as bench
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ import psycopg
 from schemas.identity import comment_token_for, execution_id_for
 from tests import samples
 from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
-from worker.amqp_topology import (
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,

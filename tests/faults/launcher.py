@@ -78,7 +78,7 @@ def _after(owner: Any, name: str, trigger: Trigger) -> None:
 
 
 def _during_order_send(trigger: Trigger) -> None:
-    from worker.mt5.bridge import BridgeConnection
+    from worker.mt5.bridge.client import BridgeConnection
 
     original = BridgeConnection.call
 
@@ -107,9 +107,9 @@ def _during_order_send(trigger: Trigger) -> None:
 
 def install(point: str, at: int) -> None:
     """Arm the kill at ``point`` on its ``at``-th call."""
-    from worker.amqp import AmqpRuntime
-    from worker.pipeline import Pipeline
-    from worker.store import Store
+    from worker.amqp.runtime import AmqpRuntime
+    from worker.execution.pipeline import Pipeline
+    from worker.store.store import Store
 
     trigger = Trigger(at)
     if point == "after_receive":

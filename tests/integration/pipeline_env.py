@@ -13,14 +13,14 @@ from typing import Any
 from schemas.request import MessageProperties
 from tests import samples
 from worker.config import Settings, load_settings
-from worker.delivery import Delivery, Outcome, Publish
+from worker.execution.outcome import Delivery, Outcome, Publish
+from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
-from worker.mt5.sim import SimConfig, SimTerminal
-from worker.pipeline import Pipeline
+from worker.mt5.sim.terminal import SimConfig, SimTerminal
 from worker.service import gateway_factory
-from worker.store import Store
+from worker.store.store import Store
 
 
 def always_open(config: SimConfig) -> SimConfig:

@@ -12,10 +12,10 @@ import pytest
 from schemas.request import parse_request
 from tests.integration.test_amqp_support import broker, ready_count, reset_vhost
 from worker import cli
-from worker.amqp import to_message_properties
-from worker.amqp_topology import REQUESTS_QUEUE, requests_queue_arguments
+from worker.amqp.runtime import to_message_properties
+from worker.amqp.topology import REQUESTS_QUEUE, requests_queue_arguments
 from worker.config import Settings
-from worker.publish import (
+from worker.tools.publish import (
     EXIT_BROKER,
     OutgoingMessage,
     PublishError,

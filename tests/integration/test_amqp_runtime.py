@@ -28,15 +28,15 @@ from tests.integration.test_amqp_support import (
     settled_ready,
     wait_until,
 )
-from worker.amqp import EXIT_OK, EXIT_TOPOLOGY_MISMATCH, AmqpRuntime, RuntimeOptions
-from worker.amqp_topology import (
+from worker.amqp.runtime import EXIT_OK, EXIT_TOPOLOGY_MISMATCH, AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,
     REQUESTS_QUEUE,
     requests_queue_arguments,
 )
-from worker.delivery import (
+from worker.execution.outcome import (
     CONFIRMATION_SCHEMA_HEADER,
     DeadLetter,
     Delivery,

@@ -15,8 +15,8 @@ from urllib.parse import unquote, urlsplit
 import pika
 import pika.exceptions
 
-from worker.amqp import AmqpRuntime
-from worker.amqp_topology import (
+from worker.amqp.runtime import AmqpRuntime
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,

@@ -23,8 +23,13 @@ from tests.integration.test_bridge_helpers import (
     served,
 )
 from worker.mt5 import api
-from worker.mt5.bridge import BridgeConnection, BridgeRemoteError, BridgeServer, BridgeTerminal
-from worker.mt5.bridge_protocol import (
+from worker.mt5.bridge.client import (
+    BridgeConnection,
+    BridgeRemoteError,
+    BridgeServer,
+    BridgeTerminal,
+)
+from worker.mt5.bridge.protocol import (
     CLIENT_TO_SERVER,
     SERVER_TO_CLIENT,
     SecureChannel,
@@ -36,7 +41,7 @@ from worker.mt5.bridge_protocol import (
     send_frame,
     session_key,
 )
-from worker.mt5.sim import SimTerminal
+from worker.mt5.sim.terminal import SimTerminal
 
 SECRET = new_secret()
 
@@ -147,7 +152,7 @@ def test_wrong_secret_is_refused_and_logged(
 ) -> None:
     wrong = "not-" + SECRET
     terminal = BridgeTerminal(address_of(server), wrong)
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge"):
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge.client"):
         assert terminal.initialize() is False
         with pytest.raises(api.TransportError):
             terminal.terminal_info()
@@ -182,7 +187,7 @@ def test_a_replayed_handshake_is_refused(
     replay = _connect(server)
     replay_hello = loads(recv_frame(replay))
     assert replay_hello["nonce"] != hello["nonce"]
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge"):
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge.client"):
         send_frame(replay, recorded_auth)
         assert _closed_by_peer(replay)
     replay.close()
@@ -195,7 +200,7 @@ def test_functions_outside_the_allow_list_are_refused(
     server: BridgeServer, name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     connection = BridgeConnection(address_of(server), SECRET)
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge"):
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge.client"):
         with pytest.raises(BridgeRemoteError, match="not_allowed"):
             connection.call(name, ("1+1",))
         assert not connection.connected  # refused: the server closed the connection
@@ -214,7 +219,7 @@ def test_an_oversized_frame_is_refused_and_logged(
     connection.connect()
     channel = connection._channel
     assert channel is not None
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge"):
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge.client"):
         channel.sock.sendall(struct.pack(">I", 2 << 20))  # announces 2 MiB
         assert _closed_by_peer(channel.sock)  # closed without reading the body
     assert server.refusals["oversized_frame"] == 1
@@ -268,7 +273,7 @@ def test_slow_loris_connections_do_not_block_other_clients(
     assert terminal.initialize()
     assert terminal.account_info() is not None
     # the stalled ones are cut at the handshake deadline, and logged
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge"):
+    with caplog.at_level(logging.WARNING, logger="worker.mt5.bridge.client"):
         assert _closed_by_peer(silent)
         assert _closed_by_peer(dribbling)
     silent.close()

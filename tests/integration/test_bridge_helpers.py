@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from worker.mt5 import api
-from worker.mt5.bridge import BridgeServer
-from worker.mt5.sim import SimConfig, SimTerminal
+from worker.mt5.bridge.client import BridgeServer
+from worker.mt5.sim.terminal import SimConfig, SimTerminal
 
 ROOT = Path(__file__).resolve().parents[2]
 MAGIC = 26112501

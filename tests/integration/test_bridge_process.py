@@ -24,7 +24,7 @@ from tests.integration.test_bridge_helpers import (
     start_sim_terminal,
 )
 from worker.mt5 import api
-from worker.mt5.bridge import BridgeTerminal
+from worker.mt5.bridge.client import BridgeTerminal
 from worker.mt5.gateway import Gateway
 
 SLOW_SEND = OPEN_MARKETS_TOML + "\n[faults]\nlatency_by_function = { order_send = 2500 }\n"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 from tests.integration.test_amqp_support import broker
-from worker.amqp_topology import REQUESTS_QUEUE
+from worker.amqp.topology import REQUESTS_QUEUE
 
 
 def test_the_demo_answers_every_message_and_exits_0(

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import metrics
-from worker.health import HealthServer, database_check, rabbitmq_check
+from worker.observability import metrics
+from worker.observability.health import HealthServer, database_check, rabbitmq_check
 
 pytestmark = pytest.mark.integration
 

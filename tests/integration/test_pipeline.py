@@ -16,10 +16,10 @@ from schemas.identity import comment_token_for, execution_id_for
 from schemas.request import MessageProperties
 from tests import samples
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.delivery import DeadLetter, Publish, Requeue
+from worker.execution.outcome import DeadLetter, Publish, Requeue
+from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
-from worker.mt5.sim import FaultConfig, SimAccount, SimConfig
-from worker.pipeline import Pipeline
+from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
 
@@ -399,7 +399,7 @@ def _raise(*args: Any, **kwargs: Any) -> Any:
 
 
 def _delivery(message: dict[str, Any]) -> Any:
-    from worker.delivery import Delivery
+    from worker.execution.outcome import Delivery
 
     return Delivery(
         body=json.dumps(message).encode(),

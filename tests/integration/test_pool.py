@@ -22,7 +22,7 @@ from tests.integration.test_bridge_helpers import (
     open_config,
 )
 from worker.mt5 import api
-from worker.mt5.bridge import BridgeServer
+from worker.mt5.bridge.client import BridgeServer
 from worker.mt5.pool import (
     LOCK_CLASS,
     ClaimTimeout,
@@ -32,7 +32,7 @@ from worker.mt5.pool import (
     UnknownSession,
 )
 from worker.mt5.sessions import SessionSpec
-from worker.mt5.sim import SimTerminal
+from worker.mt5.sim.terminal import SimTerminal
 
 
 def _factory(terminal: api.Terminal, spec: SessionSpec) -> tuple[str, api.Terminal]:

@@ -28,12 +28,12 @@ from tests.integration.test_amqp_support import (
     close_connections,
     wait_until,
 )
-from worker.amqp import AmqpRuntime, RuntimeOptions
-from worker.amqp_topology import DEAD_QUEUE
+from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import DEAD_QUEUE
 from worker.config import Settings
-from worker.delivery import CONFIRMATION_SCHEMA_HEADER, Delivery, Outcome
-from worker.publish import approved_trade, rpm_output
+from worker.execution.outcome import CONFIRMATION_SCHEMA_HEADER, Delivery, Outcome
 from worker.service import Service
+from worker.tools.publish import approved_trade, rpm_output
 
 SIM_CONFIG = """
 [faults]

@@ -17,7 +17,7 @@ import pytest
 from schemas.identity import execution_id_for
 from tests.integration.test_amqp_support import broker, ready_count, settled_ready, wait_until
 from tests.integration.test_runtime_e2e import SIM_CONFIG, approval
-from worker.amqp_topology import REQUESTS_QUEUE
+from worker.amqp.topology import REQUESTS_QUEUE
 
 TERMINAL = ("FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED")
 

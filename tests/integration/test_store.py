@@ -12,8 +12,8 @@ import psycopg
 import pytest
 
 from schemas.identity import comment_token_for
-from worker.delivery import Publish
-from worker.store import Event, Store, StoreError
+from worker.execution.outcome import Publish
+from worker.store.store import Event, Store, StoreError
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from worker.cli import main as cli_main
-from worker.logs import forget_secrets
-from worker.store import apply_migrations
+from worker.observability.logs import forget_secrets
+from worker.store.store import apply_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -30,11 +30,11 @@ import pytest
 from schemas.confirmation import ExecutionConfirmation
 from tests.integration.test_amqp_support import Running, ready_count, wait_until
 from tests.security.hostile import Hostile, hostile_messages
-from worker.amqp import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
-from worker.amqp_topology import CONFIRMATIONS_EXCHANGE, DEAD_QUEUE, REQUESTS_QUEUE
+from worker.amqp.runtime import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_QUEUE, REQUESTS_QUEUE
 from worker.config import Settings
-from worker.publish import approved_trade, rpm_output
 from worker.service import Service
+from worker.tools.publish import approved_trade, rpm_output
 
 SEED = 20261125
 COUNT = 10_000

@@ -31,23 +31,23 @@ from schemas.request import MessageProperties
 from tests.containers import Broker, Service
 from tests.integration.pipeline_env import always_open, approval
 from tests.integration.test_amqp_support import Running, wait_until
-from worker.amqp import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
-from worker.amqp_topology import (
+from worker.amqp.runtime import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,
     REQUESTS_QUEUE,
 )
 from worker.config import load_settings
-from worker.delivery import DeadLetter, Delivery, Outcome, Publish
+from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish
+from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
-from worker.mt5.sim import SimConfig, SimTerminal
-from worker.pipeline import Pipeline
+from worker.mt5.sim.terminal import SimConfig, SimTerminal
 from worker.service import gateway_factory
-from worker.store import Store, apply_migrations
-from worker.trail import find_trails
+from worker.store.store import Store, apply_migrations
+from worker.tools.trail import find_trails
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES_SQL = ROOT / "deploy" / "sql" / "roles.sql"

@@ -23,13 +23,13 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 
 from tests.integration.test_bridge_helpers import address_of, open_config, served
-from worker.amqp import runtime_from_settings
+from worker.amqp.runtime import runtime_from_settings
 from worker.config import load_settings
-from worker.health import database_check
-from worker.logs import configure_logging, forget_secrets, register_settings_secrets
 from worker.mt5 import api
-from worker.mt5.bridge import BridgeTerminal
-from worker.mt5.sim import SimTerminal
+from worker.mt5.bridge.client import BridgeTerminal
+from worker.mt5.sim.terminal import SimTerminal
+from worker.observability.health import database_check
+from worker.observability.logs import configure_logging, forget_secrets, register_settings_secrets
 
 DB_PASSWORD = "Db-" + uuid.uuid4().hex
 MQ_PASSWORD = "Mq-" + uuid.uuid4().hex

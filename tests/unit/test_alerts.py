@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from worker import metrics
+from worker.observability import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"

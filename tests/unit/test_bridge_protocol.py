@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from worker.mt5 import api
-from worker.mt5.bridge import parse_address
-from worker.mt5.bridge_protocol import (
+from worker.mt5.bridge.client import parse_address
+from worker.mt5.bridge.protocol import (
     ALLOWED_FUNCTIONS,
     CLIENT_TO_SERVER,
     RESULT_TYPES,

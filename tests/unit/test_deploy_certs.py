@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.mt5.bridge import BridgeServer, BridgeTerminal
-from worker.mt5.sim import SimTerminal
+from worker.mt5.bridge.client import BridgeServer, BridgeTerminal
+from worker.mt5.sim.terminal import SimTerminal
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "windows" / "make-bridge-certs.sh"
 

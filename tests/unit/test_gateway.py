@@ -19,7 +19,7 @@ from worker.mt5.gateway import (
     signed_slippage_pips,
     vwap,
 )
-from worker.mt5.sim import FaultConfig, SimAccount, SimConfig, SimTerminal
+from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimTerminal
 
 TUESDAY_10_UTC = 1764064800.0
 PIPS = {"XAUUSD": 0.1, "US500": 1.0, "BTCUSD": 1.0}

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 
 from worker.config import load_settings
-from worker.logs import (
+from worker.observability.logs import (
     configure_logging,
     current_context,
     forget_secrets,
@@ -43,7 +43,7 @@ def lines(buffer: io.StringIO) -> list[dict[str, object]]:
 
 
 def test_json_lines_carry_the_context_and_nest(stream: io.StringIO) -> None:
-    log = logging.getLogger("worker.pipeline")
+    log = logging.getLogger("worker.execution.pipeline")
     with log_context(execution_id="e-1", order_id="o-1", symbol="EURUSD", session=None):
         with log_context(stage="submit", session="sim-2"):
             log.info("sending %s lots", 0.95, extra={"retcode": 10009})
@@ -52,7 +52,7 @@ def test_json_lines_carry_the_context_and_nest(stream: io.StringIO) -> None:
 
     first, second, third = lines(stream)
     assert first["message"] == "sending 0.95 lots"
-    assert first["level"] == "INFO" and first["logger"] == "worker.pipeline"
+    assert first["level"] == "INFO" and first["logger"] == "worker.execution.pipeline"
     assert first["execution_id"] == "e-1" and first["order_id"] == "o-1"
     assert first["stage"] == "submit" and first["session"] == "sim-2"
     assert first["retcode"] == 10009
@@ -82,7 +82,7 @@ def test_secrets_never_reach_the_output(stream: io.StringIO) -> None:
     register_settings_secrets(settings)
     register_secret(SecretStr(MT5_PASSWORD))
     register_secret(DB_PASSWORD)
-    log = logging.getLogger("worker.amqp")
+    log = logging.getLogger("worker.amqp.runtime")
     db_url = f"postgresql://app:{DB_PASSWORD}@db:5432/execution"
 
     log.error("connect failed to %s", settings.rabbitmq_url.get_secret_value())

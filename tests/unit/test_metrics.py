@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import metrics
+from worker.observability import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

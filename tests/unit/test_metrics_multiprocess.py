@@ -10,13 +10,13 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker.health import HealthServer
+from worker.observability.health import HealthServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import sys
-from worker import metrics
+from worker.observability import metrics
 metrics.record_outcome("FILLED")
 metrics.record_slippage("EURUSD", 1, 0.3)
 metrics.in_flight(int(sys.argv[1]))

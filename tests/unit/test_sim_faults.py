@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from worker.mt5 import api
-from worker.mt5.sim import FaultConfig, SimConfig, SimTerminal
+from worker.mt5.sim.terminal import FaultConfig, SimConfig, SimTerminal
 
 NOW = 1764064800.0  # Tuesday 10:00 UTC
 

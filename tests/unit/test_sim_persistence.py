@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.mt5 import api
-from worker.mt5.sim import FaultConfig, SimAccount, SimConfig, SimTerminal, iter_deals
+from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimTerminal, iter_deals
 
 NOW = 1764064800.0  # Tuesday 10:00 UTC
 CONFIG = SimConfig(faults=FaultConfig(slippage_points=((0, 1.0),)))
@@ -97,7 +97,7 @@ CHILD = textwrap.dedent(
     """
     import sys
     from worker.mt5 import api
-    from worker.mt5.sim import SimTerminal
+    from worker.mt5.sim.terminal import SimTerminal
     sim = SimTerminal(state_path=sys.argv[1])
     sim.initialize()
     sim.symbol_select("BTCUSD")  # trades every day of the week

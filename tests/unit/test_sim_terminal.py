@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from worker.mt5 import api
-from worker.mt5.sim import FaultConfig, SimAccount, SimConfig, SimSymbol, SimTerminal
+from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimSymbol, SimTerminal
 
 TUESDAY_10_UTC = 1764064800.0  # 2025-11-25 10:00 UTC
 SATURDAY_10_UTC = TUESDAY_10_UTC + 4 * 86400

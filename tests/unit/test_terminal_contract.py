@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from worker.mt5 import api
-from worker.mt5.sim import SimTerminal
+from worker.mt5.sim.terminal import SimTerminal
 
 NATIVE = sys.platform == "win32" and os.environ.get("MT5_CONTRACT_NATIVE") == "1"
 SYMBOL = os.environ.get("MT5_CONTRACT_SYMBOL", "EURUSD") if NATIVE else "EURUSD"

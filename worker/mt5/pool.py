@@ -73,7 +73,7 @@ class SessionOpenError(Exception):
 
 def _new_terminal(spec: SessionSpec) -> api.Terminal:
     if spec.backend == "bridge":
-        from worker.mt5.bridge import BridgeTerminal
+        from worker.mt5.bridge.client import BridgeTerminal
 
         if spec.address is None or spec.secret is None:
             raise SessionOpenError(f"session {spec.id}: bridge needs an address and a secret")
@@ -86,7 +86,7 @@ def _new_terminal(spec: SessionSpec) -> api.Terminal:
         except RuntimeError as exc:  # no MetaTrader5 module: a configuration error
             raise ConfigError(f"session {spec.id}: {exc}") from None
         return native
-    from worker.mt5.sim import SimConfig, SimTerminal
+    from worker.mt5.sim.terminal import SimConfig, SimTerminal
 
     try:
         config = SimConfig.from_toml(spec.sim_config) if spec.sim_config else None
@@ -648,12 +648,12 @@ class SessionPool:
 
 
 def _record_claim_wait(seconds: float, *, acquired: bool) -> None:
-    from worker import metrics
+    from worker.observability import metrics
 
     metrics.record_claim_wait(seconds, acquired=acquired)
 
 
 def _record_reconnect() -> None:
-    from worker import metrics
+    from worker.observability import metrics
 
     metrics.record_reconnect("mt5")

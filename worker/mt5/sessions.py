@@ -188,7 +188,7 @@ def _from_count(count: int, settings: Settings, environ: Mapping[str, str]) -> l
 
 
 def _bridge_addresses(value: str, count: int) -> list[str]:
-    from worker.mt5.bridge import parse_address
+    from worker.mt5.bridge.client import parse_address
 
     listed = [part.strip() for part in value.split(",") if part.strip()]
     try:

@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from worker.mt5 import api
-from worker.mt5.bridge_protocol import (
+from worker.mt5.bridge.protocol import (
     ALLOWED_FUNCTIONS,
     CLIENT_TO_SERVER,
     MAX_FRAME_BYTES,
@@ -44,7 +44,7 @@ from worker.mt5.bridge_protocol import (
     session_key,
 )
 
-_log = logging.getLogger("worker.mt5.bridge")
+_log = logging.getLogger("worker.mt5.bridge.client")
 HANDSHAKE_FRAME_BYTES = 4096
 
 

@@ -1,7 +1,7 @@
 """Wire format of the terminal bridge: value codec, frames, handshake and frame MACs.
 
 Pure functions and small classes over a socket-like object, shared by the server and the
-client in :mod:`worker.mt5.bridge`.
+client in :mod:`worker.mt5.bridge.client`.
 
 Frames are ``length (4 bytes, big endian) | body``; a length above the limit closes the
 connection before anything is read. Bodies are UTF-8 JSON during the handshake and

@@ -10,7 +10,8 @@ with retcode and latency, notes) and its outbox state, as text or as one JSON do
     render_json(key: str, trails: Sequence[Trail]) -> str
     main(args: argparse.Namespace) -> int      # 0 found, 1 not found, 2 database error
 
-Everything printed goes through ``worker.logs.redact`` with the settings' secrets registered.
+Everything printed goes through ``worker.observability.logs.redact`` with the settings'
+secrets registered.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from worker.config import load_settings, mask_url
-from worker.logs import redact, register_settings_secrets
+from worker.observability.logs import redact, register_settings_secrets
 
 DETAIL_WIDTH = 100  # the table truncates event details; --json has them whole
 

@@ -7,8 +7,8 @@ liquidity, keeps netting or hedging positions and the order/deal history with th
 names, and can inject the faults the worker must survive (latency, disconnects, lost replies,
 timeouts, requotes...). With ``state_path`` the broker state persists in SQLite.
 
-Configuration lives in :mod:`worker.mt5.sim_config`, prices and schedules in
-:mod:`worker.mt5.sim_market`, records and persistence in :mod:`worker.mt5.sim_store`.
+Configuration lives in :mod:`worker.mt5.sim.config`, prices and schedules in
+:mod:`worker.mt5.sim.market`, records and persistence in :mod:`worker.mt5.sim.state`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from worker.mt5 import api
-from worker.mt5.sim_config import (
+from worker.mt5.sim.config import (
     SCRIPTED_OUTCOMES,
     FaultConfig,
     SimAccount,
@@ -36,8 +36,8 @@ from worker.mt5.sim_config import (
     SimSymbol,
     default_symbols,
 )
-from worker.mt5.sim_market import PricePath, Schedule
-from worker.mt5.sim_store import (
+from worker.mt5.sim.market import PricePath, Schedule
+from worker.mt5.sim.state import (
     DealRecord,
     OrderRecord,
     PositionRecord,

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from worker.config import load_settings
-from worker.delivery import Publish
+from worker.execution.outcome import Publish
 
 
 def main(args: argparse.Namespace) -> int:

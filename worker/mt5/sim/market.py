@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 
-from worker.mt5.sim_config import WEEK_SECONDS, SimSymbol
+from worker.mt5.sim.config import WEEK_SECONDS, SimSymbol
 
 _MASK = (1 << 64) - 1
 _OCTAVES = 14  # periods 1 s .. 8192 s

@@ -28,7 +28,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from worker.delivery import Publish
+from worker.execution.outcome import Publish
 
 TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
@@ -497,7 +497,7 @@ class Store:
                 (execution_id, _events_json(events)),
             )
 
-    # --- outbox (worker.delivery.Outbox) ------------------------------------------------
+    # --- outbox (worker.execution.outcome.Outbox) ------------------------------------------------
 
     def unpublished(self, limit: int) -> list[Publish]:
         with self.connection() as conn:

@@ -25,8 +25,8 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
-from worker.amqp_publisher import PERSISTENT, ConfirmingPublisher, PublishResult
-from worker.amqp_topology import (
+from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
+from worker.amqp.topology import (
     PRECONDITION_FAILED,
     REQUESTS_QUEUE,
     TopologyMismatch,

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from worker.amqp import EXIT_ACCESS_REFUSED, EXIT_TOPOLOGY_MISMATCH, runtime_from_settings
+from worker.amqp.runtime import EXIT_ACCESS_REFUSED, EXIT_TOPOLOGY_MISMATCH, runtime_from_settings
 from worker.config import ConfigError, Settings, load_settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _configure_logging(settings: Settings) -> None:
-    from worker.logs import configure_logging, register_settings_secrets
+    from worker.observability.logs import configure_logging, register_settings_secrets
 
     register_settings_secrets(settings)
     configure_logging(settings.log_format, settings.log_level)
@@ -63,7 +63,7 @@ def _on_signals(handler: signal.Handlers | object) -> None:
 
 def run_worker(settings: Settings) -> int:
     """Run one worker in this process until SIGTERM/SIGINT (0) or a fatal broker error."""
-    from worker.health import HealthServer
+    from worker.observability.health import HealthServer
     from worker.service import Service
 
     try:
@@ -133,8 +133,8 @@ def _child_command() -> list[str]:
 
 def supervise(count: int, settings: Settings) -> int:
     """Run ``count`` worker processes until SIGTERM/SIGINT; restart the ones that die."""
-    from worker import metrics
-    from worker.health import HealthServer
+    from worker.observability import metrics
+    from worker.observability.health import HealthServer
 
     env = dict(os.environ)
     env[SUPERVISED_ENV] = "1"

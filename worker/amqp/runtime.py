@@ -5,7 +5,7 @@ handler runs on a pool of ``prefetch`` worker threads; outbox reads and writes r
 database thread. The other threads talk to the IO thread only through
 ``IOLoop.add_callback_threadsafe``, so slow MT5 or database calls never starve heartbeats.
 
-Guarantees (DOMAIN.md 3, worker/delivery.py):
+Guarantees (DOMAIN.md 3, worker/execution/outcome.py):
 
 - A request is acked only after the broker confirmed its confirmation (publisher confirms,
   ``mandatory``, persistent), and only on the channel it arrived on. A result that comes
@@ -39,9 +39,8 @@ import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
 from schemas.request import MessageProperties
-from worker import metrics
-from worker.amqp_publisher import PERSISTENT, ConfirmingPublisher, PublishResult
-from worker.amqp_topology import (
+from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     PRECONDITION_FAILED,
@@ -51,7 +50,7 @@ from worker.amqp_topology import (
     describe_mismatch,
 )
 from worker.config import Settings, mask_url
-from worker.delivery import (
+from worker.execution.outcome import (
     CONFIRMATION_SCHEMA_HEADER,
     DeadLetter,
     Delivery,
@@ -61,6 +60,7 @@ from worker.delivery import (
     Publish,
     Requeue,
 )
+from worker.observability import metrics
 
 log = logging.getLogger(__name__)
 

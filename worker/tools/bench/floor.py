@@ -7,7 +7,7 @@ waits for the previous one. ``concurrency`` consumers (each its own connection, 
 prefetch 1 and database connection) give it the same number of messages in flight as a
 worker with that prefetch.
 
-Run as ``python -m worker.bench_floor`` (settings from the environment, see ``main``); it
+Run as ``python -m worker.tools.bench.floor`` (settings from the environment, see ``main``); it
 serves until SIGTERM/SIGINT.
 """
 
@@ -151,7 +151,7 @@ def run_floor(amqp_url: str, database_url: str, concurrency: int, stop: threadin
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m worker.bench_floor CONCURRENCY``, URLs from BENCH_FLOOR_AMQP_URL/_DB_URL."""
+    """``python -m worker.tools.bench.floor N``; URLs from BENCH_FLOOR_AMQP_URL/_DB_URL."""
     args = list(sys.argv[1:] if argv is None else argv)
     concurrency = int(args[0]) if args else 1
     amqp_url = os.environ["BENCH_FLOOR_AMQP_URL"]

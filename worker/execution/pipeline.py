@@ -36,9 +36,8 @@ from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import DecisionStatus, ExecutionStatus, RejectionReason
 from schemas.identity import comment_token_for, execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
-from worker import metrics
 from worker.config import Settings
-from worker.delivery import DeadLetter, Delivery, Outcome, Publish, Requeue
+from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue
 from worker.mt5 import api
 from worker.mt5.gateway import (
     BrokerCall,
@@ -52,7 +51,8 @@ from worker.mt5.gateway import (
     vwap,
 )
 from worker.mt5.pool import ClaimTimeout, Lease
-from worker.store import Event, ExecutionRow, Store, StoreError
+from worker.observability import metrics
+from worker.store.store import Event, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
 

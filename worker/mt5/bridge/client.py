@@ -2,9 +2,9 @@
 
 The ``MetaTrader5`` module holds one terminal per process, so further sessions are reached
 through a bridge: a server process owns ONE terminal (:class:`BridgeServer`, see
-:mod:`worker.mt5.bridge_server`) and :class:`BridgeTerminal` implements the
+:mod:`worker.mt5.bridge.server`) and :class:`BridgeTerminal` implements the
 :class:`~worker.mt5.api.Terminal` protocol over TCP (TLS when configured). The wire format
-and the handshake are in :mod:`worker.mt5.bridge_protocol`.
+and the handshake are in :mod:`worker.mt5.bridge.protocol`.
 
 Client failures (refused, reset, timeout, bad frame, remote exception) raise
 :class:`~worker.mt5.api.TransportError`; during ``order_send`` that is an UNKNOWN outcome
@@ -18,7 +18,6 @@ so concurrent clients do not see each other's errors.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hmac
 import itertools
@@ -30,7 +29,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from worker.mt5 import api
-from worker.mt5.bridge_protocol import (
+from worker.mt5.bridge.protocol import (
     ALLOWED_FUNCTIONS,
     CLIENT_TO_SERVER,
     MAX_FRAME_BYTES,
@@ -52,16 +51,14 @@ from worker.mt5.bridge_protocol import (
     server_proof,
     session_key,
 )
-from worker.mt5.bridge_server import HANDSHAKE_FRAME_BYTES, BridgeServer
+from worker.mt5.bridge.server import HANDSHAKE_FRAME_BYTES, BridgeServer
 
 __all__ = [
     "BridgeConnection",
     "BridgeRemoteError",
     "BridgeServer",
     "BridgeTerminal",
-    "bridge_serve_main",
     "parse_address",
-    "sim_terminal_main",
 ]
 
 DEFAULT_PORT = 18812
@@ -426,18 +423,3 @@ class BridgeTerminal:
 def _given(**kwargs: Any) -> dict[str, Any]:
     """Only the arguments the caller passed, so the remote call sees the same call shape."""
     return {key: value for key, value in kwargs.items() if value is not None}
-
-
-# --- command-line entry points (wired in worker.cli) -------------------------------------
-
-
-def sim_terminal_main(args: argparse.Namespace) -> int:
-    from worker.mt5.bridge_serve import sim_terminal_main as main
-
-    return main(args)
-
-
-def bridge_serve_main(args: argparse.Namespace) -> int:
-    from worker.mt5.bridge_serve import bridge_serve_main as main
-
-    return main(args)

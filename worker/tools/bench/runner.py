@@ -4,7 +4,7 @@ Every figure comes from ONE invocation, so that the noise of a shared machine hi
 and the floor alike. The bench isolates itself: a vhost of its own (``rabbitmqctl add_vhost``,
 or ``--vhost-url``) and a database of its own, dropped at the end. The worker runs as
 ``execution-worker run`` in a child process (in-process simulated sessions, never closed,
-netting account, ample balance); the floor (worker/bench_floor.py) in another. The bench
+netting account, ample balance); the floor (worker/tools/bench/floor.py) in another. The bench
 process is only the client: it publishes RPM approvals and times their confirmations.
 
 1. overhead: publish -> confirmation, one message at a time, worker (1 session) and floor
@@ -49,8 +49,7 @@ import pika.exceptions
 import psutil
 import psycopg
 
-from worker import bench_report
-from worker.amqp_topology import (
+from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,
@@ -58,9 +57,10 @@ from worker.amqp_topology import (
     dead_queue_arguments,
     requests_queue_arguments,
 )
-from worker.bench_floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
 from worker.config import Settings, load_settings, mask_url
-from worker.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
+from worker.tools.bench import report as bench_report
+from worker.tools.bench.floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
+from worker.tools.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
 
 RESULTS_DIR = "bench-results"
 STOP_TIMEOUT_SECONDS = 45.0
@@ -530,7 +530,7 @@ class Bench:
     def start_floor(self, concurrency: int) -> Child:
         env = dict(os.environ)
         env.update(BENCH_FLOOR_AMQP_URL=self.amqp_url, BENCH_FLOOR_DB_URL=self.database_url)
-        command = [sys.executable, "-m", "worker.bench_floor", str(concurrency)]
+        command = [sys.executable, "-m", "worker.tools.bench.floor", str(concurrency)]
         child = self._start(f"floor x{concurrency}", command, env)
         self._wait_consumers(FLOOR_QUEUE, concurrency, child)
         return child

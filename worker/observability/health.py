@@ -12,7 +12,8 @@
     server.stop() -> None
 
 - ``/metrics``: the Prometheus exposition; with ``PROMETHEUS_MULTIPROC_DIR`` set it merges
-  every process's metrics. The callback gauges (worker.metrics.refresh) are read first.
+  every process's metrics. The callback gauges (worker.observability.metrics.refresh) are
+  read first.
 - ``/healthz``: 200 while the last ``beat()`` is younger than ``stall_after_seconds`` (the
   clock starts when the server is created) and every liveness check passes, else 503.
   Body: ``{"status": "ok"|"stalled", "heartbeat_age_seconds": ..., "checks": {...}}``.
@@ -41,7 +42,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from worker import metrics
+from worker.observability import metrics
 
 Check = Callable[[], bool]
 CheckGroup = Callable[[], Mapping[str, bool]]

@@ -23,9 +23,9 @@ label value: anything outside the bounded sets below is counted as ``other``)::
     refresh() -> None        # reads the registered callbacks into their gauges
 
 Pool and outbox gauges are read from their owners' state by the callbacks: ``refresh()``
-runs before every scrape of ``/metrics`` (worker.health) and should also run periodically
-in each worker process when ``run --processes N`` is used, since the scrape then happens in
-another process.
+runs before every scrape of ``/metrics`` (worker.observability.health) and should also run
+periodically in each worker process when ``run --processes N`` is used, since the scrape
+then happens in another process.
 
 Multi-process: set ``PROMETHEUS_MULTIPROC_DIR`` (an empty directory) in the environment
 BEFORE ``prometheus_client`` is first imported in the supervisor and its children;

@@ -29,11 +29,11 @@ from typing import Any
 import pika
 
 from schemas.identity import execution_id_for
-from worker.amqp import AmqpRuntime, runtime_from_settings
-from worker.amqp_topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
+from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
+from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
-from worker.mt5.sim_config import default_symbols
-from worker.publish import (
+from worker.mt5.sim.config import default_symbols
+from worker.tools.publish import (
     OutgoingMessage,
     PublishError,
     approved_trade,
@@ -266,7 +266,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.logs import configure_logging, register_settings_secrets
+    from worker.observability.logs import configure_logging, register_settings_secrets
     from worker.service import Service
 
     register_settings_secrets(settings)

@@ -23,9 +23,9 @@ from types import FrameType
 
 from worker.config import ConfigError
 from worker.mt5 import api
-from worker.mt5.bridge_server import BridgeServer
+from worker.mt5.bridge.server import BridgeServer
 
-_log = logging.getLogger("worker.mt5.bridge")
+_log = logging.getLogger("worker.mt5.bridge.client")
 
 DUMP_FIELDS = (
     "ticket",
@@ -61,7 +61,7 @@ def _bridge_secret(environ: Mapping[str, str]) -> bytes:
         raise ConfigError(
             "MT5_BRIDGE_SECRET (or MT5_BRIDGE_SECRET_FILE) is required to serve a terminal"
         )
-    from worker.logs import register_secret
+    from worker.observability.logs import register_secret
 
     register_secret(secret)
     return secret.encode("utf-8")
@@ -82,7 +82,7 @@ def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def _configure_logging(environ: Mapping[str, str]) -> None:
-    from worker.logs import configure_logging
+    from worker.observability.logs import configure_logging
 
     log_format = environ.get("LOG_FORMAT", "json")
     configure_logging(
@@ -111,7 +111,7 @@ def _serve_until_signalled(server: BridgeServer, *, watch: threading.Thread | No
 
 
 def dump_deals(state_path: str) -> int:
-    from worker.mt5.sim import iter_deals
+    from worker.mt5.sim.terminal import iter_deals
 
     if not Path(state_path).exists():
         raise ConfigError(f"--state {state_path}: no such file")
@@ -125,7 +125,7 @@ def dump_deals(state_path: str) -> int:
 def sim_terminal_main(args: argparse.Namespace) -> int:
     if args.dump:
         return dump_deals(args.state)
-    from worker.mt5.sim import SimConfig, SimTerminal
+    from worker.mt5.sim.terminal import SimConfig, SimTerminal
 
     environ = os.environ
     secret = _bridge_secret(environ)
@@ -170,7 +170,7 @@ def bridge_serve_main(args: argparse.Namespace) -> int:
         raise ConfigError("MT5_LOGIN must be an integer account number") from None
     password = read_secret(environ, "MT5_PASSWORD")
     if password is not None:
-        from worker.logs import register_secret
+        from worker.observability.logs import register_secret
 
         register_secret(password)
     try:
