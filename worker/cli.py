@@ -108,7 +108,10 @@ COMMANDS: tuple[Command, ...] = (
         _publish_args,
     ),
     Command(
-        "migrate", "apply the database migrations", "worker.store.store:migrate_main", _no_arguments
+        "migrate",
+        "apply the database migrations",
+        "worker.store.migrate:migrate_main",
+        _no_arguments,
     ),
     Command(
         "reconcile",

@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from worker.cli import main as cli_main
 from worker.observability.logs import forget_secrets
-from worker.store.store import apply_migrations
+from worker.store.migrate import apply_migrations
 
 pytestmark = pytest.mark.integration
 

@@ -46,7 +46,8 @@ from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
 from worker.service import gateway_factory
-from worker.store.store import Store, apply_migrations
+from worker.store.migrate import apply_migrations
+from worker.store.store import Store
 from worker.tools.trail import find_trails
 
 ROOT = Path(__file__).resolve().parents[2]

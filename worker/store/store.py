@@ -14,7 +14,6 @@ parameters: one round trip, one commit, and little Python work per column.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -29,100 +28,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from worker.execution.outcome import Publish
+from worker.store.migrate import apply_migrations
 
 TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
 )
 IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
-MIGRATION_LOCK = 0x45574D47  # "EWMG"
 OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
-
-MIGRATIONS: tuple[tuple[int, str], ...] = (
-    (
-        1,
-        """
-CREATE SCHEMA IF NOT EXISTS execution;
-
-CREATE TABLE execution.executions (
-  execution_id uuid PRIMARY KEY,
-  idempotency_key text NOT NULL UNIQUE,
-  rpm_order_id text,
-  state text NOT NULL,
-  rejection_reason text,
-  rejection_details text,
-  symbol text,
-  broker_symbol text,
-  direction smallint,
-  intended_units double precision,
-  intended_lots double precision,
-  executed_units double precision,
-  executed_lots double precision,
-  requested_price double precision,
-  fill_price double precision,
-  spread_pips double precision,
-  slippage_pips double precision,
-  deviation_points integer,
-  filling_mode integer,
-  comment_token text NOT NULL,
-  magic bigint,
-  session_id text,
-  account_login bigint,
-  broker_order bigint,
-  broker_deals bigint[],
-  broker_position bigint,
-  retcode integer,
-  broker_comment text,
-  attempts integer NOT NULL DEFAULT 0,
-  request jsonb,
-  decided_at timestamptz,
-  received_at timestamptz NOT NULL,
-  submitted_at timestamptz,
-  completed_at timestamptz,
-  updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX executions_rpm_order_id ON execution.executions (rpm_order_id);
-CREATE INDEX executions_in_flight ON execution.executions (state)
-  WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED');
-
-CREATE TABLE execution.execution_events (
-  event_id bigserial PRIMARY KEY,
-  execution_id uuid NOT NULL REFERENCES execution.executions,
-  at timestamptz NOT NULL,
-  stage text NOT NULL,
-  kind text NOT NULL,
-  state text,
-  function text,
-  retcode integer,
-  latency_ms double precision,
-  detail jsonb
-);
-CREATE INDEX execution_events_execution ON execution.execution_events (execution_id, event_id);
-
-CREATE FUNCTION execution.refuse_event_change() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  RAISE EXCEPTION 'execution_events is append-only: % refused', TG_OP
-    USING ERRCODE = 'insufficient_privilege';
-END $$;
-CREATE TRIGGER execution_events_append_only
-  BEFORE UPDATE OR DELETE ON execution.execution_events
-  FOR EACH ROW EXECUTE FUNCTION execution.refuse_event_change();
-CREATE TRIGGER execution_events_no_truncate
-  BEFORE TRUNCATE ON execution.execution_events
-  FOR EACH STATEMENT EXECUTE FUNCTION execution.refuse_event_change();
-
-CREATE TABLE execution.outbox (
-  execution_id uuid PRIMARY KEY REFERENCES execution.executions,
-  routing_key text NOT NULL,
-  payload text NOT NULL,
-  correlation_id text,
-  reply_to text,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  published_at timestamptz
-);
-CREATE INDEX outbox_unpublished ON execution.outbox (created_at) WHERE published_at IS NULL;
-""",
-    ),
-)
 
 EXECUTION_COLUMNS = (
     "execution_id",
@@ -203,38 +115,6 @@ class Event:
 
 class StoreError(Exception):
     """The database refused or could not be reached; the message is requeued."""
-
-
-def _up_to_date(conn: psycopg.Connection[Any]) -> bool:
-    row = conn.execute("SELECT to_regclass('execution.schema_migrations') IS NOT NULL").fetchone()
-    if not row or not row[0]:
-        return False
-    done = {r[0] for r in conn.execute("SELECT version FROM execution.schema_migrations")}
-    return all(version in done for version, _ in MIGRATIONS)
-
-
-def apply_migrations(conn: psycopg.Connection[Any]) -> list[int]:
-    """Apply the missing migrations under a transaction-scoped advisory lock. Idempotent."""
-    applied: list[int] = []
-    if _up_to_date(conn):
-        return applied  # no DDL at all: a least-privilege worker role can start
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        conn.execute("CREATE SCHEMA IF NOT EXISTS execution")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS execution.schema_migrations ("
-            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {row[0] for row in conn.execute("SELECT version FROM execution.schema_migrations")}
-        for version, sql in MIGRATIONS:
-            if version in done:
-                continue
-            conn.execute(sql.replace("CREATE SCHEMA IF NOT EXISTS execution;", ""))
-            conn.execute(
-                "INSERT INTO execution.schema_migrations (version) VALUES (%s)", (version,)
-            )
-            applied.append(version)
-    return applied
 
 
 _EVENT_COLUMNS = "execution_id, at, stage, kind, state, function, retcode, latency_ms, detail"
@@ -557,20 +437,3 @@ def json_default(value: Any) -> Any:
     if isinstance(value, UUID):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def migrate_main(args: argparse.Namespace) -> int:
-    """``execution-worker migrate``."""
-    from worker.config import load_settings, mask_url
-
-    del args
-    settings = load_settings()
-    url = settings.database_url.get_secret_value()
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            applied = apply_migrations(conn)
-    except psycopg.Error as exc:
-        print(f"migrate: cannot migrate {mask_url(url)}: {type(exc).__name__}")
-        return 1
-    print(f"migrate: {mask_url(url)}: applied {applied or 'nothing (up to date)'}")
-    return 0
