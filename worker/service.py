@@ -16,9 +16,9 @@ from worker.execution.outcome import Handler, Outbox, Outcome, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5.api import Terminal
 from worker.mt5.gateway import Gateway
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec, load_session_specs
 from worker.observability import metrics
+from worker.pool.pool import SessionPool
 from worker.store.store import ExecutionRow, Store
 
 log = logging.getLogger(__name__)

@@ -23,16 +23,10 @@ from tests.integration.test_bridge_helpers import (
 )
 from worker.mt5 import api
 from worker.mt5.bridge.client import BridgeServer
-from worker.mt5.pool import (
-    LOCK_CLASS,
-    ClaimTimeout,
-    LeaseLost,
-    PoolClosed,
-    SessionPool,
-    UnknownSession,
-)
 from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimTerminal
+from worker.pool.leases import ClaimTimeout, LeaseLost, PoolClosed, UnknownSession
+from worker.pool.pool import LOCK_CLASS, SessionPool
 
 
 def _factory(terminal: api.Terminal, spec: SessionSpec) -> tuple[str, api.Terminal]:
@@ -251,7 +245,7 @@ def test_a_failing_bridge_is_taken_out_of_rotation_and_returns_when_healthy(
     with pool.claim(timeout=1, session_id="remote") as lease:
         assert lease.session.login == 5_000_001
     server.stop()
-    with caplog.at_level(logging.WARNING, logger="worker.mt5.pool"):
+    with caplog.at_level(logging.WARNING, logger="worker.pool"):
         for _ in range(5):  # only the healthy local session is handed out
             with pool.claim(timeout=2) as lease:
                 assert lease.session.id == "sim-0"

@@ -42,9 +42,9 @@ from worker.config import load_settings
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
+from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
 from worker.store.migrate import apply_migrations
 from worker.store.store import Store

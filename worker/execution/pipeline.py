@@ -50,8 +50,8 @@ from worker.mt5.gateway import (
     signed_slippage_pips,
     vwap,
 )
-from worker.mt5.pool import ClaimTimeout, Lease
 from worker.observability import metrics
+from worker.pool.leases import ClaimTimeout, Lease
 from worker.store.store import Event, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)

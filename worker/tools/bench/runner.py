@@ -46,7 +46,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
-import psutil
 import psycopg
 
 from worker.amqp.topology import (
@@ -373,7 +372,8 @@ class Child:
                 self.process.wait(10)
 
     def rss_mb(self) -> float:
-        return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
+        process = bench_report.process_metrics().Process(self.process.pid)
+        return float(process.memory_info().rss) / 2**20
 
 
 @dataclass(frozen=True)
