@@ -26,6 +26,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker schemas
+	$(BIN)/lint-imports
 
 # Publish the fault suite's latest results table (written by `make test` to test-results/).
 fault-results:
