@@ -20,6 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from worker.errors import WorkerError
+
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 MASK = "***"
@@ -48,7 +50,7 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 
-class ConfigError(Exception):
+class ConfigError(WorkerError):
     """A setting is invalid; the message is one line, safe to print."""
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from worker.config import ConfigError
+from worker.errors import WorkerError
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
 
 
-class SessionOpenError(Exception):
+class SessionOpenError(WorkerError):
     """A terminal could not be opened or initialized (message safe to log)."""
 
 

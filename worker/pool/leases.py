@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import psycopg
 
+from worker.errors import WorkerError
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 SessionState = Literal["idle", "in_use", "reconnecting", "down", "closed"]
 
 
-class ClaimTimeout(Exception):
+class ClaimTimeout(WorkerError):
     """No healthy session became free in time (or the database is unreachable)."""
 
 
@@ -30,7 +31,7 @@ class UnknownSession(ClaimTimeout):
     """``claim(session_id=...)`` named a session this process does not have."""
 
 
-class LeaseLost(Exception):
+class LeaseLost(WorkerError):
     """The connection holding the session's lock is gone: do not touch the broker."""
 
 

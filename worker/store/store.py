@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from worker.errors import WorkerError
 from worker.execution.outcome import Publish
 from worker.store.migrate import apply_migrations
 
@@ -113,7 +114,7 @@ class Event:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-class StoreError(Exception):
+class StoreError(WorkerError):
     """The database refused or could not be reached; the message is requeued."""
 
 

@@ -57,6 +57,7 @@ from worker.amqp.topology import (
     requests_queue_arguments,
 )
 from worker.config import Settings, load_settings, mask_url
+from worker.errors import WorkerError
 from worker.tools.bench import report as bench_report
 from worker.tools.bench.floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
 from worker.tools.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
@@ -68,7 +69,7 @@ SIM_SYMBOL = "EURUSD"
 UNITS = 10_000.0  # 0.1 lots
 
 
-class BenchError(Exception):
+class BenchError(WorkerError):
     """The bench cannot go on; one line, safe to print (no secrets)."""
 
 
