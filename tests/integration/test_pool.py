@@ -21,6 +21,7 @@ from tests.integration.test_bridge_helpers import (
     new_secret,
     open_config,
 )
+from tests.ports import restartable_port
 from worker.mt5 import api
 from worker.mt5.bridge.client import BridgeServer
 from worker.mt5.sessions import SessionSpec
@@ -236,7 +237,8 @@ def test_a_failing_bridge_is_taken_out_of_rotation_and_returns_when_healthy(
     secret = new_secret()
     sim = SimTerminal(open_config())
     assert sim.initialize()
-    server = BridgeServer(sim, secret.encode())
+    # it comes back on the same port: one the kernel never gives an outgoing connection
+    server = BridgeServer(sim, secret.encode(), port=restartable_port())
     server.start()
     address = address_of(server)
     host, port = server.address
@@ -282,7 +284,7 @@ def test_a_session_that_never_opened_is_retried(
     secret = new_secret()
     sim = SimTerminal(open_config())
     assert sim.initialize()
-    server = BridgeServer(sim, secret.encode())
+    server = BridgeServer(sim, secret.encode(), port=restartable_port())
     server.start()
     host, port = server.address
     server.stop()  # nothing listens there when the pool starts
