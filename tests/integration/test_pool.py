@@ -28,6 +28,7 @@ from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimTerminal
 from worker.pool.leases import ClaimTimeout, LeaseLost, PoolClosed, UnknownSession
 from worker.pool.pool import LOCK_CLASS, SessionPool
+from worker.store.store import Store
 
 
 def _factory(terminal: api.Terminal, spec: SessionSpec) -> tuple[str, api.Terminal]:
@@ -480,3 +481,50 @@ def test_database_unreachable_is_a_claim_timeout(sim_specs: list[SessionSpec]) -
         pool.close()
     finally:
         unreachable.close()
+
+
+def test_the_fence_proves_the_lock_before_a_send_and_refuses_a_lost_one(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec], database_url: str
+) -> None:
+    """Issue 18.2: a lease whose lock connection died (here while parked) and whose session
+    another process has locked since must not send: ``fence()`` is the check before every
+    ``order_send``."""
+    pool = make_pool(sim_specs[:1], linger_seconds=10.0)
+    with pool.claim(timeout=1) as lease:
+        lease.fence()  # held: no exception
+    stale = pool.claim(timeout=1)  # the parked lease, handed out without a round trip
+    try:
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (stale.conn.info.backend_pid,))
+        other = psycopg.connect(database_url, autocommit=True)
+        try:
+            other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, sim_specs[0].lock_key))
+            with pytest.raises(LeaseLost):
+                stale.fence()
+        finally:
+            other.close()
+    finally:
+        stale.release(broken=True)
+
+
+def test_the_fence_refuses_when_the_lock_was_dropped_on_a_live_connection(
+    make_pool: Callable[..., SessionPool], sim_specs: list[SessionSpec]
+) -> None:
+    """The connection still answers but no longer holds the lock (e.g. an unlock by mistake):
+    only a look at pg_locks tells, and the fence looks."""
+    pool = make_pool(sim_specs[:1])
+    with pool.claim(timeout=1) as lease:
+        lease.conn.execute("SELECT pg_advisory_unlock_all()")
+        with pytest.raises(LeaseLost, match="no longer held"):
+            lease.fence()
+
+
+def test_store_connections_carry_tcp_keepalives(database_url: str) -> None:
+    store = Store.open(database_url, max_size=2)
+    try:
+        with store.connection() as conn:
+            parameters = conn.info.get_parameters()
+        assert parameters.get("keepalives") == "1"
+        assert int(parameters["keepalives_idle"]) <= 30
+    finally:
+        store.close()

@@ -17,6 +17,14 @@ if TYPE_CHECKING:
     from worker.pool.pool import SessionPool
 
 SessionState = Literal["idle", "in_use", "reconnecting", "down", "closed"]
+LOCK_CLASS = 1  # first argument of the two-int advisory lock: 1 = MT5 session
+# A two-int advisory lock shows in pg_locks as classid = key1, objid = key2 (as an unsigned
+# 32-bit oid), objsubid = 2 (PostgreSQL docs, "pg_locks").
+_HELD_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND objsubid = 2 AND classid = %s::oid"
+    " AND objid = (%s::bigint & 4294967295)::oid)"
+)
 
 
 class ClaimTimeout(WorkerError):
@@ -136,6 +144,23 @@ class Lease:
             raise LeaseLost(f"session {self.session.id}: lease already released")
         if self.conn.closed or self.conn.broken:
             raise LeaseLost(f"session {self.session.id}: the lock connection is gone")
+
+    def fence(self) -> None:
+        """Prove with one round trip that this lease still holds the session's lock.
+
+        Called immediately before every ``order_send`` (first sends, retries, later legs,
+        closes): a lock connection that died while parked or while the terminal was busy,
+        and a lock another process has taken since, refuse the send with LeaseLost.
+        """
+        self.fence_check()
+        try:
+            row = self.conn.execute(_HELD_SQL, (LOCK_CLASS, self.session.spec.lock_key)).fetchone()
+        except psycopg.Error as exc:
+            raise LeaseLost(
+                f"session {self.session.id}: cannot prove the lock ({type(exc).__name__})"
+            ) from None
+        if not (row and row[0]):
+            raise LeaseLost(f"session {self.session.id}: the session's lock is no longer held")
 
     def release(self, *, broken: bool = False) -> None:
         """Unlock and give the session back; ``broken`` discards the database connection."""

@@ -43,6 +43,7 @@ from worker.mt5.terminals import (
     open_terminal,
 )
 from worker.pool.leases import (
+    LOCK_CLASS,
     ClaimTimeout,
     Lease,
     PoolClosed,
@@ -56,7 +57,6 @@ from worker.pool.leases import (
 
 _log = logging.getLogger("worker.pool")
 
-LOCK_CLASS = 1  # first argument of the two-int advisory lock: 1 = MT5 session
 _LOCK_SQL = "SELECT pg_try_advisory_lock(%s::integer, %s::integer)"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock_all()"
 

@@ -35,7 +35,16 @@ TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
 )
 IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
-OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
+OPEN_TIMEOUT_SECONDS = 10.0
+# libpq TCP keepalives: a connection whose peer vanished (a PostgreSQL failover, a dead
+# network path) is found dead within ~25 s instead of the kernel's two hours. Session locks
+# live on these connections, so a lost lock must be noticed, not assumed held.
+TCP_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}  # waiting for a connection; then the message is requeued
 
 EXECUTION_COLUMNS = (
     "execution_id",
@@ -210,7 +219,7 @@ class Store:
             url,
             min_size=1,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **TCP_KEEPALIVES},
             open=True,
             timeout=OPEN_TIMEOUT_SECONDS,
             name="execution-store",
