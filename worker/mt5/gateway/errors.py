@@ -1,0 +1,31 @@
+"""The gateway's exceptions: a refusal (REJECTED) or a terminal that cannot answer (retry)."""
+
+from __future__ import annotations
+
+from schemas.enums import RejectionReason
+from worker.mt5 import api
+
+
+class GatewayRejection(Exception):
+    """A validation or broker refusal: becomes a REJECTED confirmation."""
+
+    def __init__(self, reason: RejectionReason, details: str, retcode: int | None = None) -> None:
+        super().__init__(f"{reason.value}: {details}")
+        self.reason = reason
+        self.details = details
+        self.retcode = retcode
+
+
+class SessionLost(api.TransportError):
+    """The terminal connection is gone (last_error -10000..-10005 or a transport error).
+
+    Raised by every call except ``send`` (where it is an unknown outcome) so that the
+    session pool can reconnect. Not a rejection: the approval is retried (requeued) on a
+    healthy session, never refused because of a transient fault.
+    """
+
+    reason = RejectionReason.SESSION_UNAVAILABLE
+
+    def __init__(self, details: str) -> None:
+        super().__init__(f"{self.reason.value}: {details}")
+        self.details = details
