@@ -34,6 +34,7 @@ def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gat
             pip_sizes=settings.pip_sizes,
             max_tick_age_seconds=settings.max_tick_age_seconds,
             server_utc_offset_seconds=settings.server_utc_offset_seconds,
+            server_timezone=settings.server_timezone,
             max_attempts=settings.max_send_attempts,
         )
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from worker.mt5 import api
-from worker.mt5.gateway.errors import SessionLost
+from worker.mt5.gateway.errors import QueryFailed, SessionLost
 from worker.mt5.gateway.model import BrokerCall
 
 T = TypeVar("T")
@@ -90,3 +90,10 @@ class Calls:
         if error is not None and error[0] in api.CONNECTION_LOST_ERRORS:
             raise SessionLost(f"{function}: connection lost ({error[0]}, {error[1]})")
         return result, error
+
+    def require(self, function: str, call: Callable[[], T | None]) -> T:
+        """A query whose None means failure (never "nothing"): raises QueryFailed."""
+        result, error = self.query(function, call)
+        if result is None:
+            raise QueryFailed(function, error)
+        return result

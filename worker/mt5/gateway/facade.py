@@ -2,26 +2,30 @@
 
 It turns symbol specifications into pips, lots and deviations, reads fresh ticks judged in
 one clock, checks trading permissions and margin, sends market orders with bounded retries
-(never after an unknown outcome) and reconciles by comment token + magic. Every terminal
-call is recorded as a :class:`BrokerCall` for the audit trail (``drain_calls``).
+(never after an unknown outcome) and reconciles by magic + comment token (the rule is in
+``worker.mt5.gateway.identity``). Every terminal call is recorded as a :class:`BrokerCall`
+for the audit trail (``drain_calls``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Literal
 
 from schemas.enums import RejectionReason
+from schemas.identity import check_deployment_magic
 from worker.mt5 import api
 from worker.mt5.gateway import lots as sizing
 from worker.mt5.gateway.calls import Calls
-from worker.mt5.gateway.clock import ServerClock
+from worker.mt5.gateway.clock import ServerClock, TimezoneRule, parse_timezone
 from worker.mt5.gateway.errors import GatewayRejection, SessionLost
 from worker.mt5.gateway.filling import filling_modes
+from worker.mt5.gateway.identity import OrderIdentity, is_deployment_magic
 from worker.mt5.gateway.model import (
     BrokerCall,
     LotPlan,
@@ -35,6 +39,10 @@ from worker.mt5.gateway.reconcile import History
 from worker.mt5.gateway.retcodes import Status
 from worker.mt5.gateway.send import Sender
 
+# re-reads of a tick that looks stale by a learned offset (a moved server clock shows as
+# a tick that changes between close readings); only paid when a tick looks stale
+_FRESHNESS_PROBE_SECONDS = (0.25, 0.75)
+
 
 class Gateway:
     """Broker operations on one terminal session (not thread-safe: one lease at a time)."""
@@ -47,6 +55,7 @@ class Gateway:
         pip_sizes: Mapping[str, float],
         max_tick_age_seconds: float,
         server_utc_offset_seconds: int | None = None,
+        server_timezone: str | TimezoneRule | None = None,
         max_attempts: int = 3,
         backoff_seconds: float = 0.05,
         clock: Callable[[], float] = time.time,
@@ -54,11 +63,15 @@ class Gateway:
     ) -> None:
         self.permissions: dict[str, bool] = {}
         self._terminal = terminal
-        self._magic = magic
+        self._magic = check_deployment_magic(magic)
         self._pip_sizes = dict(pip_sizes)
         self._max_tick_age = max_tick_age_seconds
         self._clock = clock
-        self._server_clock = ServerClock(clock, server_utc_offset_seconds)
+        self._sleep = sleep
+        self._selected: set[str] = set()
+        if isinstance(server_timezone, str):
+            server_timezone = parse_timezone(server_timezone)
+        self._server_clock = ServerClock(clock, server_utc_offset_seconds, server_timezone)
         self._calls = Calls(terminal, clock)
         self._history = History(self._calls, terminal)
         self._sender = Sender(
@@ -76,7 +89,20 @@ class Gateway:
 
     @property
     def magic(self) -> int:
+        """The deployment magic (the configured ``MAGIC``)."""
         return self._magic
+
+    def identity_for(self, execution_id: uuid.UUID) -> OrderIdentity:
+        """The magic and comment token of this execution's orders."""
+        return OrderIdentity.for_execution(execution_id, self._magic)
+
+    def legacy_identity(self, comment_token: str) -> OrderIdentity:
+        """The identity of a row sent before the execution part of the magic existed."""
+        return OrderIdentity(self._magic, comment_token)
+
+    def is_ours(self, magic: int) -> bool:
+        """An order, deal or position of this deployment (either magic scheme)."""
+        return is_deployment_magic(magic, self._magic)
 
     @property
     def server_offset_seconds(self) -> float | None:
@@ -89,27 +115,41 @@ class Gateway:
         return self._calls.drain()
 
     # ------------------------------------------------------------------ symbols
+    def _select(self, broker_symbol: str) -> tuple[bool, tuple[int, str] | None]:
+        """``symbol_select(symbol, True)``: info and ticks want the symbol in Market Watch."""
+        selected, error = self._calls.query(
+            "symbol_select",
+            lambda: self._terminal.symbol_select(broker_symbol, True),
+            failed=lambda ok: not ok,
+        )
+        if selected:
+            self._selected.add(broker_symbol)
+        return bool(selected), error
+
     def symbol_spec(self, broker_symbol: str) -> SymbolSpec:
-        """The symbol's specification (selected into Market Watch if needed)."""
+        """The symbol's specification (selected into Market Watch first if needed)."""
         info, error = self._calls.query(
             "symbol_info", lambda: self._terminal.symbol_info(broker_symbol)
         )
-        if info is None:
-            raise GatewayRejection(
-                RejectionReason.SYMBOL_NOT_TRADABLE,
-                f"unknown symbol {broker_symbol!r} on this terminal {error or ''}".strip(),
-            )
-        if not info.visible:
-            selected, error = self._calls.query(
-                "symbol_select",
-                lambda: self._terminal.symbol_select(broker_symbol, True),
-                failed=lambda ok: not ok,
-            )
+        if info is None or not info.visible:
+            selected, select_error = self._select(broker_symbol)
             if not selected:
+                what = "unknown symbol" if info is None else "cannot select"
+                why = select_error or error or ""
                 raise GatewayRejection(
                     RejectionReason.SYMBOL_NOT_TRADABLE,
-                    f"cannot select {broker_symbol} into Market Watch {error or ''}".strip(),
+                    f"{what} {broker_symbol!r} on this terminal {why}".strip(),
                 )
+            info, error = self._calls.query(  # re-read: a hidden symbol's fields may be stale
+                "symbol_info", lambda: self._terminal.symbol_info(broker_symbol)
+            )
+            if info is None:
+                raise GatewayRejection(
+                    RejectionReason.SYMBOL_NOT_TRADABLE,
+                    f"unknown symbol {broker_symbol!r} on this terminal {error or ''}".strip(),
+                )
+        else:
+            self._selected.add(broker_symbol)
         pip = sizing.pip_size(info, self._pip_sizes)
         return SymbolSpec(
             name=info.name,
@@ -181,25 +221,41 @@ class Gateway:
         tick, error = self._calls.query(
             "symbol_info_tick", lambda: self._terminal.symbol_info_tick(name)
         )
+        if tick is None and self._select(name)[0]:  # hidden from Market Watch: select, retry
+            tick, error = self._calls.query(
+                "symbol_info_tick", lambda: self._terminal.symbol_info_tick(name)
+            )
         if tick is None or (tick.bid <= 0 and tick.ask <= 0):
             raise GatewayRejection(
                 RejectionReason.NO_MARKET_DATA, f"no tick for {name} {error or ''}".strip()
             )
-        self._server_clock.learn(tick.time_msc)
+        self._server_clock.learn(name, tick.time_msc)
         return tick
+
+    def _age_seconds(self, tick: api.Tick) -> float | None:
+        offset = self._server_clock.offset_ms()
+        if offset is None:
+            return None
+        return (int(self._clock() * 1000) + offset - tick.time_msc) / 1000
 
     def snapshot(self, spec: SymbolSpec) -> MarketSnapshot:
         """A fresh tick; its age is judged in server time (never against local UTC)."""
         tick = self._tick(spec.name)
-        offset = self._server_clock.offset_ms()
-        if offset is None:  # only ticks too old to learn the server clock from
+        age = self._age_seconds(tick)
+        for probe in _FRESHNESS_PROBE_SECONDS:
+            if self._server_clock.configured or (age is not None and age <= self._max_tick_age):
+                break
+            # stale by the learned offset, or the server's clock moved (DST): a tick that
+            # changes between two close readings is fresh and sets the offset right
+            self._sleep(probe)
+            tick = self._tick(spec.name)
+            age = self._age_seconds(tick)
+        if age is None:  # only ticks too old to learn the server clock from
             raise GatewayRejection(
                 RejectionReason.STALE_TICK,
                 f"{spec.name}: the last tick is too old to judge (server clock offset unknown; "
-                "set SERVER_UTC_OFFSET_SECONDS)",
+                "set SERVER_TIMEZONE or SERVER_UTC_OFFSET_SECONDS)",
             )
-        server_now_ms = int(self._clock() * 1000) + offset
-        age = (server_now_ms - tick.time_msc) / 1000
         if age > self._max_tick_age:
             raise GatewayRejection(
                 RejectionReason.STALE_TICK,
@@ -280,26 +336,49 @@ class Gateway:
         side: Side,
         lots: float,
         *,
-        comment: str,
         deviation: int,
+        identity: OrderIdentity | None = None,
+        comment: str | None = None,
         position: int | None = None,
     ) -> SendOutcome:
         """Send one market order with the retry rules of DOMAIN.md 2.
 
+        ``identity``: the execution's magic and comment token (``identity_for``); a bare
+        ``comment`` sends under the legacy identity (deployment magic + that comment).
+        ``position``: the position to close (hedging accounts); its ticket is sent, also
+        when given the position's identifier.
         Requotes refresh the price and retry; busy codes back off and retry; 10030 tries the
         next filling mode once; an unknown outcome returns at once and is never resent.
         Raises GatewayRejection only when nothing was sent (bad comment, no filling mode,
-        no quote, connection lost before the order left).
+        no quote, algo trading disabled in the client), SessionLost / QueryFailed when the
+        terminal cannot answer before the order leaves.
         """
+        if identity is None:
+            if comment is None:
+                raise TypeError("send needs an identity (or a legacy comment)")
+            identity = self.legacy_identity(comment)
+        if position:
+            position = self._position_ticket(spec.name, position)
         return self._sender.send(
             spec,
             side,
             lots,
-            magic=self._magic,
-            comment=comment,
+            magic=identity.magic,
+            comment=identity.comment_token,
             deviation=deviation,
             position=position,
         )
+
+    def _position_ticket(self, symbol: str, position: int) -> int:
+        """The ticket of the position with this ticket or identifier (they can differ)."""
+        positions = self._history.positions(symbol)
+        for found in positions:
+            if found.ticket == position:
+                return found.ticket
+        for found in positions:
+            if found.identifier == position:
+                return found.ticket
+        return position  # gone: the server answers 10036 (position closed)
 
     def cancel(self, order_ticket: int) -> SendOutcome:
         """Remove a placed order (TRADE_ACTION_REMOVE)."""
@@ -319,18 +398,22 @@ class Gateway:
     def deals_for_order(self, order_ticket: int) -> tuple[api.TradeDeal, ...]:
         return self._history.deals_for_order(order_ticket)
 
-    def reconcile(self, comment_token: str, broker_symbol: str, since: datetime) -> Reconciliation:
-        """Everything of ours (comment token AND magic) on ``broker_symbol`` since ``since``.
+    def reconcile(
+        self, identity: OrderIdentity | str, broker_symbol: str, since: datetime
+    ) -> Reconciliation:
+        """Everything of this execution on ``broker_symbol`` since ``since``.
 
-        ``since`` is UTC (aware, or naive UTC); the history window is expressed in server
-        time and padded by minutes on both sides (wider when the offset is unknown).
+        ``identity``: from the row (its stored magic and comment token); a bare token means
+        the legacy identity. ``since`` is UTC (aware, or naive UTC); the history window is
+        in server time (the offset refreshed from a tick first) and padded by a day on both
+        sides. Raises QueryFailed when a query fails, SessionLost when the terminal is gone.
         """
-        if self._server_clock.offset_ms() is None:
-            with contextlib.suppress(GatewayRejection):  # no tick: use the wider window
-                self._tick(broker_symbol)
+        if isinstance(identity, str):
+            identity = self.legacy_identity(identity)
+        with contextlib.suppress(GatewayRejection):  # no tick: the window is wider
+            self._tick(broker_symbol)
         return self._history.reconcile(
-            comment_token,
-            self._magic,
+            identity,
             broker_symbol,
             since,
             now_utc=datetime.fromtimestamp(self._clock(), UTC),
@@ -338,7 +421,10 @@ class Gateway:
         )
 
     def opposite_positions(self, spec: SymbolSpec, side: Side) -> tuple[api.TradePosition, ...]:
-        """Our (magic) positions on the other side of ``side``, oldest first by ticket."""
+        """This deployment's positions on the other side of ``side``, oldest first by ticket.
+
+        Raises QueryFailed when the terminal cannot list positions (never "none open").
+        """
         return self._history.opposite_positions(spec, side, self._magic)
 
     def account(self) -> api.AccountInfo:

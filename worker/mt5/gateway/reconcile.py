@@ -1,4 +1,9 @@
-"""Finding our orders, deals and positions on the terminal (comment token AND magic)."""
+"""Finding our orders, deals and positions on the terminal (rule: ``identity`` module).
+
+Every query here tells a failed answer (None, ``last_error`` set) from an empty one: a
+failure raises :class:`QueryFailed`, never reads as "not found" (a resend, or opening
+instead of closing, would follow).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,13 @@ from datetime import UTC, datetime, timedelta
 
 from worker.mt5 import api
 from worker.mt5.gateway.calls import Calls
+from worker.mt5.gateway.identity import OrderIdentity, is_deployment_magic
 from worker.mt5.gateway.model import Reconciliation, Side, SymbolSpec
 
-RECONCILE_PAD = timedelta(minutes=10)
+# Server clocks move with DST and brokers' zones are not UTC: the history window is padded
+# by a day on both sides (the magic/comment filter keeps a wide window cheap).
+RECONCILE_PAD = timedelta(days=1)
+UNKNOWN_OFFSET_PAD = timedelta(hours=14)  # extra, when the server's offset is not known
 
 
 class History:
@@ -20,80 +29,81 @@ class History:
 
     def order_state(self, order_ticket: int) -> api.TradeOrder | None:
         """The order, open or in history (None when the terminal does not know it)."""
-        open_orders, _ = self._calls.query(
+        open_orders = self._calls.require(
             "orders_get", lambda: self._terminal.orders_get(ticket=order_ticket)
         )
         if open_orders:
             return open_orders[0]
-        history, _ = self._calls.query(
+        history = self._calls.require(
             "history_orders_get", lambda: self._terminal.history_orders_get(ticket=order_ticket)
         )
         return history[0] if history else None
 
     def deals_for_order(self, order_ticket: int) -> tuple[api.TradeDeal, ...]:
-        deals, _ = self._calls.query(
+        deals = self._calls.require(
             "history_deals_get", lambda: self._terminal.history_deals_get(ticket=order_ticket)
         )
-        return tuple(deals or ())
+        return tuple(deals)
 
     def reconcile(
         self,
-        comment_token: str,
-        magic: int,
+        identity: OrderIdentity,
         broker_symbol: str,
         since: datetime,
         *,
         now_utc: datetime,
         offset_ms: int | None,
     ) -> Reconciliation:
-        """Everything with this comment token AND magic on ``broker_symbol`` since ``since``."""
-        pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + timedelta(hours=14)
+        """Everything of ``identity`` on ``broker_symbol`` since ``since`` (UTC)."""
+        pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
         since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
         shift = timedelta(milliseconds=offset_ms or 0)
         date_from = int((since_utc + shift - pad).timestamp())
         date_to = int((now_utc + shift + pad).timestamp())
 
         def ours(item: api.TradeOrder | api.TradeDeal | api.TradePosition) -> bool:
-            return (
-                item.comment == comment_token
-                and item.magic == magic
-                and item.symbol == broker_symbol
-            )
+            return item.symbol == broker_symbol and identity.matches(item.magic, item.comment)
 
-        open_orders, _ = self._calls.query(
+        open_orders = self._calls.require(
             "orders_get", lambda: self._terminal.orders_get(symbol=broker_symbol)
         )
-        positions, _ = self._calls.query(
+        positions = self._calls.require(
             "positions_get", lambda: self._terminal.positions_get(symbol=broker_symbol)
         )
-        history_orders, _ = self._calls.query(
+        history_orders = self._calls.require(
             "history_orders_get",
             lambda: self._terminal.history_orders_get(date_from, date_to),
         )
-        deals, _ = self._calls.query(
+        deals = self._calls.require(
             "history_deals_get", lambda: self._terminal.history_deals_get(date_from, date_to)
         )
         return Reconciliation(
-            open_orders=tuple(o for o in open_orders or () if ours(o)),
-            history_orders=tuple(o for o in history_orders or () if ours(o)),
-            deals=tuple(d for d in deals or () if ours(d)),
-            positions=tuple(p for p in positions or () if ours(p)),
+            open_orders=tuple(o for o in open_orders if ours(o)),
+            history_orders=tuple(o for o in history_orders if ours(o)),
+            deals=tuple(d for d in deals if ours(d)),
+            positions=tuple(p for p in positions if ours(p)),
+        )
+
+    def positions(self, symbol: str) -> tuple[api.TradePosition, ...]:
+        return tuple(
+            self._calls.require(
+                "positions_get", lambda: self._terminal.positions_get(symbol=symbol)
+            )
         )
 
     def opposite_positions(
-        self, spec: SymbolSpec, side: Side, magic: int
+        self, spec: SymbolSpec, side: Side, deployment_magic: int
     ) -> tuple[api.TradePosition, ...]:
-        """Our (magic) positions on the other side of ``side``, oldest first by ticket."""
-        positions, _ = self._calls.query(
-            "positions_get", lambda: self._terminal.positions_get(symbol=spec.name)
-        )
+        """This deployment's positions on the other side of ``side``, oldest first by ticket."""
         opposite = side.opposite.position_type
         return tuple(
             sorted(
                 (
                     p
-                    for p in positions or ()
-                    if p.type == opposite and p.magic == magic and p.symbol == spec.name
+                    for p in self.positions(spec.name)
+                    if p.type == opposite
+                    and p.symbol == spec.name
+                    and is_deployment_magic(p.magic, deployment_magic)
                 ),
                 key=lambda p: p.ticket,
             )

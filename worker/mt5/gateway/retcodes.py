@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from schemas.enums import RejectionReason
 from worker.mt5 import api
 
 Status = Literal["done", "partial", "placed", "rejected", "unknown"]
@@ -41,3 +42,35 @@ def classify_retcode(retcode: int | None) -> RetcodeClass:
     ):
         return "unknown"
     return "final"
+
+
+# Codes of the real module that worker/mt5/api.py does not carry (same names and values).
+TRADE_RETCODE_INVALID_CLOSE_VOLUME = 10038
+TRADE_RETCODE_LONG_ONLY = 10042
+TRADE_RETCODE_SHORT_ONLY = 10043
+TRADE_RETCODE_CLOSE_ONLY = 10044
+TRADE_RETCODE_FIFO_CLOSE = 10045
+TRADE_RETCODE_HEDGE_PROHIBITED = 10046
+
+# Final broker refusals that have a more specific reason than BROKER_REJECTED.
+REJECTION_REASONS: dict[int, RejectionReason] = {
+    api.TRADE_RETCODE_MARKET_CLOSED: RejectionReason.MARKET_CLOSED,
+    api.TRADE_RETCODE_NO_MONEY: RejectionReason.MARGIN_INSUFFICIENT,
+    api.TRADE_RETCODE_INVALID_VOLUME: RejectionReason.VOLUME_INVALID,
+    api.TRADE_RETCODE_TRADE_DISABLED: RejectionReason.SYMBOL_NOT_TRADABLE,
+    api.TRADE_RETCODE_SERVER_DISABLES_AT: RejectionReason.TRADING_DISABLED,
+    api.TRADE_RETCODE_CLIENT_DISABLES_AT: RejectionReason.TRADING_DISABLED,
+    TRADE_RETCODE_INVALID_CLOSE_VOLUME: RejectionReason.VOLUME_INVALID,
+    TRADE_RETCODE_LONG_ONLY: RejectionReason.SYMBOL_NOT_TRADABLE,
+    TRADE_RETCODE_SHORT_ONLY: RejectionReason.SYMBOL_NOT_TRADABLE,
+    TRADE_RETCODE_CLOSE_ONLY: RejectionReason.SYMBOL_NOT_TRADABLE,
+    TRADE_RETCODE_FIFO_CLOSE: RejectionReason.FIFO_RULE,
+    TRADE_RETCODE_HEDGE_PROHIBITED: RejectionReason.HEDGING_PROHIBITED,
+}
+
+
+def rejection_reason_for(retcode: int | None) -> RejectionReason:
+    """The REJECTED reason of a final ``order_send`` retcode (BROKER_REJECTED by default)."""
+    if retcode is None:
+        return RejectionReason.BROKER_REJECTED
+    return REJECTION_REASONS.get(retcode, RejectionReason.BROKER_REJECTED)

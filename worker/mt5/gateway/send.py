@@ -99,23 +99,31 @@ class Sender:
             tick = self._tick(spec.name)  # nothing in flight yet: SessionLost is safe here
             price = tick.ask if side is Side.BUY else tick.bid
             mode = state.modes[state.mode_index]
+            # the real binding refuses an int or Decimal where it wants a float
             request: dict[str, Any] = {
                 "action": api.TRADE_ACTION_DEAL,
                 "symbol": spec.name,
                 "volume": float(lots),
                 "type": side.order_type,
-                "price": price,
+                "price": float(price),
                 "deviation": int(deviation),
-                "magic": magic,
+                "magic": int(magic),
                 "comment": comment,
                 "type_time": api.ORDER_TIME_GTC,
-                "type_filling": mode,
+                "type_filling": int(mode),
             }
             if position:
                 request["position"] = int(position)
             state.attempts += 1
             outcome = self.order_send(request, state.attempts, price, mode, deviation)
             state.last = outcome
+            if outcome.status == "rejected" and outcome.retcode is None:
+                # refused by the client (algo trading off): nothing left the terminal
+                raise GatewayRejection(
+                    RejectionReason.TRADING_DISABLED,
+                    outcome.comment,
+                    api.TRADE_RETCODE_CLIENT_DISABLES_AT,
+                )
             if (
                 outcome.retcode == api.TRADE_RETCODE_INVALID_FILL
                 and not state.fell_back
@@ -132,7 +140,11 @@ class Sender:
     def order_send(
         self, request: dict[str, Any], attempts: int, price: float, mode: int, deviation: int
     ) -> SendOutcome:
-        """One ``order_send``; None or a transport error is an unknown outcome."""
+        """One ``order_send``; None or a transport error is an unknown outcome.
+
+        Except None with ``last_error`` -8 (algo trading disabled in the client): the order
+        was not sent, a definite refusal, returned as "rejected" with no retcode.
+        """
 
         def outcome(
             status: Status, result: api.OrderSendResult | None, comment: str
@@ -161,6 +173,8 @@ class Sender:
             return outcome("unknown", None, f"transport error: {type(exc).__name__}")
         if result is None:
             code, message = error or (api.RES_E_FAIL, "no result")
+            if code == api.RES_E_AUTO_TRADING_DISABLED:
+                return outcome("rejected", None, f"order_send refused: ({code}, {message})")
             return outcome("unknown", None, f"order_send returned None: ({code}, {message})")
         kind = classify_retcode(result.retcode)
         # final codes, and retryable ones (retried by the caller), are "rejected" here
