@@ -328,6 +328,18 @@ def test_spring_switch_learned_while_running() -> None:
     assert h.gateway.reconcile(IDENTITY, "EURUSD", since).found
 
 
+def test_spring_switch_after_a_pause_is_learned_from_a_fresh_tick() -> None:
+    h = Harness()
+    spec = h.gateway.symbol_spec("EURUSD")
+    h.gateway.snapshot(spec)
+    h.clock.now += 1
+    h.gateway.snapshot(spec)  # proven +2
+    h.clock.now += 6 * 60
+    h.sim.switch_offset(3 * 3600)  # the first tick after it looks an hour in the future
+    assert abs(h.gateway.snapshot(spec).tick_age_seconds) < 1
+    assert h.gateway.server_offset_seconds == 3 * 3600
+
+
 def test_server_timezone_rule() -> None:
     rule = parse_timezone("GMT+2/US-DST")
     winter = datetime(2026, 1, 10, tzinfo=UTC).timestamp()

@@ -22,7 +22,12 @@ from schemas.identity import check_deployment_magic
 from worker.mt5 import api
 from worker.mt5.gateway import lots as sizing
 from worker.mt5.gateway.calls import Calls
-from worker.mt5.gateway.clock import ServerClock, TimezoneRule, parse_timezone
+from worker.mt5.gateway.clock import (
+    OFFSET_GRAIN_MS,
+    ServerClock,
+    TimezoneRule,
+    parse_timezone,
+)
 from worker.mt5.gateway.errors import GatewayRejection, SessionLost
 from worker.mt5.gateway.filling import filling_modes
 from worker.mt5.gateway.identity import OrderIdentity, is_deployment_magic
@@ -39,8 +44,8 @@ from worker.mt5.gateway.reconcile import History
 from worker.mt5.gateway.retcodes import Status
 from worker.mt5.gateway.send import Sender
 
-# re-reads of a tick that looks stale by a learned offset (a moved server clock shows as
-# a tick that changes between close readings); only paid when a tick looks stale
+# re-reads of a tick that looks off by whole quarter hours under a learned offset (a moved
+# server clock shows as a tick that changes between close readings)
 _FRESHNESS_PROBE_SECONDS = (0.25, 0.75)
 
 
@@ -232,6 +237,14 @@ class Gateway:
         self._server_clock.learn(name, tick.time_msc)
         return tick
 
+    def _clock_may_have_moved(self, age: float | None) -> bool:
+        """Unknown, or off by (about) a whole number of quarter hours, ahead or behind."""
+        if age is None:
+            return True
+        grain = OFFSET_GRAIN_MS / 1000
+        whole = round(age / grain)
+        return whole != 0 and abs(age - whole * grain) <= self._max_tick_age
+
     def _age_seconds(self, tick: api.Tick) -> float | None:
         offset = self._server_clock.offset_ms()
         if offset is None:
@@ -243,10 +256,10 @@ class Gateway:
         tick = self._tick(spec.name)
         age = self._age_seconds(tick)
         for probe in _FRESHNESS_PROBE_SECONDS:
-            if self._server_clock.configured or (age is not None and age <= self._max_tick_age):
+            if self._server_clock.configured or not self._clock_may_have_moved(age):
                 break
-            # stale by the learned offset, or the server's clock moved (DST): a tick that
-            # changes between two close readings is fresh and sets the offset right
+            # a tick off by whole quarter hours: stale, or the server's clock moved (DST).
+            # A tick that changes between two close readings is fresh and sets the offset.
             self._sleep(probe)
             tick = self._tick(spec.name)
             age = self._age_seconds(tick)
