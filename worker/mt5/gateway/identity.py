@@ -1,7 +1,8 @@
 """How the gateway recognises our orders, deals and positions on the trade server.
 
-Servers keep ``magic`` (64-bit) on orders, deals and positions, but cut comments (the MQL5
-reference shows 16 characters kept), and some rewrite or blank them. So:
+Servers keep ``magic`` (``ulong`` in MqlTradeRequest, ``long`` as ORDER_MAGIC) on orders,
+deals and positions, but cut comments (the MQL5 reference's ``history_deals_get`` example
+shows 16 characters kept), and some rewrite or blank them. So:
 
 **The rule**
 

@@ -96,7 +96,7 @@ class SendOutcome:
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """What the terminal knows about one execution (comment token AND magic)."""
+    """What the terminal knows about one execution (its ``OrderIdentity``)."""
 
     open_orders: tuple[api.TradeOrder, ...]
     history_orders: tuple[api.TradeOrder, ...]
