@@ -43,8 +43,11 @@ class CallFailed(Exception):
         self.message = message
 
 
-def parse_request(request: Any) -> api.TradeRequest:
-    """The request dict as the binding reads it, or ``CallFailed``."""
+def parse_request(request: Any, *, float_only: bool = False) -> api.TradeRequest:
+    """The request dict as the binding reads it, or ``CallFailed``.
+
+    ``float_only``: like the real binding, an int or Decimal where a float belongs is refused.
+    """
     if not isinstance(request, dict):
         raise CallFailed(api.RES_E_INVALID_PARAMS, "Invalid request argument")
     values: dict[str, Any] = dict.fromkeys(api.TradeRequest._fields, 0)
@@ -53,6 +56,8 @@ def parse_request(request: Any) -> api.TradeRequest:
     for key, value in request.items():
         accepted = REQUEST_FIELDS.get(key)
         if accepted is None:
+            raise CallFailed(api.RES_E_INVALID_PARAMS, f'Invalid "{key}" argument')
+        if float_only and key in FLOAT_FIELDS and not isinstance(value, float):
             raise CallFailed(api.RES_E_INVALID_PARAMS, f'Invalid "{key}" argument')
         if isinstance(value, bool) or not isinstance(value, accepted):
             raise CallFailed(api.RES_E_INVALID_PARAMS, f'Invalid "{key}" argument type')

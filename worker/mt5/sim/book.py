@@ -50,6 +50,8 @@ class Book:
         self.next_order = 50_000_001
         self.next_deal = 40_000_001
         self.next_request = 1
+        self.next_position = 60_000_001  # hedging tickets that differ from the identifier
+        self.hidden_deals: dict[int, float] = {}  # deal ticket -> UTC second it shows up
         self.orders: dict[int, OrderRecord] = {}
         self.open_orders: dict[int, OrderRecord] = {}
         self.pending_fills: dict[int, float] = {}  # RETURN orders on exchange: ticket -> due
@@ -66,8 +68,10 @@ class Book:
 
     # ------------------------------------------------------------------ mutations
     def add_deal(self, deal: DealRecord) -> None:
-        self.deals.append(deal)
-        self.deal_times.append(deal.time_msc)
+        # server time falls back an hour when a DST-following offset does: keep time order
+        index = bisect.bisect_right(self.deal_times, deal.time_msc)
+        self.deals.insert(index, deal)
+        self.deal_times.insert(index, deal.time_msc)
         self.deals_by_order.setdefault(deal.order, []).append(deal)
         self.deals_by_position.setdefault(deal.position_id, []).append(deal)
 
@@ -108,13 +112,23 @@ class Book:
         self.orders[order.ticket] = order
         self.open_orders.pop(order.ticket, None)
         self.pending_fills.pop(order.ticket, None)
-        self.history_orders.append(order)
-        self.history_order_times.append(now)
+        index = bisect.bisect_right(self.history_order_times, now)
+        self.history_orders.insert(index, order)
+        self.history_order_times.insert(index, now)
         if order.position_id:
             self.orders_by_position.setdefault(order.position_id, []).append(order)
         self.save_order(order)
 
-    def save_meta(self, balance: float, last_stamp: int) -> None:
+    def hide_deal(self, ticket: int, until: float) -> None:
+        """The deal stays out of ``history_deals_get`` until ``until`` (UTC seconds)."""
+        self.hidden_deals[ticket] = until
+
+    def reveal_deals(self, now: float) -> None:
+        for ticket, until in list(self.hidden_deals.items()):
+            if until <= now:
+                del self.hidden_deals[ticket]
+
+    def save_meta(self, balance: float, last_stamp: int, last_utc_ms: int) -> None:
         if self.store is not None:
             self.store.put_meta(
                 "state",
@@ -123,7 +137,9 @@ class Book:
                     "next_order": self.next_order,
                     "next_deal": self.next_deal,
                     "next_request": self.next_request,
+                    "next_position": self.next_position,
                     "last_stamp": last_stamp,
+                    "last_utc_ms": last_utc_ms,
                 },
             )
 
@@ -143,6 +159,7 @@ class Book:
             self.next_order = int(state["next_order"])
             self.next_deal = int(state["next_deal"])
             self.next_request = int(state["next_request"])
+            self.next_position = int(state.get("next_position", self.next_position))
         for deal in loaded.deals:
             self.add_deal(deal)
         history: list[OrderRecord] = []
@@ -218,12 +235,18 @@ class Book:
         ticket: int | None,
         position: int | None,
     ) -> Iterable[DealRecord] | None:
-        """By ORDER ``ticket``, by ``position`` id, else those in the window (None: no window)."""
+        """By ORDER ``ticket``, by ``position`` id, else those in the window (None: no window).
+
+        Deals still hidden (``hide_deal``) are left out."""
+        found: Iterable[DealRecord]
         if ticket is not None:
-            return self.deals_by_order.get(ticket, ())
-        if position is not None:
-            return self.deals_by_position.get(position, ())
-        if date_from is None or date_to is None:
+            found = self.deals_by_order.get(ticket, ())
+        elif position is not None:
+            found = self.deals_by_position.get(position, ())
+        elif date_from is None or date_to is None:
             return None
-        start, end = time_window(date_from, date_to, self.deal_times)
-        return self.deals[start:end]
+        else:
+            start, end = time_window(date_from, date_to, self.deal_times)
+            found = self.deals[start:end]
+        hidden = self.hidden_deals
+        return [d for d in found if d.ticket not in hidden] if hidden else found

@@ -28,6 +28,12 @@ SCRIPTED_RETCODES = {
     "timeout": api.TRADE_RETCODE_TIMEOUT,
 }
 
+# what a failed history/position query leaves in last_error() (the connection stays up)
+QUERY_ERRORS = (
+    (api.RES_E_INTERNAL_FAIL_TIMEOUT, "IPC timeout"),
+    (api.RES_E_INVALID_PARAMS, "Terminal: Invalid params"),
+)
+
 
 class FaultInjector:
     """The current ``FaultConfig`` and the generators that draw its faults."""
@@ -35,6 +41,9 @@ class FaultInjector:
     def __init__(self, config: SimConfig) -> None:
         self._seed = config.seed
         self._slip_rng = random.Random(config.seed * 1_000_003 + 2)
+        # server hardening draws have their own generator: turning them on leaves the
+        # sequence of the classic faults (and so existing scenarios) unchanged
+        self._server_rng = random.Random(config.seed * 104_729 + 3)
         self._scripted: deque[str] = deque()
         self.config = config.faults
         self.apply(config.faults, reseed=True)
@@ -80,6 +89,26 @@ class FaultInjector:
             if rate and self._rng.random() < rate:
                 return name
         return "ok"
+
+    def deal_lag_seconds(self) -> float:
+        """How long a new deal stays out of ``history_deals_get``."""
+        faults = self.config
+        lag = faults.deal_lag_ms
+        if faults.deal_lag_jitter_ms:
+            lag += self._server_rng.uniform(0.0, faults.deal_lag_jitter_ms)
+        return lag / 1000.0
+
+    def hides_deal_ticket(self) -> bool:
+        """Whether this 10009/10010 reply carries ``deal`` 0."""
+        rate = self.config.deal_zero_rate
+        return bool(rate) and self._server_rng.random() < rate
+
+    def query_failure(self) -> tuple[int, str] | None:
+        """The ``last_error()`` of a history/position query that answers None, or None."""
+        rate = self.config.query_none_rate
+        if not rate or self._server_rng.random() >= rate:
+            return None
+        return self._server_rng.choice(QUERY_ERRORS)
 
     def slipped(self, symbol: SimSymbol, price: float, is_buy: bool) -> float:
         if not self._slip_values:

@@ -58,6 +58,13 @@ class Dealer:
     def send(self, echo: api.TradeRequest) -> api.OrderSendResult:
         """The reply to a parsed request; raises ``CallFailed`` when the call returns None."""
         book = self._book
+        if (
+            echo.action == api.TRADE_ACTION_DEAL
+            and not self._ledger.terminal_trade_allowed
+            and self._faults.config.algo_off_returns_none
+        ):
+            # the terminal does not send it at all: a definite refusal, not an unknown outcome
+            raise CallFailed(api.RES_E_AUTO_TRADING_DISABLED, "Terminal: AutoTrading disabled")
         req = Request(echo, book.next_request)
         book.next_request += 1
         if echo.action == api.TRADE_ACTION_REMOVE:
@@ -107,7 +114,7 @@ class Dealer:
             price_open=echo.price,
             time_setup_msc=now,
             time_done_msc=0,
-            comment=echo.comment,
+            comment=self._faults.config.served_comment(echo.comment),
         )
         if echo.type_filling == api.ORDER_FILLING_RETURN:
             book.next_order += 1
@@ -136,7 +143,7 @@ class Dealer:
         return self._result(
             retcode,
             req,
-            deal=deal.ticket,
+            deal=0 if self._faults.hides_deal_ticket() else deal.ticket,
             order=order.ticket,
             volume=volume,
             price=price,
@@ -144,7 +151,8 @@ class Dealer:
         )
 
     def _save(self) -> None:
-        self._book.save_meta(self._ledger.balance, self._clock.last_stamp)
+        clock = self._clock
+        self._book.save_meta(self._ledger.balance, clock.last_stamp, clock.last_utc_ms)
         self._book.commit()
 
     def fill(
@@ -163,8 +171,12 @@ class Dealer:
         profit = 0.0
         entry = api.DEAL_ENTRY_IN
         if target is None:
+            ticket = order.ticket
+            if hedging and self._faults.config.position_ticket_differs:
+                ticket = book.next_position
+                book.next_position += 1
             target = PositionRecord(
-                ticket=order.ticket,
+                ticket=ticket,
                 identifier=order.ticket,
                 symbol=order.symbol,
                 type=api.POSITION_TYPE_BUY if is_buy else api.POSITION_TYPE_SELL,
@@ -234,6 +246,9 @@ class Dealer:
         book.next_deal += 1
         book.add_deal(deal)
         book.save_deal(deal)
+        lag = self._faults.deal_lag_seconds()
+        if lag > 0:
+            book.hide_deal(deal.ticket, self._clock.now() + lag)
         return deal
 
     def _remove(self, req: Request) -> api.OrderSendResult:

@@ -95,7 +95,7 @@ class Market:
         self._paths = {n: PricePath(self._seed, s) for n, s in self.symbols.items()}
         self._schedules = {n: Schedule(s.closed_windows()) for n, s in self.symbols.items()}
         self.selected = {n for n, s in self.symbols.items() if s.visible}
-        self._tick_cache: dict[str, tuple[int, api.Tick]] = {}
+        self._tick_cache: dict[str, tuple[int, int, api.Tick]] = {}
 
     def update(self, name: str, **changes: Any) -> SimSymbol:
         symbol = replace(self.symbols[name], **changes)
@@ -110,14 +110,15 @@ class Market:
         interval = self._interval
         moment = self._schedules[name].last_open(self._clock.now())
         quantum = int(moment * 1000) // interval
-        cached = self._tick_cache.get(name)
-        if cached is not None and cached[0] == quantum:
-            return cached[1]
         utc_ms = quantum * interval
+        offset = self._clock.offset_ms(utc_ms / 1000.0)
+        cached = self._tick_cache.get(name)
+        if cached is not None and cached[0] == quantum and cached[1] == offset:
+            return cached[2]
         spread = symbol.spread_points * symbol.point
         bid = round(self._paths[name].mid(utc_ms / 1000.0) - spread / 2, symbol.digits)
         ask = round(bid + spread, symbol.digits)
-        server_ms = utc_ms + self._clock.offset_ms(utc_ms / 1000.0)
+        server_ms = utc_ms + offset
         tick = api.Tick(
             time=server_ms // 1000,
             bid=bid,
@@ -128,7 +129,7 @@ class Market:
             flags=6,  # TICK_FLAG_BID | TICK_FLAG_ASK
             volume_real=0.0,
         )
-        self._tick_cache[name] = (quantum, tick)
+        self._tick_cache[name] = (quantum, offset, tick)
         return tick
 
     def price_for(self, name: str, order_type: int) -> float:

@@ -4,6 +4,15 @@ from __future__ import annotations
 
 from worker.mt5 import api
 
+# Retcodes of the real MetaTrader5 package that worker.mt5.api does not export (yet); the
+# names and values are those of the MQL5 reference's "Return Codes of the Trade Server".
+TRADE_RETCODE_INVALID_CLOSE_VOLUME = 10038
+TRADE_RETCODE_LONG_ONLY = 10042
+TRADE_RETCODE_SHORT_ONLY = 10043
+TRADE_RETCODE_CLOSE_ONLY = 10044
+TRADE_RETCODE_FIFO_CLOSE = 10045
+TRADE_RETCODE_HEDGE_PROHIBITED = 10046
+
 RETCODE_COMMENTS = {
     api.TRADE_RETCODE_REQUOTE: "Requote",
     api.TRADE_RETCODE_REJECT: "Request rejected",
@@ -30,6 +39,12 @@ RETCODE_COMMENTS = {
     api.TRADE_RETCODE_CONNECTION: "No connection with the trade server",
     api.TRADE_RETCODE_INVALID_ORDER: "Invalid or prohibited order type",
     api.TRADE_RETCODE_POSITION_CLOSED: "Position with the specified identifier has been closed",
+    TRADE_RETCODE_INVALID_CLOSE_VOLUME: "A close volume exceeds the current position volume",
+    TRADE_RETCODE_LONG_ONLY: "Only long positions are allowed",
+    TRADE_RETCODE_SHORT_ONLY: "Only short positions are allowed",
+    TRADE_RETCODE_CLOSE_ONLY: "Only position closing is allowed",
+    TRADE_RETCODE_FIFO_CLOSE: "Position closing is allowed only by FIFO rule",
+    TRADE_RETCODE_HEDGE_PROHIBITED: "Opposite positions on a single symbol are disabled",
 }
 
 

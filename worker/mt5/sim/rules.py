@@ -6,8 +6,10 @@ margin. A failed check is a retcode and nothing executes.
 from __future__ import annotations
 
 from worker.mt5 import api
+from worker.mt5.sim import retcodes
 from worker.mt5.sim.book import Book
-from worker.mt5.sim.config import SimSymbol
+from worker.mt5.sim.config import FaultConfig, SimSymbol
+from worker.mt5.sim.faults import FaultInjector
 from worker.mt5.sim.margin import Ledger
 from worker.mt5.sim.market import Market
 from worker.mt5.sim.retcodes import reply_comment
@@ -21,7 +23,12 @@ def is_instant(symbol: SimSymbol) -> bool:
     return symbol.trade_exemode in INSTANT_MODES
 
 
-def allowed_fillings(symbol: SimSymbol) -> tuple[int, ...]:
+def allowed_fillings(symbol: SimSymbol, *, by_exemode: bool = False) -> tuple[int, ...]:
+    """Filling modes the server accepts for a market order on ``symbol``.
+
+    ``by_exemode`` (a hardened server): Request and Instant execution take FOK only."""
+    if by_exemode and is_instant(symbol):
+        return (api.ORDER_FILLING_FOK,)
     allowed: list[int] = []
     if symbol.filling_mode & api.SYMBOL_FILLING_FOK:
         allowed.append(api.ORDER_FILLING_FOK)
@@ -37,10 +44,15 @@ def allowed_fillings(symbol: SimSymbol) -> tuple[int, ...]:
 class Rules:
     """Validates market orders against the symbol, the account and the open positions."""
 
-    def __init__(self, market: Market, ledger: Ledger, book: Book) -> None:
+    def __init__(self, market: Market, ledger: Ledger, book: Book, faults: FaultInjector) -> None:
         self._market = market
         self._ledger = ledger
         self._book = book
+        self._faults = faults
+
+    @property
+    def _server(self) -> FaultConfig:
+        return self._faults.config
 
     def check(self, echo: api.TradeRequest) -> tuple[int, float]:
         """(retcode or 0, margin the order needs)."""
@@ -71,12 +83,13 @@ class Rules:
         if retcode:
             return retcode, 0.0
         opening = max(0.0, volume - closing)
-        retcode = self._trade_mode(symbol, opening, is_buy)
+        retcode = self._trade_mode(symbol, opening, is_buy, strict=self._server.strict_retcodes)
         if retcode:
             return retcode, 0.0
         if not self._market.is_open(echo.symbol):
             return api.TRADE_RETCODE_MARKET_CLOSED, 0.0
-        if echo.type_filling not in allowed_fillings(symbol):
+        allowed = allowed_fillings(symbol, by_exemode=self._server.filling_by_exemode)
+        if echo.type_filling not in allowed or echo.type_filling in symbol.refused_fillings:
             return api.TRADE_RETCODE_INVALID_FILL, 0.0
         tick = self._market.tick(echo.symbol)
         price = tick.ask if is_buy else tick.bid
@@ -101,9 +114,28 @@ class Rules:
             if (position.type == api.POSITION_TYPE_BUY) == is_buy:
                 return api.TRADE_RETCODE_INVALID, 0.0
             if volume > position.volume + EPS:
+                if self._server.strict_retcodes:
+                    return retcodes.TRADE_RETCODE_INVALID_CLOSE_VOLUME, 0.0
                 return api.TRADE_RETCODE_INVALID_VOLUME, 0.0
+            if self._server.fifo_close and self._ledger.hedging:
+                oldest = min(
+                    (
+                        p
+                        for p in book.by_symbol.get(position.symbol, {}).values()
+                        if p.type == position.type
+                    ),
+                    key=lambda p: (p.time_msc, p.identifier),
+                )
+                if oldest is not position:
+                    return retcodes.TRADE_RETCODE_FIFO_CLOSE, 0.0
             return 0, volume
-        if not self._ledger.hedging:
+        if self._ledger.hedging:
+            if self._server.hedging_prohibited:
+                opposite = api.POSITION_TYPE_SELL if is_buy else api.POSITION_TYPE_BUY
+                open_here = book.by_symbol.get(echo.symbol, {}).values()
+                if any(p.type == opposite for p in open_here):
+                    return retcodes.TRADE_RETCODE_HEDGE_PROHIBITED, 0.0
+        else:
             ticket = book.netting.get(echo.symbol)
             if ticket is not None:
                 position = book.positions[ticket]
@@ -112,9 +144,16 @@ class Rules:
         return 0, 0.0
 
     @staticmethod
-    def _trade_mode(symbol: SimSymbol, opening: float, is_buy: bool) -> int:
+    def _trade_mode(symbol: SimSymbol, opening: float, is_buy: bool, *, strict: bool) -> int:
         mode = symbol.trade_mode
         opens = opening > EPS
+        if strict and opens:
+            if mode == api.SYMBOL_TRADE_MODE_CLOSEONLY:
+                return retcodes.TRADE_RETCODE_CLOSE_ONLY
+            if mode == api.SYMBOL_TRADE_MODE_LONGONLY and not is_buy:
+                return retcodes.TRADE_RETCODE_LONG_ONLY
+            if mode == api.SYMBOL_TRADE_MODE_SHORTONLY and is_buy:
+                return retcodes.TRADE_RETCODE_SHORT_ONLY
         if (
             mode == api.SYMBOL_TRADE_MODE_DISABLED
             or (opens and mode == api.SYMBOL_TRADE_MODE_CLOSEONLY)

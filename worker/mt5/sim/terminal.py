@@ -7,6 +7,11 @@ liquidity, keeps netting or hedging positions and the order/deal history with th
 names, and can inject the faults the worker must survive (latency, disconnects, lost replies,
 timeouts, requotes...). With ``state_path`` the broker state persists in SQLite.
 
+It can also be as hard as a real server (cut comments, lagging deals, failing queries, a DST
+clock, filling by execution mode, the rarer retcodes...): every such behaviour is a switch of
+``FaultConfig``, all listed in :mod:`worker.mt5.sim.config`, all on with
+``SimConfig.hardened()`` / ``FaultConfig.hardened()`` / ``preset = "hardened"`` in TOML.
+
 ``SimTerminal`` is the module-shaped facade; the work is done by its parts:
 
 - :mod:`~worker.mt5.sim.config` configuration (symbols, account, fault knobs, TOML)
@@ -74,7 +79,8 @@ class SimTerminal:
         self._ledger = Ledger(self._config, self._market)
         self._faults = FaultInjector(self._config)
         self._book = Book(SimStore(state_path) if state_path is not None else None)
-        self._rules = Rules(self._market, self._ledger, self._book)
+        self._rules = Rules(self._market, self._ledger, self._book, self._faults)
+        self._configure_clock()
         self._dealer = Dealer(
             self._market, self._ledger, self._book, self._clock, self._faults, self._rules
         )
@@ -85,7 +91,9 @@ class SimTerminal:
         state = self._book.load(store.load(), self._clock.now(), self._ledger.hedging)
         if state is not None:
             self._ledger.balance = float(state["balance"])
-            self._clock.last_stamp = int(state["last_stamp"])
+            offset_ms = self._config.server_utc_offset_seconds * 1000
+            last_utc = state.get("last_utc_ms", int(state["last_stamp"]) - offset_ms)
+            self._clock.last_utc_ms = int(last_utc)
         for position in self._book.positions.values():
             self._ledger.expose(position, +1)
         in_use = {p.symbol for p in self._book.positions.values()}
@@ -108,7 +116,18 @@ class SimTerminal:
             self._faults.apply(faults, reseed="fault_seed" in changes)
             if "scripted" in changes:
                 self._faults.rescript()
+            self._configure_clock()
             return faults
+
+    def _configure_clock(self) -> None:
+        faults = self._faults.config
+        self._clock.configure(dst=faults.dst_clock, shift_seconds=faults.clock_shift_seconds)
+
+    @property
+    def server_offset_seconds(self) -> int:
+        """The server's offset from UTC now (changes with ``dst_clock``/``clock_shift_seconds``)."""
+        with self._lock:
+            return self._clock.offset_ms(self._clock.now()) // 1000
 
     def disconnect(self) -> None:
         """Drop the connection: every call fails until ``initialize()`` succeeds again."""
@@ -162,6 +181,13 @@ class SimTerminal:
         if self._book.pending_fills:
             self._dealer.pump()
         return True
+
+    def _query_fails(self) -> bool:
+        """``query_none_rate``: a history/position query answers None, the connection stays."""
+        failure = self._faults.query_failure()
+        if failure is not None:
+            self._fail(*failure)
+        return failure is not None
 
     def _known_symbol(self, symbol: str) -> bool:
         if symbol in self._market.symbols:
@@ -258,6 +284,9 @@ class SimTerminal:
         with self._lock:
             if not self._begin("symbol_info") or not self._known_symbol(symbol):
                 return None
+            if self._faults.config.symbol_info_needs_select and symbol not in self._market.selected:
+                self._fail(api.RES_E_NOT_FOUND, "Terminal: Not found")
+                return None
             return self._symbol_info(symbol)
 
     def symbol_info_tick(self, symbol: str) -> api.Tick | None:
@@ -305,7 +334,7 @@ class SimTerminal:
             if not self._begin("order_check"):
                 return None
             try:
-                return self._rules.order_check(parse_request(request))
+                return self._rules.order_check(self._parse(request))
             except CallFailed as exc:
                 self._fail(exc.code, exc.message)
                 return None
@@ -315,17 +344,20 @@ class SimTerminal:
             if not self._begin("order_send"):
                 return None
             try:
-                return self._dealer.send(parse_request(request))
+                return self._dealer.send(self._parse(request))
             except CallFailed as exc:
                 self._fail(exc.code, exc.message)
                 return None
+
+    def _parse(self, request: Any) -> api.TradeRequest:
+        return parse_request(request, float_only=self._faults.config.float_only_binding)
 
     # ------------------------------------------------------------------ open state
     def orders_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradeOrder, ...] | None:
         with self._lock:
-            if not self._begin("orders_get"):
+            if not self._begin("orders_get") or self._query_fails():
                 return None
             market = self._market
             found = self._book.find_open_orders(symbol, group, ticket)
@@ -335,7 +367,7 @@ class SimTerminal:
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradePosition, ...] | None:
         with self._lock:
-            if not self._begin("positions_get"):
+            if not self._begin("positions_get") or self._query_fails():
                 return None
             found = self._book.find_positions(symbol, group, ticket)
             return tuple(p.to_api(*self._ledger.position_profit(p)) for p in found)
@@ -351,7 +383,7 @@ class SimTerminal:
     ) -> tuple[api.TradeOrder, ...] | None:
         """Orders in history. By ``ticket`` or ``position``, else those done in the window."""
         with self._lock:
-            if not self._begin("history_orders_get"):
+            if not self._begin("history_orders_get") or self._query_fails():
                 return None
             found = self._book.find_history_orders(date_from, date_to, ticket, position)
             if found is None:
@@ -369,8 +401,9 @@ class SimTerminal:
     ) -> tuple[api.TradeDeal, ...] | None:
         """Deals by ORDER ``ticket``, by ``position`` id, else those in the window."""
         with self._lock:
-            if not self._begin("history_deals_get"):
+            if not self._begin("history_deals_get") or self._query_fails():
                 return None
+            self._book.reveal_deals(self._clock.now())
             found = self._book.find_deals(date_from, date_to, ticket, position)
             if found is None:
                 self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
