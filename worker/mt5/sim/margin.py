@@ -98,6 +98,18 @@ class Ledger:
         if abs(self.margin_used) < 1e-6:
             self.margin_used = 0.0
 
+    def terminal_info(self, build: int) -> api.TerminalInfo:
+        return api.TerminalInfo(
+            connected=True,
+            trade_allowed=self.terminal_trade_allowed,
+            tradeapi_disabled=False,
+            build=build,
+            ping_last=500,
+            company=self.account.company,
+            name="MetaTrader 5 (simulated)",
+            path="sim://terminal",
+        )
+
     def account_info(self) -> api.AccountInfo:
         account = self.account
         equity = self.balance + self.floating()

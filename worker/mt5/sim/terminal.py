@@ -28,12 +28,13 @@ clock, filling by execution mode, the rarer retcodes...): every such behaviour i
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from worker.mt5 import api
 from worker.mt5.sim.binding import CallFailed, parse_request
@@ -58,6 +59,27 @@ __all__ = [
     "default_symbols",
     "iter_deals",
 ]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Method = Callable[Concatenate["SimTerminal", P], R]
+
+
+def _terminal_call(name: str, failed: Any = None) -> Callable[[Method[P, R]], Method[P, R]]:
+    """A call of the terminal API: under the lock, after the latency, connection and fault
+    checks of ``SimTerminal._begin``; answers ``failed`` when those fail."""
+
+    def decorate(method: Method[P, R]) -> Method[P, R]:
+        @functools.wraps(method)
+        def wrapper(self: SimTerminal, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            with self._lock:
+                if not self._begin(name):
+                    return cast(R, failed)
+                return method(self, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 class SimTerminal:
@@ -189,8 +211,10 @@ class SimTerminal:
             self._fail(*failure)
         return failure is not None
 
-    def _known_symbol(self, symbol: str) -> bool:
-        if symbol in self._market.symbols:
+    def _known_symbol(self, symbol: str, *, selected: bool = False) -> bool:
+        """Whether ``symbol`` exists (and, with ``selected``, is in Market Watch)."""
+        market = self._market
+        if symbol in market.symbols and (not selected or symbol in market.selected):
             return True
         self._fail(api.RES_E_NOT_FOUND, "Terminal: Not found")
         return False
@@ -214,6 +238,7 @@ class SimTerminal:
             self._error = (api.RES_S_OK, "Success")
             return True
 
+    @_terminal_call("login", False)
     def login(
         self,
         login: int,
@@ -223,10 +248,7 @@ class SimTerminal:
         timeout: int | None = None,
     ) -> bool:
         del timeout
-        with self._lock:
-            if not self._begin("login"):
-                return False
-            return self._credentials_ok(login, password, server)
+        return self._credentials_ok(login, password, server)
 
     def _credentials_ok(self, login: int | None, password: str | None, server: str | None) -> bool:
         account = self._ledger.account
@@ -248,131 +270,104 @@ class SimTerminal:
             return self._error
 
     # ------------------------------------------------------------------ information
+    @_terminal_call("terminal_info")
     def terminal_info(self) -> api.TerminalInfo | None:
-        with self._lock:
-            if not self._begin("terminal_info"):
-                return None
-            return api.TerminalInfo(
-                connected=True,
-                trade_allowed=self._ledger.terminal_trade_allowed,
-                tradeapi_disabled=False,
-                build=self._config.build,
-                ping_last=500,
-                company=self._ledger.account.company,
-                name="MetaTrader 5 (simulated)",
-                path="sim://terminal",
-            )
+        return self._ledger.terminal_info(self._config.build)
 
+    @_terminal_call("account_info")
     def account_info(self) -> api.AccountInfo | None:
-        with self._lock:
-            if not self._begin("account_info"):
-                return None
-            return self._ledger.account_info()
+        return self._ledger.account_info()
 
     def _symbol_info(self, name: str) -> api.SymbolInfo:
         rate = self._ledger.rate(self._market.symbols[name].currency_profit)
         return self._market.symbol_info(name, rate)
 
+    @_terminal_call("symbols_get")
     def symbols_get(self, group: str | None = None) -> tuple[api.SymbolInfo, ...] | None:
-        with self._lock:
-            if not self._begin("symbols_get"):
-                return None
-            names = self._market.symbols
-            return tuple(self._symbol_info(n) for n in names if group_matches(n, group))
+        names = self._market.symbols
+        return tuple(self._symbol_info(n) for n in names if group_matches(n, group))
 
+    @_terminal_call("symbol_info")
     def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
-        with self._lock:
-            if not self._begin("symbol_info") or not self._known_symbol(symbol):
-                return None
-            if self._faults.config.symbol_info_needs_select and symbol not in self._market.selected:
-                self._fail(api.RES_E_NOT_FOUND, "Terminal: Not found")
-                return None
-            return self._symbol_info(symbol)
+        if not self._known_symbol(symbol, selected=self._faults.config.symbol_info_needs_select):
+            return None
+        return self._symbol_info(symbol)
 
+    @_terminal_call("symbol_info_tick")
     def symbol_info_tick(self, symbol: str) -> api.Tick | None:
-        with self._lock:
-            if not self._begin("symbol_info_tick") or not self._known_symbol(symbol):
-                return None
-            if symbol not in self._market.selected:
-                # like the real terminal: no ticks for a symbol outside Market Watch
-                self._fail(api.RES_E_NOT_FOUND, "Terminal: Not found")
-                return None
-            return self._market.tick(symbol)
+        # like the real terminal: no ticks for a symbol outside Market Watch
+        if not self._known_symbol(symbol, selected=True):
+            return None
+        return self._market.tick(symbol)
 
+    @_terminal_call("symbol_select", False)
     def symbol_select(self, symbol: str, enable: bool = True) -> bool:
-        with self._lock:
-            if not self._begin("symbol_select") or not self._known_symbol(symbol):
-                return False
-            if enable:
-                self._market.selected.add(symbol)
-                return True
-            if self._book.by_symbol.get(symbol) or any(
-                o.symbol == symbol for o in self._book.open_orders.values()
-            ):
-                self._fail(api.RES_E_FAIL, "Terminal: Call failed (symbol in use)")
-                return False
-            self._market.selected.discard(symbol)
+        if not self._known_symbol(symbol):
+            return False
+        if enable:
+            self._market.selected.add(symbol)
             return True
+        if self._book.by_symbol.get(symbol) or any(
+            o.symbol == symbol for o in self._book.open_orders.values()
+        ):
+            self._fail(api.RES_E_FAIL, "Terminal: Call failed (symbol in use)")
+            return False
+        self._market.selected.discard(symbol)
+        return True
 
+    @_terminal_call("order_calc_margin")
     def order_calc_margin(
         self, action: int, symbol: str, volume: float, price: float
     ) -> float | None:
-        with self._lock:
-            if not self._begin("order_calc_margin"):
-                return None
-            if action not in (api.ORDER_TYPE_BUY, api.ORDER_TYPE_SELL):
-                self._fail(api.RES_E_INVALID_PARAMS, 'Invalid "action" argument')
-                return None
-            if not self._known_symbol(symbol):
-                return None
-            margin = self._ledger.calc_margin(self._market.symbols[symbol], volume, price)
-            return round(margin, 2)
+        if action not in (api.ORDER_TYPE_BUY, api.ORDER_TYPE_SELL):
+            self._fail(api.RES_E_INVALID_PARAMS, 'Invalid "action" argument')
+            return None
+        if not self._known_symbol(symbol):
+            return None
+        margin = self._ledger.calc_margin(self._market.symbols[symbol], volume, price)
+        return round(margin, 2)
 
     # ------------------------------------------------------------------ trading
+    @_terminal_call("order_check")
     def order_check(self, request: dict[str, Any]) -> api.OrderCheckResult | None:
-        with self._lock:
-            if not self._begin("order_check"):
-                return None
-            try:
-                return self._rules.order_check(self._parse(request))
-            except CallFailed as exc:
-                self._fail(exc.code, exc.message)
-                return None
+        try:
+            return self._rules.order_check(self._parse(request))
+        except CallFailed as exc:
+            self._fail(exc.code, exc.message)
+            return None
 
+    @_terminal_call("order_send")
     def order_send(self, request: dict[str, Any]) -> api.OrderSendResult | None:
-        with self._lock:
-            if not self._begin("order_send"):
-                return None
-            try:
-                return self._dealer.send(self._parse(request))
-            except CallFailed as exc:
-                self._fail(exc.code, exc.message)
-                return None
+        try:
+            return self._dealer.send(self._parse(request))
+        except CallFailed as exc:
+            self._fail(exc.code, exc.message)
+            return None
 
     def _parse(self, request: Any) -> api.TradeRequest:
         return parse_request(request, float_only=self._faults.config.float_only_binding)
 
     # ------------------------------------------------------------------ open state
+    @_terminal_call("orders_get")
     def orders_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradeOrder, ...] | None:
-        with self._lock:
-            if not self._begin("orders_get") or self._query_fails():
-                return None
-            market = self._market
-            found = self._book.find_open_orders(symbol, group, ticket)
-            return tuple(o.to_api(market.price_for(o.symbol, o.type)) for o in found)
+        if self._query_fails():
+            return None
+        found = self._book.find_open_orders(symbol, group, ticket)
+        return tuple(o.to_api(self._market.price_for(o.symbol, o.type)) for o in found)
 
+    @_terminal_call("positions_get")
     def positions_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradePosition, ...] | None:
-        with self._lock:
-            if not self._begin("positions_get") or self._query_fails():
-                return None
-            found = self._book.find_positions(symbol, group, ticket)
-            return tuple(p.to_api(*self._ledger.position_profit(p)) for p in found)
+        if self._query_fails():
+            return None
+        found = self._book.find_positions(symbol, group, ticket)
+        return tuple(p.to_api(*self._ledger.position_profit(p)) for p in found)
 
     # ------------------------------------------------------------------ history
+    @_terminal_call("history_orders_get")
     def history_orders_get(
         self,
         date_from: api.DateLike | None = None,
@@ -382,15 +377,15 @@ class SimTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeOrder, ...] | None:
         """Orders in history. By ``ticket`` or ``position``, else those done in the window."""
-        with self._lock:
-            if not self._begin("history_orders_get") or self._query_fails():
-                return None
-            found = self._book.find_history_orders(date_from, date_to, ticket, position)
-            if found is None:
-                self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
-                return None
-            return tuple(o.to_api(o.price_open) for o in found if group_matches(o.symbol, group))
+        if self._query_fails():
+            return None
+        found = self._book.find_history_orders(date_from, date_to, ticket, position)
+        if found is None:
+            self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
+            return None
+        return tuple(o.to_api(o.price_open) for o in found if group_matches(o.symbol, group))
 
+    @_terminal_call("history_deals_get")
     def history_deals_get(
         self,
         date_from: api.DateLike | None = None,
@@ -400,12 +395,11 @@ class SimTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeDeal, ...] | None:
         """Deals by ORDER ``ticket``, by ``position`` id, else those in the window."""
-        with self._lock:
-            if not self._begin("history_deals_get") or self._query_fails():
-                return None
-            self._book.reveal_deals(self._clock.now())
-            found = self._book.find_deals(date_from, date_to, ticket, position)
-            if found is None:
-                self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
-                return None
-            return tuple(d.to_api() for d in found if group_matches(d.symbol, group))
+        if self._query_fails():
+            return None
+        self._book.reveal_deals(self._clock.now())
+        found = self._book.find_deals(date_from, date_to, ticket, position)
+        if found is None:
+            self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
+            return None
+        return tuple(d.to_api() for d in found if group_matches(d.symbol, group))
