@@ -32,7 +32,7 @@ class Clock:
 
 def make(clock: Clock | None = None, **faults: Any) -> tuple[SimTerminal, Clock]:
     clock = clock or Clock()
-    config = SimConfig(faults=FaultConfig(slippage_points=NO_SLIP, **faults))
+    config = SimConfig(faults=FaultConfig.friendly(slippage_points=NO_SLIP, **faults))
     sim = SimTerminal(config, clock=clock)
     assert sim.initialize()
     return sim, clock
@@ -57,9 +57,11 @@ def buy(sim: SimTerminal, **extra: Any) -> api.OrderSendResult:
 
 
 # ---------------------------------------------------------------- one switch for all
-def test_every_hardening_defaults_off_and_the_preset_turns_them_on() -> None:
-    friendly = FaultConfig()
+def test_every_hardening_follows_the_module_default_and_the_presets() -> None:
+    friendly = FaultConfig.friendly()
     hardened = FaultConfig.hardened()
+    default = hardened if sim_config.HARDENED_BY_DEFAULT else friendly
+    assert FaultConfig() == default
     for name, value in FRIENDLY.items():
         assert getattr(friendly, name) == value
         assert getattr(hardened, name) == HARDENED[name]
@@ -79,13 +81,16 @@ def test_every_hardening_defaults_off_and_the_preset_turns_them_on() -> None:
     assert set(FRIENDLY) <= {f.name for f in fields(FaultConfig)}
     assert SimConfig.hardened().faults == hardened
     assert FaultConfig.hardened(comment_keep_chars=8).comment_keep_chars == 8
-    assert FaultConfig.friendly() == friendly
 
 
-def test_the_module_default_flips_every_new_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sim_config, "HARDENED_BY_DEFAULT", True)
-    assert FaultConfig(latency_ms=1.0) == FaultConfig.hardened(latency_ms=1.0)
-    assert SimConfig().faults.comment_keep_chars == 16
+@pytest.mark.parametrize("flag", [True, False])
+def test_the_module_default_flips_every_new_config(
+    monkeypatch: pytest.MonkeyPatch, flag: bool
+) -> None:
+    monkeypatch.setattr(sim_config, "HARDENED_BY_DEFAULT", flag)
+    preset = FaultConfig.hardened if flag else FaultConfig.friendly
+    assert FaultConfig(latency_ms=1.0) == preset(latency_ms=1.0)
+    assert SimConfig().faults.comment_keep_chars == (16 if flag else None)
     assert FaultConfig.friendly().comment_keep_chars is None
 
 
@@ -94,9 +99,11 @@ def test_toml_preset_and_overrides(tmp_path: Path) -> None:
     path.write_text('[faults]\npreset = "hardened"\ncomment_keep_chars = 10\n')
     faults = SimConfig.from_toml(path).faults
     assert faults == FaultConfig.hardened(comment_keep_chars=10)
-    path.write_text('[faults]\ndst_clock = true\ncomment_replace = ""\n')
+    path.write_text('[faults]\npreset = "friendly"\ndst_clock = true\ncomment_replace = ""\n')
     faults = SimConfig.from_toml(path).faults
-    assert faults.dst_clock and faults.comment_replace == "" and faults.deal_lag_ms == 0
+    assert faults == FaultConfig.friendly(dst_clock=True, comment_replace="")
+    path.write_text("[faults]\ndeal_zero_rate = 0.5\n")
+    assert SimConfig.from_toml(path).faults == FaultConfig(deal_zero_rate=0.5)
     path.write_text('[faults]\npreset = "nasty"\n')
     with pytest.raises(ValueError, match="nasty"):
         SimConfig.from_toml(path)
@@ -105,7 +112,7 @@ def test_toml_preset_and_overrides(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- comments
-def test_comments_are_kept_whole_by_default() -> None:
+def test_comments_are_kept_whole_on_the_friendly_server() -> None:
     sim, _ = make()
     result = buy(sim)
     (deal,) = sim.history_deals_get(ticket=result.order) or ()
@@ -267,3 +274,24 @@ def test_forced_offset_switch_and_history_after_falling_back() -> None:
     (late,) = sim.history_deals_get(ticket=second.order) or ()
     window = sim.history_deals_get(late.time_msc // 1000 - 1, late.time_msc // 1000 + 1)
     assert window == (late,)
+
+
+def test_a_hardened_state_file_reopens_with_its_deals_and_clock(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    clock = Clock(SUMMER)
+    config = SimConfig.hardened(
+        faults=FaultConfig.hardened(slippage_points=NO_SLIP, query_none_rate=0.0)
+    )
+    first = SimTerminal(config, clock=clock, state_path=path)
+    assert first.initialize()
+    sent = buy(first)
+    assert first.history_deals_get(ticket=sent.order) == ()  # still lagging
+    first.close()
+    clock.now -= 30  # the host clock stepped back: records still never go back in time
+    second = SimTerminal(config, clock=clock, state_path=path)
+    assert second.initialize()
+    (deal,) = second.history_deals_get(ticket=sent.order) or ()  # nothing hides after a restart
+    assert deal.comment == TOKEN[:16] and deal.time_msc == int(SUMMER * 1000) + 10_800_000
+    later = buy(second)
+    (order,) = second.history_orders_get(ticket=later.order) or ()
+    assert order.time_setup_msc >= deal.time_msc

@@ -21,7 +21,8 @@ BUY, SELL = api.ORDER_TYPE_BUY, api.ORDER_TYPE_SELL
 
 def make(*, netting: bool = False, state: Path | None = None, **faults: Any) -> SimTerminal:
     account = SimAccount(margin_mode=0 if netting else 2)
-    config = SimConfig(account=account, faults=FaultConfig(slippage_points=NO_SLIP, **faults))
+    faults_config = FaultConfig.friendly(slippage_points=NO_SLIP, **faults)
+    config = SimConfig(account=account, faults=faults_config)
     sim = SimTerminal(config, clock=lambda: NOW, state_path=state)
     assert sim.initialize()
     return sim
