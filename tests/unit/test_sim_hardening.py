@@ -104,6 +104,8 @@ def test_toml_preset_and_overrides(tmp_path: Path) -> None:
     assert faults == FaultConfig.friendly(dst_clock=True, comment_replace="")
     path.write_text("[faults]\ndeal_zero_rate = 0.5\n")
     assert SimConfig.from_toml(path).faults == FaultConfig(deal_zero_rate=0.5)
+    path.write_text("[symbols.EURUSD]\nrefused_fillings = [0]\n")
+    assert SimConfig.from_toml(path).symbols["EURUSD"].refused_fillings == (api.ORDER_FILLING_FOK,)
     path.write_text('[faults]\npreset = "nasty"\n')
     with pytest.raises(ValueError, match="nasty"):
         SimConfig.from_toml(path)

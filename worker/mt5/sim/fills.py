@@ -64,7 +64,7 @@ class Dealer:
             and self._faults.config.algo_off_returns_none
         ):
             # the terminal does not send it at all: a definite refusal, not an unknown outcome
-            raise CallFailed(api.RES_E_AUTO_TRADING_DISABLED, "Terminal: AutoTrading disabled")
+            raise CallFailed(api.RES_E_AUTO_TRADING_DISABLED, "Terminal: Autotrading disabled")
         req = Request(echo, book.next_request)
         book.next_request += 1
         if echo.action == api.TRADE_ACTION_REMOVE:

@@ -19,7 +19,8 @@ clock, filling by execution mode, the rarer retcodes...): every such behaviour i
 - :mod:`~worker.mt5.sim.market` symbols, Market Watch, ticks, trading hours
 - :mod:`~worker.mt5.sim.margin` balance, rates, margin, account figures, permissions
 - :mod:`~worker.mt5.sim.binding` what the Python binding refuses (None + last_error)
-- :mod:`~worker.mt5.sim.rules` the server's checks of an order (retcodes)
+- :mod:`~worker.mt5.sim.rules` the server's checks of an order
+- :mod:`~worker.mt5.sim.retcodes` retcodes and reply comments (incl. 10038, 10042-10046)
 - :mod:`~worker.mt5.sim.fills` execution, deals, positions (netting and hedging)
 - :mod:`~worker.mt5.sim.faults` injected faults and scripted outcomes
 - :mod:`~worker.mt5.sim.book` orders, deals, positions and their lookups
