@@ -64,8 +64,9 @@ class HardSim(SimTerminal):
         self.strict_select = False  # symbol_info answers None until symbol_select
 
     def switch_offset(self, seconds: int) -> None:
-        self._offset_ms = seconds * 1000
-        self._tick_cache.clear()
+        """The server's clock jumps to UTC + ``seconds`` (the simulator's run-time knob)."""
+        self.set_faults(clock_shift_seconds=seconds - self.config.server_utc_offset_seconds)
+        assert self.server_offset_seconds == seconds
 
     def _cut(self, items: tuple[T, ...] | None, function: str) -> tuple[T, ...] | None:
         if function in self.failing:
@@ -91,7 +92,7 @@ class HardSim(SimTerminal):
         return self._cut(super().history_deals_get(*args, **kwargs), "history_deals_get")
 
     def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
-        if self.strict_select and symbol not in self._selected:
+        if self.strict_select and symbol not in self._market.selected:
             self._fail(api.RES_E_NOT_FOUND, "Terminal: Not found")
             return None
         return super().symbol_info(symbol)
