@@ -23,11 +23,12 @@ from types import ModuleType
 import pytest
 
 from tests.native import core_double
-from tests.native.wheel import IndexUnreachable, WheelError, real_init
+from tests.native.wheel import IndexUnreachable, WheelError, real_wheel, unpack_init
 from worker.mt5 import api
 
 NAME = "MetaTrader5"
 _module: ModuleType | None = None
+_wheel: Path | None = None
 _failure: str | None = None
 
 
@@ -58,13 +59,14 @@ def load(init: Path) -> ModuleType:
 
 def metatrader5() -> ModuleType:
     """The real package over the double, or skip/fail by the rule above."""
-    global _failure, _module
+    global _failure, _module, _wheel
     if _module is not None:
         return _module
     if _failure is not None:
         pytest.fail(_failure, pytrace=False)
     try:
-        _module = load(real_init())
+        _wheel = real_wheel()
+        _module = load(unpack_init(_wheel))
         return _module
     except IndexUnreachable as exc:
         message = f"real {NAME} wheel unavailable, no package index answered: {exc}"
@@ -75,6 +77,13 @@ def metatrader5() -> ModuleType:
     except (WheelError, OSError, ImportError) as exc:
         _failure = f"real {NAME} wheel could not be used: {exc}"
         pytest.fail(_failure, pytrace=False)
+
+
+def wheel() -> Path:
+    """The wheel behind :func:`metatrader5` (skips or fails by the same rule)."""
+    metatrader5()
+    assert _wheel is not None
+    return _wheel
 
 
 def over(terminal: api.Terminal | None) -> ModuleType:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 PACKAGE = "MetaTrader5"
 INIT_MEMBER = "MetaTrader5/__init__.py"
+_CORE_MEMBER = r"MetaTrader5/_core\.[^/]*\.pyd"
 
 # What pip logs when it cannot reach an index at all (urllib3 retry warnings, resolver and
 # socket errors). A failure without any of these means an index answered: the package, the
@@ -111,8 +112,20 @@ def unpack_init(wheel: Path) -> Path:
     return target
 
 
-def real_init(folder: Path | None = None) -> Path:
-    """Path of the real ``__init__.py``; raises IndexUnreachable or WheelError."""
+def real_wheel(folder: Path | None = None) -> Path:
+    """The cached wheel, downloaded first if need be; raises IndexUnreachable or WheelError."""
     folder = folder or cache_dir()
     wheel = _cached_wheel(folder) if folder.is_dir() else None
-    return unpack_init(wheel or download(folder))
+    return wheel or download(folder)
+
+
+def binding_strings(wheel: Path) -> list[str]:
+    """The printable strings (4+ characters) of the compiled ``_core``, in file order: its
+    function signatures, error messages and result field names, to check the double by."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            [member] = [n for n in archive.namelist() if re.fullmatch(_CORE_MEMBER, n)]
+            binary = archive.read(member)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise WheelError(f"{wheel.name}: no readable compiled _core: {exc}") from exc
+    return [run.decode("ascii") for run in re.findall(rb"[\x20-\x7e]{4,}", binary)]

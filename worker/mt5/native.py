@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -64,6 +65,35 @@ def _many(kind: Callable[..., N], raw: Any) -> tuple[N, ...] | None:
     if raw is None:
         return None
     return tuple(convert(kind, item) for item in raw)
+
+
+# The binding reads a request dict field by field with exact C types: an int or a Decimal
+# where it wants a double is refused (None, last_error() (-2, 'Invalid "volume" argument')),
+# and a float where it wants an integer likewise (strings in _core of MetaTrader5 5.0.6231;
+# DOMAIN.md section 2). The other backends accept both, so the same request must work here.
+_FLOAT_FIELDS = frozenset({"volume", "price", "stoplimit", "sl", "tp"})
+_INT_FIELDS = frozenset(
+    {"action", "magic", "order", "deviation", "type", "type_filling", "type_time"}
+    | {"expiration", "position", "position_by"}
+)
+
+
+def binding_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """``request`` with the C types the binding accepts; only lossless conversions."""
+    converted = dict(request)
+    for key, value in request.items():
+        if isinstance(value, bool):
+            continue
+        if key in _FLOAT_FIELDS and isinstance(value, int | Decimal):
+            converted[key] = float(value)
+        elif key in _INT_FIELDS and isinstance(value, float | Decimal):
+            try:
+                whole = int(value)
+            except (ValueError, OverflowError):  # nan, inf: left for the binding to refuse
+                continue
+            if whole == value:
+                converted[key] = whole
+    return converted
 
 
 def load_module() -> ModuleType:
@@ -150,23 +180,23 @@ class NativeTerminal:
 
     def symbol_select(self, symbol: str, enable: bool = True) -> bool:
         with _MODULE_LOCK:
-            return bool(self._mt5.symbol_select(symbol, enable))
+            return bool(self._mt5.symbol_select(symbol, bool(enable)))
 
     def order_calc_margin(
         self, action: int, symbol: str, volume: float, price: float
     ) -> float | None:
         with _MODULE_LOCK:
-            raw = self._mt5.order_calc_margin(action, symbol, volume, price)
+            raw = self._mt5.order_calc_margin(int(action), symbol, float(volume), float(price))
         return None if raw is None else float(raw)
 
     def order_check(self, request: dict[str, Any]) -> api.OrderCheckResult | None:
         with _MODULE_LOCK:
-            raw = self._mt5.order_check(request)
+            raw = self._mt5.order_check(binding_request(request))
         return None if raw is None else convert(api.OrderCheckResult, raw)
 
     def order_send(self, request: dict[str, Any]) -> api.OrderSendResult | None:
         with _MODULE_LOCK:
-            raw = self._mt5.order_send(request)
+            raw = self._mt5.order_send(binding_request(request))
         return None if raw is None else convert(api.OrderSendResult, raw)
 
     def orders_get(
