@@ -55,8 +55,17 @@ def _cached_wheel(folder: Path) -> Path | None:
     return wheels[-1] if wheels else None
 
 
-def download(folder: Path, *, index_url: str | None = None, timeout: int = 30) -> Path:
-    """``pip download --platform win_amd64 --only-binary=:all: --no-deps MetaTrader5``."""
+def download(
+    folder: Path, *, index_url: str | None = None, isolated: bool = False, timeout: int = 30
+) -> Path:
+    """``pip download --platform win_amd64 --only-binary=:all: --no-deps MetaTrader5``.
+
+    ``isolated``: without the machine's pip configuration (its extra indexes, find-links).
+    """
+    env = dict(os.environ)
+    if isolated:
+        env = {key: value for key, value in env.items() if not key.startswith("PIP_")}
+        env["PIP_CONFIG_FILE"] = os.devnull
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as staging:
         command = [
@@ -80,7 +89,7 @@ def download(folder: Path, *, index_url: str | None = None, timeout: int = 30) -
         if index_url is not None:
             command += ["--index-url", index_url]
         command.append(PACKAGE)
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         log = (done.stdout + done.stderr).strip()
         wheels = sorted(Path(staging).glob("*.whl"))
         if done.returncode != 0 or not wheels:
