@@ -15,25 +15,22 @@ wheel lacks ``MetaTrader5/__init__.py``, the import fails) is always a failure.
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.conftest import in_ci
 from tests.native import core_double
-from tests.native.wheel import IndexUnreachable, WheelError, real_wheel, unpack_init
+from tests.native.wheel import IndexUnreachable, real_wheel, unpack_init
 from worker.mt5 import api
 
 NAME = "MetaTrader5"
 _module: ModuleType | None = None
 _wheel: Path | None = None
 _failure: str | None = None
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_skip: str | None = None  # remembered: pip is asked once per test session
 
 
 def load(init: Path) -> ModuleType:
@@ -59,22 +56,25 @@ def load(init: Path) -> ModuleType:
 
 def metatrader5() -> ModuleType:
     """The real package over the double, or skip/fail by the rule above."""
-    global _failure, _module, _wheel
+    global _failure, _module, _skip, _wheel
     if _module is not None:
         return _module
     if _failure is not None:
         pytest.fail(_failure, pytrace=False)
+    if _skip is not None:
+        pytest.skip(_skip)
     try:
         _wheel = real_wheel()
         _module = load(unpack_init(_wheel))
         return _module
     except IndexUnreachable as exc:
-        message = f"real {NAME} wheel unavailable, no package index answered: {exc}"
+        message = f"real {NAME} wheel unavailable: {exc}"
         if in_ci():
             _failure = f"{message}\n(CI=true: the native backend must run in CI)"
             pytest.fail(_failure, pytrace=False)
+        _skip = message
         pytest.skip(message)
-    except (WheelError, OSError, ImportError) as exc:
+    except Exception as exc:  # WheelError, a broken cache, an __init__.py that fails
         _failure = f"real {NAME} wheel could not be used: {exc}"
         pytest.fail(_failure, pytrace=False)
 

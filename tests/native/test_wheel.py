@@ -72,6 +72,7 @@ def unloaded(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """``package.metatrader5`` as if nothing were loaded yet (restored afterwards)."""
     monkeypatch.setattr(package, "_module", None)
     monkeypatch.setattr(package, "_failure", None)
+    monkeypatch.setattr(package, "_skip", None)
     yield
 
 
@@ -88,6 +89,7 @@ def test_no_index_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="no package index answered"):
         package.metatrader5()
+    monkeypatch.setattr(package, "_skip", None)
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="must run in CI"):
         package.metatrader5()

@@ -57,9 +57,11 @@ def terminal(request: pytest.FixtureRequest) -> Iterator[api.Terminal]:
             server=os.environ.get("MT5_SERVER"),
         ), backend.last_error()
     elif request.param == "native-sim":
+        from tests.native import core_double
         from tests.native.package import over
 
         backend = NativeTerminal(over(_sim()))
+        request.addfinalizer(lambda: core_double.bind(None))
         assert backend.initialize(), backend.last_error()
     elif request.param == "bridge":
         from worker.mt5.bridge.client import BridgeServer, BridgeTerminal
