@@ -7,6 +7,8 @@ Backends:
   simulator (tests/native/). Skipped only when no package index answers, and then failed
   under CI=true (tests/native/package.py).
 - ``bridge``: :class:`BridgeTerminal` over TCP to an in-process bridge server on the simulator.
+- ``bridge-native-sim``: the same bridge serving ``native-sim``, as ``bridge-serve`` serves
+  the real module on Windows.
 - ``native-live``: the real ``MetaTrader5`` module. Runs only on Windows with a running
   terminal logged in to a DEMO account, when ``MT5_CONTRACT_NATIVE=1`` is set (it places and
   closes a 0.01-lot EURUSD market order!). Optional ``MT5_CONTRACT_SYMBOL`` (default EURUSD),
@@ -30,7 +32,8 @@ from worker.mt5.sim.terminal import SimTerminal
 
 NATIVE_LIVE = sys.platform == "win32" and os.environ.get("MT5_CONTRACT_NATIVE") == "1"
 SYMBOL = os.environ.get("MT5_CONTRACT_SYMBOL", "EURUSD") if NATIVE_LIVE else "EURUSD"
-BACKENDS = ["sim", "native-sim", "bridge"] + (["native-live"] if NATIVE_LIVE else [])
+BACKENDS = ["sim", "native-sim", "bridge", "bridge-native-sim"]
+BACKENDS += ["native-live"] if NATIVE_LIVE else []
 COMMENT = "xwcontract"
 MAGIC = 26112599
 
@@ -40,6 +43,17 @@ def _sim() -> SimTerminal:
     sim = SimTerminal(clock=lambda: 1764064800.0 + (time.time() % 3600))
     assert sim.initialize()
     return sim
+
+
+def _native_sim(request: pytest.FixtureRequest) -> api.Terminal:
+    from tests.native import core_double
+    from tests.native.package import over
+    from worker.mt5.native import NativeTerminal
+
+    native = NativeTerminal(over(_sim()))
+    request.addfinalizer(lambda: core_double.bind(None))
+    assert native.initialize(), native.last_error()
+    return native
 
 
 @pytest.fixture(params=BACKENDS)
@@ -57,17 +71,13 @@ def terminal(request: pytest.FixtureRequest) -> Iterator[api.Terminal]:
             server=os.environ.get("MT5_SERVER"),
         ), backend.last_error()
     elif request.param == "native-sim":
-        from tests.native import core_double
-        from tests.native.package import over
-
-        backend = NativeTerminal(over(_sim()))
-        request.addfinalizer(lambda: core_double.bind(None))
-        assert backend.initialize(), backend.last_error()
-    elif request.param == "bridge":
+        backend = _native_sim(request)
+    elif request.param.startswith("bridge"):
         from worker.mt5.bridge.client import BridgeServer, BridgeTerminal
 
+        served = _native_sim(request) if request.param == "bridge-native-sim" else _sim()
         secret = secrets.token_hex(16)
-        server = BridgeServer(_sim(), secret.encode())
+        server = BridgeServer(served, secret.encode())
         host, port = server.start()
         request.addfinalizer(lambda: server.stop(timeout=5))
         backend = BridgeTerminal(f"{host}:{port}", secret, timeout=10)
