@@ -116,3 +116,16 @@ def test_failed_queries_are_none_with_last_error_not_empty(
     assert native.history_deals_get(ticket=1) is None
     assert native.last_error()[0] in api.CONNECTION_LOST_ERRORS
     assert native.terminal_info() is None
+
+
+def test_last_error_answers_for_this_terminals_last_call(
+    native: NativeTerminal, mt5: ModuleType
+) -> None:
+    # the module keeps one last_error() per process: a call made in between (another
+    # thread, a health check, another instance) must not overwrite this terminal's reason
+    assert native.order_send(_order(native, deviation=20.5)) is None
+    other = NativeTerminal(mt5)
+    assert other.symbol_info("EURUSD") is not None
+    assert mt5.last_error() == (api.RES_S_OK, "Success")
+    assert native.last_error() == (api.RES_E_INVALID_PARAMS, 'Invalid "deviation" argument')
+    assert other.last_error() == (api.RES_S_OK, "Success")
