@@ -241,6 +241,7 @@ def _is_bool(value: Any) -> bool:
 
 # --- connection ---------------------------------------------------------------------------
 _INIT_KEYWORDS: dict[str, type] = {
+    "path": str,
     "login": int,
     "password": str,
     "server": str,
@@ -261,7 +262,7 @@ def initialize(*args: Any, **kwargs: Any) -> bool:
     def body(terminal: api.Terminal) -> bool:
         if len(args) > 1:
             raise _Refusal("Invalid number of arguments")
-        if args and not isinstance(args[0], str):
+        if args and (not isinstance(args[0], str) or "path" in kwargs):
             raise _Refusal('Invalid "path" argument')
         return terminal.initialize(*args, **_init_kwargs(kwargs))
 
@@ -276,6 +277,8 @@ def login(*args: Any, **kwargs: Any) -> bool:
         if args:
             values["login"] = args[0]
         number = values.pop("login", None)
+        if "path" in values:
+            raise _Refusal('Invalid "path" argument')
         if not isinstance(number, int) or _is_bool(number):
             raise _Refusal('Invalid "login" argument')
         return terminal.login(number, **_init_kwargs(values))

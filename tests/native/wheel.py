@@ -56,7 +56,7 @@ def _cached_wheel(folder: Path) -> Path | None:
 
 
 def download(
-    folder: Path, *, index_url: str | None = None, isolated: bool = False, timeout: int = 30
+    folder: Path, *, index_url: str | None = None, isolated: bool = False, timeout: int = 15
 ) -> Path:
     """``pip download --platform win_amd64 --only-binary=:all: --no-deps MetaTrader5``.
 
