@@ -418,3 +418,33 @@ def test_the_drain_timeout_requeues_what_is_stuck(vhost_url: str, make_runtime: 
         settled_ready(vhost_url, REQUESTS_QUEUE, 1)
     finally:
         pipeline.release.set()
+
+
+def test_a_consumer_cancelled_by_the_broker_is_handled_like_a_lost_channel(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    """Issue 18 item 13: the queue deleted under the consumer (Basic.Cancel) must not leave
+    the worker "ready" with nothing arriving; it re-declares and consumes again."""
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    not_ready = threading.Event()
+    clear = runtime.consuming.clear
+
+    def record_clear() -> None:
+        clear()
+        not_ready.set()
+
+    runtime.consuming.clear = record_clear  # type: ignore[method-assign]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.channel.queue_delete(REQUESTS_QUEUE)
+        wait_until(not_ready.is_set, "readiness to drop after the broker's cancel")
+        wait_until(runtime.consuming.is_set, "the runtime to consume again")
+        side.channel.queue_declare(REQUESTS_QUEUE, passive=True)  # re-declared by the runtime
+        side.publish(b"{}", message_id="after-cancel")
+        got = side.take("observer", 1)
+    assert ids_of(got) == [str(execution_id("after-cancel"))]
+    assert runtime.stats.consumer_cancels == 1
+    assert running.stop() == EXIT_OK
+    assert pipeline.orders[execution_id("after-cancel")] == 1
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)

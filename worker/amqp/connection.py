@@ -160,6 +160,7 @@ class Connection:
     def _on_channel_open(self, channel: Any) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled_by_broker)
         self._publisher = ConfirmingPublisher(channel, on_ready=self._declare)
 
     def _declare(self) -> None:
@@ -178,6 +179,22 @@ class Connection:
         self._reconnect_delay = self._options.reconnect_min_delay_seconds
         self._consuming.set()
         log.info("consuming %s (prefetch %d)", REQUESTS_QUEUE, self._options.prefetch)
+
+    def _on_cancelled_by_broker(self, _frame: Any) -> None:
+        """Basic.Cancel from the broker (queue deleted, failover): nothing arrives any more.
+
+        Handled like a lost channel: readiness drops at once, the channel is closed (its
+        deliveries are redelivered, their late results dropped as stale), and the reconnect
+        re-declares the topology and consumes again. pika calls this only for a cancel the
+        broker started, not for the answer to our own ``basic_cancel`` (pika
+        ``Channel.add_on_cancel_callback``)."""
+        self._consuming.clear()
+        self._stats.consumer_cancels += 1
+        if self.closing or self._stopping():
+            return
+        log.warning("the broker cancelled the consumer on %s; reconnecting", REQUESTS_QUEUE)
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
 
     def _on_channel_closed(self, _channel: Any, reason: BaseException) -> None:
         declaring = self._declaring

@@ -46,3 +46,4 @@ class RuntimeStats:
     stale_results: int = 0
     outbox_republished: int = 0
     connections: int = 0
+    consumer_cancels: int = 0  # Basic.Cancel from the broker
