@@ -17,6 +17,7 @@ from dataclasses import replace
 import pika
 import pika.exceptions
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.test_amqp_support import (
     Running,
@@ -44,6 +45,7 @@ from worker.execution.outcome import (
     Publish,
     Requeue,
 )
+from worker.observability import metrics
 
 NAMESPACE = uuid.UUID("0b3c3f4e-2f1a-4c55-9d0e-6b1f0a7e5c21")
 OPTIONS = RuntimeOptions(
@@ -448,3 +450,28 @@ def test_a_consumer_cancelled_by_the_broker_is_handled_like_a_lost_channel(
     assert running.stop() == EXIT_OK
     assert pipeline.orders[execution_id("after-cancel")] == 1
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_the_heartbeat_refreshes_the_callback_gauges(vhost_url: str, make_runtime: Factory) -> None:
+    """Issue 18 item 12: a ``run --processes N`` child serves no /metrics, so only its own
+    loop can set the session and outbox gauges; nobody calls ``metrics.refresh`` here."""
+    metrics.clear_state_readers()
+    metrics.OUTBOX_BACKLOG.set(0)
+    metrics.SESSIONS_IN_USE.set(0)
+    backlog = [7]
+    metrics.register_outbox_state(lambda: metrics.OutboxState(backlog[0], 1.5))
+    metrics.register_pool_state(lambda: metrics.PoolState(size=3, in_use=2, unhealthy=0))
+    try:
+        runtime, _, _ = make_runtime()
+        running = Running(runtime).start()
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 7, "the outbox gauge")
+        wait_until(lambda: gauge("execution_worker_sessions_in_use") == 2, "the session gauge")
+        backlog[0] = 11  # and it keeps refreshing (every metrics_refresh_seconds, 5 s)
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 11, "a later refresh")
+        assert running.stop() == EXIT_OK
+    finally:
+        metrics.clear_state_readers()
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)

@@ -18,6 +18,7 @@ class RuntimeOptions:
     sweep_limit: int = 500
     reconnect_min_delay_seconds: float = 0.5
     reconnect_max_delay_seconds: float = 30.0
+    metrics_refresh_seconds: float = 5.0  # the callback gauges, refreshed on the heartbeat
     connection_name: str = field(default_factory=lambda: f"execution-worker pid={os.getpid()}")
 
     @classmethod

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,7 @@ from worker.amqp.outbox import Confirmations, confirmation_properties
 from worker.amqp.publisher import ConfirmingPublisher
 from worker.config import Settings
 from worker.execution.outcome import DeadLetter, Handler, Outbox, Outcome, Publish, Requeue
+from worker.observability import metrics
 
 __all__ = [
     "EXIT_ACCESS_REFUSED",
@@ -101,6 +103,9 @@ class AmqpRuntime:
         self._stopping = False
         self._drain_timer: Any = None
         self._workers: Threads | None = None
+        self._metrics: Threads | None = None
+        self._refreshing = False
+        self._next_refresh = 0.0
         self._deliveries = Deliveries(
             self._loop,
             options,
@@ -140,6 +145,7 @@ class AmqpRuntime:
         """Block until stopped (exit 0) or a fatal broker error (77, 78)."""
         self._loop.open()
         self._workers = Threads(self._options.prefetch, "handler")
+        self._metrics = Threads(1, "metrics")
         self._confirmations.start()
         self._loop.post(self._connection.connect)
         if self._stop_requested:
@@ -151,6 +157,7 @@ class AmqpRuntime:
         finally:
             self._loop.close()
             self._workers.close()
+            self._metrics.close()
             self._confirmations.close()
         return self._connection.exit_code
 
@@ -164,7 +171,31 @@ class AmqpRuntime:
     def _heartbeat(self) -> None:
         if self._beat is not None:
             self._beat()
+        self._refresh_metrics()
         self._loop.call_later(1.0, self._heartbeat)
+
+    def _refresh_metrics(self) -> None:
+        """Set the callback gauges (sessions, outbox backlog) from this process.
+
+        A ``run --processes N`` child serves no ``/metrics`` of its own, so no scrape ever
+        refreshes them there. The readers query the pool and the database: they run on
+        their own thread, one refresh at a time, never on the IO thread."""
+        now = time.monotonic()
+        if self._refreshing or now < self._next_refresh or self._metrics is None:
+            return
+        self._refreshing = True
+        self._next_refresh = now + self._options.metrics_refresh_seconds
+
+        def refresh() -> None:
+            try:
+                metrics.refresh()
+            finally:
+                self._loop.post(self._on_metrics_refreshed)
+
+        self._metrics.submit(refresh)
+
+    def _on_metrics_refreshed(self) -> None:
+        self._refreshing = False
 
     def _on_channel_ready(self, channel: Any, publisher: ConfirmingPublisher) -> None:
         self._deliveries.attach(channel, publisher)
