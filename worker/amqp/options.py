@@ -16,6 +16,8 @@ class RuntimeOptions:
     requeue_delay_seconds: float = 1.0
     sweep_interval_seconds: float = 10.0
     sweep_limit: int = 500
+    outbox_backoff_seconds: float = 10.0  # a refused confirmation waits 10 s, 20 s, 40 s...
+    outbox_backoff_max_seconds: float = 300.0  # ... at most 5 min (parked requests wait too)
     reconnect_min_delay_seconds: float = 0.5
     reconnect_max_delay_seconds: float = 30.0
     metrics_refresh_seconds: float = 5.0  # the callback gauges, refreshed on the heartbeat
@@ -46,5 +48,6 @@ class RuntimeStats:
     reply_returned: int = 0
     stale_results: int = 0
     outbox_republished: int = 0
+    sweeps: int = 0  # outbox sweeps whose publishes all have their outcome
     connections: int = 0
     consumer_cancels: int = 0  # Basic.Cancel from the broker

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
 import pika
@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 
 MARK_BATCH_SIZE = 200
 MARK_FLUSH_SECONDS = 0.2
+
+
+@runtime_checkable
+class BackoffOutbox(Protocol):
+    """An outbox that backs off the confirmations the broker refused (``Store``)."""
+
+    def mark_failed(
+        self,
+        execution_ids: Sequence[UUID],
+        *,
+        backoff_seconds: float,
+        max_backoff_seconds: float,
+    ) -> None: ...
 
 
 def confirmation_properties(publish: Publish) -> pika.BasicProperties:
@@ -65,6 +78,9 @@ class Confirmations:
         self._publisher: ConfirmingPublisher | None = None
         self._publishing: set[UUID] = set()
         self._to_mark: list[UUID] = []
+        self._to_fail: list[UUID] = []
+        # an outbox that records refused publishes backs them off (the store does)
+        self._backoff = outbox if isinstance(outbox, BackoffOutbox) else None
         self._mark_timer: Any = None
         self._sweeping = False
         self._db: Threads | None = None
@@ -99,8 +115,11 @@ class Confirmations:
         publish: Publish,
         on_confirmed: Callable[[], None] | None,
         on_failed: InFlight | None,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
-        """Publish to ``execution.confirmations`` (and reply_to); park ``on_failed`` if refused."""
+        """Publish to ``execution.confirmations`` (and reply_to); park ``on_failed`` if refused.
+
+        ``on_done`` runs once the outcome is known, whatever it is (after the rest)."""
         assert self._publisher is not None
         execution_id = publish.execution_id
         epoch = self._deliveries.epoch
@@ -110,31 +129,10 @@ class Confirmations:
 
         def done(result: PublishResult) -> None:
             self._publishing.discard(execution_id)
-            if epoch != self._deliveries.epoch:
-                return
-            if result is PublishResult.CONFIRMED:
-                metrics.observe_stage("publish", time.perf_counter() - started)
-                self._stats.confirmations_published += 1
-                self._mark(execution_id)
-                self._deliveries.confirmed(execution_id)
-                if on_confirmed is not None:
-                    on_confirmed()
-            elif result is not PublishResult.LOST:
-                if result is PublishResult.RETURNED:
-                    self._stats.returned += 1
-                else:
-                    self._stats.nacked += 1
-                # the sweep retries every interval: warn once, on the live path
-                log.log(
-                    logging.WARNING if on_failed is not None else logging.DEBUG,
-                    "confirmation %s %s by the broker (routing key %s); the outbox retries it",
-                    execution_id,
-                    result.value,
-                    publish.routing_key,
-                )
-                if on_failed is not None:
-                    self._deliveries.park(execution_id, on_failed)
-            self._on_result()
+            if epoch == self._deliveries.epoch:
+                self._on_publish_result(publish, result, started, on_confirmed, on_failed)
+            if on_done is not None:
+                on_done()
 
         self._publisher.publish(
             CONFIRMATIONS_EXCHANGE,
@@ -153,6 +151,40 @@ class Confirmations:
                 mandatory=True,
                 on_result=lambda result: self._on_reply_result(publish, result),
             )
+
+    def _on_publish_result(
+        self,
+        publish: Publish,
+        result: PublishResult,
+        started: float,
+        on_confirmed: Callable[[], None] | None,
+        on_failed: InFlight | None,
+    ) -> None:
+        execution_id = publish.execution_id
+        if result is PublishResult.CONFIRMED:
+            metrics.observe_stage("publish", time.perf_counter() - started)
+            self._stats.confirmations_published += 1
+            self._mark(execution_id)
+            self._deliveries.confirmed(execution_id)
+            if on_confirmed is not None:
+                on_confirmed()
+        elif result is not PublishResult.LOST:
+            if result is PublishResult.RETURNED:
+                self._stats.returned += 1
+            else:
+                self._stats.nacked += 1
+            self._fail(execution_id)
+            # the sweep retries it (with backoff): warn once, on the live path
+            log.log(
+                logging.WARNING if on_failed is not None else logging.DEBUG,
+                "confirmation %s %s by the broker (routing key %s); the outbox retries it",
+                execution_id,
+                result.value,
+                publish.routing_key,
+            )
+            if on_failed is not None:
+                self._deliveries.park(execution_id, on_failed)
+        self._on_result()
 
     def _on_reply_result(self, publish: Publish, result: PublishResult) -> None:
         if result in (PublishResult.RETURNED, PublishResult.NACKED):
@@ -191,42 +223,84 @@ class Confirmations:
     def _on_swept(
         self, epoch: int, items: Sequence[Publish], then: Callable[[], None] | None
     ) -> None:
-        self._sweeping = False
         if epoch != self._deliveries.epoch:
+            self._sweeping = False
             return  # swept for a channel that is gone; the new one sweeps for itself
-        if self._publisher is not None:
-            for publish in items:
-                if publish.execution_id in self._publishing:
-                    continue  # the live path is publishing it right now
+        due = [p for p in items if p.execution_id not in self._publishing]  # else live path has it
+        if self._publisher is None or not due:
+            self._end_sweep()
+        else:
+            left = [len(due)]
+
+            def one_done() -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._end_sweep()
+
+            for publish in due:
                 self._stats.outbox_republished += 1
-                self.publish(publish, on_confirmed=None, on_failed=None)
-            if items:
-                log.info("outbox: republished %d confirmation(s)", len(items))
+                self.publish(publish, on_confirmed=None, on_failed=None, on_done=one_done)
+            log.info("outbox: republished %d confirmation(s)", len(due))
         if then is not None:
             then()
+
+    def _end_sweep(self) -> None:
+        """Every publish of the sweep has its outcome. Its marks are written before the next
+        sweep reads (one database thread, in order), so that sweep sees the backoff of every
+        row this one retried in vain and takes the rows due after them."""
+        self._sweeping = False
+        self._stats.sweeps += 1
+        self.flush_marks()
 
     # ----------------------------------------------------------------- published marks
 
     def _mark(self, execution_id: UUID) -> None:
         self._to_mark.append(execution_id)
-        if len(self._to_mark) >= MARK_BATCH_SIZE:
+        self._flush_soon(len(self._to_mark))
+
+    def _fail(self, execution_id: UUID) -> None:
+        if self._backoff is not None:
+            self._to_fail.append(execution_id)
+            self._flush_soon(len(self._to_fail))
+
+    def _flush_soon(self, batch: int) -> None:
+        if batch >= MARK_BATCH_SIZE:
             self.flush_marks()
         elif self._mark_timer is None:
             self._mark_timer = self._loop.call_later(MARK_FLUSH_SECONDS, self.flush_marks)
 
     def flush_marks(self) -> None:
+        """Write the published and failed marks gathered so far (database thread)."""
         if self._mark_timer is not None:
             self._loop.remove_timeout(self._mark_timer)
         self._mark_timer = None
-        batch, self._to_mark = self._to_mark, []
-        if not batch or self._db is None:
+        published, self._to_mark = self._to_mark, []
+        failed, self._to_fail = self._to_fail, []
+        if self._db is None:
             return
+        if published:
 
-        def write() -> None:
-            try:
-                self._outbox.mark_published(batch)
-            except Exception as exc:
-                # harmless: the sweep publishes these again (same message_id)
-                log.warning("outbox mark_published failed: %s", type(exc).__name__)
+            def write() -> None:
+                try:
+                    self._outbox.mark_published(published)
+                except Exception as exc:
+                    # harmless: the sweep publishes these again (same message_id)
+                    log.warning("outbox mark_published failed: %s", type(exc).__name__)
 
-        self._db.submit(write)
+            self._db.submit(write)
+        if failed and self._backoff is not None:
+            backoff = self._backoff
+            options = self._options
+
+            def write_failed() -> None:
+                try:
+                    backoff.mark_failed(
+                        failed,
+                        backoff_seconds=options.outbox_backoff_seconds,
+                        max_backoff_seconds=options.outbox_backoff_max_seconds,
+                    )
+                except Exception as exc:
+                    # harmless: these rows are retried without waiting
+                    log.warning("outbox mark_failed failed: %s", type(exc).__name__)
+
+            self._db.submit(write_failed)
