@@ -90,7 +90,7 @@ class Confirmations:
         self._db = Threads(1, "outbox")
 
     def close(self) -> None:
-        """Let the last mark_published batch reach the database (bounded wait)."""
+        """Let the last batch of marks reach the database (bounded wait)."""
         if self._db is not None:
             self._db.close(wait_seconds=5.0)
 
@@ -104,11 +104,6 @@ class Confirmations:
     def in_flight(self) -> int:
         """Publishes (confirmations, reply copies, dead letters) waiting for their confirm."""
         return self._publisher.in_flight if self._publisher is not None else 0
-
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the outbox's database thread."""
-        if self._db is not None:
-            self._db.submit(job)
 
     def publish(
         self,
