@@ -17,6 +17,7 @@ from dataclasses import replace
 import pika
 import pika.exceptions
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.test_amqp_support import (
     Running,
@@ -44,6 +45,7 @@ from worker.execution.outcome import (
     Publish,
     Requeue,
 )
+from worker.observability import metrics
 
 NAMESPACE = uuid.UUID("0b3c3f4e-2f1a-4c55-9d0e-6b1f0a7e5c21")
 OPTIONS = RuntimeOptions(
@@ -418,3 +420,58 @@ def test_the_drain_timeout_requeues_what_is_stuck(vhost_url: str, make_runtime: 
         settled_ready(vhost_url, REQUESTS_QUEUE, 1)
     finally:
         pipeline.release.set()
+
+
+def test_a_consumer_cancelled_by_the_broker_is_handled_like_a_lost_channel(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    """Issue 18 item 13: the queue deleted under the consumer (Basic.Cancel) must not leave
+    the worker "ready" with nothing arriving; it re-declares and consumes again."""
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    not_ready = threading.Event()
+    clear = runtime.consuming.clear
+
+    def record_clear() -> None:
+        clear()
+        not_ready.set()
+
+    runtime.consuming.clear = record_clear  # type: ignore[method-assign]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.channel.queue_delete(REQUESTS_QUEUE)
+        wait_until(not_ready.is_set, "readiness to drop after the broker's cancel")
+        wait_until(runtime.consuming.is_set, "the runtime to consume again")
+        side.channel.queue_declare(REQUESTS_QUEUE, passive=True)  # re-declared by the runtime
+        side.publish(b"{}", message_id="after-cancel")
+        got = side.take("observer", 1)
+    assert ids_of(got) == [str(execution_id("after-cancel"))]
+    assert runtime.stats.consumer_cancels == 1
+    assert running.stop() == EXIT_OK
+    assert pipeline.orders[execution_id("after-cancel")] == 1
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_the_heartbeat_refreshes_the_callback_gauges(vhost_url: str, make_runtime: Factory) -> None:
+    """Issue 18 item 12: a ``run --processes N`` child serves no /metrics, so only its own
+    loop can set the session and outbox gauges; nobody calls ``metrics.refresh`` here."""
+    metrics.clear_state_readers()
+    metrics.OUTBOX_BACKLOG.set(0)
+    metrics.SESSIONS_IN_USE.set(0)
+    backlog = [7]
+    metrics.register_outbox_state(lambda: metrics.OutboxState(backlog[0], 1.5))
+    metrics.register_pool_state(lambda: metrics.PoolState(size=3, in_use=2, unhealthy=0))
+    try:
+        runtime, _, _ = make_runtime()
+        running = Running(runtime).start()
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 7, "the outbox gauge")
+        wait_until(lambda: gauge("execution_worker_sessions_in_use") == 2, "the session gauge")
+        backlog[0] = 11  # and it keeps refreshing (every metrics_refresh_seconds, 5 s)
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 11, "a later refresh")
+        assert running.stop() == EXIT_OK
+    finally:
+        metrics.clear_state_readers()
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)

@@ -89,7 +89,7 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
         yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
@@ -163,6 +163,8 @@ def test_the_worker_role_runs_the_real_pipeline(
     assert {p.execution_id for p in pending} == {
         o.execution_id for o in outcomes.values() if isinstance(o, Publish)
     }
+    store.mark_failed([pending[0].execution_id])  # refused by the broker: backs off
+    assert pending[0].execution_id not in {p.execution_id for p in store.unpublished(10)}
     store.mark_published([p.execution_id for p in pending])
     assert store.unpublished(10) == [] and store.outbox_backlog()[0] == 0
     assert store.ping()

@@ -393,8 +393,8 @@ class Store:
         with self.connection() as conn:
             rows = conn.execute(
                 "SELECT execution_id, routing_key, payload, correlation_id, reply_to"
-                " FROM execution.outbox WHERE published_at IS NULL"
-                " ORDER BY created_at LIMIT %s",
+                " FROM execution.outbox WHERE published_at IS NULL AND next_attempt_at <= now()"
+                " ORDER BY next_attempt_at, created_at LIMIT %s",
                 (limit,),
             ).fetchall()
         return [Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4]) for row in rows]
@@ -411,6 +411,28 @@ class Store:
                 "UPDATE execution.outbox SET published_at = now()"
                 " WHERE execution_id = ANY(%s) AND published_at IS NULL",
                 (list(execution_ids),),
+            )
+
+    def mark_failed(
+        self,
+        execution_ids: Sequence[UUID],
+        *,
+        backoff_seconds: float = 10.0,
+        max_backoff_seconds: float = 300.0,
+    ) -> None:
+        """The broker refused these confirmations (returned or nacked): try them again after
+        ``backoff_seconds * 2**attempts`` (at most ``max_backoff_seconds``), so the sweep
+        takes the rows that are due first and never retries the same refused ones forever."""
+        if not execution_ids:
+            return
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")  # like mark_published
+            conn.execute(
+                "UPDATE execution.outbox SET attempts = attempts + 1,"
+                " next_attempt_at = now() + make_interval(secs =>"
+                " least(%s, %s * power(2, least(attempts, 30))))"
+                " WHERE execution_id = ANY(%s) AND published_at IS NULL",
+                (max_backoff_seconds, backoff_seconds, list(execution_ids)),
             )
 
     def outbox_backlog(self) -> tuple[int, float]:
