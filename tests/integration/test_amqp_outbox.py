@@ -16,7 +16,8 @@ import pytest
 
 from schemas.identity import comment_token_for
 from tests.integration.test_amqp_support import Running, broker, ids_of, wait_until
-from worker.amqp.runtime import EXIT_OK, AmqpRuntime, RuntimeOptions
+from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
+from worker.errors import ExitCode
 from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
 from worker.store.store import Store
 
@@ -98,7 +99,7 @@ def test_old_unroutable_confirmations_do_not_starve_a_routable_one(
         first = AmqpRuntime(url, _no_requests, store, OPTIONS)
         running = Running(first).start()
         wait_until(lambda: first.stats.returned == OPTIONS.sweep_limit, "sweep 1's returns")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
         assert side.drain("observer") == []
 
         # sweep 2: the 100 older rows left, and the routable one
@@ -107,7 +108,7 @@ def test_old_unroutable_confirmations_do_not_starve_a_routable_one(
         got = side.take("observer", 1)
         assert ids_of(got) == [str(routable)]
         wait_until(lambda: second.stats.returned == 100, "sweep 2's returns")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
 
     assert first.stats.confirmations_published == 0
     assert second.stats.confirmations_published == 1

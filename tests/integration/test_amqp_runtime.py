@@ -29,7 +29,7 @@ from tests.integration.test_amqp_support import (
     settled_ready,
     wait_until,
 )
-from worker.amqp.runtime import EXIT_OK, EXIT_TOPOLOGY_MISMATCH, AmqpRuntime, RuntimeOptions
+from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -37,6 +37,7 @@ from worker.amqp.topology import (
     REQUESTS_QUEUE,
     requests_queue_arguments,
 )
+from worker.errors import ExitCode
 from worker.execution.outcome import (
     CONFIRMATION_SCHEMA_HEADER,
     DeadLetter,
@@ -161,7 +162,7 @@ def make_runtime(vhost_url: str) -> Iterator[Factory]:
 def test_topology_is_declared_idempotently(vhost_url: str, make_runtime: Factory) -> None:
     for _ in range(2):
         runtime, _, _ = make_runtime()
-        assert Running(runtime).start().stop() == EXIT_OK
+        assert Running(runtime).start().stop() == ExitCode.OK
     with broker(vhost_url) as side:
         ch = side.channel
         # re-declaring with the contract's arguments is accepted: they are what exists
@@ -180,7 +181,7 @@ def test_a_queue_with_other_arguments_is_a_one_line_error(
     with broker(vhost_url) as side:
         side.declare_queue(REQUESTS_QUEUE)  # classic, no delivery limit
     runtime, _, _ = make_runtime()
-    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert Running(runtime).start(wait_consuming=False).join() == ExitCode.TOPOLOGY_MISMATCH
     assert runtime.error is not None
     assert "\n" not in runtime.error
     assert "queue 'execution.requests' exists with a different x-" in runtime.error
@@ -194,7 +195,7 @@ def test_a_different_delivery_limit_names_both_values(
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9)
         )
     runtime, _, _ = make_runtime()
-    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert Running(runtime).start(wait_consuming=False).join() == ExitCode.TOPOLOGY_MISMATCH
     assert runtime.error == (
         "queue 'execution.requests' exists with a different x-delivery-limit: the worker "
         "declares 3, the existing queue has 9; set DELIVERY_LIMIT to the existing value, "
@@ -218,7 +219,7 @@ def test_confirmations_are_published_then_requests_acked(
         got = side.take("observer", 6)
         replies = side.take("rpm.replies", 1)
         wait_until(lambda: outbox.published == {execution_id(m) for m in ids}, "marks")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
     assert sorted(m.properties.message_id for m in got) == sorted(str(execution_id(m)) for m in ids)
     for message in got:
         assert message.routing_key == "confirmation.filled.EURUSD"
@@ -251,7 +252,7 @@ def test_an_unroutable_confirmation_keeps_its_request_until_the_outbox_delivers_
         wait_until(lambda: runtime.stats.acked == 1, "the parked request's ack")
     assert got[0].properties.message_id == str(execution_id("order-unroutable"))
     wait_until(lambda: outbox.published == {execution_id("order-unroutable")}, "the mark")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert runtime.stats.requeued == 0
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
@@ -267,7 +268,7 @@ def test_a_vanished_reply_queue_does_not_block_the_ack(
         side.take("observer", 1)
         wait_until(lambda: runtime.stats.acked == 1, "the ack")
     assert runtime.stats.reply_returned == 1
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
 
@@ -286,7 +287,7 @@ def test_dead_letter_outcome_keeps_body_and_properties_with_the_reason(
     assert headers["x-rejection-details"] == "neither order_id nor message_id"
     assert headers["k"] == "v"
     assert dead[0].properties.content_type == "application/json"
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
 
@@ -297,7 +298,7 @@ def test_requeue_redelivers_with_the_delivery_count(vhost_url: str, make_runtime
         side.bind_confirmations("observer")
         side.publish(b"{}", message_id="order-q", headers={"test-action": "requeue-once"})
         side.take("observer", 1)
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     first, second = pipeline.seen
     assert (first.redelivered, first.delivery_count) == (False, None)
     assert (second.redelivered, second.delivery_count) == (True, 1)
@@ -316,7 +317,7 @@ def test_a_handler_that_raises_is_dead_lettered_by_the_delivery_limit(
         # the worker survived: the next message is executed normally
         side.publish(b"{}", message_id="healthy")
         confirmed = side.take("observer", 1)
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert dead[0].properties.message_id == "poison"
     assert runtime.stats.handler_errors == 3  # first delivery + delivery limit of 2
     assert ids_of(confirmed) == [str(execution_id("healthy"))]
@@ -333,7 +334,7 @@ def test_the_outbox_is_swept_at_start_up(vhost_url: str, make_runtime: Factory) 
         running = Running(runtime).start()
         got = side.take("observer", 3)
         wait_until(lambda: len(outbox.published) == 3, "marks")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert sorted(ids_of(got)) == sorted(str(p.execution_id) for p in left_over)
 
 
@@ -360,7 +361,7 @@ def test_broker_loss_mid_stream_loses_and_doubles_nothing(
 
         wait_until(all_confirmed, "every confirmation")
     wait_until(lambda: outbox.unpublished(100) == [], "the outbox to drain")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     # every request confirmed and acked; copies (same message_id) are allowed, orders not
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
     assert set(pipeline.orders.values()) == {1}
@@ -382,7 +383,7 @@ def test_a_result_from_a_dead_channel_is_not_acked_on_the_new_one(
     wait_until(lambda: runtime.stats.acked == 1, "the redelivery's ack")
     pipeline.release.set()
     wait_until(lambda: runtime.stats.stale_results == 1, "the stale result")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert runtime.stats.acked == 1
     assert pipeline.seen[1].redelivered
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
@@ -401,7 +402,7 @@ def test_stop_finishes_in_flight_messages_and_leaves_the_rest_queued(
         runtime.stop()
         wait_until(lambda: not runtime.consuming.is_set(), "the consumer to stop")
         pipeline.release.set()
-        assert running.join() == EXIT_OK
+        assert running.join() == ExitCode.OK
         confirmed = side.drain("observer")
     assert len(confirmed) == 2
     assert runtime.stats.acked == 2
@@ -415,7 +416,7 @@ def test_the_drain_timeout_requeues_what_is_stuck(vhost_url: str, make_runtime: 
         with broker(vhost_url) as side:
             side.publish(b"{}", message_id="order-stuck", headers={"test-action": "block"})
         wait_until(lambda: pipeline.started() == 1, "the delivery")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
         assert runtime.stats.requeued == 1
         settled_ready(vhost_url, REQUESTS_QUEUE, 1)
     finally:
@@ -447,7 +448,7 @@ def test_a_consumer_cancelled_by_the_broker_is_handled_like_a_lost_channel(
         got = side.take("observer", 1)
     assert ids_of(got) == [str(execution_id("after-cancel"))]
     assert runtime.stats.consumer_cancels == 1
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert pipeline.orders[execution_id("after-cancel")] == 1
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
@@ -468,7 +469,7 @@ def test_the_heartbeat_refreshes_the_callback_gauges(vhost_url: str, make_runtim
         wait_until(lambda: gauge("execution_worker_sessions_in_use") == 2, "the session gauge")
         backlog[0] = 11  # and it keeps refreshing (every metrics_refresh_seconds, 5 s)
         wait_until(lambda: gauge("execution_worker_outbox_backlog") == 11, "a later refresh")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
     finally:
         metrics.clear_state_readers()
 

@@ -29,13 +29,11 @@ from worker.amqp.topology import (
     describe_mismatch,
 )
 from worker.config import mask_url
+from worker.errors import ExitCode
 from worker.observability import metrics
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_ACCESS_REFUSED = 77  # wrong credentials or vhost: retrying cannot help
-EXIT_TOPOLOGY_MISMATCH = 78  # an existing queue has other arguments
 
 OnMessage = Callable[[Any, Any, Any, bytes], None]
 
@@ -71,7 +69,7 @@ class Connection:
         self._on_lost = on_lost
         self._on_closed = on_closed
         self.closing = False  # closing on purpose (drained, or fatal): no reconnect
-        self.exit_code = EXIT_OK
+        self.exit_code = ExitCode.OK
         self.error: str | None = None
         self._connection: Any = None
         self._channel: Any = None
@@ -132,7 +130,9 @@ class Connection:
             error,
             pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError,
         ):
-            self._fatal(EXIT_ACCESS_REFUSED, f"RabbitMQ refused access at {mask_url(self._url)}")
+            self._fatal(
+                ExitCode.ACCESS_REFUSED, f"RabbitMQ refused access at {mask_url(self._url)}"
+            )
             return
         log.warning("cannot connect to RabbitMQ: %s", type(error).__name__)
         self._schedule_reconnect()
@@ -205,7 +205,7 @@ class Connection:
             and reason.reply_code == PRECONDITION_FAILED
         ):
             message = describe_mismatch(reason.reply_text)
-            self._fatal(EXIT_TOPOLOGY_MISMATCH, str(TopologyMismatch(message)))
+            self._fatal(ExitCode.TOPOLOGY_MISMATCH, str(TopologyMismatch(message)))
             return
         connection = self._connection
         if connection is not None and connection.is_open:
@@ -226,7 +226,7 @@ class Connection:
 
     # ----------------------------------------------------------------- exits
 
-    def _fatal(self, code: int, message: str) -> None:
+    def _fatal(self, code: ExitCode, message: str) -> None:
         self.error = message
         self.exit_code = code
         log.error("%s", message)

@@ -38,9 +38,6 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.amqp.connection import (
-    EXIT_ACCESS_REFUSED,
-    EXIT_OK,
-    EXIT_TOPOLOGY_MISMATCH,
     Connection,
 )
 from worker.amqp.deliveries import (
@@ -61,9 +58,6 @@ from worker.execution.outcome import DeadLetter, Handler, Outbox, Outcome, Publi
 from worker.observability import metrics
 
 __all__ = [
-    "EXIT_ACCESS_REFUSED",
-    "EXIT_OK",
-    "EXIT_TOPOLOGY_MISMATCH",
     "REJECTION_DETAILS_HEADER",
     "REJECTION_REASON_HEADER",
     "AmqpRuntime",
