@@ -128,6 +128,41 @@ static_kustomize() {
   done
 }
 
+# Every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate, strict,
+# 1.31: unhealthyPodEvictionPolicy is GA there), and KEDA's objects against the CRDs' own
+# schemas when KEDA_CRD_DIR points at KEDA's config/crd/bases (keda.sh_*.yaml).
+KEDA_CHECK='
+import glob, os, sys, yaml, jsonschema
+schemas = {}
+for path in glob.glob(os.path.join(os.environ["KEDA_CRD_DIR"], "*.yaml")):
+    crd = yaml.safe_load(open(path))
+    for version in crd["spec"]["versions"]:
+        schemas[(crd["spec"]["names"]["kind"], version["name"])] = version["schema"]["openAPIV3Schema"]
+checked = 0
+for doc in yaml.safe_load_all(sys.stdin):
+    if doc and doc["apiVersion"].startswith("keda.sh/"):
+        jsonschema.validate(doc, schemas[(doc["kind"], doc["apiVersion"].split("/")[1])])
+        checked += 1
+print(checked)
+'
+static_schemas() {
+  local dir out
+  if ! "$PY" -c 'import kubernetes_validate' 2>/dev/null; then
+    "$PY" -m pip install -q kubernetes-validate >/dev/null 2>&1 || { say "cannot install kubernetes-validate"; return 1; }
+  fi
+  out=$(mktemp)
+  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production; do
+    kubectl kustomize "$dir" >"$out"
+    "$PY" -m kubernetes_validate --strict --quiet -k 1.31.0 "$out" deploy/k8s/base/hpa.yaml |
+      grep -v "Couldn't find schema for kind \(ScaledObject\|TriggerAuthentication\)" && { rm -f "$out"; return 1; }
+    if [ -n "${KEDA_CRD_DIR:-}" ]; then
+      say "$dir: $(KEDA_CRD_DIR=$KEDA_CRD_DIR "$PY" -c "$KEDA_CHECK" <"$out") KEDA object(s) match KEDA's CRD schemas"
+    fi
+  done
+  rm -f "$out"
+  say "the rendered manifests match the Kubernetes 1.31 schemas (strict)"
+}
+
 # --- 2. images --------------------------------------------------------------------------------
 
 find_mirror() {
@@ -367,6 +402,9 @@ else
 fi
 if have kubectl; then
   step "kustomize" static_kustomize
+  step "kubernetes schemas" static_schemas
+  [ -n "${KEDA_CRD_DIR:-}" ] ||
+    not_exercised "KEDA's ScaledObject/TriggerAuthentication against KEDA's CRD schemas (set KEDA_CRD_DIR to KEDA's config/crd/bases)"
 else
   not_exercised "kubectl kustomize deploy/k8s (no kubectl); tests/unit/test_deploy.py checks structure"
 fi

@@ -498,6 +498,42 @@ def test_kustomization_lists_existing_files_and_no_secrets() -> None:
     assert image["newTag"]
 
 
+K8S_SCHEMA_VERSION = "1.31.0"  # unhealthyPodEvictionPolicy is GA from 1.31
+
+
+def rendered(directory: str) -> list[dict[str, Any]]:
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (deploy/check-deploy.sh renders them where it is)")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(K8S / directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (directory, done.stderr)
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.mark.parametrize("directory", ["", "migrate", "overlays/production"])
+def test_rendered_manifests_match_the_kubernetes_schemas(directory: str) -> None:
+    validation = pytest.importorskip("kubernetes_validate.utils")
+    objects = rendered(directory)
+    checked = 0
+    for doc in objects:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: deploy/check-deploy.sh validates it where KEDA's CRDs are at hand
+        validation.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+        checked += 1
+    assert checked
+    for path in ("base/hpa.yaml", "secret.example.yaml"):
+        for doc in load_all(K8S / path):
+            validation.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+
+
 def test_production_overlay_pins_images_by_digest() -> None:
     production = K8S / "overlays" / "production"
     assert load_yaml(production / "kustomization.yaml")["resources"] == ["../../base"]
