@@ -57,6 +57,18 @@ class ConfigError(WorkerError):
     """A setting is invalid; the message is one line, safe to print."""
 
 
+# A handler's longest path after its claim: order_send and its retries, the database
+# commits and the confirmation's publish; generous, since the drain only ends early.
+HANDLER_MARGIN_SECONDS = 30.0
+
+
+def drain_default_seconds(order_timeout: float, claim_timeout: float, grace: float) -> float:
+    """The default SIGTERM drain: the longest a handler holds a delivery (claim a session,
+    watch a placed order for ``order_timeout``, the reconcile grace, then commit and publish).
+    Defaults: 5 + 60 + 5 + 30 = 100 s; the orchestrators' grace periods must be longer."""
+    return claim_timeout + order_timeout + grace + HANDLER_MARGIN_SECONDS
+
+
 class Settings(BaseModel):
     """All worker settings. Secrets are ``SecretStr``; ``public()`` is what may be shown."""
 
@@ -127,7 +139,11 @@ class Settings(BaseModel):
     delivery_limit: int = Field(
         default=20, ge=1, description="deliveries before dead-lettering (requeues count too)"
     )
-    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    drain_timeout_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="SIGTERM drain; default: the longest handler (drain_default_seconds)",
+    )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     parse_timeout_seconds: float = Field(default=1.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
@@ -137,6 +153,23 @@ class Settings(BaseModel):
         if self.server_utc_offset_seconds is not None and self.server_timezone is not None:
             raise ValueError("set SERVER_UTC_OFFSET_SECONDS or SERVER_TIMEZONE, not both")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drain_outlasts_a_handler(cls, data: Any) -> Any:
+        """Unless set, the drain waits as long as one handler can hold a delivery: a shorter
+        drain turns a slow order into a recovery case on every rollout."""
+        if not isinstance(data, dict) or data.get("drain_timeout_seconds") not in (None, ""):
+            return data
+        try:
+            drain = drain_default_seconds(
+                float(data.get("order_timeout_seconds", 60.0)),
+                float(data.get("claim_timeout_seconds", 5.0)),
+                float(data.get("reconcile_grace_seconds", 5.0)),
+            )
+        except (TypeError, ValueError):
+            return data  # the field's own validation names the bad value
+        return {**data, "drain_timeout_seconds": drain}
 
     def public(self) -> dict[str, Any]:
         """The settings as they may be printed: URLs masked, secrets hidden."""

@@ -93,13 +93,15 @@ class Service:
 
         def pool_state() -> metrics.PoolState:
             health = self.pool.health()
-            return metrics.PoolState(health.size, health.in_use, health.unhealthy)
+            unhealthy = tuple((s.id, s.state in ("reconnecting", "down")) for s in health.sessions)
+            return metrics.PoolState(health.size, health.in_use, health.unhealthy, unhealthy)
 
         def outbox_state() -> metrics.OutboxState:
             return metrics.OutboxState(*self.store.outbox_backlog())
 
         metrics.register_pool_state(pool_state)
         metrics.register_outbox_state(outbox_state)
+        metrics.register_in_flight_state(lambda: metrics.InFlightState(*self.store.in_flight_age()))
 
     @property
     def handler(self) -> Handler:
@@ -125,6 +127,7 @@ class Service:
         for row in rows:
             outcome = self.pipeline.resume(row)
             kind = "settled" if isinstance(outcome, Publish) else "still in flight"
+            metrics.record_recovery(settled=isinstance(outcome, Publish))
             log.warning("recovery: execution %s %s", row.execution_id, kind)
             results.append((row, outcome))
         return results

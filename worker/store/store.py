@@ -444,6 +444,16 @@ class Store:
             ).fetchone()
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
 
+    def in_flight_age(self) -> tuple[int, float]:
+        """(non-final rows, seconds since the oldest of them was received) for metrics."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(received_at)), 0)"
+                " FROM execution.executions"
+                " WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED')"
+            ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
     def ping(self) -> bool:
         try:
             with self.connection() as conn:
