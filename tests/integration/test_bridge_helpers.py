@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -78,10 +78,13 @@ def market_order(
 class SimProcess:
     """``execution-worker sim-terminal`` in a child process."""
 
-    def __init__(self, proc: subprocess.Popen[str], address: str, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], address: str, log: Path, metrics: str | None = None
+    ) -> None:
         self.proc = proc
         self.address = address
         self.log = log
+        self.metrics_address = metrics  # HOST:PORT of /metrics, with --metrics-port
 
     @property
     def port(self) -> int:
@@ -125,13 +128,15 @@ def start_sim_terminal(
     port: int = 0,
     config: str = OPEN_MARKETS_TOML,
     name: str = "sim",
+    args: Sequence[str] = (),
 ) -> SimProcess:
+    """``sim-terminal`` on 127.0.0.1 (unless ``args`` say ``--host``), ``args`` appended."""
     config_path = tmp / f"{name}.toml"
     config_path.write_text(config, encoding="utf-8")
     log = tmp / f"{name}-{port}-{os.urandom(3).hex()}.log"
     command = [
         sys.executable, "-m", "worker.cli", "sim-terminal", "--port", str(port),
-        "--state", str(state), "--config", str(config_path),
+        "--state", str(state), "--config", str(config_path), *args,
     ]  # fmt: skip
     with log.open("w") as log_file:
         proc = subprocess.Popen(
@@ -144,4 +149,9 @@ def start_sim_terminal(
         proc.kill()
         proc.wait(10)
         raise AssertionError(f"sim-terminal did not start: {line!r} {log.read_text()}")
-    return SimProcess(proc, line.removeprefix("listening on ").strip(), log)
+    metrics = None
+    if "--metrics-port" in args:
+        metrics_line = _read_line(proc.stdout, 30)
+        assert metrics_line.startswith("metrics on "), (metrics_line, log.read_text())
+        metrics = metrics_line.removeprefix("metrics on ").strip()
+    return SimProcess(proc, line.removeprefix("listening on ").strip(), log, metrics)

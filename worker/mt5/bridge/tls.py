@@ -25,6 +25,7 @@ LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-lo
 # OpenSSL X509_V_ERR_* codes -> refusal reasons (bounded set, see metrics.REASONS)
 _VERIFY_REASONS: Final[Mapping[int, str]] = {
     2: "unknown_ca",  # unable to get issuer certificate
+    7: "unknown_ca",  # signature failure: another CA under our CA's name
     9: "not_yet_valid",
     10: "expired",
     12: "crl_expired",
