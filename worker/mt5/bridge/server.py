@@ -223,7 +223,7 @@ class BridgeServer:
         except ssl.SSLError as exc:
             if not self._stopping.is_set():
                 reason = refusal_reason(exc, handshake_done=tls_done)
-                self._refuse(peer, reason, exc.reason or type(exc).__name__)
+                self._refuse(peer, reason, getattr(exc, "reason", None) or type(exc).__name__)
         except OSError as exc:
             if not self._stopping.is_set():
                 _log.info("bridge connection %s closed: %s", peer, type(exc).__name__)

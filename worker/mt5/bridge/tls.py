@@ -193,7 +193,7 @@ def refusal_reason(exc: ssl.SSLError, *, handshake_done: bool) -> str:
         return "bad_record"  # a tampered, replayed or truncated record after the handshake
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _VERIFY_REASONS.get(exc.verify_code, "bad_certificate")
-    reason = (exc.reason or "").upper()
+    reason = (getattr(exc, "reason", None) or "").upper()
     if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
         return "no_certificate"
     if "CERTIFICATE" in reason and "ALERT" not in reason:
