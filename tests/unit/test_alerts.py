@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from worker.mt5.bridge import metrics as bridge_metrics
 from worker.observability import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,14 +62,14 @@ def test_prometheus_config_is_valid(tmp_path: Path) -> None:
 
 def _known_series() -> set[str]:
     known = set(EXTERNAL)
-    for name in metrics.metric_names():
+    for name in [*metrics.metric_names(), *bridge_metrics.metric_names()]:
         known.add(name)
         known.update(name + suffix for suffix in HISTOGRAM_SUFFIXES)
     return known
 
 
 def _referenced(expression: str) -> set[str]:
-    return set(re.findall(r"\b((?:execution_worker|rabbitmq)_[a-z_]+|up)\b", expression))
+    return set(re.findall(r"\b((?:execution_worker|rabbitmq|mt5_bridge)_[a-z_]+|up)\b", expression))
 
 
 def _alert_expressions() -> list[str]:
@@ -108,6 +109,7 @@ def test_every_required_alert_exists() -> None:
         "ExecutionSlippageBreaches",
         "ExecutionSessionsUnhealthy",
         "ExecutionOutboxBacklog",
+        "MT5BridgeRefusalSpike",
     } <= names
     doc = (ROOT / "docs" / "METRICS.md").read_text(encoding="utf-8")
     assert all(f"`{name}`" in doc for name in names)
@@ -128,6 +130,10 @@ def test_dashboard_panels_use_existing_metrics_and_cover_the_essentials() -> Non
         "execution_worker_sessions_unhealthy",
         "execution_worker_outbox_backlog",
         "execution_worker_dead_lettered_total",
+        "mt5_bridge_refusals_total",
+        "mt5_bridge_calls_total",
+        "mt5_bridge_call_duration_seconds_bucket",
+        "mt5_bridge_connected_clients",
     ):
         assert essential in used, essential
     panels = dashboard["panels"]
