@@ -19,7 +19,8 @@
 # Writes OUT_DIR/NAME.pem + NAME.key (server, extendedKeyUsage serverAuth) or
 # OUT_DIR/clients/NAME.pem + NAME.key (client, clientAuth), keys mode 0600. A bridge host
 # gets its NAME.pem/.key, ca.pem and crl.pem; a worker deployment its clients/NAME.pem/.key,
-# ca.pem and crl.pem. Never copy ca.key: keep it offline.
+# ca.pem and crl.pem. Never copy ca.key: keep it offline. Running it again for a NAME renews
+# the certificate (new key) and keeps the replaced one as NAME.previous.pem, for `revoke`.
 #
 # Needs openssl (Linux, macOS, or Git for Windows' bash). EC P-256 keys. Validity: CA_DAYS
 # (default 1825), CERT_DAYS (server and client certificates, default 397), CRL_DAYS (the
@@ -146,6 +147,11 @@ keyUsage=critical,digitalSignature
 extendedKeyUsage=serverAuth"
 fi
 
+# renewing: keep the certificate being replaced, to revoke it once the new one is in place
+if [ -f "$dir/$name.pem" ]; then
+  cp "$dir/$name.pem" "$dir/$name.previous.pem"
+  echo "make-bridge-certs: the previous certificate is $dir/$name.previous.pem (revoke it after the switch)" >&2
+fi
 openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
   -keyout "$dir/$name.key" -out "$scratch/$name.csr" -subj "/CN=$name" 2>/dev/null
 printf '%s\n' "$extensions" >"$scratch/extensions"

@@ -9,8 +9,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +39,15 @@ def open_config(extra: str = "") -> SimConfig:
 
 def new_secret() -> str:
     return secrets.token_hex(16)
+
+
+def eventually(check: Callable[[], bool], attempts: int = 200) -> bool:
+    """A server counts a refusal in its own thread, maybe just after the client saw it."""
+    for _ in range(attempts):
+        if check():
+            return True
+        threading.Event().wait(0.025)
+    return False
 
 
 def address_of(server: BridgeServer) -> str:

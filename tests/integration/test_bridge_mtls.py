@@ -24,6 +24,7 @@ from tests.integration.test_bridge_helpers import (
     ROOT,
     SimProcess,
     cli_env,
+    eventually,
     market_order,
     new_secret,
     start_sim_terminal,
@@ -93,18 +94,6 @@ def refusals(samples: Samples, cause: str, reason: str) -> float:
 
 def calls(samples: Samples) -> float:
     return sum(v for (name, _), v in samples.items() if name == "mt5_bridge_calls_total")
-
-
-def eventually(check: object, attempts: int = 200) -> bool:
-    """The server counts in its own thread, maybe just after the client saw the refusal."""
-    import threading
-
-    assert callable(check)
-    for _ in range(attempts):
-        if check():
-            return True
-        threading.Event().wait(0.025)
-    return False
 
 
 # --- who gets in -------------------------------------------------------------------------

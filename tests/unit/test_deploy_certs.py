@@ -171,3 +171,16 @@ def test_usage_lists_the_subcommands() -> None:
     assert result.returncode == 2
     for form in ("client OUT_DIR NAME", "revoke OUT_DIR CERT.pem", "crl OUT_DIR"):
         assert form in result.stderr
+
+
+def test_renewal_keeps_the_replaced_certificate_for_revocation(tmp_path: Path) -> None:
+    make(tmp_path, "mt5-win-01")
+    first = _load(tmp_path / "mt5-win-01.pem")
+    make(tmp_path, "mt5-win-01")
+    assert _load(tmp_path / "mt5-win-01.previous.pem") == first
+    assert _load(tmp_path / "mt5-win-01.pem").serial_number != first.serial_number
+    subprocess.run(
+        ["bash", str(SCRIPT), "revoke", str(tmp_path), str(tmp_path / "mt5-win-01.previous.pem")],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert [entry.serial_number for entry in _crl(tmp_path)] == [first.serial_number]
