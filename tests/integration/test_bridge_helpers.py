@@ -116,8 +116,18 @@ class SimProcess:
 
 
 def _read_line(stream: IO[str], timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.readline() if ready else ""
+    """One line from the pipe, byte by byte from its descriptor: a buffered readline could
+    swallow the next line too, and select() would then wait for it in vain."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([stream], [], [], timeout)
+        if not ready:
+            break
+        byte = os.read(stream.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode("utf-8", errors="replace")
 
 
 def cli_env(secret: str | None, **extra: str) -> dict[str, str]:
