@@ -151,6 +151,8 @@ def test_refused_clients_get_no_session_and_are_counted_by_cause(
     terminal = client(bridge, pki, pair)
     assert terminal.initialize() is False
     assert seen in terminal.last_error()[1]
+    if pair is None:
+        assert "requires a client certificate" in terminal.last_error()[1]
     with pytest.raises(api.TransportError):
         terminal.account_info()  # and the next call, reconnecting, is refused again
     assert eventually(
@@ -194,6 +196,7 @@ def test_a_plain_tcp_client_is_refused_at_the_handshake(bridge: SimProcess) -> N
     before = scrape(bridge)
     plain = BridgeTerminal(bridge.address, SECRET, timeout=3, connect_timeout=3)
     assert plain.initialize() is False
+    assert "mutual TLS" in plain.last_error()[1]  # the worker's log says what to configure
     assert eventually(
         lambda: (
             refusals(scrape(bridge), "handshake", "tls") == refusals(before, "handshake", "tls") + 1
@@ -385,3 +388,13 @@ def test_mutual_tls_off_loopback_starts_and_serves(pki: Material, tmp_path: Path
     finally:
         process.signal(signal.SIGTERM)
         assert process.wait() == 0
+
+
+def test_a_wrong_secret_on_loopback_gets_no_tls_hint(tmp_path: Path) -> None:
+    process = start_sim_terminal(tmp_path, tmp_path / "state.db", SECRET)
+    try:
+        terminal = BridgeTerminal(process.address, "not-" + SECRET)
+        assert terminal.initialize() is False
+        assert "mutual TLS" not in terminal.last_error()[1]  # the hello came: TLS is not it
+    finally:
+        process.kill()

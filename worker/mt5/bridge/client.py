@@ -41,6 +41,7 @@ from worker.mt5.bridge.protocol import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
     SERVER_TO_CLIENT,
+    PeerClosed,
     ProtocolError,
     SecureChannel,
     Sock,
@@ -139,6 +140,7 @@ class BridgeConnection:
         self._server_name = tls_server_name or self._host
         self._max_frame_bytes = max_frame_bytes
         self._channel: SecureChannel | None = None
+        self._hello_seen = False
         self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -182,10 +184,25 @@ class BridgeConnection:
                 sock.close()
             with contextlib.suppress(OSError):
                 raw.close()
-            raise self._fail("handshake", exc) from exc
+            reason = str(exc) or type(exc).__name__
+            raise self._fail("handshake", reason + self._hint(exc, tls is not None)) from exc
+
+    def _hint(self, exc: BaseException, tls: bool) -> str:
+        """What an operator most likely has to configure, for the usual refusals."""
+        silent = isinstance(exc, PeerClosed | ConnectionResetError | TimeoutError)
+        if not tls and silent and not self._hello_seen:
+            return (
+                " (no hello from the bridge: bridges off loopback speak mutual TLS only; "
+                "configure tls_ca, tls_cert and tls_key)"
+            )
+        if isinstance(exc, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(exc):
+            return " (this bridge requires a client certificate: tls_cert and tls_key)"
+        return ""
 
     def _handshake(self, sock: Sock) -> SecureChannel:
+        self._hello_seen = False
         hello = loads(recv_frame(sock, limit=HANDSHAKE_FRAME_BYTES))
+        self._hello_seen = True
         if hello.get("type") == "refused":
             reason = str(hello.get("reason", ""))[:40]
             raise ProtocolError("refused", f"the bridge refused this client ({reason})")
