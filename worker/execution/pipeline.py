@@ -24,11 +24,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Protocol
 
 import psycopg
 
 from schemas.enums import ExecutionStatus, RejectionReason
+from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
 from worker.execution import checks, inquiry, settle
@@ -42,6 +44,7 @@ from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
 from worker.mt5.pool import ClaimTimeout, Lease
 from worker.observability import metrics
+from worker.observability.logs import log_context
 from worker.store.store import ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -82,28 +85,39 @@ class Pipeline:
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Never raises: database or terminal trouble becomes a requeue."""
-        return self._guarded(lambda: self._handle(delivery))
+        return self._guarded(lambda context: self._handle(delivery, context))
 
     def resume(self, row: ExecutionRow) -> Outcome:
         """Settle an in-flight row from the broker's truth (recovery sweep, ``reconcile``)."""
-        return self._guarded(lambda: self._resume(row))
+        return self._guarded(lambda context: self._resume(row, context))
 
-    def _guarded(self, work: Callable[[], Outcome]) -> Outcome:
-        try:
-            return work()
-        except (psycopg.Error, StoreError) as exc:
-            log.warning("database unavailable, requeued: %s", type(exc).__name__)
-            return Requeue(f"database: {type(exc).__name__}")
-        except api.TransportError as exc:
-            # the terminal failed mid-way (SessionLost, a dropped bridge, an unconfirmed
-            # cancel): any row stays in flight and is settled later from the broker's truth
-            log.warning("terminal unavailable, requeued: %s", exc)
-            return Requeue(f"terminal: {type(exc).__name__}")
-        except Exception:
-            log.exception("unexpected error, requeued")
-            return Requeue("internal error")
+    def _guarded(self, work: Callable[[ExitStack], Outcome]) -> Outcome:
+        """Run ``work``, turning trouble into a requeue. ``work`` enters a ``log_context``
+        on the stack as soon as it knows the execution and the session: the stack is closed
+        only after the error is logged, so that line carries them too."""
+        with ExitStack() as context:
+            try:
+                return work(context)
+            except (psycopg.Error, StoreError) as exc:
+                log.warning("database unavailable, requeued: %s", type(exc).__name__)
+                return Requeue(f"database: {type(exc).__name__}")
+            except api.TransportError as exc:
+                # the terminal failed mid-way (SessionLost, a dropped bridge, an unconfirmed
+                # cancel): any row stays in flight and is settled later from the broker's truth
+                log.warning("terminal unavailable, requeued: %s", exc)
+                return Requeue(f"terminal: {type(exc).__name__}")
+            except Exception:
+                log.exception("unexpected error, requeued")
+                return Requeue("internal error")
 
-    def _resume(self, row: ExecutionRow) -> Outcome:
+    def _resume(self, row: ExecutionRow, context: ExitStack) -> Outcome:
+        context.enter_context(
+            log_context(
+                execution_id=row.execution_id,
+                order_id=row.get("rpm_order_id"),
+                symbol=row.get("symbol"),
+            )
+        )
         try:
             lease = self.sessions.claim(
                 self.settings.claim_timeout_seconds, session_id=row.get("session_id")
@@ -111,6 +125,7 @@ class Pipeline:
         except ClaimTimeout:
             return Requeue("no MT5 session available")
         with lease:
+            context.enter_context(log_context(session=lease.session.id))
             # read under the row's session lease: the state its last holder left
             current = self.store.load(lease.conn, row.execution_id)
             if current is None:
@@ -122,7 +137,7 @@ class Pipeline:
 
     # --- the path of one delivery ------------------------------------------------------
 
-    def _handle(self, delivery: Delivery) -> Outcome:
+    def _handle(self, delivery: Delivery, context: ExitStack) -> Outcome:
         run = Run(self.clock, self.clock())
         try:
             with run.stage("parse"):
@@ -137,8 +152,21 @@ class Pipeline:
             metrics.record_received("invalid", redelivered=delivery.redelivered)
             if invalid.idempotency_key is None:
                 return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
+            context.enter_context(
+                log_context(
+                    execution_id=execution_id_for(invalid.idempotency_key),
+                    order_id=invalid.rpm_order_id,
+                )
+            )
             return self.finisher.reject_invalid(invalid, delivery, run)
         metrics.record_received("valid", redelivered=delivery.redelivered)
+        context.enter_context(
+            log_context(
+                execution_id=request.execution_id,
+                order_id=request.rpm_order_id,
+                symbol=request.symbol,
+            )
+        )
 
         refusal = checks.refusal(request)
         if refusal is not None:
@@ -152,6 +180,7 @@ class Pipeline:
             except ClaimTimeout:
                 return Requeue("no MT5 session available")
         with lease:
+            context.enter_context(log_context(session=lease.session.id))
             # a redelivery most likely has a row; a first delivery is loaded only if its
             # intent conflicts (see the module's docstring)
             row = None
