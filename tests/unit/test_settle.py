@@ -309,3 +309,17 @@ def test_close_result(status: str, volume: float, has_fill: bool, in_full: bool)
     assert (fill is not None, full) == (has_fill, in_full)
     if fill is not None:
         assert fill == Fill(5, (9,), 0.0, 1.1, 1.1)
+
+
+def test_known_fills_the_broker_does_not_show_are_kept_in_leg_order() -> None:
+    leg_1 = Fill(100, (1,), 0.5, 1.1, 1.1)
+    leg_2 = Fill(200, (2,), 0.5, 1.1, 1.1)
+    assert settle.with_known([leg_1], [leg_2]) == [leg_1, leg_2]
+    fuller = Fill(100, (1, 3), 0.7, 1.1, 1.1)  # the broker's account of an order wins
+    assert settle.with_known([leg_1], [leg_2, fuller]) == [fuller, leg_2]
+    assert settle.with_known([], [leg_2]) == [leg_2]
+
+
+def test_giving_up_with_a_known_fill_is_classified_not_failed() -> None:
+    decision = settle.when_not_found(None, 3, 3, filled=True)
+    assert isinstance(decision, GiveUp) and decision.status is None

@@ -244,19 +244,33 @@ class Pipeline:
 
     # --- submit, settle, finish --------------------------------------------------------
 
-    def _submit(self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run) -> Outcome:
-        sent = self.sender.send(plan, spec, lease, run)
+    def _submit(
+        self,
+        plan: Plan,
+        spec: SymbolSpec,
+        lease: Lease,
+        run: Run,
+        *,
+        known: Sequence[Fill] = (),
+        first_leg: int = 0,
+    ) -> Outcome:
+        """Send the legs from ``first_leg`` on; ``known``: fills of the legs before it."""
+        sent = self.sender.send(plan, spec, lease, run, first_leg=first_leg)
+        fills = [*known, *sent.fills]
         if sent.unknown:
-            return self._settle(plan, lease, run, resumed=False, spec=spec)
-        if not sent.fills and sent.refused is not None:
+            assert sent.stopped_at is not None
+            return self._settle(
+                plan, lease, run, resumed=False, spec=spec, known=fills, first_leg=sent.stopped_at
+            )
+        if not fills and sent.refused is not None:
             refused = sent.refused
             return self._finish(
                 plan, lease, run, [], reason=refused.reason, details=refused.details, spec=spec
             )
-        if not sent.fills and sent.rejected is not None:
+        if not fills and sent.rejected is not None:
             reason, details = settle.rejection_of(sent.rejected)
             return self._finish(plan, lease, run, [], reason=reason, details=details, spec=spec)
-        return self._finish(plan, lease, run, sent.fills, timed_out=sent.timed_out, spec=spec)
+        return self._finish(plan, lease, run, fills, timed_out=sent.timed_out, spec=spec)
 
     def _settle(
         self,
@@ -266,6 +280,8 @@ class Pipeline:
         *,
         resumed: bool,
         spec: SymbolSpec | None = None,
+        known: Sequence[Fill] = (),
+        first_leg: int = 0,
     ) -> Outcome:
         """The outcome is unknown (lost reply, crash, redelivery): ask the broker.
 
@@ -273,6 +289,9 @@ class Pipeline:
         even after a grace period for a terminal still processing -> the order never reached
         the broker; it is sent again with the same comment token, if the approval is still
         fresh and attempts remain. A terminal that cannot answer leaves the row in flight.
+
+        ``known``: fills of this handling's earlier legs, which the broker's answer may not
+        show yet; they are kept, and a resend starts at ``first_leg`` (never a filled leg).
         """
         gateway: Gateway = lease.session.gateway
         if resumed:  # the audit keeps what earlier deliveries did
@@ -291,41 +310,47 @@ class Pipeline:
         run.broker_calls("reconcile", gateway.drain_calls())
         run.note("reconcile", found=found.found, resumed=resumed, deals=len(found.deals))
         if found.found:
-            return self._settle_found(plan, found, lease, run)
+            return self._settle_found(plan, found, lease, run, known)
 
         decision = settle.when_not_found(
-            self._staleness(plan), run.submissions, self.settings.max_send_attempts
+            self._staleness(plan),
+            run.submissions,
+            self.settings.max_send_attempts,
+            filled=bool(known),
         )
         if not isinstance(decision, Resend):
             return self._finish(
                 plan,
                 lease,
                 run,
-                [],
+                known,
                 reason=decision.reason,
                 details=decision.details,
                 status=decision.status,
             )
-        run.note("reconcile", resend=True)
+        run.note("reconcile", resend=True, first_leg=first_leg)
         try:
             spec = spec or gateway.symbol_spec(plan.broker_symbol)
         except GatewayRejection as rejection:
             run.broker_calls("reconcile", gateway.drain_calls())
             return self._finish(
-                plan, lease, run, [], reason=rejection.reason, details=rejection.details
+                plan, lease, run, known, reason=rejection.reason, details=rejection.details
             )
-        return self._submit(plan, spec, lease, run)
+        return self._submit(plan, spec, lease, run, known=known, first_leg=first_leg)
 
-    def _settle_found(self, plan: Plan, found: settle.Found, lease: Lease, run: Run) -> Outcome:
+    def _settle_found(
+        self, plan: Plan, found: settle.Found, lease: Lease, run: Run, known: Sequence[Fill]
+    ) -> Outcome:
         """The broker knows the execution: finish from its deals, monitoring pending orders."""
         gateway: Gateway = lease.session.gateway
         fills = settle.fills_from_deals(found.deals, plan.side, plan.requested_price)
         if settle.needs_order_deals(found, fills):
             deals = inquiry.deals_of_orders(gateway, found.history_orders, run)
-            known = settle.fills_of_orders(found, deals, plan.side, plan.requested_price)
-            if known is None:
+            shown = settle.fills_of_orders(found, deals, plan.side, plan.requested_price)
+            if shown is None:
                 raise api.TransportError("the broker shows our order but not yet its deals")
-            fills = known
+            fills = shown
+        fills = settle.with_known(known, fills)
         timed_out = False
         for order in found.open_orders:
             requested = plan.requested_price or order.price_open

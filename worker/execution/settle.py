@@ -189,6 +189,15 @@ def needs_order_deals(found: Found, fills: Sequence[Fill]) -> bool:
     return not fills and not found.open_orders
 
 
+def with_known(known: Sequence[Fill], shown: Sequence[Fill]) -> list[Fill]:
+    """The broker's fills (``shown``) together with the fills of this handling it did not
+    show (``known``: earlier legs of a plan whose later leg has an unknown outcome, when
+    the history lags). The broker's account of an order wins; known legs come first."""
+    by_order = {fill.order: fill for fill in shown}
+    merged = [by_order.pop(fill.order, fill) for fill in known]
+    return merged + list(by_order.values())
+
+
 def with_monitored(fills: Sequence[Fill], order: int, fill: Fill | None) -> list[Fill]:
     """The fills with ``order``'s fill replaced by what monitoring it found."""
     merged = [known for known in fills if known.order != order]
@@ -213,13 +222,20 @@ class GiveUp:
 
 
 def when_not_found(
-    stale: tuple[RejectionReason, str] | None, submissions: int, max_send_attempts: int
+    stale: tuple[RejectionReason, str] | None,
+    submissions: int,
+    max_send_attempts: int,
+    *,
+    filled: bool = False,
 ) -> Resend | GiveUp:
+    """The broker shows nothing of the execution. ``filled``: earlier legs of this handling
+    are known filled; a give-up then settles them by the partial-fill rule, not FAILED.
+    A resend sends only the legs without a known outcome."""
     if stale is not None:
         return GiveUp(None, *stale)
     if submissions >= max_send_attempts:
         return GiveUp(
-            ExecutionStatus.FAILED,
+            None if filled else ExecutionStatus.FAILED,
             RejectionReason.UNKNOWN_OUTCOME,
             f"no order reached the broker after {submissions} submissions",
         )

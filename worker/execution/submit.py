@@ -43,12 +43,14 @@ class Sent:
 
     ``unknown``: a leg's outcome is unknown (settle from the broker's truth). ``refused``:
     the gateway sent nothing for a leg (no quote, no filling mode). ``rejected``: the broker
-    refused a leg for good. Either stops the remaining legs.
+    refused a leg for good. Either stops the remaining legs. ``stopped_at``: the index of
+    the leg that stopped them (the legs before it have a known outcome).
     """
 
     fills: list[Fill]
     timed_out: bool = False
     unknown: bool = False
+    stopped_at: int | None = None
     refused: GatewayRejection | None = None
     rejected: SendOutcome | None = None
 
@@ -105,13 +107,16 @@ class Sender:
             fields = intent_fields(plan, request, lease, run, self.settings.magic)
             return self.store.insert_intent(lease.conn, fields, run.take_events())
 
-    def send(self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run) -> Sent:
-        """Send the legs in order; a placed order is monitored before the next leg."""
+    def send(
+        self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run, *, first_leg: int = 0
+    ) -> Sent:
+        """Send the legs from ``first_leg`` on, in order; a placed order is monitored before
+        the next leg."""
         gateway: Gateway = lease.session.gateway
         run.submissions += 1
         fills: list[Fill] = []
         timed_out = False
-        for leg in plan.legs:
+        for index, leg in enumerate(plan.legs[first_leg:], start=first_leg):
             try:
                 with run.stage("submit"):
                     reply = gateway.send(
@@ -125,7 +130,7 @@ class Sender:
             except GatewayRejection as refused:
                 # nothing was sent for this leg (no quote, no filling mode)
                 run.broker_calls("submit", gateway.drain_calls())
-                return Sent(fills, timed_out, refused=refused)
+                return Sent(fills, timed_out, refused=refused, stopped_at=index)
             run.broker_calls("submit", gateway.drain_calls())
             run.attempts += reply.attempts
             run.retcode = reply.retcode
@@ -136,9 +141,9 @@ class Sender:
             if reply.status == "unknown":
                 metrics.record_unknown_outcome(lease.session.id)
                 run.note("submit", outcome="unknown", retcode=reply.retcode)
-                return Sent(fills, timed_out, unknown=True)
+                return Sent(fills, timed_out, unknown=True, stopped_at=index)
             if reply.status == "rejected":
-                return Sent(fills, timed_out, rejected=reply)
+                return Sent(fills, timed_out, rejected=reply, stopped_at=index)
             if reply.status == "placed":
                 self.store.update_in_flight(
                     lease.conn,
