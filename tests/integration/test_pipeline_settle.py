@@ -1,6 +1,10 @@
-"""Settling after an unknown outcome keeps what this handling already knows (issue 18,
-item 5): a later leg's unknown outcome never forgets earlier legs' fills, and a resend
-never sends a leg that already filled."""
+"""Settling from the broker's truth.
+
+- What this handling already knows is kept (issue 18, item 5): a later leg's unknown
+  outcome never forgets earlier legs' fills, and a resend never sends a leg that filled.
+- Fills come from the order's deals (issue 17, item 3): a done reply is confirmed from
+  them, and an order whose deals do not show yet stays in flight.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Any
 
 import pytest
 
+from schemas.identity import execution_id_for
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
+from worker.execution.outcome import Requeue
 from worker.mt5.sim.terminal import SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
@@ -64,3 +70,82 @@ def test_a_give_up_after_an_unknown_later_leg_reports_the_known_fill(
         assert confirmation["broker_deals"] == [deal.ticket]
         assert confirmation["status"] == "PARTIALLY_FILLED"
         assert confirmation["rejection_reason"] == "INSUFFICIENT_FILL"
+
+
+# --- fills come from deals (issue 17, item 3) ------------------------------------------
+
+
+class LaggingDeals:
+    """The simulated server records deals after its reply: ``history_deals_get`` answers
+    nothing for the first ``hidden`` calls, or until ``release()`` when ``hidden`` is None."""
+
+    def __init__(self, env: PipelineEnv, hidden: int | None) -> None:
+        self.hidden = hidden
+        self.calls = 0
+        self.released = False
+        self._read = env.sim.history_deals_get
+        env.sim.history_deals_get = self._lagging  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self.released = True
+
+    def truth(self) -> list[Any]:
+        """Every deal on the server, lag or not."""
+        return list(self._read(0, 2**31 - 1) or ())
+
+    def _lagging(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        lagging = not self.released and (self.hidden is None or self.calls <= self.hidden)
+        return () if lagging else self._read(*args, **kwargs)
+
+
+def reply_without_fill(env: PipelineEnv) -> None:
+    """A 10009 reply with ``deal`` 0 and no price, as the order_send reference allows."""
+    send = env.sim.order_send
+
+    def order_send(request: dict[str, Any]) -> Any:
+        result = send(request)
+        if result is not None and result.retcode == 10009:
+            return result._replace(deal=0, price=0.0)
+        return result
+
+    env.sim.order_send = order_send  # type: ignore[method-assign]
+
+
+def test_a_done_reply_is_confirmed_from_the_orders_deals(env: PipelineEnv) -> None:
+    reply_without_fill(env)
+    lag = LaggingDeals(env, hidden=3)
+    confirmation = env.confirm(approval("EURUSD", 1, 50_000.0))
+    (deal,) = lag.truth()
+    assert confirmation["status"] == "FILLED"
+    assert confirmation["executed_lots"] == pytest.approx(deal.volume)
+    assert confirmation["fill_price"] == pytest.approx(deal.price)
+    assert confirmation["broker_deals"] == [deal.ticket]
+    assert confirmation["broker_order"] == deal.order
+    assert lag.calls > 3  # the deals were asked for until they showed
+
+
+def test_a_done_order_whose_deals_never_show_stays_in_flight(env: PipelineEnv) -> None:
+    reply_without_fill(env)
+    lag = LaggingDeals(env, hidden=None)
+    message = approval("EURUSD", 1, 50_000.0)
+    outcome = env.deliver(message)
+    assert len(lag.truth()) == 1
+    assert isinstance(outcome, Requeue)  # never settled REJECTED with 0 lots
+    execution_id = str(execution_id_for(message["decision"]["order_id"]))
+    assert env.row(execution_id)["state"] == "SUBMITTING"
+    lag.release()
+    confirmation = env.confirm(message, redelivered=True)
+    (deal,) = env.deals()  # the redelivery reconciled, no second order
+    assert confirmation["status"] == "FILLED"
+    assert confirmation["broker_deals"] == [deal.ticket]
+    assert confirmation["fill_price"] == pytest.approx(deal.price)
+
+
+def test_a_placed_order_filled_before_its_deal_shows_is_not_rejected(env: PipelineEnv) -> None:
+    env.sim.update_symbol("US500", exchange_fill_delay_seconds=0.05)
+    lag = LaggingDeals(env, hidden=3)
+    confirmation = env.confirm(approval("US500", 1, 5.0))
+    (deal,) = lag.truth()
+    assert confirmation["status"] == "FILLED" and confirmation["executed_lots"] == 5.0
+    assert confirmation["broker_deals"] == [deal.ticket]

@@ -159,9 +159,31 @@ def test_fill_of_order_takes_all_its_deals() -> None:
     assert settle.fill_of_order(100, [], 1.2) is None
 
 
-def test_fill_of_reply_keeps_a_deal_ticket_only_when_given() -> None:
-    assert settle.fill_of_reply(reply("done", deal=0), None).deals == ()
-    assert settle.fill_of_reply(reply("done", deal=9), 3) == Fill(5, (9,), 1.0, 1.1, 1.1, 3)
+def test_a_done_reply_needs_deals_for_its_volume() -> None:
+    done = reply("done", volume=1.0, deal=0)
+    assert settle.executed_by(done) == 1.0
+    assert not settle.deals_visible(None, settle.executed_by(done))
+    assert not settle.deals_visible(Fill(5, (1,), 0.4, 1.1, 1.1), 1.0)  # one of two deals
+    assert settle.deals_visible(Fill(5, (1, 2), 1.0, 1.1, 1.1), 1.0)
+    # a reply without a volume still needs a deal before it counts as a fill
+    assert not settle.deals_visible(None, settle.executed_by(reply("done", volume=0.0)))
+
+
+@pytest.mark.parametrize(
+    ("state", "initial", "current", "needs_deal"),
+    [
+        (api.ORDER_STATE_FILLED, 1.0, 0.0, True),
+        (api.ORDER_STATE_FILLED, 0.0, 0.0, True),  # filled says something executed
+        (api.ORDER_STATE_CANCELED, 1.0, 0.4, True),  # cancelled after a partial fill
+        (api.ORDER_STATE_CANCELED, 1.0, 1.0, False),
+        (api.ORDER_STATE_EXPIRED, 1.0, 1.0, False),
+    ],
+)
+def test_a_final_order_needs_deals_for_what_it_executed(
+    state: int, initial: float, current: float, needs_deal: bool
+) -> None:
+    order = Order(100, state, 1.1, 0, initial, current)
+    assert settle.deals_visible(None, order.executed) is not needs_deal
 
 
 # --- found, but no deal in the window --------------------------------------------------

@@ -66,14 +66,31 @@ class Order:
     state: int
     price_open: float
     filling: int
+    volume_initial: float = 0.0
+    volume_current: float = 0.0
 
     @classmethod
     def of(cls, order: api.TradeOrder) -> Order:
-        return cls(order.ticket, order.state, order.price_open, order.type_filling)
+        return cls(
+            order.ticket,
+            order.state,
+            order.price_open,
+            order.type_filling,
+            order.volume_initial,
+            order.volume_current,
+        )
 
     @property
     def final(self) -> bool:
         return self.state in FINAL_ORDER_STATES
+
+    @property
+    def executed(self) -> float:
+        """Lots executed of the order (a FILLED order executed at least something)."""
+        executed = max(self.volume_initial - self.volume_current, 0.0)
+        if self.state == api.ORDER_STATE_FILLED:
+            return max(executed, _VOLUME_EPSILON)
+        return executed
 
 
 @dataclass(frozen=True)
@@ -155,16 +172,17 @@ def fill_of_order(order: int, deals: Sequence[Deal], requested_price: float) -> 
     )
 
 
-def fill_of_reply(reply: SendOutcome, position: int | None) -> Fill:
-    """The fill an order_send reply (10009 / 10010) reports."""
-    return Fill(
-        order=reply.order,
-        deals=(reply.deal,) if reply.deal else (),
-        volume=reply.volume,
-        price=reply.price,
-        requested_price=reply.requested_price,
-        position=position,
-    )
+def executed_by(reply: SendOutcome) -> float:
+    """The lots a done (10009/10010) reply says were executed; at least a deal's worth."""
+    return max(reply.volume, _VOLUME_EPSILON)
+
+
+def deals_visible(fill: Fill | None, executed: float) -> bool:
+    """Whether an order's deals seen so far (``fill``) account for the ``executed`` lots
+    the broker reports (a reply's volume, an order's initial minus current volume)."""
+    if executed <= 0:
+        return True
+    return fill is not None and fill.volume >= executed - _VOLUME_EPSILON
 
 
 def fills_of_orders(

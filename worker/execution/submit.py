@@ -20,10 +20,12 @@ from worker.execution.settle import (
     FINAL_ORDER_STATES,
     Deal,
     Fill,
+    Order,
     close_of,
     close_result,
+    deals_visible,
+    executed_by,
     fill_of_order,
-    fill_of_reply,
 )
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SendOutcome, SymbolSpec
@@ -156,7 +158,7 @@ class Sender:
                 if fill is not None:
                     fills.append(fill)
                 continue
-            fills.append(fill_of_reply(reply, leg.position))
+            fills.append(self.confirm(gateway, reply, leg.position, run))
         return Sent(fills, timed_out)
 
     def monitor(
@@ -164,7 +166,9 @@ class Sender:
     ) -> tuple[Fill | None, bool]:
         """Poll a placed (10008) order until final or the order timeout, then cancel the rest.
 
-        Returns the order's fill (None: nothing executed) and whether it timed out.
+        Returns the order's fill (None: nothing executed) and whether it timed out. An order
+        that executed is settled from its deals only: until they show (within the order
+        timeout) the execution stays in flight (TransportError).
         """
         deadline = self.clock() + self.settings.order_timeout_seconds
         delay = MONITOR_FIRST_POLL_SECONDS
@@ -178,17 +182,47 @@ class Sender:
                     timed_out = True
                     cancel = gateway.cancel(order)
                     run.note("monitor", cancelled=order, retcode=cancel.retcode)
-                    after = gateway.order_state(order)
-                    unfinished = after is None or after.state not in FINAL_ORDER_STATES
+                    state = gateway.order_state(order)
+                    unfinished = state is None or state.state not in FINAL_ORDER_STATES
                     if cancel.status != "done" and unfinished:
                         # it may still fill: leave the row in flight, settle it later
                         raise api.TransportError(f"cancel of order {order} not confirmed")
                     break
                 self.sleep(delay)
                 delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
-            deals = [Deal.of(deal) for deal in gateway.deals_for_order(order)]
+            executed = Order.of(state).executed if state is not None else 0.0
+            fill = self._deals_of(gateway, order, requested_price, executed, deadline)
         run.broker_calls("monitor", gateway.drain_calls())
-        return fill_of_order(order, deals, requested_price), timed_out
+        return fill, timed_out
+
+    def confirm(self, gateway: Gateway, reply: SendOutcome, position: int | None, run: Run) -> Fill:
+        """The fill of a done (10009/10010) reply, from the order's deals: the reply's
+        ``deal`` may be 0 and its deal recorded later (``order_send`` reference). Until the
+        deals show (within the order timeout) the execution stays in flight."""
+        deadline = self.clock() + self.settings.order_timeout_seconds
+        with run.stage("monitor"):
+            fill = self._deals_of(
+                gateway, reply.order, reply.requested_price, executed_by(reply), deadline
+            )
+        run.broker_calls("monitor", gateway.drain_calls())
+        assert fill is not None  # executed_by(reply) > 0
+        # a closing leg names the position it closed; an opening one takes its deal's
+        return fill if position is None else replace(fill, position=position)
+
+    def _deals_of(
+        self, gateway: Gateway, order: int, requested_price: float, executed: float, deadline: float
+    ) -> Fill | None:
+        """Poll the order's deals until they account for ``executed`` lots."""
+        delay = MONITOR_FIRST_POLL_SECONDS
+        while True:
+            deals = [Deal.of(deal) for deal in gateway.deals_for_order(order)]
+            fill = fill_of_order(order, deals, requested_price)
+            if deals_visible(fill, executed):
+                return fill
+            if self.clock() >= deadline:
+                raise api.TransportError(f"the deals of order {order} are not visible yet")
+            self.sleep(delay)
+            delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
 
     def close(
         self, plan: Plan, spec: SymbolSpec, fills: Sequence[Fill], lease: Lease, run: Run
