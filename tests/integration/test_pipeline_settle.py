@@ -8,14 +8,18 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from schemas.identity import execution_id_for
+from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.execution.outcome import Requeue
+from worker.execution.outcome import Delivery, Requeue
+from worker.execution.pipeline import Pipeline
 from worker.mt5.sim.terminal import SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
@@ -149,3 +153,47 @@ def test_a_placed_order_filled_before_its_deal_shows_is_not_rejected(env: Pipeli
     (deal,) = lag.truth()
     assert confirmation["status"] == "FILLED" and confirmation["executed_lots"] == 5.0
     assert confirmation["broker_deals"] == [deal.ticket]
+
+
+class Crash(BaseException):
+    """A worker dying at a given point (not caught by the pipeline's error handling)."""
+
+
+def _crash(*args: Any, **kwargs: Any) -> Any:
+    raise Crash
+
+
+def _delivery(message: dict[str, Any]) -> Delivery:
+    return Delivery(
+        body=json.dumps(message).encode(),
+        properties=MessageProperties(),
+        redelivered=False,
+        delivery_count=None,
+        received_at=datetime.now(UTC),
+    )
+
+
+def test_a_redelivery_asks_for_the_deals_the_history_window_misses(
+    env: PipelineEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = approval("EURUSD", 1, 100_000.0)  # two legs of 0.5
+    crashing = Pipeline(env.settings, env.store, env.pool)
+    monkeypatch.setattr(crashing, "_finish", _crash)  # both legs filled, then the crash
+    with pytest.raises(Crash):
+        crashing.handle(_delivery(message))
+    monkeypatch.undo()
+    first, second = sorted(env.deals(), key=lambda deal: deal.order)
+
+    window = env.sim.history_deals_get
+
+    def window_lags_on_leg_1(*args: Any, **kwargs: Any) -> Any:
+        deals = window(*args, **kwargs)
+        if args and deals is not None:  # the date-range query of reconcile, not by ticket
+            return tuple(deal for deal in deals if deal.order != first.order)
+        return deals
+
+    env.sim.history_deals_get = window_lags_on_leg_1  # type: ignore[method-assign]
+    confirmation = env.confirm(message, redelivered=True)
+    assert confirmation["status"] == "FILLED"
+    assert confirmation["executed_lots"] == pytest.approx(1.0)
+    assert sorted(confirmation["broker_deals"]) == [first.ticket, second.ticket]

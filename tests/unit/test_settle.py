@@ -189,42 +189,73 @@ def test_a_final_order_needs_deals_for_what_it_executed(
 # --- found, but no deal in the window --------------------------------------------------
 
 
-def test_orders_found_without_deals_in_the_window_are_asked_by_ticket() -> None:
-    found = Found(history_orders=(Order(100, api.ORDER_STATE_FILLED, 1.1, 0),))
-    assert settle.needs_order_deals(found, [])
-    pending = Found(open_orders=(Order(100, api.ORDER_STATE_PLACED, 1.1, 0),))
-    assert not settle.needs_order_deals(pending, [])
-    assert not settle.needs_order_deals(found, [Fill(100, (1,), 1.0, 1.1, 1.1)])
+def bought(ticket: int, state: int, initial: float = 1.0, current: float = 0.0) -> Order:
+    """A market BUY order of ours in history."""
+    return Order(ticket, state, 1.1, 0, initial, current, Side.BUY)
 
 
-def test_deals_asked_by_ticket_become_the_fills() -> None:
-    found = Found(history_orders=(Order(100, api.ORDER_STATE_FILLED, 1.1, 0),))
-    fills = settle.fills_of_orders(found, [buy(1, 100, 1.0, 1.1)], Side.BUY, 1.1)
-    assert fills is not None and [fill.order for fill in fills] == [100]
+def test_with_no_fill_in_the_window_every_history_order_is_asked_by_ticket() -> None:
+    found = Found(history_orders=(bought(100, api.ORDER_STATE_FILLED),))
+    assert settle.orders_to_ask(found, [], Side.BUY) == found.history_orders
+    pending = Found(open_orders=(Order(101, api.ORDER_STATE_PLACED, 1.1, 0),))
+    assert settle.orders_to_ask(pending, [], Side.BUY) == ()
+
+
+def test_an_executed_order_the_window_does_not_cover_is_asked_by_ticket() -> None:
+    leg_1, leg_2 = bought(100, api.ORDER_STATE_FILLED), bought(200, api.ORDER_STATE_FILLED)
+    found = Found(history_orders=(leg_1, leg_2))
+    window = [Fill(200, (2,), 1.0, 1.1, 1.1)]  # leg 1's deal lags in the window
+    assert settle.orders_to_ask(found, window, Side.BUY) == (leg_1,)
+    both = [*window, Fill(100, (1,), 1.0, 1.1, 1.1)]
+    assert settle.orders_to_ask(found, both, Side.BUY) == ()
+    # the slippage close (the other side) is not a fill to look for
+    close = Order(300, api.ORDER_STATE_FILLED, 1.1, 0, 1.0, 0.0, Side.SELL)
+    assert settle.orders_to_ask(Found(history_orders=(close,)), window, Side.BUY) == ()
+
+
+def test_deals_asked_by_ticket_complete_the_window() -> None:
+    found = Found(
+        history_orders=(bought(100, api.ORDER_STATE_FILLED), bought(200, api.ORDER_STATE_FILLED))
+    )
+    window = [Fill(200, (2,), 1.0, 1.1, 1.1)]
+    fills = settle.fills_with_asked(found, window, [buy(1, 100, 1.0, 1.1)], Side.BUY, 1.1)
+    assert fills is not None and [fill.order for fill in fills] == [200, 100]
+    assert settle.fills_with_asked(found, window, [], Side.BUY, 1.1) is None  # still lagging
+
+
+def test_an_order_showing_part_of_its_deals_stays_in_flight() -> None:
+    found = Found(history_orders=(bought(100, api.ORDER_STATE_FILLED, initial=1.0),))
+    half = [buy(1, 100, 0.5, 1.1)]
+    assert settle.fills_with_asked(found, [], half, Side.BUY, 1.1) is None
+    whole = [*half, buy(2, 100, 0.5, 1.1)]
+    fills = settle.fills_with_asked(found, [], whole, Side.BUY, 1.1)
+    assert fills is not None and fills[0].volume == 1.0
 
 
 @pytest.mark.parametrize(
     "found",
     [
-        Found(history_orders=(Order(100, api.ORDER_STATE_FILLED, 1.1, 0),)),
-        Found(history_orders=(Order(100, api.ORDER_STATE_PARTIAL, 1.1, 0),)),
+        Found(history_orders=(bought(100, api.ORDER_STATE_FILLED),)),
+        Found(history_orders=(bought(100, api.ORDER_STATE_PARTIAL),)),
         Found(positions=(77,)),
-        Found(history_orders=(Order(100, api.ORDER_STATE_CANCELED, 1.1, 0),), positions=(77,)),
+        Found(
+            history_orders=(bought(100, api.ORDER_STATE_CANCELED, current=1.0),), positions=(77,)
+        ),
     ],
 )
 def test_our_order_without_visible_deals_stays_in_flight(found: Found) -> None:
-    assert settle.fills_of_orders(found, [], Side.BUY, 1.1) is None
+    assert settle.fills_with_asked(found, [], [], Side.BUY, 1.1) is None
 
 
 def test_orders_all_final_without_a_fill_settle_with_nothing_filled() -> None:
     found = Found(
         history_orders=(
-            Order(100, api.ORDER_STATE_CANCELED, 1.1, 0),
-            Order(101, api.ORDER_STATE_REJECTED, 1.1, 0),
-            Order(102, api.ORDER_STATE_EXPIRED, 1.1, 0),
+            bought(100, api.ORDER_STATE_CANCELED, current=1.0),
+            bought(101, api.ORDER_STATE_REJECTED, current=1.0),
+            bought(102, api.ORDER_STATE_EXPIRED, current=1.0),
         )
     )
-    assert settle.fills_of_orders(found, [], Side.BUY, 1.1) == []
+    assert settle.fills_with_asked(found, [], [], Side.BUY, 1.1) == []
 
 
 def test_a_monitored_order_replaces_what_the_window_showed_of_it() -> None:

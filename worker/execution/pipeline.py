@@ -343,14 +343,13 @@ class Pipeline:
     ) -> Outcome:
         """The broker knows the execution: finish from its deals, monitoring pending orders."""
         gateway: Gateway = lease.session.gateway
-        fills = settle.fills_from_deals(found.deals, plan.side, plan.requested_price)
-        if settle.needs_order_deals(found, fills):
-            deals = inquiry.deals_of_orders(gateway, found.history_orders, run)
-            shown = settle.fills_of_orders(found, deals, plan.side, plan.requested_price)
-            if shown is None:
-                raise api.TransportError("the broker shows our order but not yet its deals")
-            fills = shown
-        fills = settle.with_known(known, fills)
+        window = settle.fills_from_deals(found.deals, plan.side, plan.requested_price)
+        ask = settle.orders_to_ask(found, window, plan.side)
+        asked = inquiry.deals_of_orders(gateway, ask, run) if ask else ()
+        shown = settle.fills_with_asked(found, window, asked, plan.side, plan.requested_price)
+        if shown is None:
+            raise api.TransportError("the broker shows our order but not yet its deals")
+        fills = settle.with_known(known, shown)
         timed_out = False
         for order in found.open_orders:
             requested = plan.requested_price or order.price_open

@@ -68,9 +68,11 @@ class Order:
     filling: int
     volume_initial: float = 0.0
     volume_current: float = 0.0
+    side: Side | None = None  # None: not a market order
 
     @classmethod
     def of(cls, order: api.TradeOrder) -> Order:
+        side = {api.ORDER_TYPE_BUY: Side.BUY, api.ORDER_TYPE_SELL: Side.SELL}.get(order.type)
         return cls(
             order.ticket,
             order.state,
@@ -78,6 +80,7 @@ class Order:
             order.type_filling,
             order.volume_initial,
             order.volume_current,
+            side,
         )
 
     @property
@@ -185,26 +188,46 @@ def deals_visible(fill: Fill | None, executed: float) -> bool:
     return fill is not None and fill.volume >= executed - _VOLUME_EPSILON
 
 
-def fills_of_orders(
-    found: Found, order_deals: Iterable[Deal], side: Side, requested_price: float | None
+def uncovered(found: Found, fills: Sequence[Fill], side: Side) -> tuple[Order, ...]:
+    """Our history orders of ``side`` that executed more than ``fills`` show of them."""
+    by_order = {fill.order: fill for fill in fills}
+    return tuple(
+        order
+        for order in found.history_orders
+        if order.side is side and not deals_visible(by_order.get(order.ticket), order.executed)
+    )
+
+
+def orders_to_ask(found: Found, fills: Sequence[Fill], side: Side) -> tuple[Order, ...]:
+    """The orders whose deals are to be asked by ticket, the deals window having missed
+    them: every history order when the window showed no fill and nothing is pending, else
+    those that executed more than the window shows."""
+    if not fills and not found.open_orders:
+        return found.history_orders
+    return uncovered(found, fills, side)
+
+
+def fills_with_asked(
+    found: Found,
+    window: Sequence[Fill],
+    asked: Iterable[Deal],
+    side: Side,
+    requested_price: float | None,
 ) -> list[Fill] | None:
-    """Our order or position exists but the deals window showed no deal: the deals asked
-    by order ticket decide. None: the broker shows our order but not yet its deals (history
-    lag, a position without its deal), so the execution stays in flight.
+    """The fills of the deals window completed by the deals ``asked`` by order ticket.
 
-    Settling with nothing filled is only right when every order we sent is final without
-    a fill.
+    None: the broker shows our order but not yet (all) its deals (history lag, a position
+    without its deal), so the execution stays in flight. Settling with nothing filled is
+    only right when every order we sent is final without a fill.
     """
-    fills = fills_from_deals(order_deals, side, requested_price)
-    unfilled_final = all(order.state in UNFILLED_FINAL_STATES for order in found.history_orders)
-    if not fills and (found.positions or not unfilled_final):
+    fills = with_known(window, fills_from_deals(asked, side, requested_price))
+    if uncovered(found, fills, side):
         return None
+    if not fills and not found.open_orders:
+        unfilled_final = all(order.state in UNFILLED_FINAL_STATES for order in found.history_orders)
+        if found.positions or not unfilled_final:
+            return None
     return fills
-
-
-def needs_order_deals(found: Found, fills: Sequence[Fill]) -> bool:
-    """Found, no deal of ours in the window and nothing pending: ask by order ticket."""
-    return not fills and not found.open_orders
 
 
 def with_known(known: Sequence[Fill], shown: Sequence[Fill]) -> list[Fill]:
