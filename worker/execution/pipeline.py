@@ -17,6 +17,11 @@ The exactly-once protocol (DOMAIN.md 3):
 
 Database trouble at any point requeues the delivery: before the intent commit no order was
 sent, after it the in-flight row makes the redelivery reconcile.
+
+This module only orchestrates; the parts: ``checks`` (refusals before any send), ``plan``
+(legs; a plan rebuilt from its row), ``submit`` (intent, send, monitor), ``inquiry`` (what
+the broker knows, gathered), ``settle`` (pure: broker truth -> fills and final status),
+``finish`` (final row + outbox), ``audit`` (events, stage timings, broker calls).
 """
 
 from __future__ import annotations

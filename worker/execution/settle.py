@@ -2,9 +2,10 @@
 
 Nothing here calls the terminal or the database: the caller gathers what the broker says
 (deals, orders, positions, the reconcile result, a send's reply) into the small frozen
-reports below and acts on what these functions return. Modelled on NautilusTrader's
-execution reports (``nautilus_trader/execution/reports.py``): broker state as typed reports,
-fills derived from them.
+reports below and acts on what these functions return.
+
+Fills come from deals only (DOMAIN.md 2, after the ``order_send`` reference: a 10009
+reply's ``deal`` may be 0 and its deal recorded after the reply).
 """
 
 from __future__ import annotations
