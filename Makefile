@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint services
+.PHONY: install demo test lint services fault-results
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,dev,plot]'
+	$(BIN)/pip install --quiet -e '.[test,dev,plot,bench]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -26,3 +26,9 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy worker schemas
+	$(BIN)/lint-imports
+
+# Publish the fault suite's latest results table (written by `make test` to test-results/).
+fault-results:
+	@test -f test-results/faults.md || { echo "no test-results/faults.md: run make test first"; exit 1; }
+	cp test-results/faults.md tests/faults/RESULTS.md

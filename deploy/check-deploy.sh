@@ -7,9 +7,11 @@
 #      registry is reachable, a wheelhouse built on the host, the worker image built FROM it
 #      with deploy/Dockerfile, then smoke checks inside it (--help of every subcommand, the
 #      version, non-root user, no compiler);
-#   3. stack: rabbitmq, postgres, sim-terminal and two workers with local images under
-#      compose, the workers must turn healthy and published samples must be confirmed;
-#      then everything is torn down (containers, volumes, network).
+#   3. stack: rabbitmq, postgres, sim-terminal, the roles/migrate one-shots and two workers
+#      with local images under compose, the workers must turn healthy and published samples
+#      must be confirmed; the worker role (deploy/sql/roles.sql) must be refused ALTER and
+#      DISABLE TRIGGER; stopping the workers right after a publish must leave nothing in
+#      flight; then everything is torn down (containers, volumes, network).
 #
 # Whatever cannot run here is reported at the end under "NOT EXERCISED", and only steps that
 # ran count. Exit status: 0 when every step that ran passed, 1 otherwise.
@@ -94,7 +96,7 @@ compose_config() {
 filled_env() {
   local out
   out=$(mktemp)
-  sed -E 's/^(RABBITMQ_PASSWORD|POSTGRES_PASSWORD|MT5_BRIDGE_SECRET|GRAFANA_ADMIN_PASSWORD)=$/\1=render-only/' \
+  sed -E 's/^(RABBITMQ_PASSWORD|POSTGRES_PASSWORD|POSTGRES_OWNER_PASSWORD|POSTGRES_WORKER_PASSWORD|MT5_BRIDGE_SECRET|GRAFANA_ADMIN_PASSWORD)=$/\1=render-only/' \
     "$1" >"$out"
   echo "$out"
 }
@@ -119,8 +121,46 @@ static_compose() {
 }
 
 static_kustomize() {
-  kubectl kustomize deploy/k8s >/dev/null
-  say "deploy/k8s renders with kubectl kustomize ($(kubectl kustomize deploy/k8s | grep -c '^kind:') objects)"
+  local dir
+  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production deploy/k8s/overlays/production/migrate; do
+    kubectl kustomize "$dir" >/dev/null
+    say "$dir renders with kubectl kustomize ($(kubectl kustomize "$dir" | grep -c '^kind:') objects)"
+  done
+}
+
+# Every rendered object against the Kubernetes OpenAPI schemas (kubernetes-validate, strict,
+# 1.31: unhealthyPodEvictionPolicy is GA there), and KEDA's objects against the CRDs' own
+# schemas when KEDA_CRD_DIR points at KEDA's config/crd/bases (keda.sh_*.yaml).
+KEDA_CHECK='
+import glob, os, sys, yaml, jsonschema
+schemas = {}
+for path in glob.glob(os.path.join(os.environ["KEDA_CRD_DIR"], "*.yaml")):
+    crd = yaml.safe_load(open(path))
+    for version in crd["spec"]["versions"]:
+        schemas[(crd["spec"]["names"]["kind"], version["name"])] = version["schema"]["openAPIV3Schema"]
+checked = 0
+for doc in yaml.safe_load_all(sys.stdin):
+    if doc and doc["apiVersion"].startswith("keda.sh/"):
+        jsonschema.validate(doc, schemas[(doc["kind"], doc["apiVersion"].split("/")[1])])
+        checked += 1
+print(checked)
+'
+static_schemas() {
+  local dir out
+  if ! "$PY" -c 'import kubernetes_validate' 2>/dev/null; then
+    "$PY" -m pip install -q kubernetes-validate >/dev/null 2>&1 || { say "cannot install kubernetes-validate"; return 1; }
+  fi
+  out=$(mktemp)
+  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production; do
+    kubectl kustomize "$dir" >"$out"
+    "$PY" -m kubernetes_validate --strict --quiet -k 1.31.0 "$out" deploy/k8s/base/hpa.yaml |
+      grep -v "Couldn't find schema for kind \(ScaledObject\|TriggerAuthentication\)" && { rm -f "$out"; return 1; }
+    if [ -n "${KEDA_CRD_DIR:-}" ]; then
+      say "$dir: $(KEDA_CRD_DIR=$KEDA_CRD_DIR "$PY" -c "$KEDA_CHECK" <"$out") KEDA object(s) match KEDA's CRD schemas"
+    fi
+  done
+  rm -f "$out"
+  say "the rendered manifests match the Kubernetes 1.31 schemas (strict)"
 }
 
 # --- 2. images --------------------------------------------------------------------------------
@@ -228,6 +268,8 @@ write_stack_env() {
     -e "s|^RABBITMQ_IMAGE=.*|RABBITMQ_IMAGE=$RABBITMQ_IMAGE|" \
     -e "s|^POSTGRES_IMAGE=.*|POSTGRES_IMAGE=$POSTGRES_IMAGE|" \
     -e "s|^POSTGRES_PASSWORD=.*|POSTGRES_PASSWORD=pg$secret|" \
+    -e "s|^POSTGRES_OWNER_PASSWORD=.*|POSTGRES_OWNER_PASSWORD=po$secret|" \
+    -e "s|^POSTGRES_WORKER_PASSWORD=.*|POSTGRES_WORKER_PASSWORD=pw$secret|" \
     -e "s|^RABBITMQ_PASSWORD=.*|RABBITMQ_PASSWORD=mq$secret|" \
     -e "s|^MT5_BRIDGE_SECRET=.*|MT5_BRIDGE_SECRET=br$secret|" \
     -e "s|^GRAFANA_ADMIN_PASSWORD=.*|GRAFANA_ADMIN_PASSWORD=gf$secret|" \
@@ -283,7 +325,7 @@ sys.exit(0 if len(seen) >= n else 1)
 stack_up() {
   if ! dc up -d rabbitmq postgres sim-terminal worker-1 worker-2; then
     local service
-    for service in rabbitmq postgres sim-terminal migrate worker-1 worker-2; do
+    for service in rabbitmq postgres sim-terminal db-roles migrate db-grants worker-1 worker-2; do
       say "logs of $service:"
       dc logs --no-color --tail 15 "$service" >&2 || true
     done
@@ -301,6 +343,43 @@ stack_confirm() {
   deals=$(grep -c '"ticket"' <<<"$out" || true)
   say "sim-terminal --dump: $deals deals"
   [ "$deals" -ge 5 ] || return 1
+}
+
+# The workers log in as execution_worker (deploy/sql/roles.sql): it must not be able to
+# change the schema or switch the append-only trigger off. Each statement must be refused.
+stack_privileges() {
+  local password statement out
+  password=$(sed -n 's/^POSTGRES_WORKER_PASSWORD=//p' "$STACK_ENV")
+  for statement in \
+    "ALTER TABLE execution.executions ADD COLUMN evil int" \
+    "ALTER TABLE execution.execution_events DISABLE TRIGGER ALL" \
+    "ALTER TABLE execution.execution_events DISABLE TRIGGER execution_events_append_only" \
+    "DELETE FROM execution.execution_events"; do
+    if out=$(dc exec -T -e PGPASSWORD="$password" postgres \
+      psql -X -q -h 127.0.0.1 -U execution_worker -d execution -v ON_ERROR_STOP=1 -c "$statement" 2>&1); then
+      say "the worker role was allowed: $statement"
+      return 1
+    fi
+    grep -qiE 'permission denied|must be owner|append-only' <<<"$out" ||
+      { say "unexpected error for '$statement': $out"; return 1; }
+  done
+  say "the worker role cannot ALTER, DISABLE TRIGGER or delete audit events"
+}
+
+# A rollout with orders in flight: stopping the workers (SIGTERM, then compose's
+# stop_grace_period) right after a publish must drain them: nothing left in flight for
+# recovery, no drain timeout. (tests/integration/test_drain_process.py does the same with a
+# deliberately slow order_send.)
+stack_drain() {
+  local timeouts after
+  dc run --rm --no-deps --entrypoint execution-worker worker-1 publish --samples 3 >/dev/null
+  dc stop -t 130 worker-1 worker-2
+  after=$(dc exec -T -e PGPASSWORD="$(sed -n 's/^POSTGRES_WORKER_PASSWORD=//p' "$STACK_ENV")" postgres \
+    psql -X -qAt -h 127.0.0.1 -U execution_worker -d execution -c \
+    "SELECT count(*) FROM execution.executions WHERE state IN ('RECEIVED','VALIDATED','SUBMITTING','SUBMITTED')")
+  timeouts=$(dc logs --no-color worker-1 worker-2 2>&1 | grep -c 'drain timeout' || true)
+  say "after the stop: $after execution(s) in flight, $timeouts drain timeout(s)"
+  [ "$after" = 0 ] && [ "$timeouts" = 0 ]
 }
 
 stack_down() {
@@ -323,6 +402,9 @@ else
 fi
 if have kubectl; then
   step "kustomize" static_kustomize
+  step "kubernetes schemas" static_schemas
+  [ -n "${KEDA_CRD_DIR:-}" ] ||
+    not_exercised "KEDA's ScaledObject/TriggerAuthentication against KEDA's CRD schemas (set KEDA_CRD_DIR to KEDA's config/crd/bases)"
 else
   not_exercised "kubectl kustomize deploy/k8s (no kubectl); tests/unit/test_deploy.py checks structure"
 fi
@@ -359,6 +441,8 @@ else
       step "stack up and healthy" stack_up
       if [ ${#FAILED[@]} -eq 0 ]; then
         step "samples published and confirmed" stack_confirm
+        step "worker role least privilege" stack_privileges
+        step "stop drains in-flight orders" stack_drain
       else
         not_exercised "publish and confirm: the stack did not become healthy"
       fi

@@ -8,7 +8,6 @@ read, so that the caller can answer with a REJECTED confirmation instead of a de
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -33,9 +32,6 @@ DEFAULT_PARSE_TIMEOUT_SECONDS = 1.0
 # RPM's host and ours). Further ahead is an invalid field: a future stamp would stretch the
 # approval's time-to-live by the same amount.
 MAX_FUTURE_SKEW_SECONDS = 5.0
-# No real order is this large (1e15 units = 10 billion lots of EURUSD); beyond it the size is
-# hostile, and the lot arithmetic's 28-digit decimals would overflow.
-MAX_POSITION_UNITS = 1e15
 JSON_CONTENT_TYPES = frozenset({"application/json", "text/json", "application/x-json"})
 UTF8_ENCODINGS = frozenset({"utf-8", "utf8", "identity"})
 MAX_ERROR_DETAIL = 500
@@ -178,16 +174,17 @@ class _Budget:
         self._seconds = seconds
         self._deadline = clock() + seconds
 
-    def check(self, stage: str) -> None:
+    def check(self, stage: str, **context: Any) -> None:
         if self._clock() > self._deadline:
             raise InvalidMessage(
-                "parse_timeout", "body", f"{stage} exceeded the {self._seconds:g} s parse budget"
+                "parse_timeout",
+                "body",
+                f"{stage} exceeded the {self._seconds:g} s parse budget",
+                **context,
             )
 
 
-def _decode_json(
-    body: bytes, props: MessageProperties, limits: ParseLimits, budget: _Budget
-) -> Any:
+def _decode_json(body: bytes, props: MessageProperties, limits: ParseLimits) -> Any:
     if props.content_type and props.content_type.split(";")[0].strip().lower() not in (
         JSON_CONTENT_TYPES
     ):
@@ -201,7 +198,6 @@ def _decode_json(
     except UnicodeDecodeError as exc:
         raise InvalidMessage("not_utf8", "body", f"not UTF-8 at byte {exc.start}") from None
     _check_structure(text, limits.max_depth, limits.max_elements)
-    budget.check("the structure scan")
     try:
         document = json.loads(
             text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
@@ -210,7 +206,6 @@ def _decode_json(
         raise InvalidMessage("too_deep", "body", "JSON nesting is too deep") from None
     except ValueError as exc:
         raise InvalidMessage("not_json", "body", str(exc)) from None
-    budget.check("JSON decoding")
     return document
 
 
@@ -248,26 +243,6 @@ def _symbol_of(decision: Any) -> str | None:
         if isinstance(trade, dict) and isinstance(trade.get("symbol"), str):
             symbol: str = trade["symbol"]
             return symbol[:32]
-    return None
-
-
-def _lax_trade_field(decision: Any) -> tuple[str, str] | None:
-    """Refuse what pydantic's lax mode would coerce in the two fields that make an order.
-
-    ``"direction": true`` or ``"-1"`` would become a side, ``"position_units": "95000"`` or
-    ``true`` a size; the RPM writes JSON numbers, so anything else is a malformed approval.
-    """
-    trade = decision.get("approved_trade") if isinstance(decision, dict) else None
-    if not isinstance(trade, dict):
-        return None
-    if "direction" in trade and type(trade["direction"]) is not int:
-        return "decision.approved_trade.direction", "must be the JSON integer 1 or -1"
-    units = trade.get("position_units")
-    if "position_units" in trade and type(units) not in (int, float):
-        return "decision.approved_trade.position_units", "must be a JSON number"
-    # (infinities are left to the model: "must be finite")
-    if isinstance(units, int | float) and MAX_POSITION_UNITS < abs(units) < math.inf:
-        return "decision.approved_trade.position_units", f"larger than {MAX_POSITION_UNITS:g}"
     return None
 
 
@@ -338,7 +313,7 @@ def _parse(
             idempotency_key=_valid_message_id(props),
         )
     try:
-        document = _decode_json(body, props, limits, budget)
+        document = _decode_json(body, props, limits)
     except InvalidMessage as exc:
         exc.idempotency_key = _valid_message_id(props)
         raise
@@ -355,9 +330,9 @@ def _parse(
         )
     if b"\\u0000" in body:  # PostgreSQL text cannot hold NUL: refused, with the key known
         raise InvalidMessage("nul_character", "body", "a string contains \\u0000", **context)
-    lax = _lax_trade_field(raw_decision)
-    if lax is not None:
-        raise InvalidMessage("invalid_field", *lax, **context)
+    # The key is known before any budget applies: a parse that overruns is refused under the
+    # same key as every other outcome of this approval, never under a second one.
+    budget.check("JSON decoding", **context)
     try:
         if shape == "rpm_output":
             output = RPMOutput.model_validate(document)
@@ -376,7 +351,7 @@ def _parse(
         raise InvalidMessage(
             "invalid_field", "body", f"{type(exc).__name__}: {exc}", **context
         ) from None
-    budget.check("validation")
+    budget.check("validation", **context)
 
     trade = decision.approved_trade
     if decision.status in (DecisionStatus.APPROVED, DecisionStatus.ADJUSTED) and trade is None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from worker.config import ConfigError
+from worker.errors import ExitCode
 
 Configure = Callable[[argparse.ArgumentParser], None]
 
@@ -189,14 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     function = _resolve(args.handler)
     if function is None:
         print(f"execution-worker {args.command}: not implemented yet", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     try:
         return function(args)
     except ConfigError as exc:
         print(f"execution-worker: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.CONFIG
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from schemas.identity import MAX_DEPLOYMENT_MAGIC
+from worker.errors import WorkerError
 
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -28,6 +31,8 @@ MASK = "***"
 _SECRET_QUERY = re.compile(
     r"((?:pass\w*|secret\w*)['\"]?\s*(?:=|%3D|:|%3A)\s*['\"]?)[^&'\",}]*", re.I
 )
+# SERVER_TIMEZONE: a standard offset from UTC and an optional DST rule (worker/mt5/gateway/clock.py)
+SERVER_TIMEZONE_PATTERN = r"(?:UTC|GMT)(?:([+-])(\d{1,2})(?::(00|15|30|45))?)?(?:/(US|EU)-DST)?"
 DEFAULT_PIP_SIZES = {"XAUUSD": 0.1, "XAGUSD": 0.01, "US500": 1.0, "BTCUSD": 1.0}
 
 
@@ -48,8 +53,20 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 
 
-class ConfigError(Exception):
+class ConfigError(WorkerError):
     """A setting is invalid; the message is one line, safe to print."""
+
+
+# A handler's longest path after its claim: order_send and its retries, the database
+# commits and the confirmation's publish; generous, since the drain only ends early.
+HANDLER_MARGIN_SECONDS = 30.0
+
+
+def drain_default_seconds(order_timeout: float, claim_timeout: float, grace: float) -> float:
+    """The default SIGTERM drain: the longest a handler holds a delivery (claim a session,
+    watch a placed order for ``order_timeout``, the reconcile grace, then commit and publish).
+    Defaults: 5 + 60 + 5 + 30 = 100 s; the orchestrators' grace periods must be longer."""
+    return claim_timeout + order_timeout + grace + HANDLER_MARGIN_SECONDS
 
 
 class Settings(BaseModel):
@@ -85,11 +102,22 @@ class Settings(BaseModel):
     hedging_close_opposite: bool = True
 
     # broker
-    magic: int = Field(default=26112501, ge=0, lt=2**63)
+    magic: int = Field(
+        default=26112501,
+        ge=1,
+        le=MAX_DEPLOYMENT_MAGIC,
+        description="the deployment part of every order's magic (schemas/identity.py)",
+    )
     order_timeout_seconds: float = Field(default=60.0, gt=0)
     max_send_attempts: int = Field(default=3, ge=1, le=10)
     reconcile_grace_seconds: float = Field(default=5.0, ge=0)
     server_utc_offset_seconds: int | None = None
+    server_timezone: str | None = Field(
+        default=None,
+        pattern=f"^{SERVER_TIMEZONE_PATTERN}$",
+        description="the trade server's zone, e.g. GMT+2/US-DST (GMT+2, +3 during US DST); "
+        "instead of SERVER_UTC_OFFSET_SECONDS; unset: learned from ticks",
+    )
 
     # per-symbol tables (from the TOML file)
     pip_sizes: dict[str, float] = Field(
@@ -111,10 +139,37 @@ class Settings(BaseModel):
     delivery_limit: int = Field(
         default=20, ge=1, description="deliveries before dead-lettering (requeues count too)"
     )
-    drain_timeout_seconds: float = Field(default=30.0, ge=0)
+    drain_timeout_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        description="SIGTERM drain; default: the longest handler (drain_default_seconds)",
+    )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     parse_timeout_seconds: float = Field(default=1.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _one_server_clock(self) -> Settings:
+        if self.server_utc_offset_seconds is not None and self.server_timezone is not None:
+            raise ValueError("set SERVER_UTC_OFFSET_SECONDS or SERVER_TIMEZONE, not both")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drain_outlasts_a_handler(cls, data: Any) -> Any:
+        """Unless set, the drain waits as long as one handler can hold a delivery: a shorter
+        drain turns a slow order into a recovery case on every rollout."""
+        if not isinstance(data, dict) or data.get("drain_timeout_seconds") not in (None, ""):
+            return data
+        try:
+            drain = drain_default_seconds(
+                float(data.get("order_timeout_seconds", 60.0)),
+                float(data.get("claim_timeout_seconds", 5.0)),
+                float(data.get("reconcile_grace_seconds", 5.0)),
+            )
+        except (TypeError, ValueError):
+            return data  # the field's own validation names the bad value
+        return {**data, "drain_timeout_seconds": drain}
 
     def public(self) -> dict[str, Any]:
         """The settings as they may be printed: URLs masked, secrets hidden."""

@@ -16,9 +16,9 @@ from worker.execution.outcome import Handler, Outbox, Outcome, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5.api import Terminal
 from worker.mt5.gateway import Gateway
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec, load_session_specs
 from worker.observability import metrics
+from worker.pool.pool import SessionPool
 from worker.store.store import ExecutionRow, Store
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gat
             pip_sizes=settings.pip_sizes,
             max_tick_age_seconds=settings.max_tick_age_seconds,
             server_utc_offset_seconds=settings.server_utc_offset_seconds,
+            server_timezone=settings.server_timezone,
             max_attempts=settings.max_send_attempts,
         )
 
@@ -92,13 +93,15 @@ class Service:
 
         def pool_state() -> metrics.PoolState:
             health = self.pool.health()
-            return metrics.PoolState(health.size, health.in_use, health.unhealthy)
+            unhealthy = tuple((s.id, s.state in ("reconnecting", "down")) for s in health.sessions)
+            return metrics.PoolState(health.size, health.in_use, health.unhealthy, unhealthy)
 
         def outbox_state() -> metrics.OutboxState:
             return metrics.OutboxState(*self.store.outbox_backlog())
 
         metrics.register_pool_state(pool_state)
         metrics.register_outbox_state(outbox_state)
+        metrics.register_in_flight_state(lambda: metrics.InFlightState(*self.store.in_flight_age()))
 
     @property
     def handler(self) -> Handler:
@@ -124,6 +127,7 @@ class Service:
         for row in rows:
             outcome = self.pipeline.resume(row)
             kind = "settled" if isinstance(outcome, Publish) else "still in flight"
+            metrics.record_recovery(settled=isinstance(outcome, Publish))
             log.warning("recovery: execution %s %s", row.execution_id, kind)
             results.append((row, outcome))
         return results

@@ -25,14 +25,12 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from worker.amqp.runtime import EXIT_ACCESS_REFUSED, EXIT_TOPOLOGY_MISMATCH, runtime_from_settings
+from worker.amqp.runtime import runtime_from_settings
 from worker.config import ConfigError, Settings, load_settings, mask_url
+from worker.errors import FATAL, ExitCode
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG = 2
-EXIT_START_FAILED = 4
-FATAL_EXIT_CODES = frozenset({EXIT_CONFIG, EXIT_ACCESS_REFUSED, EXIT_TOPOLOGY_MISMATCH})
 SUPERVISED_ENV = "EXECUTION_WORKER_SUPERVISED"  # set for children: the supervisor serves health
 RESTART_MIN_SECONDS = 0.5
 RESTART_MAX_SECONDS = 30.0
@@ -70,7 +68,7 @@ def run_worker(settings: Settings) -> int:
         service = Service.start(settings)
     except Exception as exc:
         log.error("cannot start the service: %s: %s", type(exc).__name__, exc)
-        return EXIT_START_FAILED
+        return ExitCode.START_FAILED
     health: HealthServer | None = None
     try:
         if not os.environ.get(SUPERVISED_ENV):
@@ -177,7 +175,7 @@ def supervise(count: int, settings: Settings) -> int:
                     child.process = None
                     if stopping.is_set():
                         continue
-                    if code in FATAL_EXIT_CODES:
+                    if code in FATAL:
                         log.error("worker %d exited %d: not restarting; stopping", child.slot, code)
                         fatal.append(code)
                         stopping.set()

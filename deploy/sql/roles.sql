@@ -67,11 +67,12 @@ GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA execution TO :"worker_role";
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA execution TO :"worker_role";
 
 -- UPDATE only where the pipeline updates: execution rows (intent -> final state) and the
--- outbox (published_at). Never execution_events (append-only audit), never DELETE/TRUNCATE.
+-- outbox (published_at, and the retry backoff: attempts, next_attempt_at). Never
+-- execution_events (append-only audit), never DELETE/TRUNCATE.
 SELECT to_regclass('execution.executions') IS NOT NULL AS migrated \gset
 \if :migrated
 GRANT UPDATE ON execution.executions TO :"worker_role";
-GRANT UPDATE (published_at) ON execution.outbox TO :"worker_role";
+GRANT UPDATE (published_at, attempts, next_attempt_at) ON execution.outbox TO :"worker_role";
 REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
   ON execution.execution_events, execution.schema_migrations FROM :"worker_role";
 REVOKE DELETE, TRUNCATE, REFERENCES, TRIGGER

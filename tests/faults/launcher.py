@@ -107,7 +107,7 @@ def _during_order_send(trigger: Trigger) -> None:
 
 def install(point: str, at: int) -> None:
     """Arm the kill at ``point`` on its ``at``-th call."""
-    from worker.amqp.runtime import AmqpRuntime
+    from worker.amqp.deliveries import Deliveries
     from worker.execution.pipeline import Pipeline
     from worker.store.store import Store
 
@@ -123,7 +123,7 @@ def install(point: str, at: int) -> None:
     elif point == "after_commit":
         _after(Store, "finish", trigger)
     elif point == "after_publish":
-        _before(AmqpRuntime, "_settle", trigger, lambda *_a, ack, **_k: bool(ack))
+        _before(Deliveries, "settle", trigger, lambda *_a, ack, **_k: bool(ack))
     else:
         raise SystemExit(f"fault launcher: unknown {POINT_ENV}={point!r}; one of {POINTS}")
 

@@ -6,22 +6,16 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
 
+from tests.ports import restartable_port
+
 ROOT = Path(__file__).resolve().parents[2]
 CLI = (sys.executable, "-m", "worker.cli")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def base_env() -> dict[str, str]:
@@ -44,7 +38,7 @@ class SimTerminalProcess:
         self.state = directory / f"{name}.db"
         self.config = config
         self.secret = secret
-        self.port = free_port()
+        self.port = restartable_port()  # it restarts on this port
         self.log_path = directory / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 

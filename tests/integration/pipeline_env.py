@@ -16,9 +16,9 @@ from worker.config import Settings, load_settings
 from worker.execution.outcome import Delivery, Outcome, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
+from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
 from worker.store.store import Store
 

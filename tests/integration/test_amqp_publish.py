@@ -15,8 +15,8 @@ from worker import cli
 from worker.amqp.runtime import to_message_properties
 from worker.amqp.topology import REQUESTS_QUEUE, requests_queue_arguments
 from worker.config import Settings
+from worker.errors import ExitCode
 from worker.tools.publish import (
-    EXIT_BROKER,
     OutgoingMessage,
     PublishError,
     publish_messages,
@@ -100,7 +100,7 @@ def test_a_mismatched_queue_is_reported_not_a_traceback(
         side.channel.queue_declare(
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9)
         )
-    assert cli.main(["publish", "--samples", "1"]) == EXIT_BROKER
+    assert cli.main(["publish", "--samples", "1"]) == ExitCode.BROKER_UNREACHABLE
     error = capsys.readouterr().err
     declared = Settings().delivery_limit  # the default the CLI declares
     assert "x-delivery-limit" in error and f"declares {declared}" in error and "has 9" in error
@@ -110,7 +110,7 @@ def test_an_unreachable_broker_is_one_line_without_the_password(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("RABBITMQ_URL", "amqp://guest:s3cret-pw@127.0.0.1:1/%2F")
-    assert cli.main(["publish", "--samples", "1"]) == EXIT_BROKER
+    assert cli.main(["publish", "--samples", "1"]) == ExitCode.BROKER_UNREACHABLE
     error = capsys.readouterr().err
     assert "s3cret-pw" not in error
     assert "guest:***@127.0.0.1:1" in error

@@ -17,6 +17,7 @@ from dataclasses import replace
 import pika
 import pika.exceptions
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.integration.test_amqp_support import (
     Running,
@@ -28,7 +29,7 @@ from tests.integration.test_amqp_support import (
     settled_ready,
     wait_until,
 )
-from worker.amqp.runtime import EXIT_OK, EXIT_TOPOLOGY_MISMATCH, AmqpRuntime, RuntimeOptions
+from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -36,6 +37,7 @@ from worker.amqp.topology import (
     REQUESTS_QUEUE,
     requests_queue_arguments,
 )
+from worker.errors import ExitCode
 from worker.execution.outcome import (
     CONFIRMATION_SCHEMA_HEADER,
     DeadLetter,
@@ -44,6 +46,7 @@ from worker.execution.outcome import (
     Publish,
     Requeue,
 )
+from worker.observability import metrics
 
 NAMESPACE = uuid.UUID("0b3c3f4e-2f1a-4c55-9d0e-6b1f0a7e5c21")
 OPTIONS = RuntimeOptions(
@@ -159,7 +162,7 @@ def make_runtime(vhost_url: str) -> Iterator[Factory]:
 def test_topology_is_declared_idempotently(vhost_url: str, make_runtime: Factory) -> None:
     for _ in range(2):
         runtime, _, _ = make_runtime()
-        assert Running(runtime).start().stop() == EXIT_OK
+        assert Running(runtime).start().stop() == ExitCode.OK
     with broker(vhost_url) as side:
         ch = side.channel
         # re-declaring with the contract's arguments is accepted: they are what exists
@@ -178,7 +181,7 @@ def test_a_queue_with_other_arguments_is_a_one_line_error(
     with broker(vhost_url) as side:
         side.declare_queue(REQUESTS_QUEUE)  # classic, no delivery limit
     runtime, _, _ = make_runtime()
-    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert Running(runtime).start(wait_consuming=False).join() == ExitCode.TOPOLOGY_MISMATCH
     assert runtime.error is not None
     assert "\n" not in runtime.error
     assert "queue 'execution.requests' exists with a different x-" in runtime.error
@@ -192,7 +195,7 @@ def test_a_different_delivery_limit_names_both_values(
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9)
         )
     runtime, _, _ = make_runtime()
-    assert Running(runtime).start(wait_consuming=False).join() == EXIT_TOPOLOGY_MISMATCH
+    assert Running(runtime).start(wait_consuming=False).join() == ExitCode.TOPOLOGY_MISMATCH
     assert runtime.error == (
         "queue 'execution.requests' exists with a different x-delivery-limit: the worker "
         "declares 3, the existing queue has 9; set DELIVERY_LIMIT to the existing value, "
@@ -216,7 +219,7 @@ def test_confirmations_are_published_then_requests_acked(
         got = side.take("observer", 6)
         replies = side.take("rpm.replies", 1)
         wait_until(lambda: outbox.published == {execution_id(m) for m in ids}, "marks")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
     assert sorted(m.properties.message_id for m in got) == sorted(str(execution_id(m)) for m in ids)
     for message in got:
         assert message.routing_key == "confirmation.filled.EURUSD"
@@ -249,7 +252,7 @@ def test_an_unroutable_confirmation_keeps_its_request_until_the_outbox_delivers_
         wait_until(lambda: runtime.stats.acked == 1, "the parked request's ack")
     assert got[0].properties.message_id == str(execution_id("order-unroutable"))
     wait_until(lambda: outbox.published == {execution_id("order-unroutable")}, "the mark")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert runtime.stats.requeued == 0
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
@@ -265,7 +268,7 @@ def test_a_vanished_reply_queue_does_not_block_the_ack(
         side.take("observer", 1)
         wait_until(lambda: runtime.stats.acked == 1, "the ack")
     assert runtime.stats.reply_returned == 1
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
 
@@ -284,7 +287,7 @@ def test_dead_letter_outcome_keeps_body_and_properties_with_the_reason(
     assert headers["x-rejection-details"] == "neither order_id nor message_id"
     assert headers["k"] == "v"
     assert dead[0].properties.content_type == "application/json"
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
 
@@ -295,7 +298,7 @@ def test_requeue_redelivers_with_the_delivery_count(vhost_url: str, make_runtime
         side.bind_confirmations("observer")
         side.publish(b"{}", message_id="order-q", headers={"test-action": "requeue-once"})
         side.take("observer", 1)
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     first, second = pipeline.seen
     assert (first.redelivered, first.delivery_count) == (False, None)
     assert (second.redelivered, second.delivery_count) == (True, 1)
@@ -314,7 +317,7 @@ def test_a_handler_that_raises_is_dead_lettered_by_the_delivery_limit(
         # the worker survived: the next message is executed normally
         side.publish(b"{}", message_id="healthy")
         confirmed = side.take("observer", 1)
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert dead[0].properties.message_id == "poison"
     assert runtime.stats.handler_errors == 3  # first delivery + delivery limit of 2
     assert ids_of(confirmed) == [str(execution_id("healthy"))]
@@ -331,7 +334,7 @@ def test_the_outbox_is_swept_at_start_up(vhost_url: str, make_runtime: Factory) 
         running = Running(runtime).start()
         got = side.take("observer", 3)
         wait_until(lambda: len(outbox.published) == 3, "marks")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert sorted(ids_of(got)) == sorted(str(p.execution_id) for p in left_over)
 
 
@@ -358,7 +361,7 @@ def test_broker_loss_mid_stream_loses_and_doubles_nothing(
 
         wait_until(all_confirmed, "every confirmation")
     wait_until(lambda: outbox.unpublished(100) == [], "the outbox to drain")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     # every request confirmed and acked; copies (same message_id) are allowed, orders not
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
     assert set(pipeline.orders.values()) == {1}
@@ -380,7 +383,7 @@ def test_a_result_from_a_dead_channel_is_not_acked_on_the_new_one(
     wait_until(lambda: runtime.stats.acked == 1, "the redelivery's ack")
     pipeline.release.set()
     wait_until(lambda: runtime.stats.stale_results == 1, "the stale result")
-    assert running.stop() == EXIT_OK
+    assert running.stop() == ExitCode.OK
     assert runtime.stats.acked == 1
     assert pipeline.seen[1].redelivered
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
@@ -399,7 +402,7 @@ def test_stop_finishes_in_flight_messages_and_leaves_the_rest_queued(
         runtime.stop()
         wait_until(lambda: not runtime.consuming.is_set(), "the consumer to stop")
         pipeline.release.set()
-        assert running.join() == EXIT_OK
+        assert running.join() == ExitCode.OK
         confirmed = side.drain("observer")
     assert len(confirmed) == 2
     assert runtime.stats.acked == 2
@@ -413,8 +416,63 @@ def test_the_drain_timeout_requeues_what_is_stuck(vhost_url: str, make_runtime: 
         with broker(vhost_url) as side:
             side.publish(b"{}", message_id="order-stuck", headers={"test-action": "block"})
         wait_until(lambda: pipeline.started() == 1, "the delivery")
-        assert running.stop() == EXIT_OK
+        assert running.stop() == ExitCode.OK
         assert runtime.stats.requeued == 1
         settled_ready(vhost_url, REQUESTS_QUEUE, 1)
     finally:
         pipeline.release.set()
+
+
+def test_a_consumer_cancelled_by_the_broker_is_handled_like_a_lost_channel(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    """Issue 18 item 13: the queue deleted under the consumer (Basic.Cancel) must not leave
+    the worker "ready" with nothing arriving; it re-declares and consumes again."""
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    not_ready = threading.Event()
+    clear = runtime.consuming.clear
+
+    def record_clear() -> None:
+        clear()
+        not_ready.set()
+
+    runtime.consuming.clear = record_clear  # type: ignore[method-assign]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.channel.queue_delete(REQUESTS_QUEUE)
+        wait_until(not_ready.is_set, "readiness to drop after the broker's cancel")
+        wait_until(runtime.consuming.is_set, "the runtime to consume again")
+        side.channel.queue_declare(REQUESTS_QUEUE, passive=True)  # re-declared by the runtime
+        side.publish(b"{}", message_id="after-cancel")
+        got = side.take("observer", 1)
+    assert ids_of(got) == [str(execution_id("after-cancel"))]
+    assert runtime.stats.consumer_cancels == 1
+    assert running.stop() == ExitCode.OK
+    assert pipeline.orders[execution_id("after-cancel")] == 1
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_the_heartbeat_refreshes_the_callback_gauges(vhost_url: str, make_runtime: Factory) -> None:
+    """Issue 18 item 12: a ``run --processes N`` child serves no /metrics, so only its own
+    loop can set the session and outbox gauges; nobody calls ``metrics.refresh`` here."""
+    metrics.clear_state_readers()
+    metrics.OUTBOX_BACKLOG.set(0)
+    metrics.SESSIONS_IN_USE.set(0)
+    backlog = [7]
+    metrics.register_outbox_state(lambda: metrics.OutboxState(backlog[0], 1.5))
+    metrics.register_pool_state(lambda: metrics.PoolState(size=3, in_use=2, unhealthy=0))
+    try:
+        runtime, _, _ = make_runtime()
+        running = Running(runtime).start()
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 7, "the outbox gauge")
+        wait_until(lambda: gauge("execution_worker_sessions_in_use") == 2, "the session gauge")
+        backlog[0] = 11  # and it keeps refreshing (every metrics_refresh_seconds, 5 s)
+        wait_until(lambda: gauge("execution_worker_outbox_backlog") == 11, "a later refresh")
+        assert running.stop() == ExitCode.OK
+    finally:
+        metrics.clear_state_readers()
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)

@@ -22,6 +22,7 @@ from tests.integration.test_bridge_helpers import (
     open_config,
     served,
 )
+from tests.ports import restartable_port
 from worker.mt5 import api
 from worker.mt5.bridge.client import (
     BridgeConnection,
@@ -310,7 +311,7 @@ def _eventually(check: object, attempts: int = 200) -> bool:
 def test_a_stopped_server_is_a_transport_error_and_the_client_reconnects(
     sim: SimTerminal,
 ) -> None:
-    with served(sim, SECRET) as first:
+    with served(sim, SECRET, port=restartable_port()) as first:
         host, port = first.address
         terminal = BridgeTerminal(f"{host}:{port}", SECRET, connect_timeout=1)
         assert terminal.initialize()

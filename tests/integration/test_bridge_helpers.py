@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from tests.ports import restartable_port
 from worker.mt5 import api
 from worker.mt5.bridge.client import BridgeServer
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
@@ -122,10 +123,12 @@ def start_sim_terminal(
     state: Path,
     secret: str,
     *,
-    port: int = 0,
+    port: int | None = None,
     config: str = OPEN_MARKETS_TOML,
     name: str = "sim",
 ) -> SimProcess:
+    if port is None:
+        port = restartable_port()  # a test may restart it on this port
     config_path = tmp / f"{name}.toml"
     config_path.write_text(config, encoding="utf-8")
     log = tmp / f"{name}-{port}-{os.urandom(3).hex()}.log"

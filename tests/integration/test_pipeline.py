@@ -234,6 +234,8 @@ def test_broker_rejection_is_final_and_reported(env: PipelineEnv) -> None:
 
 
 def test_requote_is_retried_with_a_fresh_price(env: PipelineEnv) -> None:
+    # instant execution fills market orders FOK (DOMAIN.md 2): allowed here, so no 10030
+    env.sim.update_symbol("GBPUSD", filling_mode=api.SYMBOL_FILLING_FOK)
     env.sim.set_faults(scripted=("requote",))
     confirmation = env.confirm(approval("GBPUSD", 1, 100_000.0))
     assert confirmation["status"] == "FILLED" and confirmation["attempts"] == 2

@@ -20,10 +20,10 @@ from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from worker.execution.outcome import Delivery, Requeue
 from worker.execution.pipeline import Pipeline
+from worker.mt5 import api
 from worker.mt5.sim.terminal import SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
-KEPT_COMMENT = 16  # what some servers keep of an order's comment (MQL5 reference example)
 
 
 @pytest.fixture
@@ -33,26 +33,50 @@ def env(new_database: Callable[[], str]) -> Iterator[PipelineEnv]:
         yield built
 
 
-def cut_comments(env: PipelineEnv) -> None:
-    """The simulated server keeps only 16 characters of comments on what it reports, so
-    finding our orders by comment token (reconcile) sees nothing of them."""
-    for name in ("orders_get", "positions_get", "history_orders_get", "history_deals_get"):
-        read = getattr(env.sim, name)
+class ListsLagOnFirstFill:
+    """The server's lists lag behind its replies: once the first order has filled, the list
+    queries (open orders and positions by symbol, history by date range) do not show that
+    order, its deals or its position; queries by ticket do. So reconcile finds nothing of
+    the first leg, whatever the identification rule."""
 
-        def cut(*args: Any, _read: Any = read, **kwargs: Any) -> Any:
-            items = _read(*args, **kwargs)
-            if items is None:
-                return None
-            return tuple(item._replace(comment=item.comment[:KEPT_COMMENT]) for item in items)
+    def __init__(self, env: PipelineEnv) -> None:
+        self.sim = env.sim
+        self.hidden: set[int] = set()
+        send = env.sim.order_send
 
-        setattr(env.sim, name, cut)
+        def order_send(request: dict[str, Any]) -> Any:
+            result = send(request)
+            if result is not None and result.retcode == 10009 and not self.hidden:
+                self.hidden.add(result.order)
+            return result
+
+        env.sim.order_send = order_send  # type: ignore[method-assign]
+        for name in ("orders_get", "positions_get", "history_orders_get", "history_deals_get"):
+            setattr(env.sim, name, self._lagging(getattr(env.sim, name)))
+
+    def _lagging(self, read: Callable[..., Any]) -> Callable[..., Any]:
+        def lagging(*args: Any, **kwargs: Any) -> Any:
+            items = read(*args, **kwargs)
+            if items is None or "ticket" in kwargs:
+                return items
+            return tuple(item for item in items if not self._of_hidden(item))
+
+        return lagging
+
+    def _of_hidden(self, item: Any) -> bool:
+        if isinstance(item, api.TradeDeal):
+            return item.order in self.hidden
+        if isinstance(item, api.TradePosition):
+            return item.identifier in self.hidden
+        return bool(item.ticket in self.hidden)
 
 
 def test_an_unknown_later_leg_does_not_resend_the_filled_first_leg(env: PipelineEnv) -> None:
-    cut_comments(env)
+    lag = ListsLagOnFirstFill(env)
     # leg 1 fills; leg 2 gets no result and was not executed
     env.sim.set_faults(scripted=("ok", "no_result"))
     confirmation = env.confirm(approval("EURUSD", 1, 100_000.0))
+    lag.hidden.clear()
     deals = env.deals()
     assert sum(deal.volume for deal in deals) == pytest.approx(1.0)  # not 1.5
     assert len(deals) == 2
@@ -66,9 +90,10 @@ def test_a_give_up_after_an_unknown_later_leg_reports_the_known_fill(
 ) -> None:
     with pipeline_env(new_database(), RICH, max_send_attempts=1) as env:
         env.sim.update_symbol("EURUSD", volume_max=0.5)
-        cut_comments(env)
+        lag = ListsLagOnFirstFill(env)
         env.sim.set_faults(scripted=("ok", "no_result"))
         confirmation = env.confirm(approval("EURUSD", 1, 100_000.0))
+        lag.hidden.clear()
         (deal,) = env.deals()
         assert confirmation["executed_lots"] == pytest.approx(0.5)
         assert confirmation["broker_deals"] == [deal.ticket]

@@ -29,8 +29,8 @@ from tests.integration.test_bridge_helpers import (
     start_sim_terminal,
 )
 from worker.mt5 import api
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
+from worker.pool.pool import SessionPool
 
 CLAIMS_PER_THREAD = 15
 THREADS = 3

@@ -199,6 +199,20 @@ def wrong_encoding(rng: random.Random) -> Made:
     return json.dumps(doc).encode("latin-1", errors="replace") + b"\xff", "dead", {}
 
 
+WRONG_FLAGS: tuple[Any, ...] = ("false", "true", 0, 1, 0.0, "0", "no", "", None, [], {})
+
+
+def wrong_flag_type(rng: random.Random) -> Made:
+    """A kill switch or halt flag that is not a JSON boolean: refused, never read as False."""
+    doc = _approval(rng)
+    value = rng.choice(WRONG_FLAGS)
+    if rng.random() < 0.5:
+        doc["decision"]["kill_switch_triggered"] = value
+    else:
+        doc.setdefault("portfolio_state", {})["trading_halted"] = value
+    return _encode(doc), "confirm", {}
+
+
 def missing_key(rng: random.Random) -> Made:
     """No usable order_id. With a message_id the key is readable; the kill switch then
     refuses it (a valid approval keyed by its message_id WOULD trade, rightly)."""
@@ -248,6 +262,7 @@ KINDS: tuple[Callable[[random.Random], Made], ...] = (
     duplicated_keys,
     wrong_content_type,
     wrong_encoding,
+    wrong_flag_type,
     missing_key,
     refused_by_rpm,
     wrong_shape,

@@ -224,11 +224,24 @@ def test_too_many_values_are_refused_before_json_loads() -> None:
     assert parse(body, limits=ParseLimits(max_elements=3000)).idempotency_key == "rpm-lim"
 
 
-def test_the_parse_budget_refuses_a_parse_that_overran() -> None:
+def test_the_parse_budget_refuses_a_parse_that_overran_under_the_approvals_own_key() -> None:
+    """A budget overrun is refused under decision.order_id, never the AMQP message_id: a later
+    copy of the same approval must meet the same key (and so the recorded answer)."""
     ticks = iter(range(0, 100, 2))  # every clock reading is 2 s later than the one before
+    props = MessageProperties(content_type="application/json", message_id="amqp-mid-1")
     with pytest.raises(InvalidMessage) as info:
-        parse(samples.body(_message()), parse_timeout_seconds=1.0, clock=lambda: next(ticks))
-    assert info.value.code == "parse_timeout" and info.value.idempotency_key is None
+        parse_request(
+            samples.body(_message()),
+            props,
+            received_at=datetime.now(UTC),
+            parse_timeout_seconds=1.0,
+            clock=lambda: next(ticks),
+        )
+    assert info.value.code == "parse_timeout"
+    assert info.value.idempotency_key == _message()["decision"]["order_id"]
+    assert parse_request(
+        samples.body(_message()), props, received_at=datetime.now(UTC)
+    ).idempotency_key == (info.value.idempotency_key)
 
 
 def test_size_limit_is_configurable() -> None:

@@ -42,9 +42,9 @@ from worker.config import load_settings
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
-from worker.mt5.pool import SessionPool
 from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
+from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
 from worker.store.migrate import apply_migrations
 from worker.store.store import Store
@@ -89,7 +89,7 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
         yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
@@ -163,6 +163,8 @@ def test_the_worker_role_runs_the_real_pipeline(
     assert {p.execution_id for p in pending} == {
         o.execution_id for o in outcomes.values() if isinstance(o, Publish)
     }
+    store.mark_failed([pending[0].execution_id])  # refused by the broker: backs off
+    assert pending[0].execution_id not in {p.execution_id for p in store.unpublished(10)}
     store.mark_published([p.execution_id for p in pending])
     assert store.unpublished(10) == [] and store.outbox_backlog()[0] == 0
     assert store.ping()
@@ -192,6 +194,16 @@ FORBIDDEN = (
     "DROP SCHEMA execution CASCADE",
     "CREATE FUNCTION execution.evil() RETURNS int LANGUAGE sql AS 'SELECT 1'",
     "CREATE INDEX evil ON execution.executions (symbol)",
+    # ALTER on every table, and every way to switch the append-only trigger off
+    "ALTER TABLE execution.outbox ADD COLUMN evil int",
+    "ALTER TABLE execution.execution_events ALTER COLUMN stage DROP NOT NULL",
+    "ALTER TABLE execution.schema_migrations ADD COLUMN evil int",
+    "ALTER TABLE execution.execution_events DISABLE TRIGGER ALL",
+    "ALTER TABLE execution.execution_events DISABLE TRIGGER USER",
+    "ALTER TABLE execution.execution_events ENABLE REPLICA TRIGGER execution_events_append_only",
+    "ALTER TABLE execution.execution_events OWNER TO CURRENT_USER",
+    "ALTER TABLE execution.executions RENAME TO evil",
+    "SET session_replication_role = replica",
 )
 
 
@@ -207,6 +219,25 @@ def test_the_worker_role_cannot_rewrite_the_audit_trail_or_the_schema(
     message = str(info.value)
     # refused by privileges, not merely by the append-only trigger
     assert "permission denied" in message or "must be owner" in message, message
+
+
+def test_the_worker_role_owns_nothing_and_cannot_become_the_owner(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal]
+) -> None:
+    owner = urlsplit(roles.owner_url).username
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        owned = conn.execute(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'execution' AND pg_has_role(c.relowner, 'USAGE')"
+        ).fetchone()
+        assert owned == (0,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f'SET ROLE "{owner}"')
+        # and the append-only trigger is still there and enabled after all the attempts
+        state = conn.execute(
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'execution_events_append_only'"
+        ).fetchone()
+        assert state == ("O",)
 
 
 def test_the_owner_still_cannot_edit_events_the_trigger_holds(
@@ -329,6 +360,62 @@ def _refused(worker_url: str, action: Callable[[Any], Any]) -> None:
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as info:
             action(channel)
         assert info.value.reply_code == 403, info.value
+
+
+# a quorum queue like execution.requests, declared by the admin for the scaler to look at
+PROBE_QUEUE = "execution.requests.probe"
+
+
+@pytest.fixture(scope="module")
+def monitor(rabbitmq_broker: Broker, restricted: tuple[str, str]) -> Iterator[str]:
+    """KEDA's scaler user (MONITOR_* regexes) in the restricted user's vhost."""
+    admin_url, _ = restricted
+    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
+    user, password = f"ew-monitor-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    regexes = _regexes()
+    rabbitmq_broker.ctl("add_user", user, password)
+    try:
+        rabbitmq_broker.ctl(
+            "set_permissions",
+            "-p",
+            vhost,
+            user,
+            regexes["MONITOR_CONFIGURE"],
+            regexes["MONITOR_WRITE"],
+            regexes["MONITOR_READ"],
+        )
+        with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
+            channel = connection.channel()
+            channel.queue_declare(PROBE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.confirm_delivery()
+            for _ in range(3):
+                channel.basic_publish("", PROBE_QUEUE, b"{}")
+        yield with_user(admin_url, user, password)
+    finally:
+        rabbitmq_broker.ctl("delete_user", user)
+
+
+def test_the_monitoring_user_reads_the_queue_depth(monitor: str) -> None:
+    # what KEDA's rabbitmq scaler (protocol amqp, mode QueueLength) does
+    with pika.BlockingConnection(pika.URLParameters(monitor)) as connection:
+        declared = connection.channel().queue_declare(PROBE_QUEUE, passive=True)
+    assert declared.method.message_count >= 3
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        lambda ch: ch.basic_publish("", PROBE_QUEUE, b"{}"),
+        lambda ch: ch.basic_publish("amq.topic", "x", b"x"),
+        lambda ch: ch.basic_get(PROBE_QUEUE),
+        lambda ch: ch.basic_consume(PROBE_QUEUE, lambda *a: None),
+        lambda ch: ch.queue_purge(PROBE_QUEUE),
+        lambda ch: ch.queue_declare("monitor.tap", durable=True),
+    ],
+    ids=["publish-default-exchange", "publish-amq.topic", "get", "consume", "purge", "declare"],
+)
+def test_the_monitoring_user_can_only_look(monitor: str, action: Callable[[Any], Any]) -> None:
+    _refused(monitor, action)
 
 
 @pytest.mark.parametrize(

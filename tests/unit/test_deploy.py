@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -25,6 +26,8 @@ COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
+BASE = K8S / "base"
+ROLES_SQL = ROOT / "deploy" / "sql" / "roles.sql"
 PRODUCTION = ROOT / "deploy" / "compose" / "production.yml"
 
 CONTRACT_ENV = {
@@ -42,6 +45,8 @@ IMAGE_VARIABLES = {
     "postgres": "POSTGRES_IMAGE",
     "sim-terminal": "WORKER_IMAGE",
     "migrate": "WORKER_IMAGE",
+    "db-roles": "POSTGRES_IMAGE",
+    "db-grants": "POSTGRES_IMAGE",
     "worker-1": "WORKER_IMAGE",
     "worker-2": "WORKER_IMAGE",
     "prometheus": "PROMETHEUS_IMAGE",
@@ -50,11 +55,14 @@ IMAGE_VARIABLES = {
 SECRET_VARIABLES = {
     "RABBITMQ_PASSWORD",
     "POSTGRES_PASSWORD",
+    "POSTGRES_OWNER_PASSWORD",
+    "POSTGRES_WORKER_PASSWORD",
     "MT5_BRIDGE_SECRET",
     "GRAFANA_ADMIN_PASSWORD",
 }
 # read by load_settings / load_session_specs themselves, not Settings fields
 EXTRA_WORKER_ENV = {"WORKER_CONFIG", "MT5_BRIDGE_TLS_CA"}
+ONE_SHOTS = {"db-roles", "migrate", "db-grants"}
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -118,7 +126,7 @@ def test_every_image_is_a_variable_with_a_default(compose: dict[str, Any]) -> No
 def test_long_running_services_have_health_checks(compose: dict[str, Any]) -> None:
     for name, service in compose["services"].items():
         check = service.get("healthcheck", {})
-        if name == "migrate":
+        if name in ONE_SHOTS:
             assert check.get("disable") is True
             assert service["restart"] == "no"
             continue
@@ -133,14 +141,19 @@ def test_workers_wait_for_healthy_dependencies(compose: dict[str, Any]) -> None:
         for dependency in ("rabbitmq", "postgres", "sim-terminal"):
             assert depends[dependency] == {"condition": "service_healthy"}
         assert depends["migrate"] == {"condition": "service_completed_successfully"}
-    migrate = compose["services"]["migrate"]["depends_on"]
-    assert migrate == {"postgres": {"condition": "service_healthy"}}
+        assert depends["db-grants"] == {"condition": "service_completed_successfully"}
+    # roles before the migration (the owner logs in), grants after it (UPDATE on new tables)
+    services = compose["services"]
+    assert services["db-roles"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    done = {"condition": "service_completed_successfully"}
+    assert services["migrate"]["depends_on"] == {"db-roles": done}
+    assert services["db-grants"]["depends_on"] == {"migrate": done}
     grafana = compose["services"]["grafana"]["depends_on"]
     assert grafana["prometheus"] == {"condition": "service_healthy"}
 
 
 def test_worker_environment_is_the_contract(compose: dict[str, Any]) -> None:
-    for name in ("worker-1", "worker-2", "migrate"):
+    for name in ("worker-1", "worker-2"):
         env = compose["services"][name]["environment"]
         assert set(env) >= CONTRACT_ENV, f"{name} misses {CONTRACT_ENV - set(env)}"
         assert all(known_worker_variable(key) for key in env), env
@@ -152,6 +165,77 @@ def test_worker_environment_is_the_contract(compose: dict[str, Any]) -> None:
         )
         assert env["DATABASE_URL"].startswith("postgresql://")
         assert "@postgres:5432/" in env["DATABASE_URL"]
+
+
+def roles_sql_default(variable: str) -> str:
+    match = re.search(rf"\\set {variable} (\w+)", ROLES_SQL.read_text(encoding="utf-8"))
+    assert match, variable
+    return match.group(1)
+
+
+def url_user(url: str) -> str:
+    match = re.match(r"^postgresql://([^:@]+):", url)
+    assert match, url
+    return match.group(1)
+
+
+def test_compose_separates_the_owner_and_worker_roles(compose: dict[str, Any]) -> None:
+    owner, worker = roles_sql_default("owner_role"), roles_sql_default("worker_role")
+    services = compose["services"]
+    for name in ("worker-1", "worker-2"):
+        url = services[name]["environment"]["DATABASE_URL"]
+        assert url_user(url) == worker
+        assert "${POSTGRES_WORKER_PASSWORD:?" in url
+    migrate = services["migrate"]["environment"]
+    assert set(migrate) == {"DATABASE_URL", "LOG_FORMAT"}  # no broker, no bridge secret
+    assert url_user(migrate["DATABASE_URL"]) == owner
+    assert "${POSTGRES_OWNER_PASSWORD:?" in migrate["DATABASE_URL"]
+    for name in ("db-roles", "db-grants"):
+        service = services[name]
+        assert "./deploy/sql/roles.sql:/etc/execution-worker/roles.sql:ro" in service["volumes"]
+        command = " ".join(service["entrypoint"] + service["command"])
+        assert "-f /etc/execution-worker/roles.sql" in command
+        assert "owner_password=" in command and "worker_password=" in command
+        env = service["environment"]
+        assert env["OWNER_PASSWORD"].startswith("${POSTGRES_OWNER_PASSWORD:?")
+        assert env["WORKER_PASSWORD"].startswith("${POSTGRES_WORKER_PASSWORD:?")
+        assert env["PGUSER"] == "${POSTGRES_USER:-execution}"  # the administrator
+        assert service["restart"] == "no"
+
+
+def drain_of(worker_toml: str, env: dict[str, str] | None = None) -> float:
+    """The drain the workers get from this config file (and environment)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as handle:
+        handle.write(worker_toml)
+    settings = load_settings({"WORKER_CONFIG": handle.name, **(env or {})})
+    Path(handle.name).unlink()
+    handler = (
+        settings.claim_timeout_seconds
+        + settings.order_timeout_seconds
+        + settings.reconcile_grace_seconds
+    )
+    assert settings.drain_timeout_seconds >= handler, "the drain is shorter than a handler"
+    return settings.drain_timeout_seconds
+
+
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)(s|m)", duration)
+    assert match, duration
+    return int(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+def test_compose_waits_longer_than_the_drain(compose: dict[str, Any]) -> None:
+    toml = (ROOT / "deploy" / "compose" / "worker.toml").read_text(encoding="utf-8")
+    for name in ("worker-1", "worker-2"):
+        service = compose["services"][name]
+        env = {k: str(v) for k, v in service["environment"].items() if k.startswith("DRAIN")}
+        drain = drain_of(toml, env)
+        assert seconds(service["stop_grace_period"]) > drain + 10, name
+    production = load_yaml(PRODUCTION)["services"]["worker"]
+    assert "DRAIN_TIMEOUT_SECONDS" not in production["environment"]
+    assert seconds(production["stop_grace_period"]) > drain_of("") + 10
 
 
 def bridge_specs(sessions: str, **environ: str) -> list[SessionSpec]:
@@ -298,10 +382,18 @@ def test_production_compose_takes_secrets_from_files() -> None:
         assert name not in env
         assert env[f"{name}_FILE"].startswith("/run/secrets/")
     assert all(known_worker_variable(key) for key in env), env
-    assert set(worker["secrets"]) == set(data["secrets"])
-    assert worker["read_only"] is True
+    migrate = data["services"]["migrate"]
+    # the owner's URL for migrate only; the workers' secrets for the workers only
+    assert set(worker["secrets"]) | set(migrate["secrets"]) == set(data["secrets"])
+    assert migrate["secrets"] == ["database_owner_url"]
+    assert "database_owner_url" not in worker["secrets"]
+    assert migrate["environment"]["DATABASE_URL_FILE"] == "/run/secrets/database_owner_url"
+    assert not {"RABBITMQ_URL_FILE", "MT5_BRIDGE_SECRET_FILE"} & set(migrate["environment"])
+    for service in (worker, migrate):
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
     assert worker["stop_grace_period"]
-    assert data["services"]["migrate"]["command"] == ["migrate"]
+    assert migrate["command"] == ["migrate"]
 
 
 # --- deploy/Dockerfile --------------------------------------------------------------------------
@@ -363,10 +455,10 @@ def test_build_context_leaves_secrets_and_local_state_out() -> None:
 
 @pytest.fixture(scope="module")
 def manifests() -> dict[tuple[str, str], dict[str, Any]]:
-    kustomization = load_yaml(K8S / "kustomization.yaml")
+    kustomization = load_yaml(BASE / "kustomization.yaml")
     objects: dict[tuple[str, str], dict[str, Any]] = {}
     for resource in kustomization["resources"]:
-        for doc in load_all(K8S / resource):
+        for doc in load_all(BASE / resource):
             assert {"apiVersion", "kind", "metadata"} <= set(doc), resource
             assert doc["metadata"].get("name"), resource
             objects[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -377,21 +469,108 @@ def deployment(manifests: dict[tuple[str, str], dict[str, Any]]) -> dict[str, An
     return manifests[("Deployment", "execution-worker")]
 
 
+def component_images(path: Path) -> dict[str, dict[str, str]]:
+    component = load_yaml(path / "kustomization.yaml")
+    assert component["kind"] == "Component"
+    return {image["name"]: image for image in component["images"]}
+
+
 def test_kustomization_lists_existing_files_and_no_secrets() -> None:
-    kustomization = load_yaml(K8S / "kustomization.yaml")
+    assert load_yaml(K8S / "kustomization.yaml")["resources"] == ["base"]
+    kustomization = load_yaml(BASE / "kustomization.yaml")
     assert kustomization["namespace"] == "mt5-execution"
     for resource in kustomization["resources"]:
-        assert (K8S / resource).is_file(), resource
-        kinds = {doc["kind"] for doc in load_all(K8S / resource)}
+        assert (BASE / resource).is_file(), resource
+        kinds = {doc["kind"] for doc in load_all(BASE / resource)}
         assert "Secret" not in kinds, f"{resource} holds a Secret"
     assert "secret.example.yaml" not in kustomization["resources"]
     assert "hpa.yaml" not in kustomization["resources"]  # KEDA's ScaledObject manages the HPA
-    images = {image["name"] for image in kustomization["images"]}
-    container_images = {
-        c["image"].split(":")[0]
-        for c in deployment_containers(load_all(K8S / "deployment.yaml")[0])
-    }
-    assert container_images <= images
+    # the image comes from the shared component, for the workers and the migrate Job alike
+    assert kustomization["components"] == ["../image"]
+    assert load_yaml(K8S / "migrate" / "kustomization.yaml")["components"] == ["../image"]
+    images = component_images(K8S / "image")
+    job = load_all(K8S / "migrate" / "job.yaml")[0]
+    for doc in (load_all(BASE / "deployment.yaml")[0], job):
+        for container in deployment_containers(doc):
+            assert container["image"] in images, "an image the kustomization does not set"
+            assert ":" not in container["image"], "the tag belongs in image/kustomization.yaml"
+    (image,) = images.values()
+    assert image["newTag"]
+
+
+K8S_SCHEMA_VERSION = "1.31.0"  # unhealthyPodEvictionPolicy is GA from 1.31
+
+
+def rendered(directory: str) -> list[dict[str, Any]]:
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (deploy/check-deploy.sh renders them where it is)")
+    done = subprocess.run(
+        [kubectl, "kustomize", str(K8S / directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, (directory, done.stderr)
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+@pytest.mark.parametrize("directory", ["", "migrate", "overlays/production"])
+def test_rendered_manifests_match_the_kubernetes_schemas(directory: str) -> None:
+    validation = pytest.importorskip("kubernetes_validate.utils")
+    objects = rendered(directory)
+    checked = 0
+    for doc in objects:
+        if doc["apiVersion"].startswith("keda.sh/"):
+            continue  # a CRD: deploy/check-deploy.sh validates it where KEDA's CRDs are at hand
+        validation.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+        checked += 1
+    assert checked
+    for path in ("base/hpa.yaml", "secret.example.yaml"):
+        for doc in load_all(K8S / path):
+            validation.validate(doc, K8S_SCHEMA_VERSION, strict=True)
+
+
+def test_production_overlay_pins_images_by_digest() -> None:
+    production = K8S / "overlays" / "production"
+    assert load_yaml(production / "kustomization.yaml")["resources"] == ["../../base"]
+    assert load_yaml(production / "kustomization.yaml")["components"] == ["image"]
+    migrate = load_yaml(production / "migrate" / "kustomization.yaml")
+    assert migrate["resources"] == ["../../../migrate"] and migrate["components"] == ["../image"]
+    images = component_images(production / "image")
+    assert set(images) == set(component_images(K8S / "image"))
+    for image in images.values():
+        assert "newTag" not in image, "production runs a digest, never a movable tag"
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", image["digest"]), image
+    text = (production / "image" / "kustomization.yaml").read_text(encoding="utf-8")
+    # the all-zero digest is a placeholder, and says so where it stands
+    assert "sha256:" + "0" * 64 + "  # PLACEHOLDER" in text
+
+
+def test_every_kustomization_renders(tmp_path: Path) -> None:
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (deploy/check-deploy.sh renders them where it is)")
+    for directory in ("", "migrate", "overlays/production", "overlays/production/migrate"):
+        done = subprocess.run(
+            [kubectl, "kustomize", str(K8S / directory)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, (directory, done.stderr)
+        images = re.findall(r"image: (\S+)", done.stdout)
+        assert images, directory
+        if directory.startswith("overlays/production"):
+            assert all("@sha256:" in image for image in images), images
+        else:
+            assert all(image.endswith(":0.1.0") for image in images), images
 
 
 def deployment_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -424,7 +603,7 @@ def test_resources_and_security_context(
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["runAsUser"] > 0
     assert spec["automountServiceAccountToken"] is False
-    assert spec["terminationGracePeriodSeconds"] >= 45  # drain before SIGKILL
+    assert spec["automountServiceAccountToken"] is False
     for container in spec["containers"]:
         resources = container["resources"]
         assert set(resources["requests"]) == set(resources["limits"]) == {"cpu", "memory"}
@@ -474,6 +653,26 @@ def test_settings_files_and_secrets_are_mounted_where_the_env_points(
             assert item in secret["stringData"], f"{key}: {item} not in the Secret's keys"
 
 
+def test_the_kubelet_waits_longer_than_the_drain(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    env = dict(manifests[("ConfigMap", "execution-worker-env")]["data"])
+    files = manifests[("ConfigMap", "execution-worker-files")]["data"]
+    drain = drain_of(files["worker.toml"], {k: v for k, v in env.items() if k.startswith("DRAIN")})
+    spec = deployment(manifests)["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > drain + 10  # drain, then exit, before SIGKILL
+
+
+def test_keda_owns_the_replica_count(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    assert "replicas" not in deployment(manifests)["spec"]
+    scaled = manifests[("ScaledObject", "execution-worker")]
+    text = (BASE / "keda-scaledobject.yaml").read_text(encoding="utf-8")
+    assert "autoscaling.keda.sh/paused-replicas" in text  # the documented emergency stop
+    assert "autoscaling.keda.sh/paused-replicas" not in scaled["metadata"].get("annotations", {})
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text(encoding="utf-8")
+    assert 'autoscaling.keda.sh/paused-replicas="0"' in doc
+
+
 def test_configmap_worker_settings_load(
     manifests: dict[tuple[str, str], dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -508,17 +707,35 @@ def test_disruption_budget_and_autoscalers_target_the_workers(
     pdb = manifests[("PodDisruptionBudget", "execution-worker")]["spec"]
     assert pdb["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["minAvailable"] >= 1
+    # pods NotReady because every terminal is down must not block node drains
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     scaled = manifests[("ScaledObject", "execution-worker")]["spec"]
     assert scaled["scaleTargetRef"]["name"] == "execution-worker"
     assert scaled["minReplicaCount"] > pdb["minAvailable"]
+    sessions = manifests[("ConfigMap", "execution-worker-files")]["data"]["sessions.toml"]
+    session_count = sessions.count("[[sessions]]")
+    assert scaled["minReplicaCount"] <= scaled["maxReplicaCount"] <= session_count
     (trigger,) = scaled["triggers"]
     assert trigger["type"] == "rabbitmq"
     assert trigger["metadata"]["queueName"] == "execution.requests"
     assert trigger["metadata"]["mode"] == "QueueLength"
+    assert trigger["metadata"]["protocol"] == "amqp"
     auth = manifests[("TriggerAuthentication", trigger["authenticationRef"]["name"])]
-    (ref,) = auth["spec"]["secretTargetRef"]
-    assert (ref["name"], ref["key"]) == ("execution-worker-secrets", "rabbitmq_url")
-    (hpa,) = load_all(K8S / "hpa.yaml")
+    refs = {ref["parameter"]: (ref["name"], ref["key"]) for ref in auth["spec"]["secretTargetRef"]}
+    # its own read-only monitoring user, never the workers' (which can publish, i.e. trade);
+    # TLS with the private CA in the TriggerAuthentication (KEDA ignores URL ssl options)
+    assert set(refs) == {"host", "tls", "ca"}
+    assert {name for name, _ in refs.values()} == {"execution-worker-keda-rabbitmq"}
+    secrets = {doc["metadata"]["name"]: doc for doc in load_all(K8S / "secret.example.yaml")}
+    keda = secrets["execution-worker-keda-rabbitmq"]["stringData"]
+    assert {key for _, key in refs.values()} <= set(keda)
+    assert keda["tls"] == "enable" and keda["host"].startswith("amqps://")
+    assert "BEGIN CERTIFICATE" in keda["ca"]
+    worker_user = urlsplit(secrets["execution-worker-secrets"]["stringData"]["rabbitmq_url"])
+    assert urlsplit(keda["host"]).username != worker_user.username
+    assert urlsplit(keda["host"]).path == worker_user.path  # the same vhost
+    (hpa,) = load_all(BASE / "hpa.yaml")
+    assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"] <= session_count
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -553,15 +770,65 @@ def test_network_policy_allows_only_the_dependencies(
     assert [port["port"] for port in ingress["ports"]] == [9108]
 
 
-def test_migration_job_matches_the_deployment() -> None:
-    (job,) = load_all(K8S / "migrate-job.yaml")
-    (worker,) = deployment_containers(load_all(K8S / "deployment.yaml")[0])
+def test_migration_job_runs_as_the_owner_apart_from_the_workers(
+    manifests: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    job = load_all(K8S / "migrate" / "job.yaml")[0]
+    (worker,) = deployment_containers(deployment(manifests))
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["args"] == ["migrate"]
     assert container["image"] == worker["image"]
-    assert container["envFrom"] == worker["envFrom"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert job["metadata"]["generateName"]
+    # its own labels: nothing that selects the workers selects the migrate pod
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert job["metadata"]["labels"] == pod_labels  # `kubectl wait job -l ...` finds the Job
+    selectors = [
+        deployment(manifests)["spec"]["selector"]["matchLabels"],
+        manifests[("Service", "execution-worker-metrics")]["spec"]["selector"],
+        manifests[("PodDisruptionBudget", "execution-worker")]["spec"]["selector"]["matchLabels"],
+        manifests[("NetworkPolicy", "execution-worker")]["spec"]["podSelector"]["matchLabels"],
+    ]
+    for selector in selectors:
+        assert not selector.items() <= pod_labels.items(), selector
+    (policy,) = load_all(K8S / "migrate" / "networkpolicy.yaml")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {(p["protocol"], p["port"]) for r in policy["spec"]["egress"] for p in r["ports"]}
+    assert ports == {("TCP", 5432), ("UDP", 53), ("TCP", 53)}
+    assert "ingress" not in policy["spec"]
+    # the owner's Secret only, and no worker settings (no broker, no bridge secret)
+    assert "envFrom" not in container
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert set(env) == {"DATABASE_URL_FILE", "LOG_FORMAT"}
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mount = next(
+        m
+        for m in container["volumeMounts"]
+        if env["DATABASE_URL_FILE"].startswith(m["mountPath"] + "/")
+    )
+    secret_name = volumes[mount["name"]]["secret"]["secretName"]
+    assert secret_name == "execution-worker-migrate-secrets"
+    secrets = {doc["metadata"]["name"]: doc for doc in load_all(K8S / "secret.example.yaml")}
+    owner_url = secrets[secret_name]["stringData"]["database_url"]
+    worker_url = secrets["execution-worker-secrets"]["stringData"]["database_url"]
+    assert url_user(owner_url) == roles_sql_default("owner_role")
+    assert url_user(worker_url) == roles_sql_default("worker_role")
+
+
+def test_readme_waits_for_a_job_that_exists() -> None:
+    job = load_all(K8S / "migrate" / "job.yaml")[0]
+    readme = (K8S / "README.md").read_text(encoding="utf-8")
+    waits = re.findall(r"kubectl[^\n]* wait [^\n]*", readme)
+    assert waits
+    for command in waits:
+        if " job" not in command:
+            continue
+        target = re.search(r"job/(\S+)", command)
+        selector = re.search(r"job -l (\S+)=(\S+)", command)
+        if target:
+            assert target.group(1) == job["metadata"]["name"], command
+        else:
+            assert selector, command
+            assert job["metadata"]["labels"].get(selector.group(1)) == selector.group(2)
 
 
 def test_check_script_is_valid_bash() -> None:
@@ -570,5 +837,8 @@ def test_check_script_is_valid_bash() -> None:
     assert result.returncode == 0, result.stderr
     # the static half runs the same validators users have
     text = script.read_text(encoding="utf-8")
-    assert "kubectl kustomize deploy/k8s" in text
+    for directory in ("deploy/k8s", "deploy/k8s/migrate", "deploy/k8s/overlays/production"):
+        assert f" {directory} " in text or f" {directory}\n" in text or f" {directory};" in text
+    assert "kubectl kustomize" in text
+    assert "stack_privileges" in text and "stack_drain" in text
     assert shlex.quote("docker-compose.yml") in text

@@ -60,6 +60,19 @@ class Harness:
         return sum(1 for d in deals if d.comment == TOKEN)
 
 
+class NoTicks:
+    """A terminal whose symbol_info_tick always fails (no feed for anything)."""
+
+    def __init__(self, inner: SimTerminal) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def symbol_info_tick(self, symbol: str) -> None:
+        del symbol
+
+
 @pytest.fixture
 def h() -> Harness:
     return Harness()
@@ -161,8 +174,11 @@ def test_weekend_shows_as_stale_with_configured_offset() -> None:
 def test_no_market_data_when_the_tick_is_missing(h: Harness) -> None:
     spec = h.gateway.symbol_spec("EURUSD")
     h.sim.symbol_select("EURUSD", False)
+    assert h.gateway.snapshot(spec).bid > 0  # hidden from Market Watch: selected again
+    no_ticks: Any = NoTicks(h.sim)
+    gateway = Gateway(no_ticks, magic=26112501, pip_sizes={}, max_tick_age_seconds=10)
     with pytest.raises(GatewayRejection) as missing:
-        h.gateway.snapshot(spec)
+        gateway.snapshot(spec)
     assert missing.value.reason is RejectionReason.NO_MARKET_DATA
 
 
@@ -210,7 +226,8 @@ def test_filling_mode_preferences(h: Harness) -> None:
     get = h.gateway.symbol_spec
     assert h.gateway.filling_modes(get("EURUSD")) == (api.ORDER_FILLING_FOK, api.ORDER_FILLING_IOC)
     assert h.gateway.filling_modes(get("XAUUSD")) == (api.ORDER_FILLING_FOK,)
-    assert h.gateway.filling_modes(get("GBPUSD")) == (api.ORDER_FILLING_IOC,)
+    # instant execution: FOK, whatever the bitmask (IOC kept as the one 10030 fallback)
+    assert h.gateway.filling_modes(get("GBPUSD")) == (api.ORDER_FILLING_FOK, api.ORDER_FILLING_IOC)
     assert h.gateway.filling_modes(get("US500")) == (api.ORDER_FILLING_RETURN,)
     h.sim.update_symbol("EURUSD", filling_mode=0)
     assert h.gateway.filling_modes(get("EURUSD")) == ()
@@ -247,6 +264,7 @@ def test_filling_fallback_after_10030_once(h: Harness) -> None:
 
 
 def test_requote_refreshes_the_price_and_retries(h: Harness) -> None:
+    h.sim.update_symbol("GBPUSD", filling_mode=api.SYMBOL_FILLING_FOK)
     h.sim.set_faults(scripted=("requote", "price_changed"))
     outcome = h.send("GBPUSD")  # instant execution
     assert outcome.status == "done" and outcome.attempts == 3 and h.our_deals() == 1
@@ -364,9 +382,9 @@ def test_reconcile_filters_by_token_and_magic_in_server_time(h: Harness) -> None
     found = h.gateway.reconcile(TOKEN, "EURUSD", since)
     assert found.filled_volume == pytest.approx(0.1) and len(found.positions) == 1
     assert found.deals[0].magic == 26112501 and found.deals[0].comment == TOKEN
-    # the window is in server time: deals made at 12:00 server time are found from a UTC
-    # "since" of 10:00, but not from an hour later
-    later = h.gateway.reconcile(TOKEN, "EURUSD", since + timedelta(hours=1))
+    # the window is in server time, padded by a day: deals made at 12:00 server time are
+    # found from a UTC "since" of 10:00, but not from two days later
+    later = h.gateway.reconcile(TOKEN, "EURUSD", since + timedelta(days=2))
     assert later.deals == () and later.positions  # positions are not windowed
     assert not h.gateway.reconcile("xwnothing", "EURUSD", since).found
 

@@ -188,14 +188,65 @@ def test_received_dead_letters_reconnects_and_in_flight() -> None:
 
 
 def test_state_gauges_come_from_registered_callbacks() -> None:
-    metrics.register_pool_state(lambda: metrics.PoolState(size=4, in_use=3, unhealthy=1))
+    by_session = (("acct-1", False), ("acct-2", True), ("acct-3", False), ("acct-4", False))
+    metrics.register_pool_state(lambda: metrics.PoolState(4, 3, 1, by_session))
     metrics.register_outbox_state(lambda: metrics.OutboxState(7, 12.5))
+    metrics.register_in_flight_state(lambda: metrics.InFlightState(2, 95.0))
     metrics.refresh()
     assert value("execution_worker_sessions") == 4
     assert value("execution_worker_sessions_in_use") == 3
-    assert value("execution_worker_sessions_unhealthy") == 1
+    assert value("execution_worker_sessions_unhealthy", session="acct-2") == 1
+    assert value("execution_worker_sessions_unhealthy", session="acct-1") == 0
     assert value("execution_worker_outbox_backlog") == 7
     assert value("execution_worker_outbox_oldest_age_seconds") == 12.5
+    assert value("execution_worker_executions_in_flight") == 2
+    assert value("execution_worker_executions_in_flight_oldest_seconds") == 95.0
+
+
+def test_unhealthy_sessions_are_named_and_recover_to_zero() -> None:
+    state = {"down": True}
+    metrics.register_pool_state(
+        lambda: metrics.PoolState(
+            2, 0, int(state["down"]), (("b-1", state["down"]), ("b-2", False))
+        )
+    )
+    metrics.refresh()
+    assert value("execution_worker_sessions_unhealthy", session="b-1") == 1
+    state["down"] = False
+    metrics.refresh()
+    assert value("execution_worker_sessions_unhealthy", session="b-1") == 0
+
+
+def test_unhealthy_session_labels_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "_sessions", set())
+    monkeypatch.setattr(metrics, "MAX_SESSIONS", 2)
+    sessions = (*((f"s-{i}", True) for i in range(5)), ("bad label; x", True))
+    metrics.register_pool_state(lambda: metrics.PoolState(6, 0, 6, sessions))
+    metrics.refresh()
+    assert value("execution_worker_sessions_unhealthy", session="s-0") == 1
+    assert value("execution_worker_sessions_unhealthy", session="s-1") == 1
+    # the rest share one bounded label and still add up to the count
+    assert value("execution_worker_sessions_unhealthy", session="other") == 4
+
+
+def test_a_pool_without_session_detail_reports_its_count_as_none() -> None:
+    metrics.register_pool_state(lambda: metrics.PoolState(size=3, in_use=0, unhealthy=2))
+    metrics.refresh()
+    assert value("execution_worker_sessions_unhealthy", session="none") == 2
+
+
+def test_recoveries_and_readiness() -> None:
+    name = "execution_worker_recoveries_total"
+    settled, unresolved = value(name, result="settled"), value(name, result="unresolved")
+    metrics.record_recovery(settled=True)
+    metrics.record_recovery(settled=False)
+    metrics.record_recovery(settled=False)
+    assert value(name, result="settled") == settled + 1
+    assert value(name, result="unresolved") == unresolved + 2
+    metrics.record_ready(False)
+    assert value("execution_worker_ready") == 0
+    metrics.record_ready(True)
+    assert value("execution_worker_ready") == 1
 
 
 def test_a_failing_callback_keeps_the_last_value_and_does_not_raise() -> None:

@@ -14,7 +14,7 @@ NOW = 1764064800.0  # Tuesday 10:00 UTC
 
 
 def make(**faults: Any) -> SimTerminal:
-    config = SimConfig(faults=FaultConfig(slippage_points=((0, 1.0),), **faults))
+    config = SimConfig(faults=FaultConfig.friendly(slippage_points=((0, 1.0),), **faults))
     sim = SimTerminal(config, clock=lambda: NOW)
     assert sim.initialize()
     return sim

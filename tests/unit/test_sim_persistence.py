@@ -15,7 +15,7 @@ from worker.mt5 import api
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimTerminal, iter_deals
 
 NOW = 1764064800.0  # Tuesday 10:00 UTC
-CONFIG = SimConfig(faults=FaultConfig(slippage_points=((0, 1.0),)))
+CONFIG = SimConfig(faults=FaultConfig.friendly(slippage_points=((0, 1.0),)))
 
 
 def buy(sim: SimTerminal, comment: str, volume: float = 0.1, **extra: Any) -> api.OrderSendResult:
@@ -97,8 +97,8 @@ CHILD = textwrap.dedent(
     """
     import sys
     from worker.mt5 import api
-    from worker.mt5.sim.terminal import SimTerminal
-    sim = SimTerminal(state_path=sys.argv[1])
+    from worker.mt5.sim.terminal import FaultConfig, SimConfig, SimTerminal
+    sim = SimTerminal(SimConfig(faults=FaultConfig.friendly()), state_path=sys.argv[1])
     sim.initialize()
     sim.symbol_select("BTCUSD")  # trades every day of the week
     for i in range(1_000_000):
@@ -132,7 +132,7 @@ def test_orders_answered_before_kill_9_are_kept(tmp_path: Path) -> None:
     assert child.returncode == -signal.SIGKILL
     assert all(retcode == api.TRADE_RETCODE_DONE for retcode, _, _ in answered)
 
-    sim = SimTerminal(state_path=path)
+    sim = SimTerminal(SimConfig(faults=FaultConfig.friendly()), state_path=path)
     assert sim.initialize()
     for _, order, deal in answered:
         hist = sim.history_orders_get(ticket=order)

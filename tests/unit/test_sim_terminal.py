@@ -13,7 +13,8 @@ from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimSymbo
 
 TUESDAY_10_UTC = 1764064800.0  # 2025-11-25 10:00 UTC
 SATURDAY_10_UTC = TUESDAY_10_UTC + 4 * 86400
-NO_SLIP = FaultConfig(slippage_points=((0, 1.0),))
+# the friendly server: these tests pin it (the hardened one: test_sim_hardening/_server_rules)
+NO_SLIP = FaultConfig.friendly(slippage_points=((0, 1.0),))
 
 
 class Clock:
@@ -74,7 +75,8 @@ def test_calls_fail_until_initialized_and_after_shutdown() -> None:
 
 
 def test_initialize_checks_credentials_without_echoing_the_password() -> None:
-    sim = SimTerminal(SimConfig(account=SimAccount(password="s3cret-pw")), clock=Clock())
+    config = SimConfig(account=SimAccount(password="s3cret-pw"), faults=NO_SLIP)
+    sim = SimTerminal(config, clock=Clock())
     assert not sim.initialize(login=5_000_001, password="wrong")
     code, message = sim.last_error()
     assert code == api.RES_E_AUTH_FAILED
@@ -293,7 +295,7 @@ def test_no_money() -> None:
 
 # ---------------------------------------------------------------- execution
 def test_market_execution_fills_with_configured_slippage() -> None:
-    adverse = FaultConfig(slippage_points=((7, 1.0),))
+    adverse = FaultConfig.friendly(slippage_points=((7, 1.0),))
     sim, _ = make(faults=adverse)
     buy = send(sim)
     assert buy.retcode == 10009 and buy.price == pytest.approx(buy.ask + 7e-5)

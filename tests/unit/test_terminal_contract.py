@@ -2,16 +2,24 @@
 
 Backends:
 - ``sim``: the simulated terminal (always).
-- ``native``: the real ``MetaTrader5`` module. Runs only on Windows with a running terminal
-  logged in to a DEMO account, when ``MT5_CONTRACT_NATIVE=1`` is set (it places and closes
-  a 0.01-lot EURUSD market order!). Optional ``MT5_CONTRACT_SYMBOL`` (default EURUSD),
-  ``MT5_LOGIN`` / ``MT5_PASSWORD`` / ``MT5_SERVER`` / ``MT5_PATH``. On other machines the
-  native backend is not collected at all, so nothing is reported as skipped-but-passing.
+- ``native-sim``: :class:`NativeTerminal` over the real ``MetaTrader5`` package (the PyPI
+  wheel's ``__init__.py``) with a test double of its compiled ``_core`` backed by the
+  simulator (tests/native/). Skipped only when no package index answers, and then failed
+  under CI=true (tests/native/package.py).
+- ``bridge``: :class:`BridgeTerminal` over TCP to an in-process bridge server on the simulator.
+- ``bridge-native-sim``: the same bridge serving ``native-sim``, as ``bridge-serve`` serves
+  the real module on Windows.
+- ``native-live``: the real ``MetaTrader5`` module. Runs only on Windows with a running
+  terminal logged in to a DEMO account, when ``MT5_CONTRACT_NATIVE=1`` is set (it places and
+  closes a 0.01-lot EURUSD market order!). Optional ``MT5_CONTRACT_SYMBOL`` (default EURUSD),
+  ``MT5_LOGIN`` / ``MT5_PASSWORD`` / ``MT5_SERVER`` / ``MT5_PATH``. On other machines it is
+  not collected at all, so nothing is reported as skipped-but-passing.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -22,19 +30,38 @@ import pytest
 from worker.mt5 import api
 from worker.mt5.sim.terminal import SimTerminal
 
-NATIVE = sys.platform == "win32" and os.environ.get("MT5_CONTRACT_NATIVE") == "1"
-SYMBOL = os.environ.get("MT5_CONTRACT_SYMBOL", "EURUSD") if NATIVE else "EURUSD"
-BACKENDS = ["sim", "native"] if NATIVE else ["sim"]
+NATIVE_LIVE = sys.platform == "win32" and os.environ.get("MT5_CONTRACT_NATIVE") == "1"
+SYMBOL = os.environ.get("MT5_CONTRACT_SYMBOL", "EURUSD") if NATIVE_LIVE else "EURUSD"
+BACKENDS = ["sim", "native-sim", "bridge", "bridge-native-sim"]
+BACKENDS += ["native-live"] if NATIVE_LIVE else []
 COMMENT = "xwcontract"
 MAGIC = 26112599
 
 
+def _sim() -> SimTerminal:
+    # a weekday while the FX market is open, so the contract holds on any date
+    sim = SimTerminal(clock=lambda: 1764064800.0 + (time.time() % 3600))
+    assert sim.initialize()
+    return sim
+
+
+def _native_sim(request: pytest.FixtureRequest) -> api.Terminal:
+    from tests.native import core_double
+    from tests.native.package import over
+    from worker.mt5.native import NativeTerminal
+
+    native = NativeTerminal(over(_sim()))
+    request.addfinalizer(lambda: core_double.bind(None))
+    assert native.initialize(), native.last_error()
+    return native
+
+
 @pytest.fixture(params=BACKENDS)
 def terminal(request: pytest.FixtureRequest) -> Iterator[api.Terminal]:
-    backend: api.Terminal
-    if request.param == "native":
-        from worker.mt5.native import NativeTerminal
+    from worker.mt5.native import NativeTerminal
 
+    backend: api.Terminal
+    if request.param == "native-live":
         backend = NativeTerminal()
         login = os.environ.get("MT5_LOGIN")
         assert backend.initialize(
@@ -43,10 +70,20 @@ def terminal(request: pytest.FixtureRequest) -> Iterator[api.Terminal]:
             password=os.environ.get("MT5_PASSWORD"),
             server=os.environ.get("MT5_SERVER"),
         ), backend.last_error()
+    elif request.param == "native-sim":
+        backend = _native_sim(request)
+    elif request.param.startswith("bridge"):
+        from worker.mt5.bridge.client import BridgeServer, BridgeTerminal
+
+        served = _native_sim(request) if request.param == "bridge-native-sim" else _sim()
+        secret = secrets.token_hex(16)
+        server = BridgeServer(served, secret.encode())
+        host, port = server.start()
+        request.addfinalizer(lambda: server.stop(timeout=5))
+        backend = BridgeTerminal(f"{host}:{port}", secret, timeout=10)
+        assert backend.initialize(), backend.last_error()
     else:
-        # a weekday while the FX market is open, so the contract holds on any date
-        backend = SimTerminal(clock=lambda: 1764064800.0 + (time.time() % 3600))
-        assert backend.initialize()
+        backend = _sim()
     yield backend
     backend.shutdown()
 

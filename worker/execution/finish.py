@@ -18,8 +18,8 @@ from worker.execution.audit import Run
 from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
 from worker.execution.plan import Plan, request_snapshot
 from worker.execution.settle import Fill, Tally, Verdict
-from worker.mt5.pool import Lease
 from worker.observability import metrics
+from worker.pool.leases import Lease
 from worker.store.store import ExecutionRow, Store, StoreError
 
 

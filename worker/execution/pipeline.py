@@ -47,9 +47,9 @@ from worker.execution.settle import Fill, FillRule, Resend
 from worker.execution.submit import Sender
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
-from worker.mt5.pool import ClaimTimeout, Lease
 from worker.observability import metrics
 from worker.observability.logs import log_context
+from worker.pool.leases import ClaimTimeout, Lease
 from worker.store.store import ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)

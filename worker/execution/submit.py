@@ -29,8 +29,8 @@ from worker.execution.settle import (
 )
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SendOutcome, SymbolSpec
-from worker.mt5.pool import Lease
 from worker.observability import metrics
+from worker.pool.leases import Lease
 from worker.store.store import Event, Store
 
 log = logging.getLogger(__name__)

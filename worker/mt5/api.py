@@ -12,6 +12,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
+from worker.errors import WorkerError
+
 # --- trade request actions -------------------------------------------------------------
 TRADE_ACTION_DEAL = 1
 TRADE_ACTION_PENDING = 5
@@ -386,7 +388,7 @@ class Terminal(Protocol):
     ) -> tuple[TradeDeal, ...] | None: ...
 
 
-class TransportError(Exception):
+class TransportError(WorkerError):
     """The call may or may not have reached the terminal (bridge or IPC failure).
 
     For ``order_send`` this is an UNKNOWN outcome: reconcile before any resend.

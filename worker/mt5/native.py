@@ -12,8 +12,9 @@ from __future__ import annotations
 import importlib
 import threading
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
+from decimal import Decimal
 from types import ModuleType
 from typing import Any, TypeVar
 
@@ -66,6 +67,35 @@ def _many(kind: Callable[..., N], raw: Any) -> tuple[N, ...] | None:
     return tuple(convert(kind, item) for item in raw)
 
 
+# The binding reads a request dict field by field with exact C types: an int or a Decimal
+# where it wants a double is refused (None, last_error() (-2, 'Invalid "volume" argument')),
+# and a float where it wants an integer likewise (strings in _core of MetaTrader5 5.0.6231;
+# DOMAIN.md section 2). The other backends accept both, so the same request must work here.
+_FLOAT_FIELDS = frozenset({"volume", "price", "stoplimit", "sl", "tp"})
+_INT_FIELDS = frozenset(
+    {"action", "magic", "order", "deviation", "type", "type_filling", "type_time"}
+    | {"expiration", "position", "position_by"}
+)
+
+
+def binding_request(request: Mapping[str, Any]) -> dict[str, Any]:
+    """``request`` with the C types the binding accepts; only lossless conversions."""
+    converted = dict(request)
+    for key, value in request.items():
+        if isinstance(value, bool):
+            continue
+        if key in _FLOAT_FIELDS and isinstance(value, int | Decimal):
+            converted[key] = float(value)
+        elif key in _INT_FIELDS and isinstance(value, float | Decimal):
+            try:
+                whole = int(value)
+            except (ValueError, OverflowError):  # nan, inf: left for the binding to refuse
+                continue
+            if whole == value:
+                converted[key] = whole
+    return converted
+
+
 def load_module() -> ModuleType:
     try:
         return importlib.import_module("MetaTrader5")
@@ -79,13 +109,27 @@ def load_module() -> ModuleType:
 
 
 class NativeTerminal:
-    """``api.Terminal`` over the real module. Passwords are passed through, never logged."""
+    """``api.Terminal`` over the real module. Passwords are passed through, never logged.
+
+    The module keeps one ``last_error()`` for the whole process; each call here reads it
+    under the same lock, so :meth:`last_error` answers for this terminal's last call even
+    when another thread (or another instance) called the module in between.
+    """
 
     def __init__(self, module: ModuleType | None = None) -> None:
         self._mt5 = module if module is not None else load_module()
+        self._error: tuple[int, str] = (api.RES_S_OK, "Success")
 
     def __repr__(self) -> str:
         return "NativeTerminal()"
+
+    def _call(self, function: str, *args: Any, **kwargs: Any) -> Any:
+        with _MODULE_LOCK:
+            try:
+                return getattr(self._mt5, function)(*args, **kwargs)
+            finally:
+                code, message = self._mt5.last_error()
+                self._error = (int(code), str(message))
 
     def initialize(
         self,
@@ -97,10 +141,8 @@ class NativeTerminal:
         timeout: int | None = None,
     ) -> bool:
         kwargs = _present(login=login, password=password, server=server, timeout=timeout)
-        with _MODULE_LOCK:
-            if path is not None:
-                return bool(self._mt5.initialize(path, **kwargs))
-            return bool(self._mt5.initialize(**kwargs))
+        args = () if path is None else (path,)
+        return bool(self._call("initialize", *args, **kwargs))
 
     def login(
         self,
@@ -111,79 +153,61 @@ class NativeTerminal:
         timeout: int | None = None,
     ) -> bool:
         kwargs = _present(password=password, server=server, timeout=timeout)
-        with _MODULE_LOCK:
-            return bool(self._mt5.login(login, **kwargs))
+        return bool(self._call("login", login, **kwargs))
 
     def shutdown(self) -> None:
-        with _MODULE_LOCK:
-            self._mt5.shutdown()
+        self._call("shutdown")
 
     def last_error(self) -> tuple[int, str]:
-        with _MODULE_LOCK:
-            code, message = self._mt5.last_error()
-        return int(code), str(message)
+        return self._error
 
     def terminal_info(self) -> api.TerminalInfo | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.terminal_info()
+        raw = self._call("terminal_info")
         return None if raw is None else convert(api.TerminalInfo, raw)
 
     def account_info(self) -> api.AccountInfo | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.account_info()
+        raw = self._call("account_info")
         return None if raw is None else convert(api.AccountInfo, raw)
 
     def symbols_get(self, group: str | None = None) -> tuple[api.SymbolInfo, ...] | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.symbols_get(group=group) if group else self._mt5.symbols_get()
-        return _many(api.SymbolInfo, raw)
+        return _many(api.SymbolInfo, self._call("symbols_get", **_present(group=group or None)))
 
     def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.symbol_info(symbol)
+        raw = self._call("symbol_info", symbol)
         return None if raw is None else convert(api.SymbolInfo, raw)
 
     def symbol_info_tick(self, symbol: str) -> api.Tick | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.symbol_info_tick(symbol)
+        raw = self._call("symbol_info_tick", symbol)
         return None if raw is None else convert(api.Tick, raw)
 
     def symbol_select(self, symbol: str, enable: bool = True) -> bool:
-        with _MODULE_LOCK:
-            return bool(self._mt5.symbol_select(symbol, enable))
+        return bool(self._call("symbol_select", symbol, bool(enable)))
 
     def order_calc_margin(
         self, action: int, symbol: str, volume: float, price: float
     ) -> float | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.order_calc_margin(action, symbol, volume, price)
+        raw = self._call("order_calc_margin", int(action), symbol, float(volume), float(price))
         return None if raw is None else float(raw)
 
     def order_check(self, request: dict[str, Any]) -> api.OrderCheckResult | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.order_check(request)
+        raw = self._call("order_check", binding_request(request))
         return None if raw is None else convert(api.OrderCheckResult, raw)
 
     def order_send(self, request: dict[str, Any]) -> api.OrderSendResult | None:
-        with _MODULE_LOCK:
-            raw = self._mt5.order_send(request)
+        raw = self._call("order_send", binding_request(request))
         return None if raw is None else convert(api.OrderSendResult, raw)
 
     def orders_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradeOrder, ...] | None:
         kwargs = _present(symbol=symbol, group=group, ticket=ticket)
-        with _MODULE_LOCK:
-            raw = self._mt5.orders_get(**kwargs)
-        return _many(api.TradeOrder, raw)
+        return _many(api.TradeOrder, self._call("orders_get", **kwargs))
 
     def positions_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradePosition, ...] | None:
         kwargs = _present(symbol=symbol, group=group, ticket=ticket)
-        with _MODULE_LOCK:
-            raw = self._mt5.positions_get(**kwargs)
-        return _many(api.TradePosition, raw)
+        return _many(api.TradePosition, self._call("positions_get", **kwargs))
 
     def history_orders_get(
         self,
@@ -194,9 +218,7 @@ class NativeTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeOrder, ...] | None:
         args, kwargs = _history_args(date_from, date_to, group, ticket, position)
-        with _MODULE_LOCK:
-            raw = self._mt5.history_orders_get(*args, **kwargs)
-        return _many(api.TradeOrder, raw)
+        return _many(api.TradeOrder, self._call("history_orders_get", *args, **kwargs))
 
     def history_deals_get(
         self,
@@ -207,9 +229,7 @@ class NativeTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeDeal, ...] | None:
         args, kwargs = _history_args(date_from, date_to, group, ticket, position)
-        with _MODULE_LOCK:
-            raw = self._mt5.history_deals_get(*args, **kwargs)
-        return _many(api.TradeDeal, raw)
+        return _many(api.TradeDeal, self._call("history_deals_get", *args, **kwargs))
 
 
 def _present(**kwargs: Any) -> dict[str, Any]:

@@ -164,6 +164,7 @@ class HealthServer:
         return ready, {"status": "ready" if ready else "not_ready", "checks": results}
 
     def exposition(self) -> bytes:
+        metrics.record_ready(self.readiness()[0])
         metrics.refresh()
         if self._multiprocess_dir is None:
             return generate_latest(self._registry)

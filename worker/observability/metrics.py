@@ -18,8 +18,11 @@ label value: anything outside the bounded sets below is counted as ``other``)::
     record_dead_letter(reason: str) -> None
     record_reconnect(target: Target) -> None
     in_flight(delta: int) -> None                                # +1 on delivery, -1 on ack/nack
+    record_recovery(*, settled: bool) -> None                    # the recovery sweep, per row
+    record_ready(ready: bool) -> None                            # /readyz's verdict, per scrape
     register_pool_state(read: Callable[[], PoolState]) -> None
     register_outbox_state(read: Callable[[], OutboxState]) -> None
+    register_in_flight_state(read: Callable[[], InFlightState]) -> None
     refresh() -> None        # reads the registered callbacks into their gauges
 
 Pool and outbox gauges are read from their owners' state by the callbacks: ``refresh()``
@@ -149,7 +152,8 @@ SESSIONS_IN_USE = Gauge(
 )
 SESSIONS_UNHEALTHY = Gauge(
     PREFIX + "sessions_unhealthy",
-    "MT5 sessions failing their health check (disconnected, trading disabled...).",
+    "1 while the MT5 session fails its health check (disconnected, trading disabled...).",
+    ["session"],
     multiprocess_mode="livesum",
 )
 CLAIM_WAIT_SECONDS = Histogram(
@@ -182,6 +186,26 @@ IN_FLIGHT = Gauge(
     PREFIX + "in_flight_messages",
     "Deliveries received and not yet acked or nacked.",
     multiprocess_mode="livesum",
+)
+EXECUTIONS_IN_FLIGHT = Gauge(
+    PREFIX + "executions_in_flight",
+    "Execution rows not yet final in the database (all workers: read from PostgreSQL).",
+    multiprocess_mode="livemax",
+)
+EXECUTIONS_IN_FLIGHT_OLDEST = Gauge(
+    PREFIX + "executions_in_flight_oldest_seconds",
+    "Time since the oldest non-final execution row was received (0 when none).",
+    multiprocess_mode="livemax",
+)
+RECOVERIES = Counter(
+    PREFIX + "recoveries_total",
+    "In-flight rows the recovery sweep (or reconcile) tried to settle, by result.",
+    ["result"],
+)
+READY = Gauge(
+    PREFIX + "ready",
+    "1 while /readyz would answer 200 (broker, database, a healthy session), else 0.",
+    multiprocess_mode="livemax",
 )
 
 # --- label guards ------------------------------------------------------------------------
@@ -347,6 +371,16 @@ def in_flight(delta: int) -> None:
     IN_FLIGHT.inc(delta)
 
 
+def record_recovery(*, settled: bool) -> None:
+    """One in-flight row the recovery sweep tried: ``settled`` or left ``unresolved``."""
+    RECOVERIES.labels(result="settled" if settled else "unresolved").inc()
+
+
+def record_ready(ready: bool) -> None:
+    """The readiness verdict, so that an alert sees a worker that is up but not ready."""
+    READY.set(1 if ready else 0)
+
+
 # --- state read through callbacks --------------------------------------------------------
 
 
@@ -354,6 +388,13 @@ class PoolState(NamedTuple):
     size: int
     in_use: int
     unhealthy: int
+    # (session id, unhealthy) per session; empty: the count goes to session="none"
+    by_session: tuple[tuple[str, bool], ...] = ()
+
+
+class InFlightState(NamedTuple):
+    rows: int
+    oldest_age_seconds: float
 
 
 class OutboxState(NamedTuple):
@@ -363,6 +404,7 @@ class OutboxState(NamedTuple):
 
 _pool_reader: Callable[[], PoolState] | None = None
 _outbox_reader: Callable[[], OutboxState] | None = None
+_in_flight_reader: Callable[[], InFlightState] | None = None
 
 
 def register_pool_state(read: Callable[[], PoolState]) -> None:
@@ -377,16 +419,35 @@ def register_outbox_state(read: Callable[[], OutboxState]) -> None:
     _outbox_reader = read
 
 
+def register_in_flight_state(read: Callable[[], InFlightState]) -> None:
+    """The store registers how to read the non-final execution rows (replaces any earlier)."""
+    global _in_flight_reader
+    _in_flight_reader = read
+
+
 def clear_state_readers() -> None:
-    global _pool_reader, _outbox_reader
+    global _pool_reader, _outbox_reader, _in_flight_reader
     _pool_reader = None
     _outbox_reader = None
+    _in_flight_reader = None
+
+
+def _set_unhealthy(state: PoolState) -> None:
+    counts: dict[str, int] = {}
+    if state.by_session:
+        for session, unhealthy in state.by_session:
+            label = _bounded(session, _sessions, MAX_SESSIONS)
+            counts[label] = counts.get(label, 0) + int(unhealthy)
+    else:
+        counts[NONE] = state.unhealthy
+    for label, count in counts.items():
+        _labelled(SESSIONS_UNHEALTHY, label).set(count)
 
 
 def refresh() -> None:
     """Read the registered callbacks into their gauges. A failing callback is logged and its
     gauges keep their last value, so a scrape never fails because of it."""
-    pool, outbox = _pool_reader, _outbox_reader
+    pool, outbox, rows = _pool_reader, _outbox_reader, _in_flight_reader
     if pool is not None:
         try:
             state = pool()
@@ -395,7 +456,7 @@ def refresh() -> None:
         else:
             SESSIONS.set(state.size)
             SESSIONS_IN_USE.set(state.in_use)
-            SESSIONS_UNHEALTHY.set(state.unhealthy)
+            _set_unhealthy(state)
     if outbox is not None:
         try:
             backlog = outbox()
@@ -404,6 +465,14 @@ def refresh() -> None:
         else:
             OUTBOX_BACKLOG.set(backlog.backlog)
             OUTBOX_OLDEST_AGE.set(backlog.oldest_age_seconds)
+    if rows is not None:
+        try:
+            flying = rows()
+        except Exception:
+            _log.warning("metrics: reading the in-flight executions failed", exc_info=True)
+        else:
+            EXECUTIONS_IN_FLIGHT.set(flying.rows)
+            EXECUTIONS_IN_FLIGHT_OLDEST.set(flying.oldest_age_seconds)
 
 
 # --- multi-process -----------------------------------------------------------------------
@@ -444,6 +513,10 @@ def metric_names() -> list[str]:
         DEAD_LETTERED,
         RECONNECTS,
         IN_FLIGHT,
+        EXECUTIONS_IN_FLIGHT,
+        EXECUTIONS_IN_FLIGHT_OLDEST,
+        RECOVERIES,
+        READY,
     )
     names: list[str] = []
     for metric in metrics:

@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
+from worker.errors import WorkerError
 from worker.execution.outcome import Publish
 from worker.store.migrate import apply_migrations
 
@@ -34,7 +35,16 @@ TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
 )
 IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
-OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
+OPEN_TIMEOUT_SECONDS = 10.0
+# libpq TCP keepalives: a connection whose peer vanished (a PostgreSQL failover, a dead
+# network path) is found dead within ~25 s instead of the kernel's two hours. Session locks
+# live on these connections, so a lost lock must be noticed, not assumed held.
+TCP_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}  # waiting for a connection; then the message is requeued
 
 EXECUTION_COLUMNS = (
     "execution_id",
@@ -113,7 +123,7 @@ class Event:
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-class StoreError(Exception):
+class StoreError(WorkerError):
     """The database refused or could not be reached; the message is requeued."""
 
 
@@ -209,7 +219,7 @@ class Store:
             url,
             min_size=1,
             max_size=max_size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, **TCP_KEEPALIVES},
             open=True,
             timeout=OPEN_TIMEOUT_SECONDS,
             name="execution-store",
@@ -383,8 +393,8 @@ class Store:
         with self.connection() as conn:
             rows = conn.execute(
                 "SELECT execution_id, routing_key, payload, correlation_id, reply_to"
-                " FROM execution.outbox WHERE published_at IS NULL"
-                " ORDER BY created_at LIMIT %s",
+                " FROM execution.outbox WHERE published_at IS NULL AND next_attempt_at <= now()"
+                " ORDER BY next_attempt_at, created_at LIMIT %s",
                 (limit,),
             ).fetchall()
         return [Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4]) for row in rows]
@@ -403,12 +413,44 @@ class Store:
                 (list(execution_ids),),
             )
 
+    def mark_failed(
+        self,
+        execution_ids: Sequence[UUID],
+        *,
+        backoff_seconds: float = 10.0,
+        max_backoff_seconds: float = 300.0,
+    ) -> None:
+        """The broker refused these confirmations (returned or nacked): try them again after
+        ``backoff_seconds * 2**attempts`` (at most ``max_backoff_seconds``), so the sweep
+        takes the rows that are due first and never retries the same refused ones forever."""
+        if not execution_ids:
+            return
+        with self.connection() as conn, conn.transaction():
+            conn.execute("SET LOCAL synchronous_commit = off")  # like mark_published
+            conn.execute(
+                "UPDATE execution.outbox SET attempts = attempts + 1,"
+                " next_attempt_at = now() + make_interval(secs =>"
+                " least(%s, %s * power(2, least(attempts, 30))))"
+                " WHERE execution_id = ANY(%s) AND published_at IS NULL",
+                (max_backoff_seconds, backoff_seconds, list(execution_ids)),
+            )
+
     def outbox_backlog(self) -> tuple[int, float]:
         """(unpublished rows, age in seconds of the oldest) for metrics."""
         with self.connection() as conn:
             row = conn.execute(
                 "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
                 " FROM execution.outbox WHERE published_at IS NULL"
+            ).fetchone()
+        return (int(row[0]), float(row[1])) if row else (0, 0.0)
+
+    def in_flight_age(self) -> tuple[int, float]:
+        """(non-final rows, seconds since the oldest of them was received) for metrics."""
+        with self.connection() as conn:
+            row = conn.execute(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(received_at)), 0)"
+                " FROM execution.executions"
+                " WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED')"
             ).fetchone()
         return (int(row[0]), float(row[1])) if row else (0, 0.0)
 

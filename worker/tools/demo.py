@@ -32,6 +32,7 @@ from schemas.identity import execution_id_for
 from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
 from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
+from worker.errors import ExitCode
 from worker.mt5.sim.config import default_symbols
 from worker.tools.publish import (
     OutgoingMessage,
@@ -43,8 +44,6 @@ from worker.tools.publish import (
     sample_units,
 )
 
-EXIT_TIMEOUT = 1
-EXIT_BROKER = 3
 DEMO_SESSIONS = "2"  # when MT5_SESSIONS is a file (of real sessions)
 RUN_HEADER = "x-demo-run"
 SYMBOLS = ("EURUSD", "USDJPY", "XAUUSD", "GBPUSD")
@@ -279,7 +278,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         service = Service.start(settings)
     except Exception as exc:
         print(f"execution-worker demo: cannot start the worker: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+        return ExitCode.BROKER_UNREACHABLE
     runtime = runtime_from_settings(settings, service.handler, service.outbox, service.sessions)
     thread = threading.Thread(target=runtime.run, name="amqp-io", daemon=True)
     thread.start()
@@ -288,7 +287,7 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         if not _wait_consuming(runtime, args.timeout):
             reason = runtime.error or "the worker did not start consuming"
             print(f"execution-worker demo: {reason}", file=sys.stderr)
-            return EXIT_BROKER
+            return ExitCode.BROKER_UNREACHABLE
         observer = Observer(url)
         run_id = uuid.uuid4().hex[:8]
         plan = build_plan(count, run_id)
@@ -306,12 +305,12 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
                 + ", ".join(missing),
                 file=sys.stderr,
             )
-            return EXIT_TIMEOUT
+            return ExitCode.FAILED
         print(f"\ndemo: all {len(plan.messages)} messages answered")
         return 0
     except (PublishError, pika.exceptions.AMQPError) as exc:
         print(f"execution-worker demo: broker error: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+        return ExitCode.BROKER_UNREACHABLE
     finally:
         if observer is not None:
             observer.close()

@@ -34,13 +34,12 @@ from worker.amqp.topology import (
     describe_mismatch,
 )
 from worker.config import load_settings, mask_url
+from worker.errors import ExitCode, WorkerError
 
 MAX_IN_FLIGHT = 1000
-EXIT_NOT_ALL_CONFIRMED = 1
-EXIT_BROKER = 3
 
 
-class PublishError(Exception):
+class PublishError(WorkerError):
     """The broker could not be reached or refused us; one line, safe to print."""
 
 
@@ -333,6 +332,6 @@ def main(args: argparse.Namespace) -> int:
         report = publish_messages(url, messages, delivery_limit=settings.delivery_limit)
     except (PublishError, TopologyMismatch) as exc:
         print(f"execution-worker publish: {exc}", file=sys.stderr)
-        return EXIT_BROKER
+        return ExitCode.BROKER_UNREACHABLE
     print(f"published to {REQUESTS_QUEUE} at {mask_url(url)}: {report.summary()}")
-    return 0 if report.confirmed == report.total else EXIT_NOT_ALL_CONFIRMED
+    return 0 if report.confirmed == report.total else ExitCode.FAILED

@@ -2,6 +2,74 @@
 
 Everything here is plain data (frozen dataclasses) so a configuration can be built in code,
 loaded from TOML (``SimConfig.from_toml``) and changed at run time (``SimTerminal.set_faults``).
+
+Server hardening (issue 17, DOMAIN.md sections 2 and 6)
+-------------------------------------------------------
+Real trade servers are less kind than the simulator once was. Each behaviour below is a
+``FaultConfig`` field (so ``set_faults`` changes it at run time and the ``[faults]`` TOML
+table sets it). Every field defaults to the friendly value; ``HARDENED`` holds the values of a
+hard server and is the ONE place to turn them all on:
+
+- ``FaultConfig.hardened(**overrides)`` / ``SimConfig.hardened()`` in code,
+- ``preset = "hardened"`` in the ``[faults]`` TOML table,
+- ``HARDENED_BY_DEFAULT = True`` below makes every ``FaultConfig()`` hardened (the switch the
+  lead flips once the worker is right against these behaviours).
+
+``comment_keep_chars`` (friendly None, hardened 16)
+    Orders, deals and positions keep only the first N characters of the request comment
+    (the MQL5 reference shows ``'python script op'`` for ``"python script open"``).
+    None keeps the comment whole. The ``request`` echoed in the result keeps it whole.
+``comment_replace`` (None, hardened None)
+    A broker that rewrites comments: orders, deals and positions get this text instead
+    (``""`` blanks them). Applied before ``comment_keep_chars``. Magic is always kept whole.
+``deal_lag_ms`` / ``deal_lag_jitter_ms`` (0 / 0, hardened 200 / 400)
+    A deal becomes visible in ``history_deals_get`` only this long (plus a uniform jitter)
+    after the fill, on the terminal's clock; the order shows in history at once.
+``deal_zero_rate`` (0, hardened 0.2)
+    Share of 10009/10010 replies whose ``deal`` is 0 although the deal exists.
+``query_none_rate`` (0, hardened 0.05)
+    Share of ``history_deals_get``, ``history_orders_get``, ``orders_get`` and
+    ``positions_get`` calls answering None with ``last_error()`` -10005 or -2; the connection
+    stays up (the next call works).
+``dst_clock`` (False, hardened True)
+    Server time = UTC + ``SimConfig.server_utc_offset_seconds`` (GMT+2) plus one hour while
+    US daylight saving time is in force (second Sunday of March 07:00 UTC to first Sunday
+    of November 06:00 UTC): tick, order and deal times follow.
+``clock_shift_seconds`` (0 in both)
+    Run-time knob: added to the server offset at once, e.g.
+    ``sim.set_faults(clock_shift_seconds=3600)`` forces a DST-like switch while a worker runs.
+``filling_by_exemode`` (False, hardened True)
+    Request and Instant execution accept market orders only with FOK (others: 10030), so an
+    instant-execution symbol never partially fills; Market execution: FOK/IOC per the
+    symbol's ``filling_mode`` bitmask; Exchange execution: RETURN as well. (Off: the bitmask
+    decides on every mode, and an instant symbol without FOK in its bitmask accepts IOC.)
+``strict_retcodes`` (False, hardened True)
+    10038 when a close names more volume than the position holds (off: 10014), and
+    10042/10043/10044 for long-only/short-only/close-only symbols (off: 10017).
+``fifo_close`` (False, hardened False)
+    Account rule of US brokers: on a hedging account a close must name the oldest open
+    position of that symbol and side, else 10045.
+``hedging_prohibited`` (False, hardened False)
+    Account rule: on a hedging account an order that would open a position opposite to an
+    open one of the same symbol is refused with 10046 (a close naming ``position`` is fine).
+``algo_off_returns_none`` (False, hardened True)
+    With the terminal's Algo Trading off, ``order_send`` returns None with ``last_error()``
+    -8 (a definite non-send) instead of a 10027 reply. ``order_check`` still answers 10027.
+``float_only_binding`` (False, hardened True)
+    The binding refuses an int or Decimal for ``volume``, ``price``, ``stoplimit``, ``sl``,
+    ``tp`` (None + ``(-2, 'Invalid "volume" argument')``), like the real ``MetaTrader5``.
+``symbol_info_needs_select`` (False, hardened True)
+    ``symbol_info`` answers None (-4) for a symbol outside Market Watch until
+    ``symbol_select(symbol, True)`` (``symbol_info_tick`` always does).
+``position_ticket_differs`` (False, hardened True)
+    On hedging accounts a new position's ``ticket`` comes from its own counter and differs
+    from its ``identifier`` (the opening order's ticket), as after a broker's service
+    re-opening: a close must name the ticket; naming the identifier answers 10036.
+
+FIFO and the hedging prohibition are account rules of some brokers only, so the hardened
+preset leaves them off; turn them on per test. A symbol's ``refused_fillings`` (ORDER_FILLING_*
+values the server answers 10030 although the bitmask advertises them, as some brokers do) is
+symbol data, empty on every default symbol.
 """
 
 from __future__ import annotations
@@ -57,6 +125,8 @@ class SimSymbol:
     liquidity_lots: float = 50.0  # most that one order can fill at once
     closed_weekly: tuple[tuple[str, str], ...] = FX_CLOSED  # UTC windows, e.g. Fri 22:00-Sun 22:00
     visible: bool = True  # in Market Watch at start (else symbol_select first)
+    # ORDER_FILLING_* values answered 10030 although filling_mode advertises them
+    refused_fillings: tuple[int, ...] = ()
     exchange_fill_delay_seconds: float = 0.5  # RETURN orders on exchange execution fill after
 
     @property
@@ -146,6 +216,50 @@ SCRIPTED_OUTCOMES = frozenset(
 )
 
 
+# Flip to True to make every FaultConfig() (and so every SimConfig()) a hardened server.
+HARDENED_BY_DEFAULT = False
+
+# The friendly value of every server-hardening field (see the module docstring) ...
+FRIENDLY: Mapping[str, Any] = {
+    "comment_keep_chars": None,
+    "comment_replace": None,
+    "deal_lag_ms": 0.0,
+    "deal_lag_jitter_ms": 0.0,
+    "deal_zero_rate": 0.0,
+    "query_none_rate": 0.0,
+    "dst_clock": False,
+    "filling_by_exemode": False,
+    "strict_retcodes": False,
+    "fifo_close": False,
+    "hedging_prohibited": False,
+    "algo_off_returns_none": False,
+    "float_only_binding": False,
+    "symbol_info_needs_select": False,
+    "position_ticket_differs": False,
+}
+# ... and its value on a hardened server: the one place that turns them all on.
+HARDENED: Mapping[str, Any] = {
+    **FRIENDLY,
+    "comment_keep_chars": 16,
+    "deal_lag_ms": 200.0,
+    "deal_lag_jitter_ms": 400.0,
+    "deal_zero_rate": 0.2,
+    "query_none_rate": 0.05,
+    "dst_clock": True,
+    "filling_by_exemode": True,
+    "strict_retcodes": True,
+    "algo_off_returns_none": True,
+    "float_only_binding": True,
+    "symbol_info_needs_select": True,
+    "position_ticket_differs": True,
+}
+
+
+def _server(name: str) -> Any:
+    """A hardening field whose default follows ``HARDENED_BY_DEFAULT`` when instantiated."""
+    return field(default_factory=lambda: (HARDENED if HARDENED_BY_DEFAULT else FRIENDLY)[name])
+
+
 @dataclass(frozen=True)
 class FaultConfig:
     """Fault knobs; rates are probabilities per call, drawn from their own seeded generator."""
@@ -166,11 +280,48 @@ class FaultConfig:
     # forced outcomes of the next order_send calls, consumed one per call (SCRIPTED_OUTCOMES)
     scripted: tuple[str, ...] = ()
     fault_seed: int | None = None  # default: derived from SimConfig.seed
+    # server hardening: see the module docstring; defaults follow HARDENED_BY_DEFAULT
+    comment_keep_chars: int | None = _server("comment_keep_chars")
+    comment_replace: str | None = _server("comment_replace")
+    deal_lag_ms: float = _server("deal_lag_ms")
+    deal_lag_jitter_ms: float = _server("deal_lag_jitter_ms")
+    deal_zero_rate: float = _server("deal_zero_rate")
+    query_none_rate: float = _server("query_none_rate")
+    dst_clock: bool = _server("dst_clock")
+    clock_shift_seconds: int = 0
+    filling_by_exemode: bool = _server("filling_by_exemode")
+    strict_retcodes: bool = _server("strict_retcodes")
+    fifo_close: bool = _server("fifo_close")
+    hedging_prohibited: bool = _server("hedging_prohibited")
+    algo_off_returns_none: bool = _server("algo_off_returns_none")
+    float_only_binding: bool = _server("float_only_binding")
+    symbol_info_needs_select: bool = _server("symbol_info_needs_select")
+    position_ticket_differs: bool = _server("position_ticket_differs")
 
     def __post_init__(self) -> None:
         unknown = set(self.scripted) - SCRIPTED_OUTCOMES
         if unknown:
             raise ValueError(f"unknown scripted outcomes: {sorted(unknown)}")
+        if self.comment_keep_chars is not None and self.comment_keep_chars < 0:
+            raise ValueError("comment_keep_chars must be >= 0 (None keeps the comment whole)")
+
+    @classmethod
+    def hardened(cls, **changes: Any) -> FaultConfig:
+        """Every server hardening on (``HARDENED``), then ``changes``."""
+        return cls(**{**HARDENED, **changes})
+
+    @classmethod
+    def friendly(cls, **changes: Any) -> FaultConfig:
+        """Every server hardening off (``FRIENDLY``), then ``changes``."""
+        return cls(**{**FRIENDLY, **changes})
+
+    def served_comment(self, comment: str) -> str:
+        """The comment the server keeps on orders, deals and positions."""
+        if self.comment_replace is not None:
+            comment = self.comment_replace
+        if self.comment_keep_chars is not None:
+            comment = comment[: self.comment_keep_chars]
+        return comment
 
 
 @dataclass(frozen=True)
@@ -183,6 +334,12 @@ class SimConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     tick_interval_ms: int = 250  # prices move in steps of this length
     build: int = 4410
+
+    @classmethod
+    def hardened(cls, **changes: Any) -> SimConfig:
+        """A configuration whose faults are ``FaultConfig.hardened()`` (unless given)."""
+        changes.setdefault("faults", FaultConfig.hardened())
+        return cls(**changes)
 
     def with_symbols(self, *symbols: SimSymbol) -> SimConfig:
         """A copy with these symbols added (or replacing those of the same name)."""
@@ -210,6 +367,8 @@ class SimConfig:
         for name, table in data.pop("symbols", {}).items():
             values = _known(SimSymbol, table)
             values.pop("name", None)
+            if "refused_fillings" in values:
+                values["refused_fillings"] = tuple(values["refused_fillings"])
             if "closed_weekly" in values:
                 values["closed_weekly"] = tuple(tuple(pair) for pair in values["closed_weekly"])
             if name in symbols:
@@ -220,8 +379,15 @@ class SimConfig:
         return cls(account=account, faults=faults, symbols=symbols, **top)
 
 
+_PRESETS = {"hardened": HARDENED, "friendly": FRIENDLY}
+
+
 def _faults_from(table: Mapping[str, Any]) -> FaultConfig:
-    values = _known(FaultConfig, table)
+    table = dict(table)
+    preset = table.pop("preset", None)
+    if preset is not None and preset not in _PRESETS:
+        raise ValueError(f"unknown faults preset {preset!r} (expected one of {sorted(_PRESETS)})")
+    values = {**(_PRESETS[preset] if preset else {}), **_known(FaultConfig, table)}
     if "slippage_points" in values:
         raw = values["slippage_points"]
         pairs = raw.items() if isinstance(raw, Mapping) else raw

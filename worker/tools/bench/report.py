@@ -12,8 +12,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-import psutil
 import psycopg
+
+
+def process_metrics() -> Any:
+    """The ``psutil`` module, which only the bench needs (the ``bench`` extra)."""
+    try:
+        import psutil
+    except ImportError as exc:
+        raise SystemExit(
+            "execution-worker bench needs the bench extra: "
+            "pip install 'mt5-execution-worker[bench]'"
+        ) from exc
+    return psutil
+
 
 GOALS = {
     "overhead_p50": "worker p50 <= 1.5 x floor p50",
@@ -101,7 +113,7 @@ def postgres_version(database_url: str) -> str | None:
 
 
 def machine(database_url: str, rabbitmq: str | None) -> dict[str, Any]:
-    memory = psutil.virtual_memory().total
+    memory = process_metrics().virtual_memory().total
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),

@@ -46,7 +46,6 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
-import psutil
 import psycopg
 
 from worker.amqp.topology import (
@@ -58,6 +57,7 @@ from worker.amqp.topology import (
     requests_queue_arguments,
 )
 from worker.config import Settings, load_settings, mask_url
+from worker.errors import WorkerError
 from worker.tools.bench import report as bench_report
 from worker.tools.bench.floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
 from worker.tools.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
@@ -69,7 +69,7 @@ SIM_SYMBOL = "EURUSD"
 UNITS = 10_000.0  # 0.1 lots
 
 
-class BenchError(Exception):
+class BenchError(WorkerError):
     """The bench cannot go on; one line, safe to print (no secrets)."""
 
 
@@ -373,7 +373,8 @@ class Child:
                 self.process.wait(10)
 
     def rss_mb(self) -> float:
-        return float(psutil.Process(self.process.pid).memory_info().rss) / 2**20
+        process = bench_report.process_metrics().Process(self.process.pid)
+        return float(process.memory_info().rss) / 2**20
 
 
 @dataclass(frozen=True)

@@ -28,237 +28,37 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import psycopg
 import tenacity
 from psycopg import pq
 
-from worker.config import ConfigError
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
+from worker.mt5.terminals import (
+    SessionOpenError,
+    check_terminal,
+    connect_terminal,
+    open_terminal,
+)
+from worker.pool.leases import (
+    LOCK_CLASS,
+    ClaimTimeout,
+    Lease,
+    PoolClosed,
+    PoolHealth,
+    Session,
+    SessionHealth,
+    UnknownSession,
+    _Parked,
+    _Slot,
+)
 
-_log = logging.getLogger("worker.mt5.pool")
+_log = logging.getLogger("worker.pool")
 
-SessionState = Literal["idle", "in_use", "reconnecting", "down", "closed"]
-LOCK_CLASS = 1  # first argument of the two-int advisory lock: 1 = MT5 session
 _LOCK_SQL = "SELECT pg_try_advisory_lock(%s::integer, %s::integer)"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock_all()"
-
-
-class ClaimTimeout(Exception):
-    """No healthy session became free in time (or the database is unreachable)."""
-
-
-class PoolClosed(ClaimTimeout):
-    pass
-
-
-class UnknownSession(ClaimTimeout):
-    """``claim(session_id=...)`` named a session this process does not have."""
-
-
-class LeaseLost(Exception):
-    """The connection holding the session's lock is gone: do not touch the broker."""
-
-
-class SessionOpenError(Exception):
-    """A terminal could not be opened or initialized (message safe to log)."""
-
-
-# --- terminals per backend ---------------------------------------------------------------
-
-
-def _new_terminal(spec: SessionSpec) -> api.Terminal:
-    if spec.backend == "bridge":
-        from worker.mt5.bridge.client import BridgeTerminal
-
-        if spec.address is None or spec.secret is None:
-            raise SessionOpenError(f"session {spec.id}: bridge needs an address and a secret")
-        return BridgeTerminal(spec.address, spec.secret, tls_ca=spec.tls_ca)
-    if spec.backend == "native":
-        from worker.mt5.native import NativeTerminal
-
-        try:
-            native: api.Terminal = NativeTerminal()
-        except RuntimeError as exc:  # no MetaTrader5 module: a configuration error
-            raise ConfigError(f"session {spec.id}: {exc}") from None
-        return native
-    from worker.mt5.sim.terminal import SimConfig, SimTerminal
-
-    try:
-        config = SimConfig.from_toml(spec.sim_config) if spec.sim_config else None
-    except (OSError, ValueError) as exc:  # TOMLDecodeError is a ValueError
-        raise ConfigError(f"session {spec.id}: sim_config {spec.sim_config}: {exc}") from None
-    sim: api.Terminal = SimTerminal(config)
-    return sim
-
-
-def connect_terminal(terminal: api.Terminal, spec: SessionSpec) -> None:
-    """(Re-)initialize ``terminal`` with the spec's account; raises SessionOpenError."""
-    password = spec.password.get_secret_value() if spec.password is not None else None
-    try:
-        ok = terminal.initialize(spec.path, login=spec.login, password=password, server=spec.server)
-    except api.TransportError as exc:
-        raise SessionOpenError(f"session {spec.id}: {exc}") from None
-    if not ok:
-        code, message = terminal.last_error()
-        raise SessionOpenError(f"session {spec.id}: initialize failed: {code} {message}")
-
-
-def open_terminal(spec: SessionSpec) -> api.Terminal:
-    """A connected terminal for ``spec`` (sim in process, native module, or bridge client)."""
-    terminal = _new_terminal(spec)
-    connect_terminal(terminal, spec)
-    return terminal
-
-
-def check_terminal(terminal: api.Terminal) -> str | None:
-    """None when the terminal is connected, else why not (one line, no secrets)."""
-    try:
-        info = terminal.terminal_info()
-        code, message = terminal.last_error()
-    except api.TransportError as exc:
-        return str(exc)
-    if info is None:
-        return f"terminal_info failed: {code} {message}"
-    if not info.connected:
-        return "terminal not connected to its trade server"
-    if code in api.CONNECTION_LOST_ERRORS:
-        return f"connection lost: {code} {message}"
-    return None
-
-
-# --- sessions and leases -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Session:
-    id: str
-    spec: SessionSpec
-    terminal: api.Terminal
-    gateway: Any  # whatever gateway_factory built for this terminal
-    login: int | None
-    server: str | None
-
-
-@dataclass(frozen=True)
-class SessionHealth:
-    id: str
-    backend: str
-    state: SessionState
-    failures: int
-    last_error: str | None
-    login: int | None
-    server: str | None
-
-
-@dataclass(frozen=True)
-class PoolHealth:
-    size: int
-    in_use: int
-    unhealthy: int
-    sessions: tuple[SessionHealth, ...]
-
-    @property
-    def available(self) -> int:
-        return self.size - self.in_use - self.unhealthy
-
-
-@dataclass
-class _Parked:
-    """A released lease whose connection still holds the session's lock."""
-
-    conn: psycopg.Connection[Any]
-    autocommit_was: bool
-    locked_at: float  # monotonic: when the lock was taken
-    parked_at: float
-
-
-@dataclass
-class _Slot:
-    spec: SessionSpec
-    session: Session | None = None
-    in_use: bool = False
-    healthy: bool = False
-    failures: int = 0
-    last_error: str | None = None
-    recovery: threading.Thread | None = field(default=None, repr=False)
-    parked: _Parked | None = field(default=None, repr=False)
-    # after a hold of max_hold_seconds: not claimed here (except by id) until then, so a
-    # process polling for this session gets its turn
-    yield_until: float = 0.0
-
-    def state(self, closed: bool, max_failures: int) -> SessionState:
-        if closed:
-            return "closed"
-        if self.in_use:
-            return "in_use"
-        if self.healthy:
-            return "idle"
-        # "down" is still retried in the background, with the longest backoff
-        return "down" if self.failures >= max_failures else "reconnecting"
-
-
-class Lease:
-    """One session for exclusive use until :meth:`release` (also a context manager)."""
-
-    def __init__(
-        self,
-        pool: SessionPool,
-        slot: _Slot,
-        session: Session,
-        conn: psycopg.Connection[Any],
-        autocommit_was: bool,
-        locked_at: float,
-    ) -> None:
-        self.session = session
-        self.conn = conn
-        self._pool = pool
-        self._slot = slot
-        self._autocommit_was = autocommit_was
-        self._locked_at = locked_at
-        self._released = False
-
-    def __repr__(self) -> str:
-        return f"Lease({self.session.id!r}, released={self._released})"
-
-    def fence_check(self) -> None:
-        """Raise LeaseLost if the lock's connection is known to be gone (no round trip).
-
-        The real fence is the intent commit through :attr:`conn`: it fails if the
-        connection, and with it the lock, was lost in a way not yet noticed here.
-        """
-        if self._released:
-            raise LeaseLost(f"session {self.session.id}: lease already released")
-        if self.conn.closed or self.conn.broken:
-            raise LeaseLost(f"session {self.session.id}: the lock connection is gone")
-
-    def release(self, *, broken: bool = False) -> None:
-        """Unlock and give the session back; ``broken`` discards the database connection."""
-        if self._released:
-            return
-        self._released = True
-        self._pool._release(
-            self._slot,
-            self.conn,
-            broken=broken,
-            autocommit=self._autocommit_was,
-            locked_at=self._locked_at,
-        )
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release(broken=isinstance(exc, psycopg.OperationalError))
 
 
 # --- the pool ----------------------------------------------------------------------------

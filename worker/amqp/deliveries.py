@@ -1,0 +1,237 @@
+"""Deliveries in flight on the current channel, and how each one ends: ack, requeue, dead letter.
+
+A delivery can only be settled on the channel it arrived on. Every lost channel starts a new
+*epoch*: results for deliveries of an older epoch are stale and dropped (the broker
+redelivers those requests, and the pipeline answers them from its store without a second
+order). A request whose confirmation the broker returned or nacked is *parked* (kept
+unacked) until the outbox sweep gets the confirmation confirmed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import pika
+
+from schemas.request import MessageProperties
+from worker.amqp.loop import IoLoop
+from worker.amqp.options import RuntimeOptions, RuntimeStats
+from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
+from worker.amqp.topology import DEAD_LETTER_EXCHANGE
+from worker.execution.outcome import DeadLetter, Delivery
+from worker.observability import metrics
+
+log = logging.getLogger(__name__)
+
+REJECTION_REASON_HEADER = "x-rejection-reason"
+REJECTION_DETAILS_HEADER = "x-rejection-details"
+
+
+def to_message_properties(props: Any) -> MessageProperties:
+    """pika ``BasicProperties`` -> the library-independent ``MessageProperties``."""
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    return MessageProperties(
+        message_id=_text(props.message_id),
+        correlation_id=_text(props.correlation_id),
+        reply_to=_text(props.reply_to),
+        content_type=_text(props.content_type),
+        content_encoding=_text(props.content_encoding),
+        headers=dict(headers),
+    )
+
+
+def _text(value: Any) -> str | None:
+    """A property as text we can store: pika gives bytes for non-UTF-8 values; NUL is out."""
+    if isinstance(value, str) and "\x00" not in value:
+        return value
+    return None
+
+
+def delivery_count_of(props: Any) -> int | None:
+    """``x-delivery-count`` (quorum queues set it on redeliveries only)."""
+    headers = props.headers if isinstance(props.headers, dict) else {}
+    value = headers.get("x-delivery-count")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def dead_letter_properties(original: Any, reason: str, details: str) -> pika.BasicProperties:
+    """The original properties, persistent, with the rejection reason in headers."""
+    headers = dict(original.headers) if isinstance(original.headers, dict) else {}
+    headers[REJECTION_REASON_HEADER] = reason
+    headers[REJECTION_DETAILS_HEADER] = details
+    return pika.BasicProperties(
+        content_type=original.content_type,
+        content_encoding=original.content_encoding,
+        headers=headers,
+        delivery_mode=PERSISTENT,
+        priority=original.priority,
+        correlation_id=original.correlation_id,
+        reply_to=original.reply_to,
+        expiration=None,
+        message_id=original.message_id,
+        timestamp=original.timestamp,
+        type=original.type,
+        user_id=None,  # the broker checks user_id against the publisher's login
+        app_id=original.app_id,
+    )
+
+
+@dataclass(eq=False)
+class InFlight:
+    epoch: int
+    tag: int
+    delivery: Delivery
+    properties: Any
+    routing_key: str
+
+
+class Deliveries:
+    """The deliveries of the current channel (IO thread only)."""
+
+    def __init__(
+        self,
+        loop: IoLoop,
+        options: RuntimeOptions,
+        stats: RuntimeStats,
+        *,
+        stopping: Callable[[], bool],
+        on_settled: Callable[[], None],
+    ) -> None:
+        """``on_settled`` runs after every settle attempt (the runtime checks its drain)."""
+        self._loop = loop
+        self._options = options
+        self._stats = stats
+        self._stopping = stopping
+        self._on_settled = on_settled
+        self.epoch = 0
+        self._channel: Any = None
+        self._publisher: ConfirmingPublisher | None = None
+        self._inflight: dict[int, InFlight] = {}
+        self._parked: dict[UUID, list[InFlight]] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def attach(self, channel: Any, publisher: ConfirmingPublisher) -> None:
+        """A new channel is ready: deliveries arrive on it from now on."""
+        self._channel = channel
+        self._publisher = publisher
+
+    def lose_channel(self) -> None:
+        """The channel is gone: its deliveries will be redelivered; their results are stale."""
+        self._channel = None
+        self._publisher = None
+        self.epoch += 1
+        metrics.in_flight(-len(self._inflight))
+        self._inflight.clear()
+        self._parked.clear()
+
+    def receive(self, channel: Any, method: Any, properties: Any, body: bytes) -> InFlight | None:
+        """A new delivery, now in flight; None if it was handed back (we are stopping)."""
+        self._stats.consumed += 1
+        if self._stopping():
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            return None
+        delivery = Delivery(
+            body=body,
+            properties=to_message_properties(properties),
+            redelivered=bool(method.redelivered),
+            delivery_count=delivery_count_of(properties),
+            received_at=datetime.now(UTC),
+        )
+        item = InFlight(self.epoch, method.delivery_tag, delivery, properties, method.routing_key)
+        self._inflight[item.tag] = item
+        metrics.in_flight(1)
+        return item
+
+    def current(self, item: InFlight) -> bool:
+        """Still in flight on the live channel (else its result is stale)."""
+        return (
+            self._channel is not None
+            and item.epoch == self.epoch
+            and self._inflight.get(item.tag) is item
+        )
+
+    def park(self, execution_id: UUID, item: InFlight) -> None:
+        """Its confirmation was refused: keep it unacked until the outbox gets it confirmed."""
+        if not self.current(item):
+            return
+        if self._stopping():
+            self.settle(item, ack=False)
+        else:
+            self._parked.setdefault(execution_id, []).append(item)
+
+    def confirmed(self, execution_id: UUID) -> None:
+        """The confirmation of ``execution_id`` is confirmed: ack the requests parked on it."""
+        for parked in self._parked.pop(execution_id, []):
+            self.settle(parked, ack=True)
+
+    def requeue_parked(self) -> None:
+        """Hand back the parked requests now (a route may never come)."""
+        for parked in [p for items in self._parked.values() for p in items]:
+            self.settle(parked, ack=False)
+        self._parked.clear()
+
+    def requeue_all(self) -> None:
+        if self._inflight:
+            log.warning("drain timeout: requeueing %d delivery(ies)", len(self._inflight))
+        for item in list(self._inflight.values()):
+            self.settle(item, ack=False)
+
+    def dead_letter(self, item: InFlight, outcome: DeadLetter) -> None:
+        """Publish the request to the dead-letter exchange, then ack it."""
+        assert self._publisher is not None
+        properties = dead_letter_properties(item.properties, outcome.reason, outcome.details)
+
+        def done(result: PublishResult) -> None:
+            if result is PublishResult.CONFIRMED:
+                self._stats.dead_lettered += 1
+                metrics.record_dead_letter(outcome.reason.upper())
+                self.settle(item, ack=True)
+            elif result is PublishResult.LOST:
+                self._on_settled()
+            else:
+                log.warning("dead letter %s by the broker; requeueing", result.value)
+                self.requeue(item, f"dead letter {result.value}")
+
+        log.info("dead-lettering a delivery: %s", outcome.reason)
+        self._publisher.publish(
+            DEAD_LETTER_EXCHANGE,
+            item.routing_key,
+            item.delivery.body,
+            properties,
+            mandatory=True,
+            on_result=done,
+        )
+
+    def requeue(self, item: InFlight, reason: str) -> None:
+        log.info("requeueing a delivery: %s", reason)
+        if self._stopping() or self._options.requeue_delay_seconds <= 0:
+            self.settle(item, ack=False)
+            return
+        # a short pause so that a claim timeout does not spin through the delivery limit
+        self._loop.call_later(
+            self._options.requeue_delay_seconds, lambda: self.settle(item, ack=False)
+        )
+
+    def settle(self, item: InFlight, *, ack: bool) -> None:
+        """Ack or nack-with-requeue, on the delivery's own channel only."""
+        if not self.current(item):
+            self._on_settled()
+            return
+        del self._inflight[item.tag]
+        metrics.in_flight(-1)
+        if ack:
+            self._channel.basic_ack(item.tag)
+            self._stats.acked += 1
+            elapsed = datetime.now(UTC) - item.delivery.received_at
+            metrics.observe_end_to_end(elapsed.total_seconds())
+        else:
+            self._channel.basic_nack(item.tag, requeue=True)
+            self._stats.requeued += 1
+        self._on_settled()

@@ -1,0 +1,301 @@
+"""Confirmations out: publish with confirms, sweep the outbox, mark what the broker took.
+
+Every confirmation goes to ``execution.confirmations`` with publisher confirms,
+``mandatory`` and persistent delivery; a copy goes to ``reply_to`` (best effort: a vanished
+reply queue is logged, it never blocks the ack, the topic exchange holds the real record).
+A confirmation the broker returned or nacked stays in the outbox; the periodic sweep
+publishes it again and acks the requests parked on it once it is confirmed. Published marks
+are written in batches on the outbox's own database thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+import pika
+
+from worker.amqp.deliveries import Deliveries, InFlight
+from worker.amqp.loop import IoLoop, Threads
+from worker.amqp.options import RuntimeOptions, RuntimeStats
+from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
+from worker.amqp.topology import CONFIRMATIONS_EXCHANGE
+from worker.execution.outcome import CONFIRMATION_SCHEMA_HEADER, Outbox, Publish
+from worker.observability import metrics
+
+log = logging.getLogger(__name__)
+
+MARK_BATCH_SIZE = 200
+MARK_FLUSH_SECONDS = 0.2
+
+
+@runtime_checkable
+class BackoffOutbox(Protocol):
+    """An outbox that backs off the confirmations the broker refused (``Store``)."""
+
+    def mark_failed(
+        self,
+        execution_ids: Sequence[UUID],
+        *,
+        backoff_seconds: float,
+        max_backoff_seconds: float,
+    ) -> None: ...
+
+
+def confirmation_properties(publish: Publish) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type="application/json",
+        delivery_mode=PERSISTENT,
+        message_id=str(publish.execution_id),
+        correlation_id=publish.correlation_id,
+        headers={"schema": CONFIRMATION_SCHEMA_HEADER},
+    )
+
+
+class Confirmations:
+    """Publishes confirmations on the current channel and keeps the outbox in step (IO thread)."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        deliveries: Deliveries,
+        loop: IoLoop,
+        options: RuntimeOptions,
+        stats: RuntimeStats,
+        *,
+        on_result: Callable[[], None],
+    ) -> None:
+        """``on_result`` runs after every publish outcome (the runtime checks its drain)."""
+        self._outbox = outbox
+        self._deliveries = deliveries
+        self._loop = loop
+        self._options = options
+        self._stats = stats
+        self._on_result = on_result
+        self._publisher: ConfirmingPublisher | None = None
+        self._publishing: set[UUID] = set()
+        self._to_mark: list[UUID] = []
+        self._to_fail: list[UUID] = []
+        # an outbox that records refused publishes backs them off (the store does)
+        self._backoff = outbox if isinstance(outbox, BackoffOutbox) else None
+        self._mark_timer: Any = None
+        self._sweeping = False
+        self._db: Threads | None = None
+
+    def start(self) -> None:
+        """Start the outbox's database thread."""
+        self._db = Threads(1, "outbox")
+
+    def close(self) -> None:
+        """Let the last batch of marks reach the database (bounded wait)."""
+        if self._db is not None:
+            self._db.close(wait_seconds=5.0)
+
+    def attach(self, publisher: ConfirmingPublisher) -> None:
+        self._publisher = publisher
+
+    def detach(self) -> None:
+        self._publisher = None
+
+    @property
+    def in_flight(self) -> int:
+        """Publishes (confirmations, reply copies, dead letters) waiting for their confirm."""
+        return self._publisher.in_flight if self._publisher is not None else 0
+
+    def publish(
+        self,
+        publish: Publish,
+        on_confirmed: Callable[[], None] | None,
+        on_failed: InFlight | None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """Publish to ``execution.confirmations`` (and reply_to); park ``on_failed`` if refused.
+
+        ``on_done`` runs once the outcome is known, whatever it is (after the rest)."""
+        assert self._publisher is not None
+        execution_id = publish.execution_id
+        epoch = self._deliveries.epoch
+        properties = confirmation_properties(publish)
+        self._publishing.add(execution_id)
+        started = time.perf_counter()
+
+        def done(result: PublishResult) -> None:
+            self._publishing.discard(execution_id)
+            if epoch == self._deliveries.epoch:
+                self._on_publish_result(publish, result, started, on_confirmed, on_failed)
+            if on_done is not None:
+                on_done()
+
+        self._publisher.publish(
+            CONFIRMATIONS_EXCHANGE,
+            publish.routing_key,
+            publish.payload,
+            properties,
+            mandatory=True,
+            on_result=done,
+        )
+        if publish.reply_to:
+            self._publisher.publish(
+                "",
+                publish.reply_to,
+                publish.payload,
+                properties,
+                mandatory=True,
+                on_result=lambda result: self._on_reply_result(publish, result),
+            )
+
+    def _on_publish_result(
+        self,
+        publish: Publish,
+        result: PublishResult,
+        started: float,
+        on_confirmed: Callable[[], None] | None,
+        on_failed: InFlight | None,
+    ) -> None:
+        execution_id = publish.execution_id
+        if result is PublishResult.CONFIRMED:
+            metrics.observe_stage("publish", time.perf_counter() - started)
+            self._stats.confirmations_published += 1
+            self._mark(execution_id)
+            self._deliveries.confirmed(execution_id)
+            if on_confirmed is not None:
+                on_confirmed()
+        elif result is not PublishResult.LOST:
+            if result is PublishResult.RETURNED:
+                self._stats.returned += 1
+            else:
+                self._stats.nacked += 1
+            self._fail(execution_id)
+            # the sweep retries it (with backoff): warn once, on the live path
+            log.log(
+                logging.WARNING if on_failed is not None else logging.DEBUG,
+                "confirmation %s %s by the broker (routing key %s); the outbox retries it",
+                execution_id,
+                result.value,
+                publish.routing_key,
+            )
+            if on_failed is not None:
+                self._deliveries.park(execution_id, on_failed)
+        self._on_result()
+
+    def _on_reply_result(self, publish: Publish, result: PublishResult) -> None:
+        if result in (PublishResult.RETURNED, PublishResult.NACKED):
+            self._stats.reply_returned += 1
+            log.info(
+                "reply_to %r did not take confirmation %s (%s); it is on %s",
+                publish.reply_to,
+                publish.execution_id,
+                result.value,
+                CONFIRMATIONS_EXCHANGE,
+            )
+        self._on_result()
+
+    # ----------------------------------------------------------------- sweep
+
+    def sweep(self, then: Callable[[], None] | None) -> None:
+        """Publish what the outbox holds unpublished, then call ``then``."""
+        if self._sweeping or self._db is None:
+            if then is not None:
+                then()
+            return
+        self._sweeping = True
+        epoch = self._deliveries.epoch
+        limit = self._options.sweep_limit
+
+        def fetch() -> None:
+            try:
+                items = self._outbox.unpublished(limit)
+            except Exception as exc:
+                log.warning("outbox sweep failed: %s", type(exc).__name__)
+                items = []
+            self._loop.post(lambda: self._on_swept(epoch, items, then))
+
+        self._db.submit(fetch)
+
+    def _on_swept(
+        self, epoch: int, items: Sequence[Publish], then: Callable[[], None] | None
+    ) -> None:
+        if epoch != self._deliveries.epoch:
+            self._sweeping = False
+            return  # swept for a channel that is gone; the new one sweeps for itself
+        due = [p for p in items if p.execution_id not in self._publishing]  # else live path has it
+        if self._publisher is None or not due:
+            self._end_sweep()
+        else:
+            left = [len(due)]
+
+            def one_done() -> None:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._end_sweep()
+
+            for publish in due:
+                self._stats.outbox_republished += 1
+                self.publish(publish, on_confirmed=None, on_failed=None, on_done=one_done)
+            log.info("outbox: republished %d confirmation(s)", len(due))
+        if then is not None:
+            then()
+
+    def _end_sweep(self) -> None:
+        """Every publish of the sweep has its outcome. Its marks are written before the next
+        sweep reads (one database thread, in order), so that sweep sees the backoff of every
+        row this one retried in vain and takes the rows due after them."""
+        self._sweeping = False
+        self._stats.sweeps += 1
+        self.flush_marks()
+
+    # ----------------------------------------------------------------- published marks
+
+    def _mark(self, execution_id: UUID) -> None:
+        self._to_mark.append(execution_id)
+        self._flush_soon(len(self._to_mark))
+
+    def _fail(self, execution_id: UUID) -> None:
+        if self._backoff is not None:
+            self._to_fail.append(execution_id)
+            self._flush_soon(len(self._to_fail))
+
+    def _flush_soon(self, batch: int) -> None:
+        if batch >= MARK_BATCH_SIZE:
+            self.flush_marks()
+        elif self._mark_timer is None:
+            self._mark_timer = self._loop.call_later(MARK_FLUSH_SECONDS, self.flush_marks)
+
+    def flush_marks(self) -> None:
+        """Write the published and failed marks gathered so far (database thread)."""
+        if self._mark_timer is not None:
+            self._loop.remove_timeout(self._mark_timer)
+        self._mark_timer = None
+        published, self._to_mark = self._to_mark, []
+        failed, self._to_fail = self._to_fail, []
+        if self._db is None:
+            return
+        if published:
+
+            def write() -> None:
+                try:
+                    self._outbox.mark_published(published)
+                except Exception as exc:
+                    # harmless: the sweep publishes these again (same message_id)
+                    log.warning("outbox mark_published failed: %s", type(exc).__name__)
+
+            self._db.submit(write)
+        if failed and self._backoff is not None:
+            backoff = self._backoff
+            options = self._options
+
+            def write_failed() -> None:
+                try:
+                    backoff.mark_failed(
+                        failed,
+                        backoff_seconds=options.outbox_backoff_seconds,
+                        max_backoff_seconds=options.outbox_backoff_max_seconds,
+                    )
+                except Exception as exc:
+                    # harmless: these rows are retried without waiting
+                    log.warning("outbox mark_failed failed: %s", type(exc).__name__)
+
+            self._db.submit(write_failed)

@@ -1,0 +1,110 @@
+"""Finding our orders, deals and positions on the terminal (rule: ``identity`` module).
+
+Every query here tells a failed answer (None, ``last_error`` set) from an empty one: a
+failure raises :class:`QueryFailed`, never reads as "not found" (a resend, or opening
+instead of closing, would follow).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from worker.mt5 import api
+from worker.mt5.gateway.calls import Calls
+from worker.mt5.gateway.identity import OrderIdentity, is_deployment_magic
+from worker.mt5.gateway.model import Reconciliation, Side, SymbolSpec
+
+# Server clocks move with DST and brokers' zones are not UTC: the history window is padded
+# by a day on both sides (the magic/comment filter keeps a wide window cheap).
+RECONCILE_PAD = timedelta(days=1)
+UNKNOWN_OFFSET_PAD = timedelta(hours=14)  # extra, when the server's offset is not known
+
+
+class History:
+    """Order, deal and position queries of one gateway."""
+
+    def __init__(self, calls: Calls, terminal: api.Terminal) -> None:
+        self._calls = calls
+        self._terminal = terminal
+
+    def order_state(self, order_ticket: int) -> api.TradeOrder | None:
+        """The order, open or in history (None when the terminal does not know it)."""
+        open_orders = self._calls.require(
+            "orders_get", lambda: self._terminal.orders_get(ticket=order_ticket)
+        )
+        if open_orders:
+            return open_orders[0]
+        history = self._calls.require(
+            "history_orders_get", lambda: self._terminal.history_orders_get(ticket=order_ticket)
+        )
+        return history[0] if history else None
+
+    def deals_for_order(self, order_ticket: int) -> tuple[api.TradeDeal, ...]:
+        deals = self._calls.require(
+            "history_deals_get", lambda: self._terminal.history_deals_get(ticket=order_ticket)
+        )
+        return tuple(deals)
+
+    def reconcile(
+        self,
+        identity: OrderIdentity,
+        broker_symbol: str,
+        since: datetime,
+        *,
+        now_utc: datetime,
+        offset_ms: int | None,
+    ) -> Reconciliation:
+        """Everything of ``identity`` on ``broker_symbol`` since ``since`` (UTC)."""
+        pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
+        since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+        shift = timedelta(milliseconds=offset_ms or 0)
+        date_from = int((since_utc + shift - pad).timestamp())
+        date_to = int((now_utc + shift + pad).timestamp())
+
+        def ours(item: api.TradeOrder | api.TradeDeal | api.TradePosition) -> bool:
+            return item.symbol == broker_symbol and identity.matches(item.magic, item.comment)
+
+        open_orders = self._calls.require(
+            "orders_get", lambda: self._terminal.orders_get(symbol=broker_symbol)
+        )
+        positions = self._calls.require(
+            "positions_get", lambda: self._terminal.positions_get(symbol=broker_symbol)
+        )
+        history_orders = self._calls.require(
+            "history_orders_get",
+            lambda: self._terminal.history_orders_get(date_from, date_to),
+        )
+        deals = self._calls.require(
+            "history_deals_get", lambda: self._terminal.history_deals_get(date_from, date_to)
+        )
+        return Reconciliation(
+            open_orders=tuple(o for o in open_orders if ours(o)),
+            history_orders=tuple(o for o in history_orders if ours(o)),
+            deals=tuple(d for d in deals if ours(d)),
+            positions=tuple(p for p in positions if ours(p)),
+        )
+
+    def positions(self, symbol: str) -> tuple[api.TradePosition, ...]:
+        return tuple(
+            self._calls.require(
+                "positions_get", lambda: self._terminal.positions_get(symbol=symbol)
+            )
+        )
+
+    def opposite_positions(
+        self, spec: SymbolSpec, side: Side, deployment_magic: int
+    ) -> tuple[api.TradePosition, ...]:
+        """This deployment's positions on the other side of ``side``, oldest first by ticket."""
+        opposite = side.opposite.position_type
+        return tuple(
+            sorted(
+                (
+                    p
+                    for p in self.positions(spec.name)
+                    if p.type == opposite
+                    and p.symbol == spec.name
+                    and is_deployment_magic(p.magic, deployment_magic)
+                ),
+                key=lambda p: p.ticket,
+            )
+        )
