@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from worker.execution.outcome import Delivery, Requeue
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
-from worker.mt5.sim.terminal import SimAccount, SimConfig
+from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
 
@@ -222,3 +223,35 @@ def test_a_redelivery_asks_for_the_deals_the_history_window_misses(
     assert confirmation["status"] == "FILLED"
     assert confirmation["executed_lots"] == pytest.approx(1.0)
     assert sorted(confirmation["broker_deals"]) == [first.ticket, second.ticket]
+
+
+# --- the same against the simulator's own lagging-deals hardening ------------------------
+
+
+LAGGING = SimConfig(
+    account=SimAccount(balance=10_000_000.0),
+    faults=FaultConfig(deal_lag_ms=300.0, deal_zero_rate=1.0),
+)
+
+
+@pytest.mark.parametrize(("symbol", "units"), [("EURUSD", 100_000.0), ("US500", 5.0)])
+def test_fills_match_the_deals_of_a_server_whose_deals_lag(
+    new_database: Callable[[], str], symbol: str, units: float
+) -> None:
+    with pipeline_env(new_database(), LAGGING) as env:
+        env.sim.update_symbol("US500", exchange_fill_delay_seconds=0.05)
+        confirmation = env.confirm(approval(symbol, 1, units))
+        deals = env.deals()
+        for _ in range(100):  # the server's own view, once its lag has passed
+            if deals:
+                break
+            time.sleep(0.05)
+            deals = env.deals()
+        assert deals  # the order did execute
+        volume = sum(deal.volume for deal in deals)
+        assert confirmation["status"] == "FILLED"
+        assert confirmation["executed_lots"] == pytest.approx(volume)
+        assert confirmation["fill_price"] == pytest.approx(
+            sum(deal.volume * deal.price for deal in deals) / volume
+        )
+        assert sorted(confirmation["broker_deals"]) == sorted(deal.ticket for deal in deals)
