@@ -255,3 +255,33 @@ def test_fills_match_the_deals_of_a_server_whose_deals_lag(
             sum(deal.volume * deal.price for deal in deals) / volume
         )
         assert sorted(confirmation["broker_deals"]) == sorted(deal.ticket for deal in deals)
+
+
+def test_a_lost_reply_whose_deal_lags_is_settled_once_the_deal_shows(
+    new_database: Callable[[], str],
+) -> None:
+    with pipeline_env(new_database(), LAGGING) as env:
+        # executed, reply lost: reconcile finds the order at once, its deal 300 ms later
+        env.sim.set_faults(scripted=("lost_reply",))
+        confirmation = env.confirm(approval("EURUSD", 1, 100_000.0))
+        (deal,) = env.deals()
+        assert confirmation["status"] == "FILLED"
+        assert confirmation["broker_deals"] == [deal.ticket]
+        assert confirmation["fill_price"] == pytest.approx(deal.price)
+
+
+def test_a_failed_deals_query_is_asked_again_not_taken_as_no_deal(env: PipelineEnv) -> None:
+    read = env.sim.history_deals_get
+    failures = [None]  # the first query by ticket answers None (the connection stays up)
+
+    def history_deals_get(*args: Any, **kwargs: Any) -> Any:
+        if "ticket" in kwargs and failures:
+            return failures.pop()
+        return read(*args, **kwargs)
+
+    env.sim.history_deals_get = history_deals_get  # type: ignore[method-assign]
+    confirmation = env.confirm(approval("EURUSD", 1, 50_000.0))
+    (deal,) = env.deals()
+    assert not failures  # the failing answer was met
+    assert confirmation["status"] == "FILLED"
+    assert confirmation["broker_deals"] == [deal.ticket]

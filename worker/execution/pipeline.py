@@ -348,12 +348,15 @@ class Pipeline:
     ) -> Outcome:
         """The broker knows the execution: finish from its deals, monitoring pending orders."""
         gateway: Gateway = lease.session.gateway
-        window = settle.fills_from_deals(found.deals, plan.side, plan.requested_price)
-        ask = settle.orders_to_ask(found, window, plan.side)
-        asked = inquiry.deals_of_orders(gateway, ask, run) if ask else ()
-        shown = settle.fills_with_asked(found, window, asked, plan.side, plan.requested_price)
-        if shown is None:
-            raise api.TransportError("the broker shows our order but not yet its deals")
+        found, shown = inquiry.until_deals_show(
+            gateway,
+            plan,
+            found,
+            run,
+            timeout=self.settings.order_timeout_seconds,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
         fills = settle.with_known(known, shown)
         timed_out = False
         for order in found.open_orders:

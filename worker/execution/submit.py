@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from schemas.request import ExecutionRequest
 from worker.config import Settings
@@ -28,12 +28,13 @@ from worker.execution.settle import (
     fill_of_order,
 )
 from worker.mt5 import api
-from worker.mt5.gateway import Gateway, GatewayRejection, SendOutcome, SymbolSpec
+from worker.mt5.gateway import Gateway, GatewayRejection, QueryFailed, SendOutcome, SymbolSpec
 from worker.observability import metrics
 from worker.pool.leases import Lease
 from worker.store.store import Event, Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MONITOR_FIRST_POLL_SECONDS = 0.01
 MONITOR_MAX_POLL_SECONDS = 0.5
@@ -175,7 +176,7 @@ class Sender:
         timed_out = False
         with run.stage("monitor"):
             while True:
-                state = gateway.order_state(order)
+                state = _or_none(lambda: gateway.order_state(order))  # failed: ask again
                 if state is not None and state.state in FINAL_ORDER_STATES:
                     break
                 if self.clock() >= deadline:
@@ -215,9 +216,10 @@ class Sender:
         """Poll the order's deals until they account for ``executed`` lots."""
         delay = MONITOR_FIRST_POLL_SECONDS
         while True:
-            deals = [Deal.of(deal) for deal in gateway.deals_for_order(order)]
+            found = _or_none(lambda: gateway.deals_for_order(order))  # failed: ask again
+            deals = [Deal.of(deal) for deal in found or ()]
             fill = fill_of_order(order, deals, requested_price)
-            if deals_visible(fill, executed):
+            if found is not None and deals_visible(fill, executed):
                 return fill
             if self.clock() >= deadline:
                 raise api.TransportError(f"the deals of order {order} are not visible yet")
@@ -258,3 +260,12 @@ class Sender:
                 closing.append(closing_fill)
             closed_all = closed_all and in_full
         return positioned + closing, closed_all
+
+
+def _or_none(query: Callable[[], T]) -> T | None:
+    """The query's answer, or None when it failed (QueryFailed: the connection is up, the
+    next call may answer). A lost session still raises."""
+    try:
+        return query()
+    except QueryFailed:
+        return None
