@@ -285,3 +285,26 @@ def test_a_failed_deals_query_is_asked_again_not_taken_as_no_deal(env: PipelineE
     assert not failures  # the failing answer was met
     assert confirmation["status"] == "FILLED"
     assert confirmation["broker_deals"] == [deal.ticket]
+
+
+def test_a_failed_query_while_waiting_for_a_lagging_deal_is_asked_again(
+    new_database: Callable[[], str],
+) -> None:
+    with pipeline_env(new_database(), LAGGING) as env:
+        read = env.sim.history_orders_get
+        calls: list[int] = []
+
+        def history_orders_get(*args: Any, **kwargs: Any) -> Any:
+            if args:  # the date-range query of reconcile
+                calls.append(1)
+                if len(calls) == 2:  # the first reconcile again, while the deal lags
+                    return None
+            return read(*args, **kwargs)
+
+        env.sim.history_orders_get = history_orders_get  # type: ignore[method-assign]
+        env.sim.set_faults(scripted=("lost_reply",))
+        confirmation = env.confirm(approval("EURUSD", 1, 100_000.0))
+        (deal,) = env.deals()
+        assert len(calls) > 2
+        assert confirmation["status"] == "FILLED"
+        assert confirmation["broker_deals"] == [deal.ticket]

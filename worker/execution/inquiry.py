@@ -12,7 +12,7 @@ from worker.execution.plan import Plan
 from worker.execution.settle import Deal, Fill, Found, Order
 from worker.execution.submit import MONITOR_FIRST_POLL_SECONDS, MONITOR_MAX_POLL_SECONDS
 from worker.mt5 import api
-from worker.mt5.gateway import Gateway
+from worker.mt5.gateway import Gateway, QueryFailed
 
 RECONCILE_PADDING = timedelta(minutes=5)
 
@@ -61,17 +61,30 @@ def until_deals_show(
 ) -> tuple[Found, list[Fill]]:
     """The broker's view once our executed orders show their deals, asked again (the
     whole reconcile) for at most ``timeout`` seconds; after that the execution stays in
-    flight (TransportError). A view that loses the execution again is not settled on."""
-    shown = shown_fills(gateway, plan, found, run)
+    flight (TransportError). A view that loses the execution again, or a failed query, is
+    not settled on."""
     deadline = clock() + timeout
     delay = MONITOR_FIRST_POLL_SECONDS
+    shown = _shown_or_none(gateway, plan, found, run)
     while shown is None:
         if clock() >= deadline:
             raise api.TransportError("the broker shows our order but not yet its deals")
         sleep(delay)
         delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
-        with run.stage("reconcile"):
-            found = reconcile(gateway, plan, 0.0, sleep)
+        try:
+            with run.stage("reconcile"):
+                found = reconcile(gateway, plan, 0.0, sleep)
+        except QueryFailed:  # the connection is up: ask again
+            run.broker_calls("reconcile", gateway.drain_calls())
+            continue
         run.broker_calls("reconcile", gateway.drain_calls())
-        shown = shown_fills(gateway, plan, found, run) if found.found else None
+        shown = _shown_or_none(gateway, plan, found, run) if found.found else None
     return found, shown
+
+
+def _shown_or_none(gateway: Gateway, plan: Plan, found: Found, run: Run) -> list[Fill] | None:
+    try:
+        return shown_fills(gateway, plan, found, run)
+    except QueryFailed:
+        run.broker_calls("reconcile", gateway.drain_calls())
+        return None
