@@ -62,8 +62,7 @@ def _sim_terminal_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", required=True, help="file holding the broker state")
     parser.add_argument("--dump", action="store_true", help="print every deal as JSON lines")
     parser.add_argument("--config", help="TOML file of simulator settings and fault knobs")
-    parser.add_argument("--tls-cert", help="serve TLS with this certificate (PEM)")
-    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    _bridge_security_args(parser)
 
 
 def _bridge_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -72,8 +71,25 @@ def _bridge_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--terminal-path", help="path of terminal64.exe (or MT5_PATH)")
     parser.add_argument("--login", help="account number (or MT5_LOGIN)")
     parser.add_argument("--server", help="trade server name (or MT5_SERVER)")
-    parser.add_argument("--tls-cert")
-    parser.add_argument("--tls-key")
+    _bridge_security_args(parser)
+
+
+def _bridge_security_args(parser: argparse.ArgumentParser) -> None:
+    """TLS and metrics of a bridge (docs/TLS.md); off loopback mutual TLS is required."""
+    parser.add_argument("--tls-cert", help="the bridge's certificate (PEM)")
+    parser.add_argument("--tls-key", help="private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--tls-client-ca", help="require client certificates signed by this CA (mutual TLS 1.3)"
+    )
+    parser.add_argument(
+        "--tls-allow",
+        action="append",
+        metavar="NAME",
+        help="a client certificate name to accept: CN=..., DNS:..., URI:... (repeatable)",
+    )
+    parser.add_argument("--tls-crl", help="refuse client certificates revoked in this CRL (PEM)")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--metrics-host", help="address of --metrics-port (default: --host)")
 
 
 def _schema_export_args(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,10 @@
   Installs `execution-worker bridge-serve` for ONE MetaTrader 5 terminal (one broker account)
   on this Windows host: secrets as ACL-protected files, a firewall rule open only to the
   workers, and either a service (NSSM) or a logon task that restarts it when it stops.
+  The bridge listens on all addresses with mutual TLS 1.3: its certificate (-CertFile,
+  -KeyFile), the CA of the workers' client certificates (-ClientCaFile), the client names it
+  accepts (-AllowClient) and the CA's revocation list (-CrlFile), all from
+  make-bridge-certs.sh. Without them bridge-serve refuses to start off loopback.
 
 .DESCRIPTION
   Run once per terminal, in an elevated PowerShell, after the steps of README.md (Python,
@@ -20,14 +24,21 @@
   Secrets are never passed on a command line: the bridge secret and the account password are
   prompted for (or read from -SecretFile / -PasswordFile) and written to files readable only
   by -User, SYSTEM and Administrators; the bridge reads them via MT5_BRIDGE_SECRET_FILE and
-  MT5_PASSWORD_FILE.
+  MT5_PASSWORD_FILE. The bridge secret stays a second factor behind mutual TLS.
+
+  -MetricsPort (default 9109) serves the bridge's Prometheus metrics (refusals by cause,
+  calls and latency by function, connected clients). With -MetricsAddresses the port is
+  opened to those addresses (Prometheus) only; without, it listens on 127.0.0.1.
 
 .EXAMPLE
   .\install-bridge.ps1 -Name icm-demo-1 -TerminalPath 'C:\MT5\icm-demo-1\terminal64.exe' `
       -Login 5012345 -Server 'ICMarkets-Demo' -Port 18812 -User 'MT5HOST\mt5' `
       -CertFile C:\ProgramData\mt5-bridge\tls\mt5-win-01.pem `
       -KeyFile C:\ProgramData\mt5-bridge\tls\mt5-win-01.key `
-      -WorkerAddresses 10.20.1.0/24
+      -ClientCaFile C:\ProgramData\mt5-bridge\tls\ca.pem `
+      -CrlFile C:\ProgramData\mt5-bridge\tls\crl.pem `
+      -AllowClient 'CN=worker-prod' `
+      -WorkerAddresses 10.20.1.0/24 -MetricsAddresses 10.20.5.10
 #>
 [CmdletBinding()]
 param(
@@ -38,8 +49,13 @@ param(
   [Parameter(Mandatory)] [string] $User,
   [Parameter(Mandatory)] [string] $CertFile,
   [Parameter(Mandatory)] [string] $KeyFile,
+  [Parameter(Mandatory)] [string] $ClientCaFile,
+  [Parameter(Mandatory)] [ValidatePattern('^((CN=)|(DNS:)|(URI:)|(email:)|(IP:))?[^\s"]+$')] [string[]] $AllowClient,
   [Parameter(Mandatory)] [string[]] $WorkerAddresses,
+  [string] $CrlFile,
   [ValidateRange(1024, 65535)] [int] $Port = 18812,
+  [ValidateRange(1024, 65535)] [int] $MetricsPort = 9109,
+  [string[]] $MetricsAddresses,
   [ValidateSet('Task', 'Service')] [string] $Mode = 'Task',
   [string] $BridgeExe = 'C:\mt5-bridge\venv\Scripts\execution-worker.exe',
   [string] $DataRoot = 'C:\ProgramData\mt5-bridge',
@@ -77,7 +93,9 @@ function Write-SecretFile([string] $Target, [string] $From, [string] $Prompt) {
 }
 
 Assert-Admin
-foreach ($path in @($BridgeExe, $TerminalPath, $CertFile, $KeyFile)) {
+$required = @($BridgeExe, $TerminalPath, $CertFile, $KeyFile, $ClientCaFile)
+if ($CrlFile) { $required += $CrlFile }
+foreach ($path in $required) {
   if (-not (Test-Path -LiteralPath $path)) { throw "not found: $path" }
 }
 
@@ -91,11 +109,18 @@ $passwordPath = Join-Path $dir 'mt5.password'
 Write-SecretFile $secretPath $SecretFile 'Bridge shared secret (the workers'' MT5_BRIDGE_SECRET)'
 Write-SecretFile $passwordPath $PasswordFile "Password of MT5 account $Login"
 
-$arguments = @(
+$metricsHost = if ($MetricsAddresses) { '0.0.0.0' } else { '127.0.0.1' }
+$argumentList = @(
   'bridge-serve', '--host', '0.0.0.0', '--port', "$Port",
   '--terminal-path', "`"$TerminalPath`"", '--login', "$Login", '--server', "`"$Server`"",
-  '--tls-cert', "`"$CertFile`"", '--tls-key', "`"$KeyFile`""
-) -join ' '
+  '--tls-cert', "`"$CertFile`"", '--tls-key', "`"$KeyFile`"",
+  '--tls-client-ca', "`"$ClientCaFile`"",
+  '--metrics-port', "$MetricsPort", '--metrics-host', $metricsHost
+)
+foreach ($client in $AllowClient) { $argumentList += @('--tls-allow', "`"$client`"") }
+if ($CrlFile) { $argumentList += @('--tls-crl', "`"$CrlFile`"") }
+else { Write-Warning 'no -CrlFile: a revoked worker certificate stays valid until it expires' }
+$arguments = $argumentList -join ' '
 $environment = [ordered]@{
   MT5_BRIDGE_SECRET_FILE = $secretPath
   MT5_PASSWORD_FILE      = $passwordPath
@@ -108,6 +133,13 @@ Get-NetFirewallRule -DisplayName $ruleName -ErrorAction SilentlyContinue | Remov
 New-NetFirewallRule -DisplayName $ruleName -Direction Inbound -Action Allow -Protocol TCP `
   -LocalPort $Port -RemoteAddress $WorkerAddresses -Profile Any | Out-Null
 Write-Host "firewall: TCP $Port open to $($WorkerAddresses -join ', ') only"
+$metricsRule = "mt5-bridge-$Name-metrics"
+Get-NetFirewallRule -DisplayName $metricsRule -ErrorAction SilentlyContinue | Remove-NetFirewallRule
+if ($MetricsAddresses) {
+  New-NetFirewallRule -DisplayName $metricsRule -Direction Inbound -Action Allow -Protocol TCP `
+    -LocalPort $MetricsPort -RemoteAddress $MetricsAddresses -Profile Any | Out-Null
+  Write-Host "firewall: metrics TCP $MetricsPort open to $($MetricsAddresses -join ', ') only"
+}
 
 if ($Mode -eq 'Service') {
   $service = "mt5-bridge-$Name"
@@ -164,3 +196,9 @@ Write-Host "  address = `"$([Net.Dns]::GetHostName().ToLower()):$Port`"   # a na
 Write-Host "  login = $Login"
 Write-Host "  server = `"$Server`""
 Write-Host '  tls_ca = "/etc/execution-worker/tls/ca.pem"'
+Write-Host '  # the deployment''s client certificate (one of -AllowClient), or MT5_BRIDGE_TLS_CERT/_KEY:'
+Write-Host '  tls_cert = "/etc/execution-worker/tls/client.pem"'
+Write-Host '  tls_key = "/etc/execution-worker/tls/client.key"'
+Write-Host '  tls_crl = "/etc/execution-worker/tls/crl.pem"'
+Write-Host ''
+Write-Host "Prometheus target (job mt5-bridge): $([Net.Dns]::GetHostName().ToLower()):$MetricsPort"

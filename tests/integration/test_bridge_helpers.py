@@ -9,8 +9,9 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +40,15 @@ def open_config(extra: str = "") -> SimConfig:
 
 def new_secret() -> str:
     return secrets.token_hex(16)
+
+
+def eventually(check: Callable[[], bool], attempts: int = 200) -> bool:
+    """A server counts a refusal in its own thread, maybe just after the client saw it."""
+    for _ in range(attempts):
+        if check():
+            return True
+        threading.Event().wait(0.025)
+    return False
 
 
 def address_of(server: BridgeServer) -> str:
@@ -79,10 +89,13 @@ def market_order(
 class SimProcess:
     """``execution-worker sim-terminal`` in a child process."""
 
-    def __init__(self, proc: subprocess.Popen[str], address: str, log: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[str], address: str, log: Path, metrics: str | None = None
+    ) -> None:
         self.proc = proc
         self.address = address
         self.log = log
+        self.metrics_address = metrics  # HOST:PORT of /metrics, with --metrics-port
 
     @property
     def port(self) -> int:
@@ -104,8 +117,18 @@ class SimProcess:
 
 
 def _read_line(stream: IO[str], timeout: float) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
-    return stream.readline() if ready else ""
+    """One line from the pipe, byte by byte from its descriptor: a buffered readline could
+    swallow the next line too, and select() would then wait for it in vain."""
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([stream], [], [], timeout)
+        if not ready:
+            break
+        byte = os.read(stream.fileno(), 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode("utf-8", errors="replace")
 
 
 def cli_env(secret: str | None, **extra: str) -> dict[str, str]:
@@ -126,7 +149,9 @@ def start_sim_terminal(
     port: int | None = None,
     config: str = OPEN_MARKETS_TOML,
     name: str = "sim",
+    args: Sequence[str] = (),
 ) -> SimProcess:
+    """``sim-terminal`` on 127.0.0.1 (unless ``args`` say ``--host``), ``args`` appended."""
     if port is None:
         port = restartable_port()  # a test may restart it on this port
     config_path = tmp / f"{name}.toml"
@@ -134,7 +159,7 @@ def start_sim_terminal(
     log = tmp / f"{name}-{port}-{os.urandom(3).hex()}.log"
     command = [
         sys.executable, "-m", "worker.cli", "sim-terminal", "--port", str(port),
-        "--state", str(state), "--config", str(config_path),
+        "--state", str(state), "--config", str(config_path), *args,
     ]  # fmt: skip
     with log.open("w") as log_file:
         proc = subprocess.Popen(
@@ -147,4 +172,9 @@ def start_sim_terminal(
         proc.kill()
         proc.wait(10)
         raise AssertionError(f"sim-terminal did not start: {line!r} {log.read_text()}")
-    return SimProcess(proc, line.removeprefix("listening on ").strip(), log)
+    metrics = None
+    if "--metrics-port" in args:
+        metrics_line = _read_line(proc.stdout, 30)
+        assert metrics_line.startswith("metrics on "), (metrics_line, log.read_text())
+        metrics = metrics_line.removeprefix("metrics on ").strip()
+    return SimProcess(proc, line.removeprefix("listening on ").strip(), log, metrics)

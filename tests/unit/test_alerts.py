@@ -16,6 +16,7 @@ import yaml
 from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.mt5.bridge import metrics as bridge_metrics
 from worker.observability import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +99,15 @@ def _exercised_exposition() -> str:
 
 
 def _known_series() -> set[str]:
-    return exported_series(_exercised_exposition())
+    return exported_series(_exercised_exposition()) | exported_series(_bridge_exposition())
+
+
+def _bridge_exposition() -> str:
+    """A bridge's own registry (``bridge-serve --metrics-port``) after a refusal and a call."""
+    bridge = bridge_metrics.BridgeMetrics()
+    bridge.refused("expired")
+    bridge.called("account_info", "ok", 0.001)
+    return generate_latest(bridge.registry).decode()
 
 
 def referenced_series() -> dict[str, set[str]]:
@@ -124,7 +133,7 @@ def test_every_alert_and_dashboard_expression_reads_exported_series() -> None:
 
 
 def _referenced(expression: str) -> set[str]:
-    return set(re.findall(r"\b((?:execution_worker|rabbitmq)_[a-z_]+|up)\b", expression))
+    return set(re.findall(r"\b((?:execution_worker|rabbitmq|mt5_bridge)_[a-z_]+|up)\b", expression))
 
 
 def _alert_list() -> list[dict[str, Any]]:
@@ -175,6 +184,7 @@ REQUIRED_ALERTS = {
     "ExecutionSlippageBreaches",
     "ExecutionSessionsUnhealthy",
     "ExecutionOutboxBacklog",
+    "MT5BridgeRefusalSpike",
 }
 
 
@@ -231,6 +241,10 @@ def test_dashboard_panels_use_existing_metrics_and_cover_the_essentials() -> Non
         "execution_worker_sessions_unhealthy",
         "execution_worker_outbox_backlog",
         "execution_worker_dead_lettered_total",
+        "mt5_bridge_refusals_total",
+        "mt5_bridge_calls_total",
+        "mt5_bridge_call_duration_seconds_bucket",
+        "mt5_bridge_connected_clients",
     ):
         assert essential in used, essential
     panels = dashboard["panels"]

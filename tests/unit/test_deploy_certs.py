@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from worker.mt5.bridge.client import BridgeServer, BridgeTerminal
 from worker.mt5.sim.terminal import SimTerminal
@@ -97,3 +99,88 @@ def test_usage_without_arguments() -> None:
     result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=10)
     assert result.returncode == 2
     assert "OUT_DIR NAME" in result.stderr
+
+
+# --- mutual TLS: client certificates and the CRL -----------------------------------------
+
+
+def _load(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _crl(out: Path) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl((out / "crl.pem").read_bytes())
+
+
+def test_client_and_server_certificates_are_for_their_role_only(tmp_path: Path) -> None:
+    make(tmp_path, "mt5-win-01", "10.0.0.5")
+    subprocess.run(["bash", str(SCRIPT), "client", str(tmp_path), "worker-prod"], check=True,
+                   capture_output=True, timeout=60)  # fmt: skip
+    client = _load(tmp_path / "clients" / "worker-prod.pem")
+    server = _load(tmp_path / "mt5-win-01.pem")
+    usage = x509.ExtendedKeyUsage
+    assert list(client.extensions.get_extension_for_class(usage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    assert list(server.extensions.get_extension_for_class(usage).value) == [
+        ExtendedKeyUsageOID.SERVER_AUTH
+    ]
+    assert client.subject.rfc4514_string() == "CN=worker-prod"
+    assert client.issuer == server.issuer == _load(tmp_path / "ca.pem").subject
+    assert stat.S_IMODE(os.stat(tmp_path / "clients" / "worker-prod.key").st_mode) == 0o600
+    assert _crl(tmp_path).next_update_utc is not None  # an empty CRL from day one
+    assert list(_crl(tmp_path)) == []
+
+
+def test_revoke_lists_the_certificate_in_a_newly_signed_crl(tmp_path: Path) -> None:
+    run = lambda *a: subprocess.run(  # noqa: E731
+        ["bash", str(SCRIPT), *a], capture_output=True, text=True, timeout=60
+    )
+    assert run("client", str(tmp_path), "worker-old").returncode == 0
+    assert run("client", str(tmp_path), "worker-new").returncode == 0
+    first = _crl(tmp_path)
+    old = _load(tmp_path / "clients" / "worker-old.pem")
+    done = run("revoke", str(tmp_path), str(tmp_path / "clients" / "worker-old.pem"))
+    assert done.returncode == 0, done.stderr
+    revoked = _crl(tmp_path)
+    assert [entry.serial_number for entry in revoked] == [old.serial_number]
+    assert revoked.is_signature_valid(_load(tmp_path / "ca.pem").public_key())  # type: ignore[arg-type]
+    number = x509.CRLNumber
+    assert (
+        revoked.extensions.get_extension_for_class(number).value.crl_number
+        > first.extensions.get_extension_for_class(number).value.crl_number
+    )
+    # again: idempotent; `crl` re-signs with the same entries and a later number
+    assert (
+        run("revoke", str(tmp_path), str(tmp_path / "clients" / "worker-old.pem")).returncode == 0
+    )
+    assert run("crl", str(tmp_path)).returncode == 0
+    assert [entry.serial_number for entry in _crl(tmp_path)] == [old.serial_number]
+    # a certificate of another CA is not ours to revoke
+    other = tmp_path / "other"
+    make(other, "elsewhere")
+    refused = run("revoke", str(tmp_path), str(other / "elsewhere.pem"))
+    assert refused.returncode == 1 and "not issued by" in refused.stderr
+    assert run("crl", str(tmp_path / "nothing-here")).returncode == 1
+
+
+def test_usage_lists_the_subcommands() -> None:
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "client"], capture_output=True, text=True, timeout=10
+    )
+    assert result.returncode == 2
+    for form in ("client OUT_DIR NAME", "revoke OUT_DIR CERT.pem", "crl OUT_DIR"):
+        assert form in result.stderr
+
+
+def test_renewal_keeps_the_replaced_certificate_for_revocation(tmp_path: Path) -> None:
+    make(tmp_path, "mt5-win-01")
+    first = _load(tmp_path / "mt5-win-01.pem")
+    make(tmp_path, "mt5-win-01")
+    assert _load(tmp_path / "mt5-win-01.previous.pem") == first
+    assert _load(tmp_path / "mt5-win-01.pem").serial_number != first.serial_number
+    subprocess.run(
+        ["bash", str(SCRIPT), "revoke", str(tmp_path), str(tmp_path / "mt5-win-01.previous.pem")],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert [entry.serial_number for entry in _crl(tmp_path)] == [first.serial_number]

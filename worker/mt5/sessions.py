@@ -10,7 +10,9 @@
   addresses, or ONE address: then the sessions use N consecutive ports from it
   (``host:P``, ``host:P+1``, ...: one bridge per terminal, the usual layout of a host
   running N terminals). The secret is ``MT5_BRIDGE_SECRET``; ``MT5_BRIDGE_TLS_CA`` (a CA
-  file) turns TLS on.
+  file) turns TLS on, ``MT5_BRIDGE_TLS_CERT`` / ``MT5_BRIDGE_TLS_KEY`` (this deployment's
+  client certificate and key) make it mutual, as bridges off loopback require, and
+  ``MT5_BRIDGE_TLS_CRL`` refuses revoked bridge certificates (docs/TLS.md).
 - a count with ``MT5_BACKEND=native``: must be 1 (the module holds one terminal per
   process); ``MT5_PATH``, ``MT5_LOGIN``, ``MT5_SERVER`` and ``MT5_PASSWORD`` /
   ``MT5_PASSWORD_FILE`` describe it.
@@ -24,6 +26,10 @@
       server = "ICMarkets-Demo"
       secret_env = "ICM1_BRIDGE_SECRET"  # or secret_file; default MT5_BRIDGE_SECRET
       tls_ca = "/etc/worker/bridge-ca.pem"
+      tls_cert = "/etc/worker/client.pem"  # mutual TLS: this deployment's certificate
+      tls_key = "/etc/worker/client.key"   # (default MT5_BRIDGE_TLS_CERT / _KEY)
+      tls_crl = "/etc/worker/crl.pem"      # optional (default MT5_BRIDGE_TLS_CRL)
+      tls_server_name = "mt5-win-01"       # optional: the name to verify, if not the host
 
   Native sessions take ``path``, ``login``, ``server`` and ``password_env`` /
   ``password_file``; sim sessions may take ``sim_config`` (a simulator TOML file).
@@ -66,6 +72,10 @@ class SessionSpec(BaseModel):
     password: SecretStr | None = None
     secret: SecretStr | None = None
     tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_crl: str | None = None
+    tls_server_name: str | None = None
     sim_config: str | None = None
 
     @property
@@ -98,6 +108,10 @@ class _FileSession(BaseModel):
     secret_env: str | None = None
     secret_file: str | None = None
     tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_crl: str | None = None
+    tls_server_name: str | None = None
     sim_config: str | None = None
 
 
@@ -174,17 +188,37 @@ def _from_count(count: int, settings: Settings, environ: Mapping[str, str]) -> l
     if settings.mt5_bridge_secret is None:
         raise ConfigError("MT5_BACKEND=bridge needs MT5_BRIDGE_SECRET")
     addresses = _bridge_addresses(settings.mt5_bridge_address, count)
-    tls_ca = environ.get("MT5_BRIDGE_TLS_CA") or None
+    tls = _check_tls("MT5_BRIDGE_TLS", _env_tls(environ))
     return [
         SessionSpec(
             id=f"bridge-{i}",
             backend="bridge",
             address=address,
             secret=settings.mt5_bridge_secret,
-            tls_ca=tls_ca,
+            **tls,
         )
         for i, address in enumerate(addresses)
     ]
+
+
+def _env_tls(environ: Mapping[str, str]) -> dict[str, str | None]:
+    return {
+        f"tls_{part}": environ.get(f"MT5_BRIDGE_TLS_{part.upper()}") or None
+        for part in ("ca", "cert", "key", "crl")
+    }
+
+
+def _check_tls(where: str, tls: dict[str, str | None]) -> dict[str, str | None]:
+    """Consistent TLS settings of a bridge session (files are read at connection time)."""
+    if (tls.get("tls_cert") is None) != (tls.get("tls_key") is None):
+        raise ConfigError(f"{where}: a client certificate needs its key (cert and key together)")
+    if tls.get("tls_ca") is None and any(
+        tls.get(name) for name in ("tls_cert", "tls_crl", "tls_server_name")
+    ):
+        raise ConfigError(
+            f"{where}: TLS settings need the CA that signed the bridge's certificate (tls_ca)"
+        )
+    return tls
 
 
 def _bridge_addresses(value: str, count: int) -> list[str]:
@@ -251,6 +285,8 @@ def _spec_from_table(
                 f"session {entry.id}: no bridge secret (secret_env, secret_file or "
                 "MT5_BRIDGE_SECRET)"
             )
+        _check_tls(f"session {entry.id}", _file_tls(entry, environ))
+        entry = entry.model_copy(update=_file_tls(entry, environ))
     values = entry.model_dump(
         exclude={"password_env", "password_file", "secret_env", "secret_file"}
     )
@@ -259,6 +295,25 @@ def _spec_from_table(
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"MT5_SESSIONS: session {entry.id!r}: {first['msg']}") from None
+
+
+def _file_tls(entry: _FileSession, environ: Mapping[str, str]) -> dict[str, str | None]:
+    """A session's TLS files; a client certificate and CRL not named in the file come from
+    ``MT5_BRIDGE_TLS_CERT`` / ``_KEY`` / ``_CRL`` (one certificate per deployment) when the
+    session uses TLS."""
+    tls: dict[str, str | None] = {
+        "tls_ca": entry.tls_ca,
+        "tls_cert": entry.tls_cert,
+        "tls_key": entry.tls_key,
+        "tls_crl": entry.tls_crl,
+        "tls_server_name": entry.tls_server_name,
+    }
+    if entry.tls_ca is not None and entry.tls_cert is None and entry.tls_key is None:
+        env = _env_tls(environ)
+        tls["tls_cert"], tls["tls_key"] = env["tls_cert"], env["tls_key"]
+    if entry.tls_ca is not None and entry.tls_crl is None:
+        tls["tls_crl"] = _env_tls(environ)["tls_crl"]
+    return tls
 
 
 def _check(specs: list[SessionSpec]) -> list[SessionSpec]:

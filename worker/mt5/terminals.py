@@ -18,7 +18,15 @@ def _new_terminal(spec: SessionSpec) -> api.Terminal:
 
         if spec.address is None or spec.secret is None:
             raise SessionOpenError(f"session {spec.id}: bridge needs an address and a secret")
-        return BridgeTerminal(spec.address, spec.secret, tls_ca=spec.tls_ca)
+        return BridgeTerminal(
+            spec.address,
+            spec.secret,
+            tls_ca=spec.tls_ca,
+            tls_cert=spec.tls_cert,
+            tls_key=spec.tls_key,
+            tls_crl=spec.tls_crl,
+            tls_server_name=spec.tls_server_name,
+        )
     if spec.backend == "native":
         from worker.mt5.native import NativeTerminal
 

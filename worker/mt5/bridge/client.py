@@ -3,8 +3,13 @@
 The ``MetaTrader5`` module holds one terminal per process, so further sessions are reached
 through a bridge: a server process owns ONE terminal (:class:`BridgeServer`, see
 :mod:`worker.mt5.bridge.server`) and :class:`BridgeTerminal` implements the
-:class:`~worker.mt5.api.Terminal` protocol over TCP (TLS when configured). The wire format
-and the handshake are in :mod:`worker.mt5.bridge.protocol`.
+:class:`~worker.mt5.api.Terminal` protocol over TCP. The wire format and the handshake are
+in :mod:`worker.mt5.bridge.protocol`. With ``tls_ca`` the client runs TLS 1.3, verifies the
+bridge's certificate against that CA and the address's host name (or ``tls_server_name``),
+and with ``tls_cert``/``tls_key`` presents its own certificate (mutual TLS, required by
+bridges off loopback). The TLS files are read at each (re)connection, so replacing them
+rotates the certificate without restarting the worker. The shared secret is checked in
+every mode (the only factor on loopback without TLS, a second one behind mutual TLS).
 
 Client failures (refused, reset, timeout, bad frame, remote exception) raise
 :class:`~worker.mt5.api.TransportError`; during ``order_send`` that is an UNKNOWN outcome
@@ -36,6 +41,7 @@ from worker.mt5.bridge.protocol import (
     NONCE_BYTES,
     PROTOCOL_VERSION,
     SERVER_TO_CLIENT,
+    PeerClosed,
     ProtocolError,
     SecureChannel,
     Sock,
@@ -52,6 +58,7 @@ from worker.mt5.bridge.protocol import (
     session_key,
 )
 from worker.mt5.bridge.server import HANDSHAKE_FRAME_BYTES, BridgeServer
+from worker.mt5.bridge.tls import client_context
 
 __all__ = [
     "BridgeConnection",
@@ -115,22 +122,39 @@ class BridgeConnection:
         tls_ca: str | None = None,
         tls_server_name: str | None = None,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_crl: str | None = None,
     ) -> None:
         self.address = address
         self._host, self._port = parse_address(address)
         self._secret = _secret_bytes(secret)
         self._timeout = timeout
         self._connect_timeout = connect_timeout
-        self._tls: ssl.SSLContext | None = None
-        if tls_ca is not None:
-            self._tls = ssl.create_default_context(cafile=tls_ca)
+        if tls_ca is None and (tls_cert or tls_key or tls_crl):
+            raise ValueError("a client certificate or CRL needs tls_ca (the bridges' CA)")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        self._tls_files = (tls_ca, tls_cert, tls_key, tls_crl)
+        self._tls = tls_ca is not None
         self._server_name = tls_server_name or self._host
         self._max_frame_bytes = max_frame_bytes
         self._channel: SecureChannel | None = None
+        self._hello_seen = False
         self._ids = itertools.count(1)
 
     def __repr__(self) -> str:
-        return f"BridgeConnection({self.address!r}, tls={self._tls is not None})"
+        mode = "mutual" if self._tls_files[1] else "server" if self._tls else "none"
+        return f"BridgeConnection({self.address!r}, tls={mode})"
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        ca, cert, key, crl = self._tls_files
+        if ca is None:
+            return None
+        try:
+            return client_context(ca, cert=cert, key=key, crl=crl)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise self._fail("TLS files", exc) from exc
 
     @property
     def connected(self) -> bool:
@@ -143,6 +167,7 @@ class BridgeConnection:
 
     def connect(self) -> None:
         self.close()
+        tls = self._tls_context()
         try:
             raw = socket.create_connection((self._host, self._port), self._connect_timeout)
         except OSError as exc:
@@ -150,17 +175,37 @@ class BridgeConnection:
         sock: Sock = raw
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._tls is not None:
-                sock = self._tls.wrap_socket(raw, server_hostname=self._server_name)
+            if tls is not None:
+                sock = tls.wrap_socket(raw, server_hostname=self._server_name)
             self._channel = self._handshake(sock)
             sock.settimeout(self._timeout)
         except (OSError, ProtocolError) as exc:
             with contextlib.suppress(OSError):
                 sock.close()
-            raise self._fail("handshake", exc) from exc
+            with contextlib.suppress(OSError):
+                raw.close()
+            reason = str(exc) or type(exc).__name__
+            raise self._fail("handshake", reason + self._hint(exc, tls is not None)) from exc
+
+    def _hint(self, exc: BaseException, tls: bool) -> str:
+        """What an operator most likely has to configure, for the usual refusals."""
+        silent = isinstance(exc, PeerClosed | ConnectionResetError | TimeoutError)
+        if not tls and silent and not self._hello_seen:
+            return (
+                " (no hello from the bridge: bridges off loopback speak mutual TLS only; "
+                "configure tls_ca, tls_cert and tls_key)"
+            )
+        if isinstance(exc, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(exc):
+            return " (this bridge requires a client certificate: tls_cert and tls_key)"
+        return ""
 
     def _handshake(self, sock: Sock) -> SecureChannel:
+        self._hello_seen = False
         hello = loads(recv_frame(sock, limit=HANDSHAKE_FRAME_BYTES))
+        self._hello_seen = True
+        if hello.get("type") == "refused":
+            reason = str(hello.get("reason", ""))[:40]
+            raise ProtocolError("refused", f"the bridge refused this client ({reason})")
         if hello.get("type") != "hello" or hello.get("v") != PROTOCOL_VERSION:
             raise ProtocolError("bad_handshake", "unexpected hello")
         server_nonce = hex_field(hello, "nonce", NONCE_BYTES)
@@ -243,6 +288,9 @@ class BridgeTerminal:
         tls_ca: str | None = None,
         tls_server_name: str | None = None,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_crl: str | None = None,
     ) -> None:
         self.address = address
         self._connection = BridgeConnection(
@@ -253,6 +301,9 @@ class BridgeTerminal:
             tls_ca=tls_ca,
             tls_server_name=tls_server_name,
             max_frame_bytes=max_frame_bytes,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_crl=tls_crl,
         )
         self._lock = threading.Lock()
         self._last_error: tuple[int, str] = (api.RES_S_OK, "Success")

@@ -2,8 +2,11 @@
 
 Both serve one terminal over the bridge until SIGTERM/SIGINT. The bridge secret comes from
 ``MT5_BRIDGE_SECRET`` (or ``MT5_BRIDGE_SECRET_FILE``); without one they refuse to start.
+Off loopback they also refuse to start without mutual TLS (``--tls-cert``, ``--tls-key``,
+``--tls-client-ca``, ``--tls-allow``; ``--tls-crl`` optional): see docs/TLS.md.
 Once listening they print one line ``listening on HOST:PORT`` to stdout (port 0 picks a
-free port, so a supervisor or a test can read the real one).
+free port, so a supervisor or a test can read the real one), then, with ``--metrics-port``,
+a line ``metrics on HOST:PORT``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from types import FrameType
 
 from worker.config import ConfigError
 from worker.mt5 import api
+from worker.mt5.bridge.metrics import BridgeMetrics
 from worker.mt5.bridge.server import BridgeServer
+from worker.mt5.bridge.tls import ClientAllowList, check_listen_address, server_context
 
 _log = logging.getLogger("worker.mt5.bridge.client")
 
@@ -67,18 +72,60 @@ def _bridge_secret(environ: Mapping[str, str]) -> bytes:
     return secret.encode("utf-8")
 
 
-def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    if not cert:
-        if key:
-            raise ConfigError("--tls-key needs --tls-cert")
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+class ServeSecurity:
+    """The TLS context and client allow-list of one bridge, from its command line."""
+
+    def __init__(self, args: argparse.Namespace, *, insecure_network: bool = False) -> None:
+        cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+        client_ca = getattr(args, "tls_client_ca", None)
+        crl = getattr(args, "tls_crl", None)
+        allow = [entry for entry in getattr(args, "tls_allow", None) or [] if entry.strip()]
+        if not cert and (key or client_ca or crl or allow):
+            raise ConfigError(
+                "--tls-key, --tls-client-ca, --tls-crl and --tls-allow need --tls-cert"
+            )
+        if client_ca and not allow:
+            raise ConfigError(
+                "--tls-client-ca needs at least one --tls-allow NAME (the client certificates "
+                "this bridge accepts: CN=..., DNS:..., URI:...)"
+            )
+        if allow and not client_ca:
+            raise ConfigError(
+                "--tls-allow needs --tls-client-ca (the CA of the client certificates)"
+            )
+        try:
+            check_listen_address(
+                args.host, mutual_tls=bool(cert and client_ca), insecure_network=insecure_network
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.context: ssl.SSLContext | None = None
+        self.allowed: ClientAllowList | None = ClientAllowList.of(allow) if allow else None
+        if cert:
+            try:
+                self.context = server_context(cert, key, client_ca=client_ca, crl=crl)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"cannot load the bridge's TLS files: {exc}") from None
+
+
+def _metrics(args: argparse.Namespace) -> BridgeMetrics:
+    metrics = BridgeMetrics()
+    port = getattr(args, "metrics_port", None)
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError("--metrics-port must be 0..65535")
+    return metrics
+
+
+def _serve_metrics(args: argparse.Namespace, metrics: BridgeMetrics) -> None:
+    port = getattr(args, "metrics_port", None)
+    if port is None:
+        return
+    host = getattr(args, "metrics_host", None) or args.host
     try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS certificate {cert}: {exc}") from None
-    return context
+        bound_host, bound_port = metrics.serve(host, port)
+    except OSError as exc:
+        raise ConfigError(f"--metrics-port {port}: {exc.strerror or exc}") from None
+    print(f"metrics on {bound_host}:{bound_port}", flush=True)
 
 
 def _configure_logging(environ: Mapping[str, str]) -> None:
@@ -90,7 +137,9 @@ def _configure_logging(environ: Mapping[str, str]) -> None:
     )
 
 
-def _serve_until_signalled(server: BridgeServer, *, watch: threading.Thread | None) -> int:
+def _serve_until_signalled(
+    server: BridgeServer, args: argparse.Namespace, *, watch: threading.Thread | None
+) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -102,6 +151,7 @@ def _serve_until_signalled(server: BridgeServer, *, watch: threading.Thread | No
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.start()
     print(f"listening on {host}:{port}", flush=True)
+    _serve_metrics(args, server.metrics)
     if watch is not None:
         watch.start()
     while not stop.wait(1.0):
@@ -129,7 +179,11 @@ def sim_terminal_main(args: argparse.Namespace) -> int:
 
     environ = os.environ
     secret = _bridge_secret(environ)
-    tls = _tls_context(getattr(args, "tls_cert", None), getattr(args, "tls_key", None))
+    # the simulator may serve a private container network without TLS (the compose stack);
+    # bridge-serve, which holds a real account, has no such switch
+    insecure = environ.get("MT5_BRIDGE_INSECURE_NETWORK", "") == "1"
+    security = ServeSecurity(args, insecure_network=insecure)
+    metrics = _metrics(args)
     _configure_logging(environ)
     try:
         config = SimConfig.from_toml(args.config) if args.config else None
@@ -139,7 +193,7 @@ def sim_terminal_main(args: argparse.Namespace) -> int:
     if not terminal.initialize():
         print(f"sim-terminal: initialize failed: {terminal.last_error()}", file=sys.stderr)
         return 1
-    server = BridgeServer(terminal, secret, host=args.host, port=args.port, tls=tls)
+    server = _server(terminal, secret, args, security, metrics, insecure_network=insecure)
     # like a real terminal, the simulated one comes back after its connection drops
     watch = threading.Thread(
         target=_watch_terminal,
@@ -148,7 +202,7 @@ def sim_terminal_main(args: argparse.Namespace) -> int:
         daemon=True,
     )
     try:
-        return _serve_until_signalled(server, watch=watch)
+        return _serve_until_signalled(server, args, watch=watch)
     finally:
         terminal.shutdown()
         terminal.close()  # releases the state file
@@ -159,7 +213,8 @@ def bridge_serve_main(args: argparse.Namespace) -> int:
 
     environ = os.environ
     secret = _bridge_secret(environ)
-    tls = _tls_context(args.tls_cert, args.tls_key)
+    security = ServeSecurity(args)
+    metrics = _metrics(args)
     _configure_logging(environ)
     path = args.terminal_path or environ.get("MT5_PATH") or None
     login_text = getattr(args, "login", None) or environ.get("MT5_LOGIN")
@@ -185,15 +240,36 @@ def bridge_serve_main(args: argparse.Namespace) -> int:
         code, message = terminal.last_error()
         print(f"bridge-serve: initialize failed: {code} {message}", file=sys.stderr)
         return 1
-    server = BridgeServer(terminal, secret, host=args.host, port=args.port, tls=tls)
+    server = _server(terminal, secret, args, security, metrics)
     watch = threading.Thread(
         target=_watch_terminal, args=(server, connect), name="bridge-watch", daemon=True
     )
     try:
-        return _serve_until_signalled(server, watch=watch)
+        return _serve_until_signalled(server, args, watch=watch)
     finally:
         with server.lock:
             terminal.shutdown()
+
+
+def _server(
+    terminal: api.Terminal,
+    secret: bytes,
+    args: argparse.Namespace,
+    security: ServeSecurity,
+    metrics: BridgeMetrics,
+    *,
+    insecure_network: bool = False,
+) -> BridgeServer:
+    return BridgeServer(
+        terminal,
+        secret,
+        host=args.host,
+        port=args.port,
+        tls=security.context,
+        allowed_clients=security.allowed,
+        metrics=metrics,
+        insecure_network=insecure_network,
+    )
 
 
 def _watch_terminal(server: BridgeServer, connect: Callable[[], bool]) -> None:

@@ -1,11 +1,17 @@
 """The bridge server: one terminal, many authenticated clients, calls serialised by a lock.
 
+A client gets through three gates, in order: mutual TLS 1.3 (a certificate from the client
+CA, unexpired, unrevoked: :mod:`worker.mt5.bridge.tls`), the allow-list of client
+certificate names, and the shared-secret handshake of :mod:`worker.mt5.bridge.protocol`
+(the only gate on loopback without TLS; a second factor behind mutual TLS). Off loopback the
+server refuses to start without mutual TLS.
+
 Each accepted connection gets its own thread, so a client that stalls (during the TLS or
 bridge handshake, or mid-frame) only holds its own thread; the handshake has a deadline.
-Only the functions in :data:`ALLOWED_FUNCTIONS` can be called; anything else, a bad proof,
-a bad MAC or sequence number, or an oversized frame closes the connection, is logged
-(peer address and reason, never a secret or the offending payload) and counted in
-:attr:`BridgeServer.refusals`.
+Only the functions in :data:`ALLOWED_FUNCTIONS` can be called; anything else, a failed
+gate, a bad MAC or sequence number, a tampered TLS record or an oversized frame closes the
+connection, is logged (peer address and reason, never a secret or the offending payload)
+and counted in :attr:`BridgeServer.refusals` and :class:`BridgeMetrics` (by cause).
 """
 
 from __future__ import annotations
@@ -16,10 +22,12 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from typing import Any
 
 from worker.mt5 import api
+from worker.mt5.bridge.metrics import BridgeMetrics
 from worker.mt5.bridge.protocol import (
     ALLOWED_FUNCTIONS,
     CLIENT_TO_SERVER,
@@ -43,6 +51,13 @@ from worker.mt5.bridge.protocol import (
     server_proof,
     session_key,
 )
+from worker.mt5.bridge.tls import (
+    ClientAllowList,
+    certificate_names,
+    check_listen_address,
+    is_mutual,
+    refusal_reason,
+)
 
 _log = logging.getLogger("worker.mt5.bridge.client")
 HANDSHAKE_FRAME_BYTES = 4096
@@ -62,13 +77,27 @@ class BridgeServer:
         max_connections: int = 32,
         handshake_timeout: float = 5.0,
         max_frame_bytes: int = MAX_FRAME_BYTES,
+        allowed_clients: ClientAllowList | None = None,
+        metrics: BridgeMetrics | None = None,
+        insecure_network: bool = False,
     ) -> None:
+        """``tls`` with ``verify_mode == CERT_REQUIRED`` (see ``tls.server_context``) is mutual
+        TLS and needs ``allowed_clients``; off loopback it is required unless
+        ``insecure_network`` (the simulator in a private container network only)."""
         if not secret:
             raise ValueError("the bridge secret is empty")
+        mutual = is_mutual(tls)
+        if mutual and allowed_clients is None:
+            raise ValueError("client certificates need an allow-list of client names")
+        if allowed_clients is not None and not mutual:
+            raise ValueError("a client allow-list needs TLS with client certificates")
+        check_listen_address(host, mutual_tls=mutual, insecure_network=insecure_network)
         self.terminal = terminal
         self.lock = threading.Lock()  # the one terminal is not thread-safe
         self.refusals: Counter[str] = Counter()
         self.calls = 0
+        self.metrics = metrics or BridgeMetrics()
+        self._allowed = allowed_clients
         self._secret = secret
         self._host = host
         self._port = port
@@ -83,7 +112,11 @@ class BridgeServer:
         self._stopping = threading.Event()
 
     def __repr__(self) -> str:
-        return f"BridgeServer({self._host}:{self._port}, tls={self._tls is not None})"
+        return f"BridgeServer({self._host}:{self._port}, tls={self._mode})"
+
+    @property
+    def _mode(self) -> str:
+        return "mutual" if is_mutual(self._tls) else "server" if self._tls else "none"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -100,7 +133,7 @@ class BridgeServer:
             target=self._accept_loop, name="bridge-accept", daemon=True
         )
         self._accept_thread.start()
-        _log.info("bridge listening on %s:%d (tls=%s)", *self.address, self._tls is not None)
+        _log.info("bridge listening on %s:%d (tls=%s)", *self.address, self._mode)
         return self.address
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -124,12 +157,13 @@ class BridgeServer:
 
     def _refuse(self, peer: str, reason: str, detail: str = "") -> None:
         self.refusals[reason] += 1
+        cause = self.metrics.refused(reason)
         _log.warning(
             "bridge refused %s: %s%s",
             peer,
             reason,
             f" ({detail})" if detail else "",
-            extra={"peer": peer, "reason": reason},
+            extra={"peer": peer, "reason": reason, "cause": cause},
         )
 
     # --- connections -----------------------------------------------------------------
@@ -161,17 +195,24 @@ class BridgeServer:
 
     def _serve_connection(self, raw: socket.socket, peer: str) -> None:
         sock: Sock = raw
+        tls_done = False
+        counted = False
         try:
             raw.settimeout(self._handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(raw, server_side=True)
+                tls_done = True
                 with self._state:
                     self._connections.discard(raw)
                     self._connections.add(sock)
+                if not self._client_allowed(sock, peer):
+                    return
             channel = self._handshake(sock)
             sock.settimeout(None)
             _log.debug("bridge client %s authenticated", peer)
+            self.metrics.clients.inc()
+            counted = True
             self._serve_calls(channel, peer)
         except PeerClosed:
             pass
@@ -180,16 +221,36 @@ class BridgeServer:
         except TimeoutError:
             self._refuse(peer, "handshake_timeout")
         except ssl.SSLError as exc:
-            self._refuse(peer, "tls", exc.reason or type(exc).__name__)
+            if not self._stopping.is_set():
+                reason = refusal_reason(exc, handshake_done=tls_done)
+                self._refuse(peer, reason, getattr(exc, "reason", None) or type(exc).__name__)
         except OSError as exc:
             if not self._stopping.is_set():
                 _log.info("bridge connection %s closed: %s", peer, type(exc).__name__)
         finally:
+            if counted:
+                self.metrics.clients.dec()
             with self._state:
                 self._connections.discard(sock)
                 self._connections.discard(raw)
             with contextlib.suppress(OSError):
                 sock.close()
+
+    def _client_allowed(self, sock: Sock, peer: str) -> bool:
+        if self._allowed is None:
+            return True
+        certificate = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+        name = self._allowed.match(certificate)
+        if name is None:
+            names = ", ".join(certificate_names(certificate or {}))
+            self._refuse(peer, "client_not_allowed", names[:200])
+            # the client has a certificate of our CA: telling it why saves an operator's hour
+            with contextlib.suppress(OSError):
+                refused = {"type": "refused", "reason": "client_not_allowed"}
+                send_frame(sock, dumps(refused), limit=HANDSHAKE_FRAME_BYTES)
+            return False
+        _log.info("bridge client %s presented %s", peer, name, extra={"peer": peer})
+        return True
 
     def _handshake(self, sock: Sock) -> SecureChannel:
         server_nonce = new_server_nonce()
@@ -224,7 +285,7 @@ class BridgeServer:
             name = request.get("fn")
             if not isinstance(request_id, int) or not isinstance(name, str):
                 raise ProtocolError("bad_request", "id and fn are required")
-            if name not in ALLOWED_FUNCTIONS:
+            if name not in ALLOWED_FUNCTIONS:  # refused before any argument is decoded
                 self._refuse(peer, "not_allowed", f"function {name[:40]!r}")
                 channel.send({"id": request_id, "ok": False, "error": "not_allowed"})
                 return  # and close the connection
@@ -240,11 +301,14 @@ class BridgeServer:
         function = getattr(self.terminal, name)
         with self.lock:
             if self._stopping.is_set():  # never start a call once stop() has begun
+                self.metrics.called(name, "stopping", None)
                 return {"id": request_id, "ok": False, "error": "stopping"}
             self.calls += 1
+            started = time.perf_counter()
             try:
                 result = function(*args, **kwargs)
             except Exception as exc:  # the terminal's own failure, reported to the caller
+                self.metrics.called(name, "terminal_error", time.perf_counter() - started)
                 _log.warning("bridge call %s from %s raised %s", name, peer, type(exc).__name__)
                 return {
                     "id": request_id,
@@ -253,9 +317,12 @@ class BridgeServer:
                     "detail": f"{type(exc).__name__}: {exc}"[:300],
                 }
             # read last_error under the same lock: another client's call would overwrite it
+            elapsed = time.perf_counter() - started
             error = self.terminal.last_error()
         try:
             encoded = encode_value(result)
         except TypeError as exc:
+            self.metrics.called(name, "unencodable", elapsed)
             return {"id": request_id, "ok": False, "error": "unencodable", "detail": str(exc)}
+        self.metrics.called(name, "ok", elapsed)
         return {"id": request_id, "ok": True, "result": encoded, "last_error": list(error)}
