@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import comment_token_for, deployment_of, execution_id_for, order_magic_for
 from schemas.request import MessageProperties
 from tests import samples
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
@@ -43,11 +43,14 @@ def test_an_approval_becomes_one_filled_order(env: PipelineEnv) -> None:
     assert confirmation["executed_lots"] == 1.0 and confirmation["executed_units"] == 100_000.0
     assert confirmation["intended_lots"] == 1.0 and confirmation["session_id"] == "sim-0"
     deals = env.deals(token)
-    assert len(deals) == 1 and deals[0].magic == env.settings.magic
+    magic = order_magic_for(execution_id_for(_key(message)), env.settings.magic)
+    assert len(deals) == 1 and deals[0].magic == magic  # this execution's own magic
+    assert deployment_of(magic) == env.settings.magic
     assert confirmation["broker_deals"] == [deals[0].ticket]
     assert confirmation["fill_price"] == deals[0].price
     row = env.row(confirmation["execution_id"])
     assert row["state"] == "FILLED" and row["broker_order"] == deals[0].order
+    assert row["magic"] == magic
     [order] = env.sim.history_orders_get(ticket=deals[0].order) or ()
     assert row["filling_mode"] == order.type_filling, "the filling mode sent is on record"
     events = env.events(confirmation["execution_id"])

@@ -3,12 +3,14 @@ which imports ``MetaTrader5`` (the real package over the ``_core`` double and a 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
 import pytest
 
+from schemas.identity import order_magic_for
 from tests.integration.pipeline_env import PipelineEnv, always_open, approval
 from tests.native import core_double
 from tests.native.package import over
@@ -114,7 +116,8 @@ def test_approvals_fill_and_confirm_through_the_real_package(
         assert confirmation["broker_deals"] == [deal.ticket]
         assert confirmation["executed_lots"] == deal.volume
         assert confirmation["fill_price"] == deal.price
-        assert deal.magic == env.settings.magic
+        execution_id = uuid.UUID(confirmation["execution_id"])
+        assert deal.magic == order_magic_for(execution_id, env.settings.magic) == row["magic"]
     assert [request["symbol"] for request in sent] == ["EURUSD", "USDJPY", "EURUSD"]
     assert all(type(request["volume"]) is float for request in sent)
     assert all(type(request["price"]) is float for request in sent)

@@ -11,7 +11,7 @@ import psycopg
 
 from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import ExecutionStatus, RejectionReason
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import comment_token_for, execution_id_for, order_magic_for
 from schemas.request import ExecutionRequest, InvalidMessage
 from worker.config import Settings
 from worker.execution.audit import Run
@@ -127,7 +127,7 @@ class Finisher:
         fields = terminal_fields(
             confirmation,
             request.comment_token,
-            magic=self.settings.magic,
+            magic=order_magic_for(request.execution_id, self.settings.magic),
             request=request_snapshot(request),
             decided_at=request.decided_at,
         )

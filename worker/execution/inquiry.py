@@ -24,10 +24,10 @@ def reconcile(
     again after ``grace_seconds``, for a terminal still processing the order. Raises what
     the gateway raises (GatewayRejection, TransportError): the caller keeps it in flight."""
     since = plan.received_at - RECONCILE_PADDING
-    found = gateway.reconcile(plan.token, plan.broker_symbol, since)
+    found = gateway.reconcile(plan.identity, plan.broker_symbol, since)
     if not found.found and grace_seconds > 0:
         sleep(grace_seconds)
-        found = gateway.reconcile(plan.token, plan.broker_symbol, since)
+        found = gateway.reconcile(plan.identity, plan.broker_symbol, since)
     return Found.of(found)
 
 

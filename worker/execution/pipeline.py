@@ -49,7 +49,7 @@ from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
 from worker.observability import metrics
 from worker.observability.logs import log_context
-from worker.pool.leases import ClaimTimeout, Lease
+from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
 from worker.store.store import ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ class Pipeline:
             except (psycopg.Error, StoreError) as exc:
                 log.warning("database unavailable, requeued: %s", type(exc).__name__)
                 return Requeue(f"database: {type(exc).__name__}")
+            except LeaseLost as exc:
+                # fenced before an order_send: nothing was sent by this handling since the
+                # lock was lost; the row stays as it is and its holder settles it
+                log.warning("session lease lost before a send, requeued: %s", exc)
+                return Requeue("session lease lost")
             except api.TransportError as exc:
                 # the terminal failed mid-way (SessionLost, a dropped bridge, an unconfirmed
                 # cancel): any row stays in flight and is settled later from the broker's truth
@@ -138,7 +143,9 @@ class Pipeline:
             if current.terminal:
                 return self.finisher.recorded(lease.conn, current)
             run = Run(self.clock, self.clock())
-            return self._settle(plan_from_row(current), lease, run, resumed=True)
+            return self._settle(
+                plan_from_row(current, self.settings.magic), lease, run, resumed=True
+            )
 
     # --- the path of one delivery ------------------------------------------------------
 
@@ -204,7 +211,9 @@ class Pipeline:
             if row.terminal:
                 return self.finisher.recorded(lease.conn, row)
             if row.get("session_id") == lease.session.id:
-                return self._settle(plan_from_row(row), lease, run, resumed=True)
+                return self._settle(
+                    plan_from_row(row, self.settings.magic), lease, run, resumed=True
+                )
         # in flight on another session: it is settled on the account it was sent to
         return self.resume(row)
 
@@ -242,6 +251,7 @@ class Pipeline:
             deviation=valid.deviation,
             spread_pips=valid.snapshot.spread_pips,
             spec=valid.spec,
+            deployment_magic=self.settings.magic,
         )
         if not self.sender.commit_intent(plan, request, lease, run):
             return None
@@ -361,7 +371,7 @@ class Pipeline:
         timed_out = False
         for order in found.open_orders:
             requested = plan.requested_price or order.price_open
-            fill, leg_timed_out = self.sender.monitor(gateway, order.ticket, requested, run)
+            fill, leg_timed_out = self.sender.monitor(gateway, order.ticket, requested, run, lease)
             timed_out = timed_out or leg_timed_out
             fills = settle.with_monitored(fills, order.ticket, fill)
         return self._finish(plan, lease, run, fills, timed_out=timed_out)

@@ -9,9 +9,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from schemas.identity import order_magic_for
 from schemas.request import ExecutionRequest
 from worker.mt5 import api
-from worker.mt5.gateway import Side, SymbolSpec
+from worker.mt5.gateway import OrderIdentity, Side, SymbolSpec
 from worker.store.store import ExecutionRow
 
 
@@ -46,8 +47,14 @@ class Plan:
     correlation_id: str | None
     contract_size: float
     pip: float
+    magic: int  # on every order of this execution (legacy rows: the deployment's magic)
     submitted_at: datetime | None = None
     attempts: int = 0
+
+    @property
+    def identity(self) -> OrderIdentity:
+        """What marks this execution's orders, deals and positions on the server."""
+        return OrderIdentity(self.magic, self.token)
 
 
 def round_step(volume: float, step: float) -> float:
@@ -100,6 +107,7 @@ def plan_for(
     deviation: int,
     spread_pips: float,
     spec: SymbolSpec,
+    deployment_magic: int,
 ) -> Plan:
     """The plan of a validated approval (``request.trade`` is set)."""
     trade = request.trade
@@ -124,6 +132,7 @@ def plan_for(
         correlation_id=request.correlation_id,
         contract_size=spec.contract_size,
         pip=spec.pip,
+        magic=order_magic_for(request.execution_id, deployment_magic),
     )
 
 
@@ -137,8 +146,12 @@ def plan_snapshot(plan: Plan, request_snapshot: dict[str, Any]) -> dict[str, Any
     return snapshot
 
 
-def plan_from_row(row: ExecutionRow) -> Plan:
-    """Rebuild the plan of an in-flight row (redelivery, restart)."""
+def plan_from_row(row: ExecutionRow, deployment_magic: int) -> Plan:
+    """Rebuild the plan of an in-flight row (redelivery, restart).
+
+    The row's stored magic is the one its orders carry: a row written before magics were
+    per execution holds the deployment's, and is then matched by the legacy rule.
+    """
     snapshot: dict[str, Any] = row.get("request") or {}
     legs = [Leg(float(lots), position) for lots, position in snapshot.get("legs", [])]
     return Plan(
@@ -161,6 +174,7 @@ def plan_from_row(row: ExecutionRow) -> Plan:
         correlation_id=snapshot.get("correlation_id") or row.get("rpm_order_id"),
         contract_size=float(snapshot.get("contract_size") or 0.0),
         pip=float(snapshot.get("pip") or 0.0),
+        magic=int(row.get("magic") or deployment_magic),
         submitted_at=row.get("submitted_at"),
         attempts=row.get("attempts") or 0,
     )

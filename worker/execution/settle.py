@@ -15,17 +15,14 @@ from dataclasses import dataclass, replace
 
 from schemas.enums import ExecutionStatus, RejectionReason
 from worker.mt5 import api
-from worker.mt5.gateway import Reconciliation, SendOutcome, Side, signed_slippage_pips
+from worker.mt5.gateway import (
+    Reconciliation,
+    SendOutcome,
+    Side,
+    rejection_reason_for,
+    signed_slippage_pips,
+)
 
-# Final broker refusals that have a more specific reason than BROKER_REJECTED.
-RETCODE_REASONS = {
-    api.TRADE_RETCODE_MARKET_CLOSED: RejectionReason.MARKET_CLOSED,
-    api.TRADE_RETCODE_NO_MONEY: RejectionReason.MARGIN_INSUFFICIENT,
-    api.TRADE_RETCODE_INVALID_VOLUME: RejectionReason.VOLUME_INVALID,
-    api.TRADE_RETCODE_TRADE_DISABLED: RejectionReason.SYMBOL_NOT_TRADABLE,
-    api.TRADE_RETCODE_SERVER_DISABLES_AT: RejectionReason.TRADING_DISABLED,
-    api.TRADE_RETCODE_CLIENT_DISABLES_AT: RejectionReason.TRADING_DISABLED,
-}
 FINAL_ORDER_STATES = frozenset(
     {
         api.ORDER_STATE_FILLED,
@@ -286,7 +283,7 @@ def when_not_found(
 
 def rejection_of(reply: SendOutcome) -> tuple[RejectionReason, str]:
     """A final broker refusal of an order_send: its reason and details."""
-    reason = RETCODE_REASONS.get(reply.retcode or 0, RejectionReason.BROKER_REJECTED)
+    reason = rejection_reason_for(reply.retcode)
     return reason, f"retcode {reply.retcode}: {reply.comment}"
 
 

@@ -107,7 +107,7 @@ class Sender:
         run.submitted_at = datetime.now(UTC)
         with run.stage("intent"):
             run.event("intent", "SUBMITTING", legs=len(plan.legs), lots=plan.intended_lots)
-            fields = intent_fields(plan, request, lease, run, self.settings.magic)
+            fields = intent_fields(plan, request, lease, run, plan.magic)
             return self.store.insert_intent(lease.conn, fields, run.take_events())
 
     def send(
@@ -126,7 +126,8 @@ class Sender:
                         spec,
                         plan.side,
                         leg.lots,
-                        comment=plan.token,
+                        identity=plan.identity,
+                        fence=lease.fence,
                         deviation=plan.deviation,
                         position=leg.position,
                     )
@@ -154,7 +155,9 @@ class Sender:
                     {"state": "SUBMITTED", "broker_order": reply.order},
                     [*run.take_events(), Event("submit", "transition", "SUBMITTED")],
                 )
-                fill, leg_timed_out = self.monitor(gateway, reply.order, reply.requested_price, run)
+                fill, leg_timed_out = self.monitor(
+                    gateway, reply.order, reply.requested_price, run, lease
+                )
                 timed_out = timed_out or leg_timed_out
                 if fill is not None:
                     fills.append(fill)
@@ -163,7 +166,7 @@ class Sender:
         return Sent(fills, timed_out)
 
     def monitor(
-        self, gateway: Gateway, order: int, requested_price: float, run: Run
+        self, gateway: Gateway, order: int, requested_price: float, run: Run, lease: Lease
     ) -> tuple[Fill | None, bool]:
         """Poll a placed (10008) order until final or the order timeout, then cancel the rest.
 
@@ -181,7 +184,7 @@ class Sender:
                     break
                 if self.clock() >= deadline:
                     timed_out = True
-                    cancel = gateway.cancel(order)
+                    cancel = gateway.cancel(order, fence=lease.fence)
                     run.note("monitor", cancelled=order, retcode=cancel.retcode)
                     state = gateway.order_state(order)
                     unfinished = state is None or state.state not in FINAL_ORDER_STATES
@@ -248,7 +251,8 @@ class Sender:
                 spec,
                 close.side,
                 close.volume,
-                comment=plan.token,
+                identity=plan.identity,
+                fence=lease.fence,
                 deviation=plan.deviation,
                 position=close.position,
             )

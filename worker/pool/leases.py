@@ -184,4 +184,4 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release(broken=isinstance(exc, psycopg.OperationalError))
+        self.release(broken=isinstance(exc, psycopg.OperationalError | LeaseLost))

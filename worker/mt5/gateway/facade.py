@@ -42,7 +42,7 @@ from worker.mt5.gateway.model import (
 )
 from worker.mt5.gateway.reconcile import History
 from worker.mt5.gateway.retcodes import Status
-from worker.mt5.gateway.send import Sender
+from worker.mt5.gateway.send import Fence, Sender
 
 # re-reads of a tick that looks off by whole quarter hours under a learned offset (a moved
 # server clock shows as a tick that changes between close readings)
@@ -353,8 +353,13 @@ class Gateway:
         identity: OrderIdentity | None = None,
         comment: str | None = None,
         position: int | None = None,
+        fence: Fence | None = None,
     ) -> SendOutcome:
         """Send one market order with the retry rules of DOMAIN.md 2.
+
+        ``fence`` runs immediately before every ``order_send`` (first attempt and retries)
+        and raises when the session's lease is lost, so a worker that lost its session
+        never sends (issue 18: fence each send).
 
         ``identity``: the execution's magic and comment token (``identity_for``); a bare
         ``comment`` sends under the legacy identity (deployment magic + that comment).
@@ -380,6 +385,7 @@ class Gateway:
             comment=identity.comment_token,
             deviation=deviation,
             position=position,
+            fence=fence,
         )
 
     def _position_ticket(self, symbol: str, position: int) -> int:
@@ -393,10 +399,10 @@ class Gateway:
                 return found.ticket
         return position  # gone: the server answers 10036 (position closed)
 
-    def cancel(self, order_ticket: int) -> SendOutcome:
+    def cancel(self, order_ticket: int, *, fence: Fence | None = None) -> SendOutcome:
         """Remove a placed order (TRADE_ACTION_REMOVE)."""
         request = {"action": api.TRADE_ACTION_REMOVE, "order": int(order_ticket)}
-        result = self._sender.order_send(request, 1, 0.0, api.ORDER_FILLING_RETURN, 0)
+        result = self._sender.order_send(request, 1, 0.0, api.ORDER_FILLING_RETURN, 0, fence)
         if result.status == "unknown":
             return result
         return _with_status(

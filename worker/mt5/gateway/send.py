@@ -18,6 +18,10 @@ from worker.mt5.gateway.retcodes import RetcodeClass, Status, classify_retcode
 _COMMENT = re.compile(r"^[A-Za-z0-9_-]{0,26}$")
 
 
+# Proves, just before an order leaves, that this worker still holds the session.
+Fence = Callable[[], None]
+
+
 @dataclass
 class _SendState:
     modes: tuple[int, ...]
@@ -58,6 +62,7 @@ class Sender:
         comment: str,
         deviation: int,
         position: int | None = None,
+        fence: Fence | None = None,
     ) -> SendOutcome:
         """Send one market order (see ``Gateway.send``)."""
         if not _COMMENT.match(comment):
@@ -75,7 +80,9 @@ class Sender:
         state = _SendState(modes=modes)
         attempt = 1
         while True:
-            outcome = self._attempt(spec, side, lots, magic, comment, deviation, position, state)
+            outcome = self._attempt(
+                spec, side, lots, magic, comment, deviation, position, state, fence
+            )
             if state.kind not in ("retry_price", "retry_backoff"):
                 return outcome
             if attempt >= self._max_attempts:
@@ -94,6 +101,7 @@ class Sender:
         deviation: int,
         position: int | None,
         state: _SendState,
+        fence: Fence | None,
     ) -> SendOutcome:
         while True:
             tick = self._tick(spec.name)  # nothing in flight yet: SessionLost is safe here
@@ -115,7 +123,7 @@ class Sender:
             if position:
                 request["position"] = int(position)
             state.attempts += 1
-            outcome = self.order_send(request, state.attempts, price, mode, deviation)
+            outcome = self.order_send(request, state.attempts, price, mode, deviation, fence)
             state.last = outcome
             if outcome.status == "rejected" and outcome.retcode is None:
                 # refused by the client (algo trading off): nothing left the terminal
@@ -138,9 +146,18 @@ class Sender:
             return outcome
 
     def order_send(
-        self, request: dict[str, Any], attempts: int, price: float, mode: int, deviation: int
+        self,
+        request: dict[str, Any],
+        attempts: int,
+        price: float,
+        mode: int,
+        deviation: int,
+        fence: Fence | None = None,
     ) -> SendOutcome:
         """One ``order_send``; None or a transport error is an unknown outcome.
+
+        ``fence`` runs immediately before the call and raises when this worker may no longer
+        send on the session (its lease lost): nothing is sent then.
 
         Except None with ``last_error`` -8 (algo trading disabled in the client): the order
         was not sent, a definite refusal, returned as "rejected" with no retcode.
@@ -165,6 +182,8 @@ class Sender:
                 deviation=deviation,
             )
 
+        if fence is not None:
+            fence()
         try:
             result, error = self._calls.call(
                 "order_send", lambda: self._terminal.order_send(request), request=request

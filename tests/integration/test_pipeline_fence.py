@@ -1,0 +1,63 @@
+"""Issue 18.2: the lease is proven immediately before every order_send.
+
+A worker whose session lock died after its intent commit (its lock connection killed, the
+session locked by another process since) must send nothing: the order would be a second
+one if the new holder settles the row. The delivery is requeued; the redelivery, once the
+session is free again, settles the row and sends exactly one order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+import pytest
+
+from schemas.identity import execution_id_for
+from tests.integration.pipeline_env import approval, pipeline_env
+from worker.execution.outcome import Publish, Requeue
+from worker.mt5 import api
+from worker.pool.leases import LOCK_CLASS
+
+pytestmark = pytest.mark.integration
+
+_IN_FLIGHT = "SELECT count(*) FROM execution.executions WHERE state IN ('SUBMITTING', 'SUBMITTED')"
+_HOLDERS = (
+    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = %s"
+    " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str) -> None:
+    with pipeline_env(database_url) as env:
+        message = approval("EURUSD", 1, 100_000.0)
+        other = psycopg.connect(database_url, autocommit=True)
+        original: Callable[[str], api.Tick | None] = env.sim.symbol_info_tick
+        armed = {"on": True}
+
+        def tick_then_lose_the_lease(symbol: str) -> Any:
+            """The tick read just before order_send: the lock is lost right now."""
+            with psycopg.connect(database_url, autocommit=True) as admin:
+                intent_committed = admin.execute(_IN_FLIGHT).fetchone() == (1,)
+                if armed["on"] and intent_committed:
+                    armed["on"] = False
+                    for (pid,) in admin.execute(_HOLDERS, (LOCK_CLASS,)).fetchall():
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                    lock_key = env.pool._slots[0].spec.lock_key
+                    other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, lock_key))
+            return original(symbol)
+
+        env.sim.symbol_info_tick = tick_then_lose_the_lease  # type: ignore[method-assign]
+        try:
+            outcome = env.deliver(message)
+            assert isinstance(outcome, Requeue) and "lease" in outcome.reason
+            assert not armed["on"], "the lease was lost between the intent and the send"
+            assert env.deals() == [], "fenced: no order left this worker"
+            row = env.row(str(execution_id_for(message["decision"]["order_id"])))
+            assert row["state"] == "SUBMITTING"
+        finally:
+            other.close()  # the other holder goes: the session is free again
+        again = env.deliver(message, redelivered=True)
+        assert isinstance(again, Publish)
+        assert len(env.deals()) == 1, "settled by the redelivery with exactly one order"
