@@ -129,6 +129,8 @@ class Plan:
     pip: float
     submitted_at: datetime | None = None
     attempts: int = 0
+    arrival_bid: float | None = None  # the tick the checks used (issue 20: TCA)
+    arrival_ask: float | None = None
 
 
 @dataclass
@@ -414,6 +416,8 @@ class Pipeline:
             correlation_id=request.correlation_id,
             contract_size=spec.contract_size,
             pip=spec.pip,
+            arrival_bid=snapshot.bid,
+            arrival_ask=snapshot.ask,
         )
         run.submitted_at = datetime.now(UTC)
         with run.stage("intent"):
@@ -717,6 +721,14 @@ class Pipeline:
         if fill_price is not None and requested is not None:
             slippage = round(signed_slippage_pips(plan.side, requested, fill_price, plan.pip), 4)
             metrics.record_slippage(plan.symbol, plan.side.name.lower(), slippage)
+            metrics.record_shortfall(
+                plan.symbol,
+                plan.side.value,
+                plan.arrival_bid,
+                plan.arrival_ask,
+                fill_price,
+                plan.pip,
+            )
 
         if status is None:
             status, reason, details = self._classify(
@@ -962,6 +974,8 @@ class Pipeline:
             "decided_at": plan.decided_at,
             "received_at": plan.received_at,
             "submitted_at": run.submitted_at,
+            "arrival_bid": plan.arrival_bid,
+            "arrival_ask": plan.arrival_ask,
         }
 
     def _save_events(self, lease: Lease, execution_id: UUID, run: Run) -> None:
@@ -1100,4 +1114,6 @@ def _plan_from_row(row: ExecutionRow) -> Plan:
         pip=float(snapshot.get("pip") or 0.0),
         submitted_at=row.get("submitted_at"),
         attempts=row.get("attempts") or 0,
+        arrival_bid=row.get("arrival_bid"),
+        arrival_ask=row.get("arrival_ask"),
     )
