@@ -133,7 +133,8 @@ SLIPPAGE_PIPS = Histogram(
 SHORTFALL_PIPS = Histogram(
     PREFIX + "shortfall_pips",
     "Implementation shortfall of fills in pips: arrival mid (the tick of the pre-trade"
-    " checks) to fill price, positive = cost. Half the spread plus the slippage.",
+    " checks) to fill price, positive = cost: half the spread, the move until the order was"
+    " sent, and the slippage.",
     ["symbol"],
     buckets=(-2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20),
 )

@@ -17,7 +17,8 @@ group (``--by symbol|session|account|hour``):
   price (USDJPY on a USD account). Any other fill is not converted: it is counted in
   ``unconverted_fills`` and its amount reported per quote currency, never guessed;
 - spread paid: half the arrival spread, ``(ask - bid) / 2 / pip`` (the part of the shortfall
-  that is crossing from mid to touch); the rest is slippage against the touch;
+  that is crossing from mid to touch); the rest is the market's move between the checks and
+  the send (the order is priced from a fresh tick when sent) plus the slippage;
 - slippage as recorded (``slippage_pips``: fill against the requested price, positive =
   adverse): mean, percentiles and a histogram;
 - latency split in three, in ms: queue wait ``decided_at -> received_at`` (the RPM's clock
