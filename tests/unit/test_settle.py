@@ -1,0 +1,378 @@
+"""Settling from broker truth: pure functions over typed broker reports (no database, no
+terminal). The partial-fill thresholds are tested on their boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.enums import ExecutionStatus, RejectionReason
+from worker.config import load_settings
+from worker.execution import settle
+from worker.execution.settle import (
+    Close,
+    Deal,
+    Fill,
+    FillRule,
+    Found,
+    GiveUp,
+    Order,
+    Resend,
+    Verdict,
+)
+from worker.mt5 import api
+from worker.mt5.gateway import SendOutcome, Side
+
+DEFAULTS = load_settings({})
+RULE = FillRule(
+    filled=DEFAULTS.fill_ratio_filled,
+    partial=DEFAULTS.fill_ratio_partial,
+    order_timeout_seconds=DEFAULTS.order_timeout_seconds,
+)
+
+
+def buy(ticket: int, order: int, volume: float, price: float, position: int = 7) -> Deal:
+    return Deal(ticket, order, Side.BUY, volume, price, position)
+
+
+def sell(ticket: int, order: int, volume: float, price: float, position: int = 7) -> Deal:
+    return Deal(ticket, order, Side.SELL, volume, price, position)
+
+
+def reply(status: str, *, volume: float = 1.0, order: int = 5, deal: int = 9) -> SendOutcome:
+    return SendOutcome(
+        status=status,  # type: ignore[arg-type]
+        retcode=api.TRADE_RETCODE_DONE if status == "done" else api.TRADE_RETCODE_REJECT,
+        order=order,
+        deal=deal,
+        volume=volume,
+        price=1.1,
+        bid=1.0999,
+        ask=1.1,
+        comment="",
+        attempts=1,
+        requested_price=1.1,
+        filling_mode=api.ORDER_FILLING_FOK,
+        deviation=20,
+    )
+
+
+# --- the partial-fill rule -------------------------------------------------------------
+
+
+def test_the_thresholds_under_test_are_the_defaults() -> None:
+    assert (RULE.filled, RULE.partial) == (0.99, 0.90)
+
+
+@pytest.mark.parametrize(
+    ("executed", "intended", "status", "reason"),
+    [
+        (1.0, 1.0, ExecutionStatus.FILLED, None),
+        (0.99, 1.0, ExecutionStatus.FILLED, None),  # exactly 0.99
+        (9.9, 10.0, ExecutionStatus.FILLED, None),  # exactly 0.99
+        (0.98, 1.0, ExecutionStatus.PARTIALLY_FILLED, None),
+        (0.9, 1.0, ExecutionStatus.PARTIALLY_FILLED, None),  # exactly 0.90
+        (4.5, 5.0, ExecutionStatus.PARTIALLY_FILLED, None),  # exactly 0.90
+        (0.89, 1.0, ExecutionStatus.PARTIALLY_FILLED, RejectionReason.INSUFFICIENT_FILL),
+        (8.9, 10.0, ExecutionStatus.PARTIALLY_FILLED, RejectionReason.INSUFFICIENT_FILL),
+        (0.01, 1.0, ExecutionStatus.PARTIALLY_FILLED, RejectionReason.INSUFFICIENT_FILL),
+    ],
+)
+def test_partial_fill_rule_on_and_around_each_threshold(
+    executed: float, intended: float, status: ExecutionStatus, reason: RejectionReason | None
+) -> None:
+    verdict = settle.classify(executed, intended, RULE)
+    assert (verdict.status, verdict.reason) == (status, reason)
+    if status is ExecutionStatus.PARTIALLY_FILLED:
+        assert verdict.details == (
+            f"filled {executed:g} of {intended:g} lots ({executed / intended:.1%})"
+        )
+    else:
+        assert verdict.details is None
+
+
+def test_thresholds_come_from_the_rule_not_constants() -> None:
+    strict = FillRule(filled=1.0, partial=0.5, order_timeout_seconds=60.0)
+    assert settle.classify(0.99, 1.0, strict).status is ExecutionStatus.PARTIALLY_FILLED
+    assert settle.classify(0.5, 1.0, strict).reason is None
+    assert settle.classify(0.49, 1.0, strict).reason is RejectionReason.INSUFFICIENT_FILL
+
+
+def test_nothing_executed_is_rejected_with_the_reason_given_or_broker_rejected() -> None:
+    given = settle.classify(
+        0.0, 1.0, RULE, reason=RejectionReason.MARKET_CLOSED, details="retcode 10018: closed"
+    )
+    assert given == Verdict(
+        ExecutionStatus.REJECTED, RejectionReason.MARKET_CLOSED, "retcode 10018: closed"
+    )
+    assert settle.classify(0.0, 1.0, RULE).reason is RejectionReason.BROKER_REJECTED
+
+
+def test_nothing_executed_after_the_order_timeout_is_expired() -> None:
+    verdict = settle.classify(0.0, 1.0, RULE, timed_out=True, reason=RejectionReason.MARKET_CLOSED)
+    assert verdict.status is ExecutionStatus.EXPIRED
+    assert verdict.reason is RejectionReason.ORDER_TIMEOUT
+    assert verdict.details == f"nothing filled within {RULE.order_timeout_seconds:g} s"
+
+
+def test_a_timed_out_order_that_filled_in_part_is_classified_by_ratio() -> None:
+    verdict = settle.classify(0.5, 1.0, RULE, timed_out=True)
+    assert verdict.status is ExecutionStatus.PARTIALLY_FILLED
+    assert verdict.reason is RejectionReason.INSUFFICIENT_FILL
+
+
+# --- fills from deals ------------------------------------------------------------------
+
+
+def test_fills_group_deals_by_order_with_their_vwap() -> None:
+    deals = [buy(1, 100, 1.0, 1.1000), buy(2, 100, 3.0, 1.1004), buy(3, 200, 0.5, 1.2)]
+    fills = settle.fills_from_deals(deals, Side.BUY, 1.1001)
+    assert [fill.order for fill in fills] == [100, 200]
+    first = fills[0]
+    assert first.deals == (1, 2) and first.volume == 4.0
+    assert first.price == pytest.approx((1.1 + 3 * 1.1004) / 4)
+    assert first.requested_price == 1.1001 and first.position == 7
+
+
+def test_deals_of_the_other_side_or_no_trade_are_not_fills() -> None:
+    close = sell(2, 101, 1.0, 1.09)  # the close of SLIPPAGE_POLICY=close
+    balance = Deal(3, 0, None, 0.0, 0.0, 0)
+    fills = settle.fills_from_deals([buy(1, 100, 1.0, 1.1), close, balance], Side.BUY, None)
+    assert [fill.order for fill in fills] == [100]
+    assert settle.fills_from_deals([close], Side.SELL, None)[0].order == 101
+
+
+def test_without_a_requested_price_the_deal_price_is_taken() -> None:
+    (fill,) = settle.fills_from_deals([sell(1, 100, 1.0, 1.2345)], Side.SELL, None)
+    assert fill.requested_price == 1.2345
+
+
+def test_deal_reports_map_the_terminal_deal_types() -> None:
+    raw = api.TradeDeal._make([0] * len(api.TradeDeal._fields))
+    raw = raw._replace(ticket=1, order=2, type=api.DEAL_TYPE_SELL, volume=0.3, price=1.5)
+    assert Deal.of(raw) == Deal(1, 2, Side.SELL, 0.3, 1.5, 0)
+    assert Deal.of(raw._replace(type=2)).side is None  # DEAL_TYPE_BALANCE
+
+
+def test_fill_of_order_takes_all_its_deals() -> None:
+    fill = settle.fill_of_order(100, [buy(1, 100, 1.0, 1.0, 55), buy(2, 100, 1.0, 2.0, 55)], 1.2)
+    assert fill == Fill(100, (1, 2), 2.0, 1.5, 1.2, 55)
+    assert settle.fill_of_order(100, [], 1.2) is None
+
+
+def test_a_done_reply_needs_deals_for_its_volume() -> None:
+    done = reply("done", volume=1.0, deal=0)
+    assert settle.executed_by(done) == 1.0
+    assert not settle.deals_visible(None, settle.executed_by(done))
+    assert not settle.deals_visible(Fill(5, (1,), 0.4, 1.1, 1.1), 1.0)  # one of two deals
+    assert settle.deals_visible(Fill(5, (1, 2), 1.0, 1.1, 1.1), 1.0)
+    # a reply without a volume still needs a deal before it counts as a fill
+    assert not settle.deals_visible(None, settle.executed_by(reply("done", volume=0.0)))
+
+
+@pytest.mark.parametrize(
+    ("state", "initial", "current", "needs_deal"),
+    [
+        (api.ORDER_STATE_FILLED, 1.0, 0.0, True),
+        (api.ORDER_STATE_FILLED, 0.0, 0.0, True),  # filled says something executed
+        (api.ORDER_STATE_CANCELED, 1.0, 0.4, True),  # cancelled after a partial fill
+        (api.ORDER_STATE_CANCELED, 1.0, 1.0, False),
+        (api.ORDER_STATE_EXPIRED, 1.0, 1.0, False),
+    ],
+)
+def test_a_final_order_needs_deals_for_what_it_executed(
+    state: int, initial: float, current: float, needs_deal: bool
+) -> None:
+    order = Order(100, state, 1.1, 0, initial, current)
+    assert settle.deals_visible(None, order.executed) is not needs_deal
+
+
+# --- found, but no deal in the window --------------------------------------------------
+
+
+def bought(ticket: int, state: int, initial: float = 1.0, current: float = 0.0) -> Order:
+    """A market BUY order of ours in history."""
+    return Order(ticket, state, 1.1, 0, initial, current, Side.BUY)
+
+
+def test_with_no_fill_in_the_window_every_history_order_is_asked_by_ticket() -> None:
+    found = Found(history_orders=(bought(100, api.ORDER_STATE_FILLED),))
+    assert settle.orders_to_ask(found, [], Side.BUY) == found.history_orders
+    pending = Found(open_orders=(Order(101, api.ORDER_STATE_PLACED, 1.1, 0),))
+    assert settle.orders_to_ask(pending, [], Side.BUY) == ()
+
+
+def test_an_executed_order_the_window_does_not_cover_is_asked_by_ticket() -> None:
+    leg_1, leg_2 = bought(100, api.ORDER_STATE_FILLED), bought(200, api.ORDER_STATE_FILLED)
+    found = Found(history_orders=(leg_1, leg_2))
+    window = [Fill(200, (2,), 1.0, 1.1, 1.1)]  # leg 1's deal lags in the window
+    assert settle.orders_to_ask(found, window, Side.BUY) == (leg_1,)
+    both = [*window, Fill(100, (1,), 1.0, 1.1, 1.1)]
+    assert settle.orders_to_ask(found, both, Side.BUY) == ()
+    # the slippage close (the other side) is not a fill to look for
+    close = Order(300, api.ORDER_STATE_FILLED, 1.1, 0, 1.0, 0.0, Side.SELL)
+    assert settle.orders_to_ask(Found(history_orders=(close,)), window, Side.BUY) == ()
+
+
+def test_deals_asked_by_ticket_complete_the_window() -> None:
+    found = Found(
+        history_orders=(bought(100, api.ORDER_STATE_FILLED), bought(200, api.ORDER_STATE_FILLED))
+    )
+    window = [Fill(200, (2,), 1.0, 1.1, 1.1)]
+    fills = settle.fills_with_asked(found, window, [buy(1, 100, 1.0, 1.1)], Side.BUY, 1.1)
+    assert fills is not None and [fill.order for fill in fills] == [200, 100]
+    assert settle.fills_with_asked(found, window, [], Side.BUY, 1.1) is None  # still lagging
+
+
+def test_an_order_showing_part_of_its_deals_stays_in_flight() -> None:
+    found = Found(history_orders=(bought(100, api.ORDER_STATE_FILLED, initial=1.0),))
+    half = [buy(1, 100, 0.5, 1.1)]
+    assert settle.fills_with_asked(found, [], half, Side.BUY, 1.1) is None
+    whole = [*half, buy(2, 100, 0.5, 1.1)]
+    fills = settle.fills_with_asked(found, [], whole, Side.BUY, 1.1)
+    assert fills is not None and fills[0].volume == 1.0
+
+
+@pytest.mark.parametrize(
+    "found",
+    [
+        Found(history_orders=(bought(100, api.ORDER_STATE_FILLED),)),
+        Found(history_orders=(bought(100, api.ORDER_STATE_PARTIAL),)),
+        Found(positions=(77,)),
+        Found(
+            history_orders=(bought(100, api.ORDER_STATE_CANCELED, current=1.0),), positions=(77,)
+        ),
+    ],
+)
+def test_our_order_without_visible_deals_stays_in_flight(found: Found) -> None:
+    assert settle.fills_with_asked(found, [], [], Side.BUY, 1.1) is None
+
+
+def test_orders_all_final_without_a_fill_settle_with_nothing_filled() -> None:
+    found = Found(
+        history_orders=(
+            bought(100, api.ORDER_STATE_CANCELED, current=1.0),
+            bought(101, api.ORDER_STATE_REJECTED, current=1.0),
+            bought(102, api.ORDER_STATE_EXPIRED, current=1.0),
+        )
+    )
+    assert settle.fills_with_asked(found, [], [], Side.BUY, 1.1) == []
+
+
+def test_a_monitored_order_replaces_what_the_window_showed_of_it() -> None:
+    earlier = [Fill(100, (1,), 0.5, 1.1, 1.1), Fill(200, (2,), 1.0, 1.1, 1.1)]
+    monitored = Fill(100, (1, 3), 1.0, 1.1, 1.1)
+    assert settle.with_monitored(earlier, 100, monitored) == [earlier[1], monitored]
+    assert settle.with_monitored(earlier, 100, None) == [earlier[1]]
+
+
+# --- nothing found ---------------------------------------------------------------------
+
+
+def test_nothing_found_resends_while_fresh_and_attempts_remain() -> None:
+    assert settle.when_not_found(None, 2, 3) == Resend()
+
+
+def test_nothing_found_fails_exactly_at_the_attempt_limit() -> None:
+    decision = settle.when_not_found(None, 3, 3)
+    assert isinstance(decision, GiveUp)
+    assert decision.status is ExecutionStatus.FAILED
+    assert decision.reason is RejectionReason.UNKNOWN_OUTCOME
+    assert decision.details == "no order reached the broker after 3 submissions"
+
+
+def test_nothing_found_for_a_stale_approval_is_refused_not_resent() -> None:
+    stale = (RejectionReason.STALE_APPROVAL, "approval is 31.0 s old (TTL 30 s)")
+    assert settle.when_not_found(stale, 0, 3) == GiveUp(None, *stale)
+
+
+def test_found_is_empty_only_without_orders_deals_and_positions() -> None:
+    assert not Found().found
+    assert Found(positions=(1,)).found and Found(deals=(buy(1, 1, 1.0, 1.0),)).found
+
+
+def test_final_broker_refusals_map_to_specific_reasons() -> None:
+    closed = SendOutcome(**{**reply("rejected").__dict__, "retcode": 10018, "comment": "closed"})
+    assert settle.rejection_of(closed) == (RejectionReason.MARKET_CLOSED, "retcode 10018: closed")
+    other = settle.rejection_of(reply("rejected"))
+    assert other[0] is RejectionReason.BROKER_REJECTED
+
+
+# --- tally and slippage ----------------------------------------------------------------
+
+
+def test_tally_weighs_prices_by_volume_and_signs_slippage_by_side() -> None:
+    fills = [Fill(1, (1,), 1.0, 1.1002, 1.1000), Fill(2, (2,), 3.0, 1.1002, 1.1000)]
+    bought = settle.tally(fills, Side.BUY, 0.0001, 1.0)
+    assert bought.executed_lots == 4.0
+    assert bought.fill_price == pytest.approx(1.1002)
+    assert bought.requested_price == pytest.approx(1.1)
+    assert bought.slippage_pips == pytest.approx(2.0)  # adverse for a buy
+    assert settle.tally(fills, Side.SELL, 0.0001, 1.0).slippage_pips == pytest.approx(-2.0)
+
+
+def test_tally_of_nothing_reports_the_planned_price() -> None:
+    empty = settle.tally([], Side.BUY, 0.0001, 1.2345)
+    assert empty == settle.Tally(0.0, None, 1.2345, None)
+
+
+def test_slippage_exactly_at_the_limit_is_no_breach() -> None:
+    at = settle.Tally(1.0, 1.1003, 1.1, 3.0)
+    assert settle.slippage_breach(at, 3.0) is None
+    above = settle.Tally(1.0, 1.1003, 1.1, 3.0001)
+    assert settle.slippage_breach(above, 3.0) == "slippage 3.00 pips > limit 3 pips"
+    assert settle.slippage_breach(settle.Tally(0.0, None, 1.1, None), 0.0) is None
+
+
+def test_flag_policy_keeps_an_earlier_reason() -> None:
+    filled = settle.flagged(Verdict(ExecutionStatus.FILLED), "breach")
+    assert filled == Verdict(ExecutionStatus.FILLED, RejectionReason.SLIPPAGE_EXCEEDED, "breach")
+    short = Verdict(ExecutionStatus.PARTIALLY_FILLED, RejectionReason.INSUFFICIENT_FILL, "x")
+    assert settle.flagged(short, "breach") == short
+
+
+def test_close_policy_cancels_only_when_everything_closed() -> None:
+    filled = Verdict(ExecutionStatus.FILLED)
+    closed = settle.after_close(filled, "breach", True)
+    assert closed == Verdict(
+        ExecutionStatus.CANCELLED, RejectionReason.SLIPPAGE_EXCEEDED, "breach; closed at once"
+    )
+    failed = settle.after_close(filled, "breach", False)
+    assert failed.status is ExecutionStatus.FILLED
+    assert failed.details == "breach; closing it FAILED: the position may still be open"
+
+
+def test_the_close_of_a_fill_is_the_opposite_order_on_its_position() -> None:
+    fill = Fill(100, (1,), 2.0, 1.1, 1.1, position=55)
+    assert settle.close_of(fill, Side.BUY) == Close(Side.SELL, 2.0, 55)
+
+
+@pytest.mark.parametrize(
+    ("status", "volume", "has_fill", "in_full"),
+    [
+        ("done", 2.0, True, True),
+        ("done", 2.0 - 1e-10, True, True),  # float noise of the volume
+        ("done", 1.0, True, False),
+        ("partial", 2.0, True, False),
+        ("rejected", 0.0, False, False),
+    ],
+)
+def test_close_result(status: str, volume: float, has_fill: bool, in_full: bool) -> None:
+    close = Close(Side.SELL, 2.0, 55)
+    fill, full = settle.close_result(close, reply(status, volume=volume))
+    assert (fill is not None, full) == (has_fill, in_full)
+    if fill is not None:
+        assert fill == Fill(5, (9,), 0.0, 1.1, 1.1)
+
+
+def test_known_fills_the_broker_does_not_show_are_kept_in_leg_order() -> None:
+    leg_1 = Fill(100, (1,), 0.5, 1.1, 1.1)
+    leg_2 = Fill(200, (2,), 0.5, 1.1, 1.1)
+    assert settle.with_known([leg_1], [leg_2]) == [leg_1, leg_2]
+    fuller = Fill(100, (1, 3), 0.7, 1.1, 1.1)  # the broker's account of an order wins
+    assert settle.with_known([leg_1], [leg_2, fuller]) == [fuller, leg_2]
+    assert settle.with_known([], [leg_2]) == [leg_2]
+
+
+def test_giving_up_with_a_known_fill_is_classified_not_failed() -> None:
+    decision = settle.when_not_found(None, 3, 3, filled=True)
+    assert isinstance(decision, GiveUp) and decision.status is None

@@ -1,0 +1,273 @@
+"""Sending: the intent row committed before any order, the legs sent, placed (10008) orders
+monitored until final, and the orders of the slippage close.
+
+Every terminal call is drained into the run's audit after its stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from schemas.request import ExecutionRequest
+from worker.config import Settings
+from worker.execution.audit import Run
+from worker.execution.plan import Plan, plan_snapshot, request_snapshot
+from worker.execution.settle import (
+    FINAL_ORDER_STATES,
+    Deal,
+    Fill,
+    Order,
+    close_of,
+    close_result,
+    deals_visible,
+    executed_by,
+    fill_of_order,
+)
+from worker.mt5 import api
+from worker.mt5.gateway import Gateway, GatewayRejection, QueryFailed, SendOutcome, SymbolSpec
+from worker.observability import metrics
+from worker.pool.leases import Lease
+from worker.store.store import Event, Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MONITOR_FIRST_POLL_SECONDS = 0.01
+MONITOR_MAX_POLL_SECONDS = 0.5
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What sending a plan's legs came to.
+
+    ``unknown``: a leg's outcome is unknown (settle from the broker's truth). ``refused``:
+    the gateway sent nothing for a leg (no quote, no filling mode). ``rejected``: the broker
+    refused a leg for good. Either stops the remaining legs. ``stopped_at``: the index of
+    the leg that stopped them (the legs before it have a known outcome).
+    """
+
+    fills: list[Fill]
+    timed_out: bool = False
+    unknown: bool = False
+    stopped_at: int | None = None
+    refused: GatewayRejection | None = None
+    rejected: SendOutcome | None = None
+
+
+def intent_fields(
+    plan: Plan, request: ExecutionRequest, lease: Lease, run: Run, magic: int
+) -> dict[str, Any]:
+    """The SUBMITTING row committed before the first order is sent."""
+    return {
+        "execution_id": plan.execution_id,
+        "idempotency_key": plan.idempotency_key,
+        "rpm_order_id": plan.rpm_order_id,
+        "state": "SUBMITTING",
+        "symbol": plan.symbol,
+        "broker_symbol": plan.broker_symbol,
+        "direction": plan.side.value,
+        "intended_units": plan.intended_units,
+        "intended_lots": plan.intended_lots,
+        "requested_price": plan.requested_price,
+        "spread_pips": plan.spread_pips,
+        "deviation_points": plan.deviation,
+        "comment_token": plan.token,
+        "magic": magic,
+        "session_id": lease.session.id,
+        "account_login": lease.session.login,
+        "request": plan_snapshot(plan, request_snapshot(request)),
+        "decided_at": plan.decided_at,
+        "received_at": plan.received_at,
+        "submitted_at": run.submitted_at,
+        "arrival_bid": plan.arrival_bid,
+        "arrival_ask": plan.arrival_ask,
+    }
+
+
+class Sender:
+    """Sends a plan's orders on a leased session and watches them (state per call)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.sleep = sleep
+
+    def commit_intent(self, plan: Plan, request: ExecutionRequest, lease: Lease, run: Run) -> bool:
+        """Commit the intent row. False: the key already has a row (nothing is sent)."""
+        run.submitted_at = datetime.now(UTC)
+        with run.stage("intent"):
+            run.event("intent", "SUBMITTING", legs=len(plan.legs), lots=plan.intended_lots)
+            fields = intent_fields(plan, request, lease, run, self.settings.magic)
+            return self.store.insert_intent(lease.conn, fields, run.take_events())
+
+    def send(
+        self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run, *, first_leg: int = 0
+    ) -> Sent:
+        """Send the legs from ``first_leg`` on, in order; a placed order is monitored before
+        the next leg."""
+        gateway: Gateway = lease.session.gateway
+        run.submissions += 1
+        fills: list[Fill] = []
+        timed_out = False
+        for index, leg in enumerate(plan.legs[first_leg:], start=first_leg):
+            try:
+                with run.stage("submit"):
+                    reply = gateway.send(
+                        spec,
+                        plan.side,
+                        leg.lots,
+                        comment=plan.token,
+                        deviation=plan.deviation,
+                        position=leg.position,
+                    )
+            except GatewayRejection as refused:
+                # nothing was sent for this leg (no quote, no filling mode)
+                run.broker_calls("submit", gateway.drain_calls())
+                return Sent(fills, timed_out, refused=refused, stopped_at=index)
+            run.broker_calls("submit", gateway.drain_calls())
+            run.attempts += reply.attempts
+            run.retcode = reply.retcode
+            run.broker_comment = reply.comment
+            run.filling_mode = reply.filling_mode
+            if reply.attempts > 1:
+                metrics.record_retries(reply.attempts - 1)
+            if reply.status == "unknown":
+                metrics.record_unknown_outcome(lease.session.id)
+                run.note("submit", outcome="unknown", retcode=reply.retcode)
+                return Sent(fills, timed_out, unknown=True, stopped_at=index)
+            if reply.status == "rejected":
+                return Sent(fills, timed_out, rejected=reply, stopped_at=index)
+            if reply.status == "placed":
+                self.store.update_in_flight(
+                    lease.conn,
+                    plan.execution_id,
+                    {"state": "SUBMITTED", "broker_order": reply.order},
+                    [*run.take_events(), Event("submit", "transition", "SUBMITTED")],
+                )
+                fill, leg_timed_out = self.monitor(gateway, reply.order, reply.requested_price, run)
+                timed_out = timed_out or leg_timed_out
+                if fill is not None:
+                    fills.append(fill)
+                continue
+            fills.append(self.confirm(gateway, reply, leg.position, run))
+        return Sent(fills, timed_out)
+
+    def monitor(
+        self, gateway: Gateway, order: int, requested_price: float, run: Run
+    ) -> tuple[Fill | None, bool]:
+        """Poll a placed (10008) order until final or the order timeout, then cancel the rest.
+
+        Returns the order's fill (None: nothing executed) and whether it timed out. An order
+        that executed is settled from its deals only: until they show (within the order
+        timeout) the execution stays in flight (TransportError).
+        """
+        deadline = self.clock() + self.settings.order_timeout_seconds
+        delay = MONITOR_FIRST_POLL_SECONDS
+        timed_out = False
+        with run.stage("monitor"):
+            while True:
+                state = _or_none(lambda: gateway.order_state(order))  # failed: ask again
+                if state is not None and state.state in FINAL_ORDER_STATES:
+                    break
+                if self.clock() >= deadline:
+                    timed_out = True
+                    cancel = gateway.cancel(order)
+                    run.note("monitor", cancelled=order, retcode=cancel.retcode)
+                    state = gateway.order_state(order)
+                    unfinished = state is None or state.state not in FINAL_ORDER_STATES
+                    if cancel.status != "done" and unfinished:
+                        # it may still fill: leave the row in flight, settle it later
+                        raise api.TransportError(f"cancel of order {order} not confirmed")
+                    break
+                self.sleep(delay)
+                delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
+            executed = Order.of(state).executed if state is not None else 0.0
+            fill = self._deals_of(gateway, order, requested_price, executed, deadline)
+        run.broker_calls("monitor", gateway.drain_calls())
+        return fill, timed_out
+
+    def confirm(self, gateway: Gateway, reply: SendOutcome, position: int | None, run: Run) -> Fill:
+        """The fill of a done (10009/10010) reply, from the order's deals: the reply's
+        ``deal`` may be 0 and its deal recorded later (``order_send`` reference). Until the
+        deals show (within the order timeout) the execution stays in flight."""
+        deadline = self.clock() + self.settings.order_timeout_seconds
+        with run.stage("monitor"):
+            fill = self._deals_of(
+                gateway, reply.order, reply.requested_price, executed_by(reply), deadline
+            )
+        run.broker_calls("monitor", gateway.drain_calls())
+        assert fill is not None  # executed_by(reply) > 0
+        # a closing leg names the position it closed; an opening one takes its deal's
+        return fill if position is None else replace(fill, position=position)
+
+    def _deals_of(
+        self, gateway: Gateway, order: int, requested_price: float, executed: float, deadline: float
+    ) -> Fill | None:
+        """Poll the order's deals until they account for ``executed`` lots."""
+        delay = MONITOR_FIRST_POLL_SECONDS
+        while True:
+            found = _or_none(lambda: gateway.deals_for_order(order))  # failed: ask again
+            deals = [Deal.of(deal) for deal in found or ()]
+            fill = fill_of_order(order, deals, requested_price)
+            if found is not None and deals_visible(fill, executed):
+                return fill
+            if self.clock() >= deadline:
+                raise api.TransportError(f"the deals of order {order} are not visible yet")
+            self.sleep(delay)
+            delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
+
+    def close(
+        self, plan: Plan, spec: SymbolSpec, fills: Sequence[Fill], lease: Lease, run: Run
+    ) -> tuple[list[Fill], bool]:
+        """Slippage policy ``close``: take the fresh exposure off at once.
+
+        Returns the fills (each with the position it opened, looked up where unknown)
+        followed by the closing fills, and whether every one closed in full.
+        """
+        gateway: Gateway = lease.session.gateway
+        positioned: list[Fill] = []
+        closing: list[Fill] = []
+        closed_all = True
+        for fill in fills:
+            if fill.position is None:
+                deals = gateway.deals_for_order(fill.order)
+                fill = replace(fill, position=deals[0].position_id if deals else None)
+            positioned.append(fill)
+            close = close_of(fill, plan.side)
+            reply = gateway.send(
+                spec,
+                close.side,
+                close.volume,
+                comment=plan.token,
+                deviation=plan.deviation,
+                position=close.position,
+            )
+            run.broker_calls("slippage", gateway.drain_calls())
+            if reply.status == "unknown":
+                raise api.TransportError("the slippage close has an unknown outcome")
+            closing_fill, in_full = close_result(close, reply)
+            if closing_fill is not None:
+                closing.append(closing_fill)
+            closed_all = closed_all and in_full
+        return positioned + closing, closed_all
+
+
+def _or_none(query: Callable[[], T]) -> T | None:
+    """The query's answer, or None when it failed (QueryFailed: the connection is up, the
+    next call may answer). A lost session still raises."""
+    try:
+        return query()
+    except QueryFailed:
+        return None
