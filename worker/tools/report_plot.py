@@ -144,9 +144,12 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
             ax.plot([], [], color=STAGE_COLOURS[stage], linewidth=8, label=stage)
     ax.set_xticks(range(len(symbols)), symbols)
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high * 10)  # room for the legend above the boxes
     ax.set_title("Latency per symbol (ms, log): queue wait, worker, broker")
     ax.set_ylabel("ms")
-    ax.legend(loc="upper right", fontsize=9)
+    ax.legend(loc="upper center", ncol=3, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
 
     # 3 and 4. over time
@@ -187,6 +190,7 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
                 ys.append(percentile(ms, q))
         ax.plot(xs, ys, style, marker="o", markersize=3, label=f"receive->fill p{q}")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_title(f"Worker + broker latency per {_size_text(size)} (ms, log)")
     ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
@@ -196,6 +200,15 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _plain_log_ticks(ax: Any) -> None:
+    """1, 10, 100 (and 20, 50 between) instead of 10^0 and 2x10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
 
 def _size_text(size: timedelta) -> str:
