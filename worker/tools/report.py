@@ -38,6 +38,7 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -346,11 +347,14 @@ def render_text(document: dict[str, Any]) -> str:
         line(["-" * w for w in widths]),
         *(line(row) for row in rows),
         "",
-        "IS = implementation shortfall, arrival mid -> fill VWAP, lots-weighted, + = cost;"
-        f" IS {ccy} = its sum in the account currency (* = some fills not convertible);"
-        " spread = half the arrival spread paid, pips; slip = fill vs requested price, pips;"
-        " latency in ms: queue = decided->received, worker = received->submitted,"
-        " broker = submitted->completed.",
+        *textwrap.wrap(
+            "IS = implementation shortfall, arrival mid -> fill VWAP, lots-weighted, + = cost;"
+            f" IS {ccy} = its sum in the account currency (* = some fills not convertible);"
+            " spread = half the arrival spread paid, pips; slip = fill vs requested price,"
+            " pips; latency in ms: queue = decided->received, worker = received->submitted,"
+            " broker = submitted->completed.",
+            100,
+        ),
     ]
     reasons = overall["by_reason"]
     if reasons:
