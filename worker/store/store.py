@@ -81,6 +81,8 @@ EXECUTION_COLUMNS = (
     "received_at",
     "submitted_at",
     "completed_at",
+    "arrival_bid",
+    "arrival_ask",
 )
 _COLUMN_SET = frozenset(EXECUTION_COLUMNS)
 
