@@ -6,6 +6,7 @@ checked (percentiles ordered, ratios computed from the figures, every message FI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -193,6 +194,15 @@ def test_drained_rounds_add_up_to_one_rate() -> None:
     total = bench.Drained(99, 0.5) + bench.Drained(49, 0.5)
     assert total == bench.Drained(148, 1.0) and total.rate == 148.0
     assert math.isnan(bench.Drained(0, 0.0).rate)
+
+
+def test_rated_messages_carry_their_intended_send_time() -> None:
+    [message] = bench.approvals("stamp", 1)
+    message = dataclasses.replace(message, headers={"other": "kept"})
+    out = bench.stamped(message, 1_700_000_000.123456)
+    assert out.headers == {"other": "kept", bench.INTENDED_HEADER: 1_700_000_000_123_456}
+    assert out.properties().headers == out.headers
+    assert (out.body, out.message_id) == (message.body, message.message_id)
 
 
 def test_cpu_of_rounds_adds_up_per_message() -> None:

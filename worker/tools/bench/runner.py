@@ -337,6 +337,12 @@ def approvals(prefix: str, count: int) -> list[OutgoingMessage]:
     return messages
 
 
+def stamped(message: OutgoingMessage, intended_epoch_s: float) -> OutgoingMessage:
+    """``message`` with its intended send time (epoch seconds) in ``INTENDED_HEADER``, in µs."""
+    headers = {**(message.headers or {}), INTENDED_HEADER: round(intended_epoch_s * 1e6)}
+    return dataclasses.replace(message, headers=headers)
+
+
 # ----------------------------------------------------------------------------- targets
 
 ROUNDS = 2  # alternating rounds of each drained figure: a slow spell hits both sides
@@ -651,11 +657,7 @@ class Bench:
                 self.publisher.sleep(pause)
             key = message.message_id or ""
             intended[key] = due
-            headers = {
-                **(message.headers or {}),
-                INTENDED_HEADER: round((due + epoch_offset) * 1e6),
-            }
-            self.publisher.publish(queue, dataclasses.replace(message, headers=headers))
+            self.publisher.publish(queue, stamped(message, due + epoch_offset))
             self.progress.update(index + 1, len(messages))
         child.check_alive()
         self.arrivals.wait(list(intended), 120.0, lambda _d, _t: None)
