@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 class SessionSource(Protocol):
     """The session pool, as the pipeline sees it."""
 
-    def claim(self, timeout: float, *, session_id: str | None = None) -> Lease: ...
+    def claim(
+        self, timeout: float, *, session_key: str | None = None, session_id: str | None = None
+    ) -> Lease: ...
 
 
 class Pipeline:
@@ -130,7 +132,9 @@ class Pipeline:
         )
         try:
             lease = self.sessions.claim(
-                self.settings.claim_timeout_seconds, session_id=row.get("session_id")
+                self.settings.claim_timeout_seconds,
+                session_key=row.get("session_key"),  # the account's identity, in every process
+                session_id=row.get("session_id"),  # rows from before session_key
             )
         except ClaimTimeout:
             return Requeue("no MT5 session available")
@@ -210,7 +214,7 @@ class Pipeline:
                     return Requeue("the execution's row vanished")
             if row.terminal:
                 return self.finisher.recorded(lease.conn, row)
-            if row.get("session_id") == lease.session.id:
+            if row.get("session_key") == lease.session.spec.identity:
                 return self._settle(
                     plan_from_row(row, self.settings.magic), lease, run, resumed=True
                 )

@@ -35,9 +35,15 @@
   ``password_file``; sim sessions may take ``sim_config`` (a simulator TOML file).
   Secrets are never written in this file, only where to find them.
 
-Lock keys (``SessionSpec.lock_key``) are stable 32-bit hashes of what makes a session the
-same broker account on every worker: a bridge's address (and login), a native account's
-server and login. An in-process sim is private, so its key includes a per-process token.
+A session has ONE identity (``SessionSpec.identity``): what makes it the same broker
+account on every worker, a bridge's address (and login), a native account's server and
+login. An in-process sim is private, so its identity includes a per-process token. The
+lock key (``SessionSpec.lock_key``, a stable 32-bit hash of it) makes a session exclusive
+across processes, and an execution row records the identity itself (``session_key``), so
+any process that has the account resumes the row, whatever its sessions file calls it. The
+configured ``id`` is only this process's name for the session (logs, metrics, the
+confirmation's ``session_id``). Processes sharing a bridge must agree on its address and
+login, not on its id.
 """
 
 from __future__ import annotations
