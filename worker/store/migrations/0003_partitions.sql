@@ -18,52 +18,55 @@
 -- are resumed by session_id as before.
 ALTER TABLE execution.executions ADD COLUMN session_key text;
 
--- Monthly partitions [month, next month) in UTC, named <table>_pYYYYMM, from the month of
--- `since` to `months_ahead` months after the current one. The worker role cannot create
--- tables: `execution-worker migrate` and `execution-worker retention` call this as the owner.
--- A month whose rows already sit in the default partition is skipped (creating it would
--- fail); retention reports rows in the default partitions.
-CREATE FUNCTION execution.ensure_partitions(months_ahead integer, since timestamptz DEFAULT now())
-RETURNS SETOF text LANGUAGE plpgsql AS $$
+-- Monthly partitions [month, next month) in UTC, named <table>_pYYYYMM: the current month,
+-- `months_ahead` more, and the months of the timestamps in `also` (rows being moved in).
+-- The worker role cannot create tables: `execution-worker migrate` and `execution-worker
+-- retention` call this as the owner. A month whose rows already sit in the default
+-- partition is skipped (creating it would fail); retention reports rows there.
+CREATE FUNCTION execution.ensure_partitions(
+  months_ahead integer, also timestamptz[] DEFAULT '{}'
+) RETURNS SETOF text LANGUAGE plpgsql AS $$
 DECLARE
   parent text;
   col text;
   month timestamp;
-  last_month timestamp := date_trunc('month', now() AT TIME ZONE 'UTC')
-    + make_interval(months => greatest(months_ahead, 0));
+  this_month timestamp := date_trunc('month', now() AT TIME ZONE 'UTC');
   part text;
   crowded boolean;
 BEGIN
   FOR parent, col IN SELECT * FROM (VALUES ('execution_events', 'at'), ('outbox', 'created_at')) v
   LOOP
-    month := date_trunc('month', least(since, now()) AT TIME ZONE 'UTC');
-    WHILE month <= last_month LOOP
+    FOR month IN
+      SELECT m FROM generate_series(this_month,
+        this_month + make_interval(months => greatest(months_ahead, 0)), interval '1 month') m
+      UNION
+      SELECT date_trunc('month', t AT TIME ZONE 'UTC') FROM unnest(also) t WHERE t IS NOT NULL
+      ORDER BY 1
+    LOOP
       part := format('%s_p%s', parent, to_char(month, 'YYYYMM'));
-      IF to_regclass(format('execution.%I', part)) IS NULL THEN
-        EXECUTE format(
-          'SELECT EXISTS (SELECT 1 FROM execution.%I WHERE %I >= %L AND %I < %L)',
-          parent || '_default', col, month AT TIME ZONE 'UTC',
-          col, (month + interval '1 month') AT TIME ZONE 'UTC') INTO crowded;
-        IF crowded THEN
-          RAISE NOTICE '% not created: rows of that month are in %_default', part, parent;
-        ELSE
-          EXECUTE format(
-            'CREATE TABLE execution.%I PARTITION OF execution.%I FOR VALUES FROM (%L) TO (%L)',
-            part, parent, month AT TIME ZONE 'UTC', (month + interval '1 month') AT TIME ZONE 'UTC');
-          IF parent = 'execution_events' THEN
-            -- row triggers are cloned from the parent; statement (TRUNCATE) triggers are not
-            EXECUTE format('CREATE TRIGGER execution_events_no_truncate BEFORE TRUNCATE'
-              ' ON execution.%I FOR EACH STATEMENT EXECUTE FUNCTION'
-              ' execution.refuse_event_change()', part);
-          END IF;
-          RETURN NEXT part;
-        END IF;
+      CONTINUE WHEN to_regclass(format('execution.%I', part)) IS NOT NULL;
+      EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM execution.%I WHERE %I >= %L AND %I < %L)',
+        parent || '_default', col, month AT TIME ZONE 'UTC',
+        col, (month + interval '1 month') AT TIME ZONE 'UTC') INTO crowded;
+      IF crowded THEN
+        RAISE NOTICE '% not created: rows of that month are in %_default', part, parent;
+        CONTINUE;
       END IF;
-      month := month + interval '1 month';
+      EXECUTE format(
+        'CREATE TABLE execution.%I PARTITION OF execution.%I FOR VALUES FROM (%L) TO (%L)',
+        part, parent, month AT TIME ZONE 'UTC', (month + interval '1 month') AT TIME ZONE 'UTC');
+      IF parent = 'execution_events' THEN
+        -- row triggers are cloned from the parent; statement (TRUNCATE) triggers are not
+        EXECUTE format('CREATE TRIGGER execution_events_no_truncate BEFORE TRUNCATE'
+          ' ON execution.%I FOR EACH STATEMENT EXECUTE FUNCTION'
+          ' execution.refuse_event_change()', part);
+      END IF;
+      RETURN NEXT part;
     END LOOP;
   END LOOP;
 END $$;
-REVOKE ALL ON FUNCTION execution.ensure_partitions(integer, timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION execution.ensure_partitions(integer, timestamptz[]) FROM PUBLIC;
 
 -- Grants of the old tables go to the new ones (the worker's UPDATE on outbox columns too),
 -- so the workers keep running before roles.sql is re-run.
@@ -146,11 +149,12 @@ CREATE INDEX outbox_due ON execution.outbox (next_attempt_at) WHERE published_at
 CREATE TABLE execution.outbox_default PARTITION OF execution.outbox DEFAULT;
 SELECT execution.copy_grants_0003('execution.outbox_0002', 'execution.outbox');
 
--- partitions for every month that has rows, and three ahead; then the rows ----------------
-SELECT execution.ensure_partitions(3, least(
-  (SELECT min(at) FROM execution.execution_events_0002),
-  (SELECT min(created_at) FROM execution.outbox_0002),
-  now()));
+-- partitions for every month that has rows, and three ahead; then the rows --------------
+SELECT execution.ensure_partitions(3, ARRAY(
+  SELECT date_trunc('month', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    FROM execution.execution_events_0002
+  UNION SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+    FROM execution.outbox_0002));
 
 INSERT INTO execution.execution_events
   (event_id, execution_id, at, stage, kind, state, function, retcode, latency_ms, detail)
