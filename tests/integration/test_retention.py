@@ -290,3 +290,22 @@ def test_the_command_runs_as_the_owner(
     assert f"execution_events_p{_month(OLD)}" not in _tables(conn)
     assert len(list(archive.iterdir())) == 4
     assert cli_main(["retention", "--older-than", "0d"]) != 0  # refused: at least a day
+
+
+def test_a_busy_table_makes_retention_give_up_in_short_attempts_then_retry(
+    db: tuple[str, psycopg.Connection[Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, conn = db
+    _old_history(conn)
+    monkeypatch.setattr(parts, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(parts, "LOCK_ATTEMPTS", 2)
+    name = f"execution_events_p{_month(OLD)}"
+    with psycopg.connect(url) as blocker:  # a long transaction that reads the events
+        blocker.execute("SELECT count(*) FROM execution.execution_events")
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            retire(conn, CUTOFF, archive_dir=tmp_path, out=lambda _: None)
+        assert next(p for p in parts.partitions(conn) if p.name == name).attached
+        blocker.rollback()  # the lock goes; the next attempt gets it
+    monkeypatch.setattr(parts, "LOCK_ATTEMPTS", 50)
+    assert retire(conn, CUTOFF, archive_dir=tmp_path, out=lambda _: None) == 0
+    assert name not in _tables(conn)

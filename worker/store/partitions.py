@@ -19,6 +19,8 @@ import gzip
 import hashlib
 import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +34,11 @@ from worker.store.store import TERMINAL_STATES
 MONTHS_AHEAD = 3  # `migrate` creates the current month's partitions and this many more
 PARTITIONED = {"execution_events": "at", "outbox": "created_at"}
 _NAME = re.compile(r"^(execution_events|outbox)_p(\d{4})(\d{2})$")
-LOCK_TIMEOUT = "10s"  # DETACH waits this long for the workers' short transactions, then fails
+# DETACH and DROP need brief strong locks on the parent and, through the foreign key, on
+# executions. A DDL statement waiting for a lock makes every later writer wait behind it, so
+# each attempt gives up quickly and is tried again, rather than stall the workers.
+LOCK_TIMEOUT = "1s"
+LOCK_ATTEMPTS = 20
 
 
 @dataclass(frozen=True)
@@ -119,17 +125,40 @@ def unfinished_rows(conn: psycopg.Connection[Any], partition: Partition) -> int:
     return int(row[0]) if row else 0
 
 
+def _ddl(
+    conn: psycopg.Connection[Any],
+    statement: sql.Composed,
+    guard: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> None:
+    """Run one DDL statement (after ``guard``, in the same transaction) under a short
+    ``lock_timeout``, retried while the lock is busy (``LOCK_ATTEMPTS`` times, then
+    LockNotAvailable is raised)."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute(
+                    sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
+                )
+                if guard is not None:
+                    guard(conn)
+                conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS:
+                raise
+            time.sleep(0.5)
+
+
 def detach(conn: psycopg.Connection[Any], partition: Partition) -> None:
     """Detach ``partition`` from its table (no-op if already detached). Autocommit conn."""
     if not partition.attached:
         return
-    with conn.transaction():
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-        conn.execute(
-            sql.SQL("ALTER TABLE execution.{} DETACH PARTITION execution.{}").format(
-                sql.Identifier(partition.parent), sql.Identifier(partition.name)
-            )
-        )
+    _ddl(
+        conn,
+        sql.SQL("ALTER TABLE execution.{} DETACH PARTITION execution.{}").format(
+            sql.Identifier(partition.parent), sql.Identifier(partition.name)
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -183,15 +212,16 @@ def _fsync_dir(directory: Path) -> None:
 
 def drop(conn: psycopg.Connection[Any], partition: Partition) -> None:
     """Drop a DETACHED partition (never an attached one: its table would lose a month)."""
-    with conn.transaction():
+
+    def detached(conn: psycopg.Connection[Any]) -> None:
         row = conn.execute(
             "SELECT relispartition FROM pg_class WHERE oid = to_regclass(%s)",
             (f"execution.{partition.name}",),
         ).fetchone()
         if row is None or row[0]:
-            raise RuntimeError(f"{partition.name} is still attached: not dropped")
-        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
-        conn.execute(sql.SQL("DROP TABLE execution.{}").format(sql.Identifier(partition.name)))
+            raise RuntimeError(f"{partition.name} is missing or still attached: not dropped")
+
+    _ddl(conn, sql.SQL("DROP TABLE execution.{}").format(sql.Identifier(partition.name)), detached)
 
 
 def owns_schema(conn: psycopg.Connection[Any]) -> bool:
