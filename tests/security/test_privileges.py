@@ -320,6 +320,30 @@ def test_the_owner_retires_whole_partitions_the_worker_cannot(
     assert (tmp_path / "execution_events_p202001.csv.gz").exists()
 
 
+def test_migrate_makes_partitions_ahead_as_the_owner_only(
+    roles: Roles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main as cli_main
+
+    monkeypatch.delenv("DATABASE_URL_FILE", raising=False)
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        far = f"execution_events_p{datetime.now(UTC).year + 1}{datetime.now(UTC):%m}"
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            None,
+        )
+    monkeypatch.setenv("DATABASE_URL", roles.worker_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 1
+    assert cli_main(["migrate"]) == 1
+    assert "not the schema owner" in capsys.readouterr().out
+    monkeypatch.setenv("DATABASE_URL", roles.owner_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 0
+    assert cli_main(["migrate"]) == 0
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            f"execution.{far}",
+        )
+
+
 def test_migration_0003_keeps_the_workers_grants(
     roles: Roles, new_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
