@@ -1,6 +1,6 @@
 """Retention by whole monthly partitions (issue 18, item 9), on a real PostgreSQL.
 
-- migration 0003 converts a database that already has rows (ids, grants, sequences kept);
+- migration 0004 converts a database that already has rows (ids, grants, sequences kept);
 - partitions exist ahead of time and rows land in their month's partition;
 - ``retention`` detaches, archives and drops only partitions wholly older than the cutoff,
   never one that still holds an unfinished execution's events or an unpublished
@@ -96,15 +96,15 @@ def _old_history(conn: psycopg.Connection[Any], *, state: str = "FILLED") -> uui
     return execution_id
 
 
-def test_migration_0003_converts_a_database_with_rows(
+def test_migration_0004_converts_a_database_with_rows(
     new_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = new_database()
     every = migrate.migrations()
     with psycopg.connect(url, autocommit=True) as conn:
-        # the database as migrations 1 and 2 left it, with rows in it
-        monkeypatch.setattr(migrate, "migrations", lambda: every[:2])
-        assert apply_migrations(conn) == [1, 2]
+        # the database as migrations 1 to 3 left it, with rows in it
+        monkeypatch.setattr(migrate, "migrations", lambda: every[:3])
+        assert apply_migrations(conn) == [1, 2, 3]
         monkeypatch.undo()
         old, new = _execution(conn, "FILLED", OLD), _execution(conn, "SUBMITTING", OLD)
         for at in (OLD, datetime.now(UTC)):
@@ -114,7 +114,7 @@ def test_migration_0003_converts_a_database_with_rows(
             "SELECT event_id, execution_id, at FROM execution.execution_events ORDER BY event_id"
         ).fetchall()
 
-        assert apply_migrations(conn) == [3]
+        assert apply_migrations(conn) == [4]
 
         after = conn.execute(
             "SELECT event_id, execution_id, at FROM execution.execution_events ORDER BY event_id"
@@ -131,7 +131,7 @@ def test_migration_0003_converts_a_database_with_rows(
         newest = conn.execute("SELECT max(event_id) FROM execution.execution_events").fetchone()
         assert newest == (before[-1][0] + 1,)
         # the copies are gone; no row sits in a default partition
-        assert not {"execution_events_0002", "outbox_0002"} & _tables(conn)
+        assert not {"execution_events_unpartitioned", "outbox_unpartitioned"} & _tables(conn)
         assert parts.default_rows(conn) == {"execution_events": 0, "outbox": 0}
 
 

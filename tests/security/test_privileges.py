@@ -93,7 +93,7 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1, 2, 3]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2, 3, 4]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
         yield Roles(
@@ -344,10 +344,10 @@ def test_migrate_makes_partitions_ahead_as_the_owner_only(
         )
 
 
-def test_migration_0003_keeps_the_workers_grants(
+def test_migration_0004_keeps_the_workers_grants(
     roles: Roles, new_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Upgrading from migration 2: the worker can still publish and append right after the
+    """Upgrading from migration 3: the worker can still publish and append right after the
     partitioning migration, before roles.sql is re-run."""
     from worker.store import migrate
 
@@ -362,8 +362,8 @@ def test_migration_0003_keeps_the_workers_grants(
     try:
         _psql(admin_url, *names)
         with psycopg.connect(owner_url, autocommit=True) as conn:
-            monkeypatch.setattr(migrate, "migrations", lambda: every[:2])
-            assert apply_migrations(conn) == [1, 2]
+            monkeypatch.setattr(migrate, "migrations", lambda: every[:3])
+            assert apply_migrations(conn) == [1, 2, 3]
             monkeypatch.undo()
         _psql(admin_url, *names)
         key = uuid.uuid4()
@@ -380,7 +380,7 @@ def test_migration_0003_keeps_the_workers_grants(
                 (key,),
             )
         with psycopg.connect(owner_url, autocommit=True) as conn:
-            assert apply_migrations(conn) == [3]
+            assert apply_migrations(conn) == [4]
         with psycopg.connect(worker_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"

@@ -1,7 +1,7 @@
 """Monthly partitions of the audit tables: creating them ahead, finding and retiring old ones.
 
 ``execution_events`` (by ``at``) and ``outbox`` (by ``created_at``) are partitioned by month
-in UTC (migration 0003); ``executions`` is not (it is the exactly-once ledger: its
+in UTC (migration 0004); ``executions`` is not (it is the exactly-once ledger: its
 idempotency key must stay unique across all time). Partitions are named
 ``<table>_pYYYYMM``; each table also has a ``<table>_default`` partition for rows outside
 them. Everything here needs the owner role: the worker role can neither create, detach

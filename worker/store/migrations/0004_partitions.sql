@@ -70,7 +70,7 @@ REVOKE ALL ON FUNCTION execution.ensure_partitions(integer, timestamptz[]) FROM 
 
 -- Grants of the old tables go to the new ones (the worker's UPDATE on outbox columns too),
 -- so the workers keep running before roles.sql is re-run.
-CREATE FUNCTION execution.copy_grants_0003(source regclass, target regclass)
+CREATE FUNCTION execution.copy_grants_0004(source regclass, target regclass)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
   r record;
@@ -91,9 +91,9 @@ BEGIN
 END $$;
 
 -- execution_events ------------------------------------------------------------------------
-ALTER TABLE execution.execution_events RENAME TO execution_events_0002;
-ALTER INDEX execution.execution_events_pkey RENAME TO execution_events_0002_pkey;
-ALTER INDEX execution.execution_events_execution RENAME TO execution_events_0002_execution;
+ALTER TABLE execution.execution_events RENAME TO execution_events_unpartitioned;
+ALTER INDEX execution.execution_events_pkey RENAME TO execution_events_unpartitioned_pkey;
+ALTER INDEX execution.execution_events_execution RENAME TO execution_events_unpartitioned_execution;
 ALTER SEQUENCE execution.execution_events_event_id_seq OWNED BY NONE;
 
 CREATE TABLE execution.execution_events (
@@ -121,13 +121,13 @@ CREATE TABLE execution.execution_events_default PARTITION OF execution.execution
 CREATE TRIGGER execution_events_no_truncate
   BEFORE TRUNCATE ON execution.execution_events_default
   FOR EACH STATEMENT EXECUTE FUNCTION execution.refuse_event_change();
-SELECT execution.copy_grants_0003('execution.execution_events_0002', 'execution.execution_events');
+SELECT execution.copy_grants_0004('execution.execution_events_unpartitioned', 'execution.execution_events');
 
 -- outbox ----------------------------------------------------------------------------------
-ALTER TABLE execution.outbox RENAME TO outbox_0002;
-ALTER INDEX execution.outbox_pkey RENAME TO outbox_0002_pkey;
-ALTER INDEX execution.outbox_unpublished RENAME TO outbox_0002_unpublished;
-ALTER INDEX execution.outbox_due RENAME TO outbox_0002_due;
+ALTER TABLE execution.outbox RENAME TO outbox_unpartitioned;
+ALTER INDEX execution.outbox_pkey RENAME TO outbox_unpartitioned_pkey;
+ALTER INDEX execution.outbox_unpublished RENAME TO outbox_unpartitioned_unpublished;
+ALTER INDEX execution.outbox_due RENAME TO outbox_unpartitioned_due;
 
 -- One outbox row per execution is kept by the writer (Store.finish inserts it in the same
 -- statement that moves the row to its final state, at most once); the key now includes
@@ -147,26 +147,26 @@ CREATE TABLE execution.outbox (
 CREATE INDEX outbox_unpublished ON execution.outbox (created_at) WHERE published_at IS NULL;
 CREATE INDEX outbox_due ON execution.outbox (next_attempt_at) WHERE published_at IS NULL;
 CREATE TABLE execution.outbox_default PARTITION OF execution.outbox DEFAULT;
-SELECT execution.copy_grants_0003('execution.outbox_0002', 'execution.outbox');
+SELECT execution.copy_grants_0004('execution.outbox_unpartitioned', 'execution.outbox');
 
 -- partitions for every month that has rows, and three ahead; then the rows --------------
 SELECT execution.ensure_partitions(3, ARRAY(
   SELECT date_trunc('month', at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-    FROM execution.execution_events_0002
+    FROM execution.execution_events_unpartitioned
   UNION SELECT date_trunc('month', created_at AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-    FROM execution.outbox_0002));
+    FROM execution.outbox_unpartitioned));
 
 INSERT INTO execution.execution_events
   (event_id, execution_id, at, stage, kind, state, function, retcode, latency_ms, detail)
 SELECT event_id, execution_id, at, stage, kind, state, function, retcode, latency_ms, detail
-FROM execution.execution_events_0002;
+FROM execution.execution_events_unpartitioned;
 INSERT INTO execution.outbox
   (execution_id, routing_key, payload, correlation_id, reply_to, created_at, published_at,
    attempts, next_attempt_at)
 SELECT execution_id, routing_key, payload, correlation_id, reply_to, created_at, published_at,
   attempts, next_attempt_at
-FROM execution.outbox_0002;
+FROM execution.outbox_unpartitioned;
 
-DROP TABLE execution.execution_events_0002;
-DROP TABLE execution.outbox_0002;
-DROP FUNCTION execution.copy_grants_0003(regclass, regclass);
+DROP TABLE execution.execution_events_unpartitioned;
+DROP TABLE execution.outbox_unpartitioned;
+DROP FUNCTION execution.copy_grants_0004(regclass, regclass);
