@@ -305,7 +305,10 @@ def test_a_busy_table_makes_retention_give_up_in_short_attempts_then_retry(
         with pytest.raises(psycopg.errors.LockNotAvailable):
             retire(conn, CUTOFF, archive_dir=tmp_path, out=lambda _: None)
         assert next(p for p in parts.partitions(conn) if p.name == name).attached
+        with pytest.raises(psycopg.errors.LockNotAvailable):  # creating ahead, likewise
+            parts.ensure_partitions(conn, 6)
         blocker.rollback()  # the lock goes; the next attempt gets it
     monkeypatch.setattr(parts, "LOCK_ATTEMPTS", 50)
     assert retire(conn, CUTOFF, archive_dir=tmp_path, out=lambda _: None) == 0
     assert name not in _tables(conn)
+    assert len(parts.ensure_partitions(conn, 6)) == 6  # months 4 to 6 ahead, both tables

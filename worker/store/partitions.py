@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -57,9 +57,16 @@ class Partition:
 
 
 def ensure_partitions(conn: psycopg.Connection[Any], months_ahead: int) -> list[str]:
-    """Create the current month's partitions and ``months_ahead`` more; the names created."""
-    rows = conn.execute("SELECT execution.ensure_partitions(%s)", (months_ahead,)).fetchall()
-    return [row[0] for row in rows]
+    """Create the current month's partitions and ``months_ahead`` more; the names created.
+
+    Creating a partition locks its table briefly (and scans the default partition), so
+    this runs under short lock timeouts too. Autocommit conn."""
+
+    def work(conn: psycopg.Connection[Any]) -> list[str]:
+        rows = conn.execute("SELECT execution.ensure_partitions(%s)", (months_ahead,)).fetchall()
+        return [row[0] for row in rows]
+
+    return _short_locks(conn, work)
 
 
 def _month_after(start: datetime) -> datetime:
@@ -125,28 +132,39 @@ def unfinished_rows(conn: psycopg.Connection[Any], partition: Partition) -> int:
     return int(row[0]) if row else 0
 
 
-def _ddl(
-    conn: psycopg.Connection[Any],
-    statement: sql.Composed,
-    guard: Callable[[psycopg.Connection[Any]], None] | None = None,
-) -> None:
-    """Run one DDL statement (after ``guard``, in the same transaction) under a short
-    ``lock_timeout``, retried while the lock is busy (``LOCK_ATTEMPTS`` times, then
-    LockNotAvailable is raised)."""
+T = TypeVar("T")
+
+
+def _short_locks(conn: psycopg.Connection[Any], work: Callable[[psycopg.Connection[Any]], T]) -> T:
+    """``work`` in one transaction under a short ``lock_timeout``, retried while a lock is
+    busy (``LOCK_ATTEMPTS`` times, then LockNotAvailable is raised). Autocommit conn."""
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
             with conn.transaction():
                 conn.execute(
                     sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT))
                 )
-                if guard is not None:
-                    guard(conn)
-                conn.execute(statement)
-            return
+                return work(conn)
         except psycopg.errors.LockNotAvailable:
             if attempt == LOCK_ATTEMPTS:
                 raise
             time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+def _ddl(
+    conn: psycopg.Connection[Any],
+    statement: sql.Composed,
+    guard: Callable[[psycopg.Connection[Any]], None] | None = None,
+) -> None:
+    """One DDL statement (after ``guard``, in the same transaction) under short locks."""
+
+    def work(conn: psycopg.Connection[Any]) -> None:
+        if guard is not None:
+            guard(conn)
+        conn.execute(statement)
+
+    _short_locks(conn, work)
 
 
 def detach(conn: psycopg.Connection[Any], partition: Partition) -> None:
