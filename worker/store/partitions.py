@@ -168,7 +168,11 @@ def _ddl(
 
 
 def detach(conn: psycopg.Connection[Any], partition: Partition) -> None:
-    """Detach ``partition`` from its table (no-op if already detached). Autocommit conn."""
+    """Detach ``partition`` from its table (no-op if already detached). Autocommit conn.
+
+    Not ``DETACH ... CONCURRENTLY``: PostgreSQL refuses it when the table has a default
+    partition (ALTER TABLE reference, DETACH PARTITION), and ours have one.
+    """
     if not partition.attached:
         return
     _ddl(
