@@ -270,6 +270,11 @@ def test_an_interrupted_run_is_finished_by_the_next(
     (leftover,) = [p for p in parts.partitions(conn) if p.name == name]
     assert not leftover.attached
 
+    lines: list[str] = []
+    later = datetime(2020, 1, 20, tzinfo=UTC)  # a run with a shorter reach leaves it alone
+    assert retire(conn, later, archive_dir=tmp_path, out=lines.append) == 0
+    assert name in _tables(conn) and any(name in line and "WARNING" in line for line in lines)
+
     assert retire(conn, CUTOFF, archive_dir=tmp_path, out=lambda _: None) == 0
 
     assert name not in _tables(conn)

@@ -64,6 +64,14 @@ def retire(
     out: Any = print,
 ) -> int:
     """Retire the partitions older than ``cutoff``; an exit code (1: refused, nothing done)."""
+    for p in parts.partitions(conn):
+        if not p.attached and p.end > cutoff:
+            out(
+                f"retention: WARNING: {p.name} was detached by an earlier run and is newer"
+                " than this cutoff: left as it is (its rows are not in the table); retire it"
+                " with that run's --older-than, or attach it back (ALTER TABLE ... ATTACH"
+                " PARTITION)"
+            )
     planned = plan(conn, cutoff)
     blocked = [item for item in planned if item.unfinished]
     for item in planned:
