@@ -207,9 +207,25 @@ def test_retention_archives_and_drops_only_old_months(
     recent = _execution(conn, "FILLED", now)
     _event(conn, recent, now)
     _outbox(conn, recent, now, published=True)
+    conn.execute(  # an awkward value: newlines, quotes and commas survive the archive
+        "INSERT INTO execution.execution_events (execution_id, at, stage, kind, detail)"
+        " VALUES (%s, %s, 'settle', 'note', %s)",
+        (old, OLD, '{"text": "one\\ntwo, \\"three\\""}'),
+    )
+    month = f"execution.execution_events_p{_month(OLD)}"
+    original = conn.execute(f"SELECT * FROM {month} ORDER BY event_id").fetchall()
     lines: list[str] = []
 
     assert retire(conn, CUTOFF, archive_dir=tmp_path, out=lines.append) == 0
+
+    conn.execute("CREATE TABLE restored (LIKE execution.execution_events)")
+    with (
+        gzip.open(tmp_path / f"execution_events_p{_month(OLD)}.csv.gz", "rb") as handle,
+        conn.cursor().copy("COPY restored FROM STDIN (FORMAT csv, HEADER)") as copy,
+    ):
+        copy.write(handle.read())
+    assert conn.execute("SELECT * FROM restored ORDER BY event_id").fetchall() == original
+    assert len(original) == 2
 
     retired = {"execution_events_p202001", "execution_events_p202002"}
     retired |= {"outbox_p202001", "outbox_p202002"}
