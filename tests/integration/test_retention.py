@@ -209,8 +209,8 @@ def test_retention_archives_and_drops_only_old_months(
     _outbox(conn, recent, now, published=True)
     conn.execute(  # an awkward value: newlines, quotes and commas survive the archive
         "INSERT INTO execution.execution_events (execution_id, at, stage, kind, detail)"
-        " VALUES (%s, %s, 'settle', 'note', %s)",
-        (old, OLD, '{"text": "one\\ntwo, \\"three\\""}'),
+        " VALUES (%s, %s, %s, 'note', %s)",
+        (old, OLD, 'one\ntwo, "three"', '{"text": "one\\ntwo, \\"three\\""}'),
     )
     month = f"execution.execution_events_p{_month(OLD)}"
     original = conn.execute(f"SELECT * FROM {month} ORDER BY event_id").fetchall()
