@@ -43,13 +43,14 @@ class PipelineEnv:
         *,
         props: MessageProperties | None = None,
         redelivered: bool = False,
+        delivery_count: int | None = None,
     ) -> Outcome:
         body = message if isinstance(message, bytes) else json.dumps(message).encode()
         delivery = Delivery(
             body=body,
             properties=props or MessageProperties(content_type="application/json"),
-            redelivered=redelivered,
-            delivery_count=None,
+            redelivered=redelivered or bool(delivery_count),
+            delivery_count=delivery_count,
             received_at=datetime.now(UTC),
         )
         return self.pipeline.handle(delivery)

@@ -89,7 +89,7 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1, 2]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2, 3]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
         yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
