@@ -323,14 +323,14 @@ def test_an_early_delivery_without_a_session_is_requeued(outage: PipelineEnv) ->
     env = outage
     message = approval("EURUSD", 1, 100_000.0)
     with env.pool.claim(5.0):
-        assert isinstance(env.deliver(message, delivery_count=2), Requeue)
+        assert isinstance(env.deliver(message, delivery_count=3), Requeue)
 
 
 def test_the_last_deliveries_without_a_session_are_answered(outage: PipelineEnv) -> None:
     env = outage
     message = approval("EURUSD", 1, 100_000.0)
     with env.pool.claim(5.0):
-        confirmation = _payload(env.deliver(message, delivery_count=3))
+        confirmation = _payload(env.deliver(message, delivery_count=4))
     assert (confirmation["status"], confirmation["rejection_reason"]) == (
         "REJECTED",
         "SESSION_UNAVAILABLE",

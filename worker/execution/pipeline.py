@@ -100,10 +100,12 @@ class Pipeline:
 
     def _near_limit(self, delivery: Delivery) -> bool:
         """One of the last ``delivery_last_chances`` deliveries before the queue dead-letters
-        the message (``x-delivery-count``: absent on the first delivery, then the number of
-        earlier deliveries returned to the queue)."""
+        the message. ``x-delivery-count`` is absent on the first delivery, then counts the
+        earlier deliveries returned to the queue; a quorum queue with ``x-delivery-limit`` L
+        delivers a message L + 1 times (counts absent, 1 .. L), so the last has count L."""
         count = delivery.delivery_count or 0
-        return count >= self.settings.delivery_limit - self.settings.delivery_last_chances
+        limit = self.settings.delivery_limit
+        return count > limit - self.settings.delivery_last_chances
 
     def _last_chance(self, delivery: Delivery, requeue: Requeue, context: ExitStack) -> Outcome:
         """Requeued again, the approval would be dead-lettered by the queue with no row and
