@@ -4,6 +4,8 @@
   a 0.2 s claim timeout, a 0.05 s requeue delay and a delivery limit of 4), every approval
   in hand ends answered (a REJECTED confirmation, SESSION_UNAVAILABLE or STALE_APPROVAL) or
   dead-lettered with a reason header: never dead-lettered by the queue with no row;
+- item 3: a provisional answer (unknown outcome) is corrected by the background reconcile
+  when the order executes later: version 2 goes out with message_id "<execution_id>:v2";
 - item 15, the second test of "ack only after the confirmation's confirm": with the real
   pipeline, a confirmation the broker cannot route keeps its request unacked (not requeued,
   not acked) until the outbox delivers it.
@@ -29,6 +31,7 @@ from worker.amqp.deliveries import REJECTION_REASON_HEADER
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import DEAD_QUEUE, REQUESTS_QUEUE
 from worker.config import Settings
+from worker.mt5.gateway import OrderIdentity, Side
 from worker.service import Service
 from worker.tools.publish import approved_trade, rpm_output
 
@@ -72,6 +75,9 @@ def _settings(url: str, database_url: str, directory: Path) -> Settings:
         reconcile_grace_seconds=0.0,
         claim_timeout_seconds=0.2,
         delivery_limit=DELIVERY_LIMIT,
+        max_send_attempts=1,
+        unknown_reconcile_first_seconds=0.01,
+        unknown_reconcile_max_seconds=0.01,
     )
 
 
@@ -160,3 +166,40 @@ def test_a_request_stays_unacked_until_its_confirmation_is_confirmed(world: Worl
     (message,) = world.side.take("late-observer", 1, 30.0)
     assert message.properties.message_id == key
     wait_until(lambda: world.runtime.stats.acked == 1, "the ack after the confirm")
+
+
+def test_a_late_execution_goes_out_as_version_2(world: World) -> None:
+    world.side.bind_confirmations("observer")
+    with world.service.pool.claim(10.0) as lease:
+        lease.session.terminal.set_faults(scripted=("timeout",))  # 10012, nothing executed
+    key = world.publish(_approval())
+    (first,) = world.side.take("observer", 1, 30.0)
+    provisional = json.loads(first.body)
+    assert first.properties.message_id == key
+    assert (provisional["status"], provisional["provisional"]) == ("FAILED", True)
+    wait_until(lambda: world.runtime.stats.acked == 1, "the request acked on the provisional")
+
+    with world.service.pool.claim(10.0) as lease:  # the broker executes it later
+        with psycopg.connect(world.database_url, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT magic, comment_token FROM execution.executions WHERE execution_id = %s",
+                (uuid.UUID(key),),
+            ).fetchone()
+        assert found is not None
+        gateway = lease.session.gateway
+        reply = gateway.send(
+            gateway.symbol_spec("EURUSD"),
+            Side.BUY,
+            0.1,
+            identity=OrderIdentity(found[0], found[1]),
+            deviation=50,
+        )
+        assert reply.status == "done", reply
+    wait_until(lambda: bool(world.service.recheck_unknown()), "a due UNKNOWN row")
+
+    (second,) = world.side.take("observer", 1, 30.0)
+    corrected = json.loads(second.body)
+    assert second.properties.message_id == f"{key}:v2"
+    assert corrected["execution_id"] == key and corrected["version"] == 2
+    assert (corrected["status"], corrected["provisional"]) == ("FILLED", False)
+    assert corrected["executed_lots"] == 0.1 and len(corrected["broker_deals"]) == 1
