@@ -326,6 +326,16 @@ def test_an_early_delivery_without_a_session_is_requeued(outage: PipelineEnv) ->
         assert isinstance(env.deliver(message, delivery_count=3), Requeue)
 
 
+def test_a_forged_delivery_count_on_a_first_delivery_is_not_believed(
+    outage: PipelineEnv,
+) -> None:
+    env = outage
+    message = approval("EURUSD", 1, 100_000.0)
+    with env.pool.claim(5.0):
+        outcome = env.deliver(message, delivery_count=99, redelivered=False)
+    assert isinstance(outcome, Requeue)
+
+
 def test_the_last_deliveries_without_a_session_are_answered(outage: PipelineEnv) -> None:
     env = outage
     message = approval("EURUSD", 1, 100_000.0)

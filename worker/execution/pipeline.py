@@ -103,7 +103,8 @@ class Pipeline:
         the message. ``x-delivery-count`` is absent on the first delivery, then counts the
         earlier deliveries returned to the queue; a quorum queue with ``x-delivery-limit`` L
         delivers a message L + 1 times (counts absent, 1 .. L), so the last has count L."""
-        count = delivery.delivery_count or 0
+        # a first delivery carries no broker-set count: a header there is the publisher's
+        count = (delivery.delivery_count or 0) if delivery.redelivered else 0
         limit = self.settings.delivery_limit
         return count > limit - self.settings.delivery_last_chances
 
