@@ -13,7 +13,17 @@ The exactly-once protocol (DOMAIN.md 3):
   So a first delivery needs no read before its intent: a key that already has a row shows
   up as a conflict of the intent insert (or of the refusal), and is then loaded;
 - the final row, its events and the outbox row are committed in one transaction, and only
-  then is the confirmation handed to the runtime for publishing and acking.
+  then is the confirmation handed to the runtime for publishing and acking;
+- the slippage close's stage (``closing_sent_at``) is committed before its first order; a
+  later handling counts our closing deals (the deals against the execution's direction) and
+  closes only what they leave open;
+- the broker showing nothing after an intent is no proof: the answer is provisional (row
+  UNKNOWN, confirmation ``provisional``), rechecked in the background with backoff, and a
+  corrected confirmation (same execution id, next ``version``) is committed when the broker
+  shows otherwise or the window ends;
+- a stale approval is refused before a session is claimed; on its last deliveries before the
+  queue's limit an approval that would be requeued is answered (REJECTED, or its recorded
+  answer) or dead-lettered with a reason, never left to the queue's silent dead letter.
 
 Database trouble at any point requeues the delivery: before the intent commit no order was
 sent, after it the in-flight row makes the redelivery reconcile.
