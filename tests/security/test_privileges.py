@@ -70,6 +70,7 @@ class Roles:
     admin_url: str
     owner_url: str
     worker_url: str
+    operator_url: str
 
 
 def _psql(url: str, *variables: str) -> None:
@@ -83,24 +84,32 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     admin_url = new_database()
     suffix = uuid.uuid4().hex[:8]
     owner, worker = f"ew_owner_{suffix}", f"ew_worker_{suffix}"
-    owner_pw, worker_pw = uuid.uuid4().hex, uuid.uuid4().hex
+    operator = f"ew_operator_{suffix}"
+    owner_pw, worker_pw, operator_pw = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
     variables = ["-v", f"owner_role={owner}", "-v", f"worker_role={worker}"]
+    variables += ["-v", f"operator_role={operator}"]
     secrets = ["-v", f"owner_password='{owner_pw}'", "-v", f"worker_password='{worker_pw}'"]
+    secrets += ["-v", f"operator_password='{operator_pw}'"]
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1, 2, 3]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2, 3, 4]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
-        yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
+        yield Roles(
+            admin_url,
+            owner_url,
+            with_user(admin_url, worker, worker_pw),
+            with_user(admin_url, operator, operator_pw),
+        )
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            for role in (worker, owner):
+            for role in (operator, worker, owner):
                 conn.execute(f'DROP OWNED BY "{role}" CASCADE')
         with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
             database = urlsplit(admin_url).path.lstrip("/")
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            for role in (worker, owner):
+            for role in (operator, worker, owner):
                 conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
@@ -255,7 +264,69 @@ def test_roles_sql_is_idempotent(roles: Roles) -> None:
     # a third run (e.g. after the next migration) changes nothing and fails on nothing
     suffix = urlsplit(roles.worker_url).username or ""
     owner = suffix.replace("ew_worker_", "ew_owner_")
-    _psql(roles.admin_url, "-v", f"owner_role={owner}", "-v", f"worker_role={suffix}")
+    operator = suffix.replace("ew_worker_", "ew_operator_")
+    _psql(
+        roles.admin_url,
+        *("-v", f"owner_role={owner}", "-v", f"worker_role={suffix}"),
+        *("-v", f"operator_role={operator}"),
+    )
+
+
+_ACTION = (
+    "INSERT INTO execution.operator_actions (actor, action, queue, dead_letter_id, body_sha256)"
+    " VALUES ('test', 'purge', 'execution.requests.dead', 'm-1', 'abc')"
+)
+OPERATOR_FORBIDDEN = (
+    "UPDATE execution.operator_actions SET actor = 'forged'",
+    "DELETE FROM execution.operator_actions",
+    "TRUNCATE execution.operator_actions",
+    "INSERT INTO execution.executions (execution_id, idempotency_key, state, comment_token,"
+    " received_at) VALUES (gen_random_uuid(), 'k', 'FILLED', 't', now())",
+    "UPDATE execution.executions SET state = 'FILLED'",
+    "INSERT INTO execution.outbox (execution_id, routing_key, payload)"
+    " SELECT execution_id, 'r', 'p' FROM execution.executions LIMIT 1",
+    "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+    " SELECT execution_id, now(), 's', 'k' FROM execution.executions LIMIT 1",
+    "CREATE TABLE execution.evil (x int)",
+    "ALTER TABLE execution.operator_actions DISABLE TRIGGER operator_actions_append_only",
+)
+
+
+def test_the_operator_role_reads_the_store_and_appends_its_actions(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal]
+) -> None:
+    with psycopg.connect(roles.operator_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM execution.executions").fetchone()
+        assert find_trails(conn, "no-such-key") == []
+        conn.execute(_ACTION)
+        assert conn.execute("SELECT count(*) FROM execution.operator_actions").fetchone() >= (1,)
+
+
+@pytest.mark.parametrize("statement", OPERATOR_FORBIDDEN)
+def test_the_operator_role_cannot_rewrite_anything(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal], statement: str
+) -> None:
+    with (
+        psycopg.connect(roles.operator_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(statement)
+
+
+def test_the_worker_role_cannot_forge_an_operator_action(roles: Roles) -> None:
+    with (
+        psycopg.connect(roles.worker_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(_ACTION)
+
+
+def test_the_owner_still_cannot_edit_operator_actions_the_trigger_holds(roles: Roles) -> None:
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute(_ACTION)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("DELETE FROM execution.operator_actions")
+    assert "append-only" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- RabbitMQ

@@ -428,6 +428,7 @@ class Pipeline:
             spec=valid.spec,
             deployment_magic=self.settings.magic,
         )
+        plan.arrival_bid, plan.arrival_ask = valid.snapshot.bid, valid.snapshot.ask
         if not self.sender.commit_intent(plan, request, lease, run):
             return None
         return self._submit(plan, valid.spec, lease, run)
@@ -611,6 +612,14 @@ class Pipeline:
         counted = settle.tally(fills, plan.side, plan.pip, plan.requested_price)
         if counted.slippage_pips is not None:
             metrics.record_slippage(plan.symbol, plan.side.name.lower(), counted.slippage_pips)
+            metrics.record_shortfall(
+                plan.symbol,
+                plan.side.value,
+                plan.arrival_bid,
+                plan.arrival_ask,
+                counted.fill_price,
+                plan.pip,
+            )
         if status is None:
             if counted.executed_lots > 0:
                 metrics.observe_fill_ratio(

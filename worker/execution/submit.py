@@ -83,6 +83,8 @@ def intent_fields(
         "decided_at": plan.decided_at,
         "received_at": plan.received_at,
         "submitted_at": run.submitted_at,
+        "arrival_bid": plan.arrival_bid,
+        "arrival_ask": plan.arrival_ask,
     }
 
 

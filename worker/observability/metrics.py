@@ -131,6 +131,14 @@ SLIPPAGE_PIPS = Histogram(
     ["symbol", "side"],
     buckets=(-5, -2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 2, 3, 5, 10),
 )
+SHORTFALL_PIPS = Histogram(
+    PREFIX + "shortfall_pips",
+    "Implementation shortfall of fills in pips: arrival mid (the tick of the pre-trade"
+    " checks) to fill price, positive = cost: half the spread, the move until the order was"
+    " sent, and the slippage.",
+    ["symbol"],
+    buckets=(-2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20),
+)
 SLIPPAGE_BREACHES = Counter(
     PREFIX + "slippage_breaches_total",
     "Executions whose adverse slippage exceeded the symbol's slippage limit.",
@@ -342,6 +350,24 @@ def record_slippage(symbol: str, side: str | int, pips: float) -> None:
     """A fill's signed slippage in pips (positive = adverse)."""
     if _finite(pips):
         _labelled(SLIPPAGE_PIPS, symbol_label(symbol), side_label(side)).observe(pips)
+
+
+def record_shortfall(
+    symbol: str,
+    side: int,
+    arrival_bid: float | None,
+    arrival_ask: float | None,
+    fill_price: float | None,
+    pip: float,
+) -> None:
+    """A fill's implementation shortfall from the arrival mid, in pips (positive = cost);
+    nothing when the arrival tick or the fill is unknown (e.g. a row from before 0003)."""
+    if arrival_bid is None or arrival_ask is None or fill_price is None or not pip > 0:
+        return
+    mid = (arrival_bid + arrival_ask) / 2
+    pips = (fill_price - mid if int(side) > 0 else mid - fill_price) / pip
+    if _finite(pips):
+        SHORTFALL_PIPS.labels(symbol=symbol_label(symbol)).observe(pips)
 
 
 def record_slippage_breach(symbol: str) -> None:

@@ -85,6 +85,8 @@ EXECUTION_COLUMNS = (
     "received_at",
     "submitted_at",
     "completed_at",
+    "arrival_bid",
+    "arrival_ask",
     "closing_sent_at",
     "confirmation_version",
     "reconcile_attempts",
