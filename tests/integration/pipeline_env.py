@@ -42,14 +42,15 @@ class PipelineEnv:
         message: dict[str, Any] | bytes,
         *,
         props: MessageProperties | None = None,
-        redelivered: bool = False,
+        redelivered: bool | None = None,
+        delivery_count: int | None = None,
     ) -> Outcome:
         body = message if isinstance(message, bytes) else json.dumps(message).encode()
         delivery = Delivery(
             body=body,
             properties=props or MessageProperties(content_type="application/json"),
-            redelivered=redelivered,
-            delivery_count=None,
+            redelivered=bool(delivery_count) if redelivered is None else redelivered,
+            delivery_count=delivery_count,
             received_at=datetime.now(UTC),
         )
         return self.pipeline.handle(delivery)

@@ -4,7 +4,7 @@ in one transaction; the confirmation is handed to the runtime only after that co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -20,7 +20,7 @@ from worker.execution.plan import Plan, request_snapshot
 from worker.execution.settle import Fill, Tally, Verdict
 from worker.observability import metrics
 from worker.pool.leases import Lease
-from worker.store.store import ExecutionRow, Store, StoreError
+from worker.store.store import UNKNOWN_STATE, ExecutionRow, Store, StoreError
 
 
 class Finisher:
@@ -39,8 +39,17 @@ class Finisher:
         fills: Sequence[Fill],
         counted: Tally,
         verdict: Verdict,
+        *,
+        provisional: bool = False,
+        version: int = 1,
+        correction: str | None = None,
     ) -> Outcome:
-        """The final row of an execution that reached the intent."""
+        """The final row of an execution that reached the intent.
+
+        ``provisional``: the outcome is unknown; the row is left UNKNOWN (answered, and
+        reconciled in the background). ``version`` > 1: a corrected confirmation of an
+        UNKNOWN row (``correction`` says what changed), replacing its outbox row.
+        """
         status, reason = verdict.status, verdict.reason
         executed_lots = counted.executed_lots
         run.event("commit", status.value, executed_lots=executed_lots)
@@ -79,12 +88,31 @@ class Finisher:
             received_at=plan.received_at,
             submitted_at=run.submitted_at,
             completed_at=completed,
+            version=version,
+            provisional=provisional,
+            correction=correction,
         )
         fields = terminal_fields(confirmation, plan.token, filling_mode=run.filling_mode)
+        if provisional:
+            first = self.settings.unknown_reconcile_first_seconds
+            fields["state"] = UNKNOWN_STATE
+            fields["next_reconcile_at"] = completed + timedelta(seconds=first)
         mine = publish_of(confirmation, plan.correlation_id, plan.reply_to)
+        if version > 1:
+            with run.stage("commit"):
+                if self.store.correct(lease.conn, fields, run.take_events(), mine):
+                    metrics.record_correction(status.value)
+                    return mine
+            return self.recorded(lease.conn, self._row(lease, plan))
         with run.stage("commit"):
             kept = self.store.finish(lease.conn, fields, run.take_events(), mine)
         return counted_outcome(kept, mine, status.value, reason.value if reason else None)
+
+    def _row(self, lease: Lease, plan: Plan) -> ExecutionRow:
+        row = self.store.load(lease.conn, plan.execution_id)
+        if row is None:
+            raise StoreError(f"execution {plan.execution_id} vanished")
+        return row
 
     def reject(
         self,
@@ -231,6 +259,7 @@ def publish_of(
         payload=confirmation.to_json_bytes(),
         correlation_id=correlation_id,
         reply_to=reply_to,
+        version=confirmation.version,
     )
 
 

@@ -44,6 +44,7 @@ class Publish:
     payload: bytes
     correlation_id: str | None
     reply_to: str | None
+    version: int = 1  # of the confirmation: a correction replaces the outbox row
 
 
 @dataclass(frozen=True)
@@ -66,4 +67,5 @@ class Outbox(Protocol):
 
     def unpublished(self, limit: int) -> list[Publish]: ...
 
-    def mark_published(self, execution_ids: Sequence[UUID]) -> None: ...
+    def mark_published(self, execution_ids: Sequence[UUID | tuple[UUID, int]]) -> None:
+        """``(execution_id, version)``: that version; a bare id: every version of it."""

@@ -52,6 +52,9 @@ class Plan:
     attempts: int = 0
     arrival_bid: float | None = None  # the tick the checks used (issue 20: TCA)
     arrival_ask: float | None = None
+    # the slippage close's stage is on record (committed before its first order): a
+    # redelivery counts the closing deals already done instead of closing again
+    closing_sent: bool = False
 
     @property
     def identity(self) -> OrderIdentity:
@@ -181,6 +184,7 @@ def plan_from_row(row: ExecutionRow, deployment_magic: int) -> Plan:
         attempts=row.get("attempts") or 0,
         arrival_bid=row.get("arrival_bid"),
         arrival_ask=row.get("arrival_ask"),
+        closing_sent=row.get("closing_sent_at") is not None,
     )
 
 

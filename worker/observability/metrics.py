@@ -19,6 +19,7 @@ label value: anything outside the bounded sets below is counted as ``other``)::
     record_reconnect(target: Target) -> None
     in_flight(delta: int) -> None                                # +1 on delivery, -1 on ack/nack
     record_recovery(*, settled: bool) -> None                    # the recovery sweep, per row
+    record_correction(status: str) -> None                      # a provisional answer corrected
     record_ready(ready: bool) -> None                            # /readyz's verdict, per scrape
     register_pool_state(read: Callable[[], PoolState]) -> None
     register_outbox_state(read: Callable[[], OutboxState]) -> None
@@ -204,6 +205,11 @@ EXECUTIONS_IN_FLIGHT_OLDEST = Gauge(
     PREFIX + "executions_in_flight_oldest_seconds",
     "Time since the oldest non-final execution row was received (0 when none).",
     multiprocess_mode="livemax",
+)
+CORRECTIONS = Counter(
+    PREFIX + "confirmation_corrections_total",
+    "Corrected confirmations (a new version) of provisional answers, by the new status.",
+    ["status"],
 )
 RECOVERIES = Counter(
     PREFIX + "recoveries_total",
@@ -395,6 +401,12 @@ def record_reconnect(target: Target) -> None:
 
 def in_flight(delta: int) -> None:
     IN_FLIGHT.inc(delta)
+
+
+def record_correction(status: str) -> None:
+    """A provisional (unknown outcome) confirmation corrected by a new version."""
+    label = status.lower() if status.lower() in STATUSES else OTHER
+    _labelled(CORRECTIONS, label).inc()
 
 
 def record_recovery(*, settled: bool) -> None:
