@@ -19,7 +19,7 @@ from worker.store.store import Event, Store, StoreError
 @pytest.fixture
 def store(new_database: Callable[[], str]) -> Iterator[Store]:
     opened = Store.open(new_database(), max_size=4)
-    assert opened.migrate() == [1, 2, 3, 4]
+    assert opened.migrate() == [1, 2, 3, 4, 5]
     yield opened
     opened.close()
 

@@ -93,7 +93,7 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1, 2, 3, 4]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [1, 2, 3, 4, 5]  # `execution-worker migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
         yield Roles(
@@ -380,7 +380,7 @@ def test_migration_0004_keeps_the_workers_grants(
                 (key,),
             )
         with psycopg.connect(owner_url, autocommit=True) as conn:
-            assert apply_migrations(conn) == [4]
+            assert apply_migrations(conn) == [4, 5]
         with psycopg.connect(worker_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"

@@ -6,6 +6,10 @@
 -- (reconcile_attempts, next_reconcile_at) until a fill appears or the window ends.
 -- outbox.version: a corrected confirmation is a NEW outbox row with the next version (the
 -- worker may never rewrite a payload); message_id "<execution_id>:v<version>" from version 2.
+-- The outbox is partitioned by created_at (0004), so its key must hold created_at too; one
+-- row per (execution_id, version) is kept by the writer: versions are only ever added by the
+-- holder of the execution's session, from the row's confirmation_version, in the statement
+-- that moves that version forward.
 ALTER TABLE execution.executions
   ADD COLUMN closing_sent_at timestamptz,
   ADD COLUMN confirmation_version integer NOT NULL DEFAULT 1,
@@ -16,4 +20,4 @@ CREATE INDEX executions_unknown ON execution.executions (next_reconcile_at)
 ALTER TABLE execution.outbox
   ADD COLUMN version integer NOT NULL DEFAULT 1 CHECK (version >= 1),
   DROP CONSTRAINT outbox_pkey,
-  ADD PRIMARY KEY (execution_id, version);
+  ADD PRIMARY KEY (execution_id, version, created_at);
