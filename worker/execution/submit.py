@@ -79,6 +79,7 @@ def intent_fields(
         "magic": magic,
         "session_id": lease.session.id,
         "account_login": lease.session.login,
+        "account": lease.session.spec.account,
         "request": plan_snapshot(plan, request_snapshot(request)),
         "decided_at": plan.decided_at,
         "received_at": plan.received_at,

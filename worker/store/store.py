@@ -83,6 +83,7 @@ EXECUTION_COLUMNS = (
     "completed_at",
     "arrival_bid",
     "arrival_ask",
+    "account",
 )
 _COLUMN_SET = frozenset(EXECUTION_COLUMNS)
 
