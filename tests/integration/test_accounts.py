@@ -31,8 +31,9 @@ from tests.integration.accounts_env import (
     named,
 )
 from tests.integration.pipeline_env import approval, pipeline_env
-from tests.integration.test_amqp_support import Broker, Running, wait_until
+from tests.integration.test_amqp_support import Broker, Running, ready_count, wait_until
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import DEAD_QUEUE
 from worker.execution.outcome import Publish, Requeue
 from worker.mt5 import api
 from worker.store.reports import RangeFilter, executions_in_range
@@ -153,6 +154,9 @@ def test_one_account_busy_does_not_stop_the_other_through_the_runtime(
     with accounts_env(new_database(), claim_timeout_seconds=0.3) as env:
         options = RuntimeOptions(
             prefetch=env.pool.size,  # 4: as the service sets it, one per session
+            # waiting for a busy account must not count as failing: a nack-requeue would
+            # dead-letter alpha's waiting approvals after two trips
+            delivery_limit=2,
             requeue_delay_seconds=0.1,
             sweep_interval_seconds=1.0,
         )
@@ -182,6 +186,7 @@ def test_one_account_busy_does_not_stop_the_other_through_the_runtime(
 
             env.alpha.open.set()
             got.update(_take(side, set(alpha_ids)))
+            assert ready_count(url, DEAD_QUEUE) == 0
         finally:
             env.alpha.open.set()
             side.close()
