@@ -34,6 +34,7 @@ from tests.integration.pipeline_env import approval, pipeline_env
 from tests.integration.test_amqp_support import Broker, Running, ready_count, wait_until
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import DEAD_QUEUE
+from worker.cli import main as cli_main
 from worker.execution.outcome import Publish, Requeue
 from worker.mt5 import api
 from worker.store.reports import RangeFilter, executions_in_range
@@ -229,3 +230,23 @@ def _take(side: Broker, keys: set[str]) -> dict[str, dict[str, Any]]:
 
     wait_until(more, f"{len(keys)} confirmations", seconds=60.0)
     return got
+
+
+def test_trail_shows_and_filters_by_account(
+    env: AccountsEnv, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    alpha = _confirmation(env.deliver(named(ALPHA)))
+    beta = _confirmation(env.deliver(named(BETA)))
+    monkeypatch.setenv("DATABASE_URL", env.settings.database_url.get_secret_value())
+    monkeypatch.delenv("WORKER_CONFIG", raising=False)
+
+    assert cli_main(["trail", beta["execution_id"]]) == 0
+    out = capsys.readouterr().out
+    assert f"session {beta['session_id']}  account {BETA}  login 2002" in out
+
+    assert cli_main(["trail", "--since", "1h", "--account", BETA]) == 0
+    listed = capsys.readouterr().out
+    assert beta["session_id"] in listed and alpha["session_id"] not in listed
+    assert cli_main(["trail", "--since", "1h", "--account", "1001", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [row["execution_id"] for row in document["executions"]] == [alpha["execution_id"]]
