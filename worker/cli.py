@@ -105,6 +105,19 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _retention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="retire monthly partitions that end before now minus AGE (e.g. 90d, 13w)",
+    )
+    parser.add_argument("--archive", metavar="DIR", help="COPY each one to DIR/<name>.csv.gz")
+    parser.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    parser.add_argument(
+        "--months-ahead", type=int, default=3, help="create partitions this many months ahead"
+    )
+
+
 def _trail_args(parser: argparse.ArgumentParser) -> None:
     from worker.tools.report_time import time_argument
 
@@ -230,6 +243,12 @@ COMMANDS: tuple[Command, ...] = (
         "list, show, replay or purge execution.requests.dead",
         "worker.tools.dead_letters:main",
         _dead_letters_args,
+    ),
+    Command(
+        "retention",
+        "create partitions ahead; detach, archive and drop months older than a cutoff",
+        "worker.tools.retention:main",
+        _retention_args,
     ),
 )
 

@@ -1,6 +1,8 @@
 -- Least-privilege roles for the execution worker (PostgreSQL 13+).
 --
---   execution_owner   owns the schema; `execution-worker migrate` runs as it (DDL only).
+--   execution_owner   owns the schema; `execution-worker migrate` and `execution-worker
+--                     retention` run as it (DDL only: tables, monthly partitions ahead,
+--                     detaching and dropping whole old partitions).
 --   execution_worker  what the running workers log in as: read/insert everywhere the
 --                     pipeline writes, UPDATE only on executions and outbox, nothing else.
 --   execution_operator  the desk tools (`trail`, `report`, `dead-letters`): reads the audit
@@ -8,8 +10,10 @@
 --                     dead letter); nothing else. The worker cannot write operator_actions.
 --
 -- The worker can NOT: update, delete or truncate audit events (no privilege, and the
--- append-only trigger as a second line); delete executions or outbox rows; create, alter
--- or drop anything; read or write other schemas of the database.
+-- append-only trigger as a second line); delete executions or outbox rows; create, alter,
+-- attach, detach or drop anything (partitions included: it owns no table); read or write
+-- other schemas of the database. Partitions created by the owner get the same baseline
+-- (read + insert) from the default privileges below; the pipeline only uses the parents.
 --
 -- Run as a superuser (or a role with CREATEROLE and ownership of the database), once per
 -- database, after creating the database:

@@ -184,6 +184,9 @@ def test_the_worker_role_runs_the_real_pipeline(
         assert find_trails(conn, str(filled.execution_id))
 
 
+THIS_MONTH_EVENTS = f"execution_events_p{datetime.now(UTC):%Y%m}"
+THIS_MONTH_OUTBOX = f"outbox_p{datetime.now(UTC):%Y%m}"
+
 FORBIDDEN = (
     "UPDATE execution.execution_events SET stage = 'forged'",
     "DELETE FROM execution.execution_events",
@@ -213,6 +216,21 @@ FORBIDDEN = (
     "ALTER TABLE execution.execution_events OWNER TO CURRENT_USER",
     "ALTER TABLE execution.executions RENAME TO evil",
     "SET session_replication_role = replica",
+    # retention is the owner's: no partition can be detached, dropped, emptied or made
+    f"ALTER TABLE execution.execution_events DETACH PARTITION execution.{THIS_MONTH_EVENTS}",
+    f"ALTER TABLE execution.outbox DETACH PARTITION execution.{THIS_MONTH_OUTBOX}",
+    f"DROP TABLE execution.{THIS_MONTH_EVENTS}",
+    f"DROP TABLE execution.{THIS_MONTH_OUTBOX}",
+    "DROP TABLE execution.execution_events_default",
+    f"DELETE FROM execution.{THIS_MONTH_EVENTS}",
+    f"UPDATE execution.{THIS_MONTH_EVENTS} SET stage = 'forged'",
+    f"TRUNCATE execution.{THIS_MONTH_EVENTS}",
+    "TRUNCATE execution.execution_events_default",
+    f"DELETE FROM execution.{THIS_MONTH_OUTBOX}",
+    f"ALTER TABLE execution.{THIS_MONTH_EVENTS} DISABLE TRIGGER ALL",
+    "CREATE TABLE execution.execution_events_p209901 PARTITION OF execution.execution_events"
+    " FOR VALUES FROM ('2099-01-01') TO ('2099-02-01')",
+    "SELECT execution.ensure_partitions(24)",
 )
 
 
@@ -242,11 +260,20 @@ def test_the_worker_role_owns_nothing_and_cannot_become_the_owner(
         assert owned == (0,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(f'SET ROLE "{owner}"')
-        # and the append-only trigger is still there and enabled after all the attempts
-        state = conn.execute(
-            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'execution_events_append_only'"
+        # and the append-only triggers are still there and enabled after all the attempts,
+        # on the table and on every one of its partitions
+        states = conn.execute(
+            "SELECT c.relname, t.tgname, t.tgenabled FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE t.tgname IN ('execution_events_append_only', 'execution_events_no_truncate')"
+        ).fetchall()
+        partitions = conn.execute(
+            "SELECT count(*) FROM pg_inherits"
+            " WHERE inhparent = 'execution.execution_events'::regclass"
         ).fetchone()
-        assert state == ("O",)
+        assert partitions is not None and partitions[0] >= 5  # default + this month + 3
+        assert len(states) == 2 * (partitions[0] + 1)
+        assert {state for _, _, state in states} == {"O"}
 
 
 def test_the_owner_still_cannot_edit_events_the_trigger_holds(
@@ -258,6 +285,119 @@ def test_the_owner_still_cannot_edit_events_the_trigger_holds(
     ):
         conn.execute("DELETE FROM execution.execution_events")
     assert "append-only" in str(info.value)
+
+
+def test_the_owner_retires_whole_partitions_the_worker_cannot(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal], tmp_path: Path
+) -> None:
+    from worker.tools.retention import retire
+
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute("SELECT execution.ensure_partitions(0, ARRAY['2020-01-15'::timestamptz])")
+        key = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO execution.executions"
+            " (execution_id, idempotency_key, state, comment_token, received_at)"
+            " VALUES (%s, %s, 'FILLED', 't', '2020-01-15')",
+            (key, f"k-{key}"),
+        )
+        conn.execute(
+            "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+            " VALUES (%s, '2020-01-15', 'submit', 'transition')",
+            (key,),
+        )
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            retire(conn, datetime.now(UTC), archive_dir=tmp_path, out=lambda _: None)
+        assert conn.execute(
+            "SELECT count(*) FROM execution.execution_events_p202001"
+        ).fetchone() == (1,)
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        cutoff = datetime(2021, 1, 1, tzinfo=UTC)
+        assert retire(conn, cutoff, archive_dir=tmp_path, out=lambda _: None) == 0
+        gone = conn.execute("SELECT to_regclass('execution.execution_events_p202001')")
+        assert gone.fetchone() == (None,)
+    assert (tmp_path / "execution_events_p202001.csv.gz").exists()
+
+
+def test_migrate_makes_partitions_ahead_as_the_owner_only(
+    roles: Roles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main as cli_main
+
+    monkeypatch.delenv("DATABASE_URL_FILE", raising=False)
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        far = f"execution_events_p{datetime.now(UTC).year + 1}{datetime.now(UTC):%m}"
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            None,
+        )
+    monkeypatch.setenv("DATABASE_URL", roles.worker_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 1
+    assert cli_main(["migrate"]) == 1
+    assert "not the schema owner" in capsys.readouterr().out
+    monkeypatch.setenv("DATABASE_URL", roles.owner_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 0
+    assert cli_main(["migrate"]) == 0
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            f"execution.{far}",
+        )
+
+
+def test_migration_0004_keeps_the_workers_grants(
+    roles: Roles, new_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrading from migration 3: the worker can still publish and append right after the
+    partitioning migration, before roles.sql is re-run."""
+    from worker.store import migrate
+
+    owner = urlsplit(roles.owner_url).username or ""
+    worker = urlsplit(roles.worker_url).username or ""
+    names = ["-v", f"owner_role={owner}", "-v", f"worker_role={worker}"]
+    admin_url = new_database()
+    database = urlsplit(admin_url).path.lstrip("/")
+    owner_url = urlunsplit(urlsplit(roles.owner_url)._replace(path=f"/{database}"))
+    worker_url = urlunsplit(urlsplit(roles.worker_url)._replace(path=f"/{database}"))
+    every = migrate.migrations()
+    try:
+        _psql(admin_url, *names)
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            monkeypatch.setattr(migrate, "migrations", lambda: every[:3])
+            assert apply_migrations(conn) == [1, 2, 3]
+            monkeypatch.undo()
+        _psql(admin_url, *names)
+        key = uuid.uuid4()
+        with psycopg.connect(worker_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO execution.executions"
+                " (execution_id, idempotency_key, state, comment_token, received_at)"
+                " VALUES (%s, %s, 'FILLED', 't', now())",
+                (key, f"k-{key}"),
+            )
+            conn.execute(
+                "INSERT INTO execution.outbox (execution_id, routing_key, payload)"
+                " VALUES (%s, 'r', '{}')",
+                (key,),
+            )
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            assert apply_migrations(conn) == [4]
+        with psycopg.connect(worker_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+                " VALUES (%s, now(), 'submit', 'transition')",
+                (key,),
+            )
+            published = conn.execute(
+                "UPDATE execution.outbox SET published_at = now(), attempts = 1"
+                " WHERE execution_id = %s",
+                (key,),
+            )
+            assert published.rowcount == 1
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE execution.outbox SET payload = 'forged'")
+    finally:
+        with psycopg.connect(roles.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 
 def test_roles_sql_is_idempotent(roles: Roles) -> None:

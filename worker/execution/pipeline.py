@@ -62,7 +62,12 @@ class SessionSource(Protocol):
     def accounts(self) -> tuple[str | None, ...]: ...
 
     def claim(
-        self, timeout: float, *, session_id: str | None = None, account: str | None = None
+        self,
+        timeout: float,
+        *,
+        session_key: str | None = None,
+        session_id: str | None = None,
+        account: str | None = None,
     ) -> Lease: ...
 
 
@@ -135,7 +140,9 @@ class Pipeline:
         )
         try:
             lease = self.sessions.claim(
-                self.settings.claim_timeout_seconds, session_id=row.get("session_id")
+                self.settings.claim_timeout_seconds,
+                session_key=row.get("session_key"),  # the account's identity, in every process
+                session_id=row.get("session_id"),  # rows from before session_key
             )
         except ClaimTimeout:
             return Requeue("no MT5 session available")
@@ -221,7 +228,7 @@ class Pipeline:
                     return Requeue("the execution's row vanished")
             if row.terminal:
                 return self.finisher.recorded(lease.conn, row)
-            if row.get("session_id") == lease.session.id:
+            if row.get("session_key") == lease.session.spec.identity:
                 return self._settle(
                     plan_from_row(row, self.settings.magic), lease, run, resumed=True
                 )

@@ -78,6 +78,7 @@ def intent_fields(
         "comment_token": plan.token,
         "magic": magic,
         "session_id": lease.session.id,
+        "session_key": lease.session.spec.identity,  # resumed by it (SessionPool.claim)
         "account_login": lease.session.login,
         "account": lease.session.spec.account,
         "request": plan_snapshot(plan, request_snapshot(request)),

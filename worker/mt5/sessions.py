@@ -35,6 +35,16 @@
   ``password_file``; sim sessions may take ``sim_config`` (a simulator TOML file).
   Secrets are never written in this file, only where to find them.
 
+A session has ONE identity (``SessionSpec.identity``): what makes it the same broker
+account on every worker, a bridge's address (and login), a native account's server and
+login. An in-process sim is private, so its identity includes a per-process token. The
+lock key (``SessionSpec.lock_key``, a stable 32-bit hash of it) makes a session exclusive
+across processes, and an execution row records the identity itself (``session_key``), so
+any process that has the account resumes the row, whatever its sessions file calls it. The
+configured ``id`` is only this process's name for the session (logs, metrics, the
+confirmation's ``session_id``). Processes sharing a bridge must agree on its address and
+login, not on its id.
+
 Accounts: every session belongs to one broker account, named by the session's optional
 ``account = "alias"`` key, else ``"<server>:<login>"`` (both keys set), else unnamed. Several
 sessions of one account (terminals logged in to the same server and login) share its
@@ -43,10 +53,6 @@ positions and work its approvals in parallel. Approvals name their account in
 forms, or no login/server); with several accounts every session must have a name, and two
 sessions of the same server and login must not carry different names (nor one name two
 different server/login pairs).
-
-Lock keys (``SessionSpec.lock_key``) are stable 32-bit hashes of what makes a session the
-same broker account on every worker: a bridge's address (and login), a native account's
-server and login. An in-process sim is private, so its key includes a per-process token.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ class PoolClosed(ClaimTimeout):
 
 
 class UnknownSession(ClaimTimeout):
-    """``claim(session_id=...)`` named a session this process does not have."""
+    """``claim(session_key=...)`` or ``claim(session_id=...)`` named a session this process
+    does not have."""
 
 
 class UnknownAccount(ClaimTimeout):

@@ -137,17 +137,30 @@ class SessionPool:
     # --- claim / release -------------------------------------------------------------
 
     def claim(
-        self, timeout: float, *, session_id: str | None = None, account: str | None = None
+        self,
+        timeout: float,
+        *,
+        session_key: str | None = None,
+        session_id: str | None = None,
+        account: str | None = None,
     ) -> Lease:
         """One healthy session for exclusive use, or ClaimTimeout after ``timeout`` s.
 
-        ``session_id`` asks for that session only (an in-flight execution is reconciled on
-        the account it was sent to); UnknownSession if this process has no such session.
-        ``account`` asks for a session of that account only (the claim waits for that
-        account's sessions, never takes another's); UnknownAccount if none has it.
+        ``session_key`` asks for the session of that identity only (``SessionSpec.identity``,
+        what an execution row records: an in-flight execution is settled on the account it
+        was sent to, by whichever process has that account, whatever it calls it).
+        ``session_id`` asks by this process's configured name (rows from before the key
+        existed, tools); the key wins when both are given. UnknownSession if this process
+        has no such session. ``account`` asks for a session of that account only (the claim
+        waits for that account's sessions, never takes another's); UnknownAccount if none
+        has it.
         """
         only: _Slot | None = None
-        if session_id is not None:
+        if session_key is not None:
+            only = next((slot for slot in self._slots if slot.spec.identity == session_key), None)
+            if only is None:
+                raise UnknownSession("no MT5 session of the row's identity in this process")
+        elif session_id is not None:
             only = next((slot for slot in self._slots if slot.spec.id == session_id), None)
             if only is None:
                 raise UnknownSession(f"no MT5 session {session_id!r} in this process")

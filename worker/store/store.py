@@ -69,6 +69,7 @@ EXECUTION_COLUMNS = (
     "comment_token",
     "magic",
     "session_id",
+    "session_key",
     "account_login",
     "broker_order",
     "broker_deals",
