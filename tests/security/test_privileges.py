@@ -380,7 +380,7 @@ def test_migration_0004_keeps_the_workers_grants(
                 (key,),
             )
         with psycopg.connect(owner_url, autocommit=True) as conn:
-            assert apply_migrations(conn) == [4]
+            assert apply_migrations(conn) == [v for v, _ in every[3:]]  # 4 and any later
         with psycopg.connect(worker_url, autocommit=True) as conn:
             conn.execute(
                 "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
