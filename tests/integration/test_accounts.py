@@ -37,6 +37,10 @@ from worker.amqp.topology import DEAD_QUEUE
 from worker.cli import main as cli_main
 from worker.execution.outcome import Publish, Requeue
 from worker.mt5 import api
+from worker.mt5.sessions import SessionSpec
+from worker.pool.leases import ClaimTimeout, UnknownAccount
+from worker.pool.pool import SessionPool
+from worker.service import gateway_factory
 from worker.store.reports import RangeFilter, executions_in_range
 
 
@@ -250,3 +254,26 @@ def test_trail_shows_and_filters_by_account(
     assert cli_main(["trail", "--since", "1h", "--account", "1001", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert [row["execution_id"] for row in document["executions"]] == [alpha["execution_id"]]
+
+
+def test_a_claim_names_a_configured_account_and_a_terminal_must_be_logged_in_to_it(
+    env: AccountsEnv,
+) -> None:
+    with pytest.raises(UnknownAccount):
+        env.pool.claim(0.1, account="Gamma-Demo:3")
+    with env.pool.claim(1.0, account=BETA) as lease:
+        assert lease.session.id in BETA_SESSIONS
+    # a session configured for one login whose terminal reports another is never used
+    wrong = SessionSpec(id="wrong", backend="sim", login=2002, server="Beta-Demo")
+    pool = SessionPool(
+        [wrong], env.store.pool, gateway_factory(env.settings), opener=lambda _spec: env.alpha.sim
+    )
+    try:
+        (health,) = pool.health().sessions
+        assert health.state != "idle" and "logged in to Alpha-Demo:1001" in (
+            health.last_error or ""
+        )
+        with pytest.raises(ClaimTimeout):
+            pool.claim(0.2, account="Beta-Demo:2002")
+    finally:
+        pool.close()
