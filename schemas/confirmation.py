@@ -45,6 +45,11 @@ class ExecutionConfirmation(BaseModel):
     attempts: int = 0
     session_id: str | None = None
     account_login: int | None = None
+    account: str | None = Field(
+        default=None,
+        description="the account executed on (alias or '<server>:<login>'); on a refusal,"
+        " the account the approval named",
+    )
     timings_ms: dict[str, float] = Field(default_factory=dict)
     received_at: UtcDatetime
     submitted_at: UtcDatetime | None = None

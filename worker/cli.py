@@ -129,7 +129,9 @@ def _trail_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--until", type=time_argument, help="... and before T (default now)")
     parser.add_argument("--status", help="with --since: only this state (e.g. REJECTED)")
     parser.add_argument("--symbol", help="with --since: only this symbol")
-    parser.add_argument("--account", type=int, help="with --since: only this account login")
+    parser.add_argument(
+        "--account", help="with --since: only this account (its name, or its login number)"
+    )
     parser.add_argument("--limit", type=int, default=200, help="with --since: at most N rows")
 
 

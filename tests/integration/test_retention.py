@@ -114,7 +114,7 @@ def test_migration_0004_converts_a_database_with_rows(
             "SELECT event_id, execution_id, at FROM execution.execution_events ORDER BY event_id"
         ).fetchall()
 
-        assert apply_migrations(conn) == [4, 5]
+        assert apply_migrations(conn) == [v for v, _ in every[3:]]  # 4 and any later
 
         after = conn.execute(
             "SELECT event_id, execution_id, at FROM execution.execution_events ORDER BY event_id"

@@ -84,6 +84,7 @@ class Finisher:
             attempts=run.attempts,
             session_id=lease.session.id,
             account_login=lease.session.login,
+            account=lease.session.spec.account,
             timings_ms=dict(run.timings_ms),
             received_at=plan.received_at,
             submitted_at=run.submitted_at,
@@ -106,7 +107,9 @@ class Finisher:
             return self.recorded(lease.conn, self._row(lease, plan))
         with run.stage("commit"):
             kept = self.store.finish(lease.conn, fields, run.take_events(), mine)
-        return counted_outcome(kept, mine, status.value, reason.value if reason else None)
+        return counted_outcome(
+            kept, mine, status.value, reason.value if reason else None, confirmation.account
+        )
 
     def _row(self, lease: Lease, plan: Plan) -> ExecutionRow:
         row = self.store.load(lease.conn, plan.execution_id)
@@ -148,6 +151,7 @@ class Finisher:
             retcode=retcode,
             session_id=session.session.id if session else None,
             account_login=session.session.login if session else None,
+            account=session.session.spec.account if session else request.account,
             timings_ms=dict(run.timings_ms),
             received_at=request.received_at,
             completed_at=now,
@@ -165,7 +169,7 @@ class Finisher:
                 kept = self.store.finish(conn, fields, run.take_events(), mine, insert_only=True)
             except StoreError:
                 return Requeue("a delivery of this key is in flight")
-        return counted_outcome(kept, mine, "REJECTED", reason.value)
+        return counted_outcome(kept, mine, "REJECTED", reason.value, confirmation.account)
 
     def reject_invalid(self, invalid: InvalidMessage, delivery: Delivery, run: Run) -> Outcome:
         """Invalid but keyed: a REJECTED confirmation (INVALID_REQUEST) on the record."""
@@ -236,6 +240,7 @@ def terminal_fields(
         "comment_token": comment_token,
         "session_id": c.session_id,
         "account_login": c.account_login,
+        "account": c.account,
         "broker_order": c.broker_order,
         "broker_deals": c.broker_deals,
         "broker_position": c.broker_position,
@@ -263,10 +268,12 @@ def publish_of(
     )
 
 
-def counted_outcome(kept: Publish, mine: Publish, status: str, reason: str | None) -> Publish:
+def counted_outcome(
+    kept: Publish, mine: Publish, status: str, reason: str | None, account: str | None = None
+) -> Publish:
     """Count the outcome just committed; a key's earlier outcome kept instead is a duplicate."""
     if kept is mine:
-        metrics.record_outcome(status, reason)
+        metrics.record_outcome(status, reason, account)
     else:
         metrics.record_duplicate()
     return kept

@@ -70,8 +70,16 @@ log = logging.getLogger(__name__)
 class SessionSource(Protocol):
     """The session pool, as the pipeline sees it."""
 
+    @property
+    def accounts(self) -> tuple[str | None, ...]: ...
+
     def claim(
-        self, timeout: float, *, session_key: str | None = None, session_id: str | None = None
+        self,
+        timeout: float,
+        *,
+        session_key: str | None = None,
+        session_id: str | None = None,
+        account: str | None = None,
     ) -> Lease: ...
 
 
@@ -245,7 +253,9 @@ class Pipeline:
         )
         try:
             lease = self.sessions.claim(
-                self.settings.claim_timeout_seconds, session_id=row.get("session_id")
+                self.settings.claim_timeout_seconds,
+                session_key=row.get("session_key"),  # the account's identity, in every process
+                session_id=row.get("session_id"),  # rows from before session_key
             )
         except ClaimTimeout:
             return Requeue("no MT5 session available")
@@ -339,11 +349,17 @@ class Pipeline:
             )
         )
 
+        accounts = self.sessions.accounts
+        routed = checks.route(request.account, accounts)
         refusal = checks.refusal(request)
+        if refusal is None and not isinstance(routed, checks.Routed):
+            refusal = routed
         if refusal is not None:
             # decided by the message alone: no session; an existing row is kept
             with self.store.connection() as conn:
                 return self.finisher.reject(conn, request, *refusal, run)
+        assert isinstance(routed, checks.Routed)
+        account = routed.account
 
         stale = self._staleness(request)
         if stale is not None:
@@ -353,9 +369,9 @@ class Pipeline:
                 return recorded
         with run.stage("claim"):
             try:
-                lease = self.sessions.claim(self.settings.claim_timeout_seconds)
+                lease = self.sessions.claim(self.settings.claim_timeout_seconds, account=account)
             except ClaimTimeout:
-                return Requeue("no MT5 session available")
+                return self._account_busy(request, account, len(accounts) > 1, run)
         with lease:
             context.enter_context(log_context(session=lease.session.id))
             # a redelivery most likely has a row; a first delivery is loaded only if its
@@ -395,6 +411,25 @@ class Pipeline:
             if row is not None and row.answered:
                 return self.finisher.recorded(conn, row)
         return None
+
+    def _account_busy(
+        self, request: ExecutionRequest, account: str | None, several: bool, run: Run
+    ) -> Outcome:
+        """No session of the approval's account came free within the claim timeout.
+
+        With several accounts the delivery goes to the back of the queue (``to_back``), so
+        that other accounts' approvals queued behind it reach their free sessions; the claim
+        timeout bounds how long it held a prefetch slot. A back-of-queue copy is a new
+        message (no delivery limit): an approval past its TTL is refused here instead
+        (insert-only, as after a claim: a key with a row keeps it), which ends the loop.
+        """
+        if not several:
+            return Requeue("no MT5 session available")
+        stale = self._staleness(request)
+        if stale is not None:
+            with self.store.connection() as conn:
+                return self.finisher.reject(conn, request, *stale, run)
+        return Requeue(f"no MT5 session of account {account} available", to_back=True)
 
     def _staleness(self, request: ExecutionRequest | Plan) -> checks.Refusal | None:
         ttl = self.settings.approval_ttl_seconds

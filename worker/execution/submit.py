@@ -80,6 +80,7 @@ def intent_fields(
         "session_id": lease.session.id,
         "session_key": lease.session.spec.identity,  # resumed by it (SessionPool.claim)
         "account_login": lease.session.login,
+        "account": lease.session.spec.account,
         "request": plan_snapshot(plan, request_snapshot(request)),
         "decided_at": plan.decided_at,
         "received_at": plan.received_at,

@@ -7,14 +7,15 @@ label value: anything outside the bounded sets below is counted as ``other``)::
     record_duplicate() -> None                     # a redelivery of an already finished execution
     observe_stage(stage: str, seconds: float) -> None            # or: with stage_timer(stage):
     observe_end_to_end(seconds: float) -> None
-    record_outcome(status: str, reason: str | None = None) -> None
+    record_outcome(status: str, reason: str | None = None, account: str | None = None) -> None
     record_retcode(code: int | None) -> None                     # None = order_send gave None
     record_retries(count: int = 1) -> None                       # order_send calls repeated
     record_unknown_outcome(session: str | None = None) -> None
     record_slippage(symbol: str, side: str | int, pips: float) -> None
     record_slippage_breach(symbol: str) -> None
     observe_fill_ratio(ratio: float) -> None
-    record_claim_wait(seconds: float, *, acquired: bool) -> None
+    record_claim_wait(seconds: float, *, acquired: bool, account: str | None = None) -> None
+    configure_accounts(names: Iterable[str | None]) -> None     # the account label's values
     record_dead_letter(reason: str) -> None
     record_reconnect(target: Target) -> None
     in_flight(delta: int) -> None                                # +1 on delivery, -1 on ack/nack
@@ -37,6 +38,10 @@ prometheus-client chooses its storage at import time. Gauges declare how process
 (``livesum`` for per-process quantities, ``livemax`` for shared state read by every
 process). Call ``mark_process_dead(pid)`` in the supervisor when a child exits.
 
+The ``account`` label takes the configured accounts' names only (``configure_accounts``, called
+by the service with its sessions' accounts), ``none`` for no account, ``other`` for anything
+else (an approval naming an unknown account): bounded by the sessions file.
+
 Labels never carry an order id, an execution id or a secret; docs/METRICS.md lists them all.
 """
 
@@ -49,7 +54,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -97,8 +102,8 @@ DUPLICATES = Counter(
 )
 EXECUTIONS = Counter(
     PREFIX + "executions_total",
-    "Executions finished, by final status and rejection reason (none when filled).",
-    ["status", "reason"],
+    "Executions finished, by final status, rejection reason (none when filled) and account.",
+    ["status", "reason", "account"],
 )
 STAGE_SECONDS = Histogram(
     PREFIX + "stage_duration_seconds",
@@ -167,8 +172,8 @@ SESSIONS_UNHEALTHY = Gauge(
 )
 CLAIM_WAIT_SECONDS = Histogram(
     PREFIX + "session_claim_wait_seconds",
-    "Time waiting for a free session, by result (acquired or timeout).",
-    ["result"],
+    "Time waiting for a free session, by result (acquired or timeout) and account.",
+    ["result", "account"],
     buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 OUTBOX_BACKLOG = Gauge(
@@ -225,6 +230,7 @@ READY = Gauge(
 # --- label guards ------------------------------------------------------------------------
 
 _symbols: set[str] = set()
+_accounts: frozenset[str] = frozenset()
 _sessions: set[str] = set()
 _dead_letter_reasons: set[str] = set(REASONS)
 _guard = threading.Lock()
@@ -247,6 +253,19 @@ def _bounded(value: str, seen: set[str], limit: int, shape: re.Pattern[str] = _S
 def symbol_label(symbol: str) -> str:
     """The symbol as a label value: its shape checked, at most MAX_SYMBOLS distinct values."""
     return _bounded(symbol.upper(), _symbols, MAX_SYMBOLS)
+
+
+def configure_accounts(names: Iterable[str | None]) -> None:
+    """The accounts this process may name in the ``account`` label (its sessions')."""
+    global _accounts
+    _accounts = frozenset(name for name in names if name is not None)
+
+
+def account_label(account: str | None) -> str:
+    """A configured account's name, ``none`` for no account, else ``other``."""
+    if account is None:
+        return NONE
+    return account if account in _accounts else OTHER
 
 
 def side_label(side: str | int) -> str:
@@ -321,14 +340,14 @@ def observe_end_to_end(seconds: float) -> None:
         END_TO_END_SECONDS.observe(seconds)
 
 
-def record_outcome(status: str, reason: str | None = None) -> None:
+def record_outcome(status: str, reason: str | None = None, account: str | None = None) -> None:
     """One finished execution. ``status`` is an ExecutionStatus (any case)."""
     status_label = status.lower() if status.lower() in STATUSES else OTHER
     if reason is None or reason == "":
         reason_label = NONE
     else:
         reason_label = reason if reason in REASONS else OTHER
-    _labelled(EXECUTIONS, status_label, reason_label).inc()
+    _labelled(EXECUTIONS, status_label, reason_label, account_label(account)).inc()
 
 
 def record_retcode(code: int | None) -> None:
@@ -380,10 +399,10 @@ def observe_fill_ratio(ratio: float) -> None:
         FILL_RATIO.observe(ratio)
 
 
-def record_claim_wait(seconds: float, *, acquired: bool) -> None:
+def record_claim_wait(seconds: float, *, acquired: bool, account: str | None = None) -> None:
     if _finite(seconds) and seconds >= 0:
         result = "acquired" if acquired else "timeout"
-        _labelled(CLAIM_WAIT_SECONDS, result).observe(seconds)
+        _labelled(CLAIM_WAIT_SECONDS, result, account_label(account)).observe(seconds)
 
 
 def record_dead_letter(reason: str) -> None:

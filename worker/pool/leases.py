@@ -40,6 +40,10 @@ class UnknownSession(ClaimTimeout):
     does not have."""
 
 
+class UnknownAccount(ClaimTimeout):
+    """``claim(account=...)`` named an account none of this process's sessions has."""
+
+
 class LeaseLost(WorkerError):
     """The connection holding the session's lock is gone: do not touch the broker."""
 

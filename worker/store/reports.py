@@ -45,7 +45,7 @@ class RangeFilter:
     until: datetime
     status: str | None = None
     symbol: str | None = None
-    account: int | None = None
+    account: str | None = None  # an account's name, or a login
     limit: int = 200
 
 
@@ -57,7 +57,8 @@ def executions_in_range(conn: psycopg.Connection[Any], where: RangeFilter) -> li
             " WHERE received_at >= %(since)s AND received_at < %(until)s"
             " AND (%(status)s::text IS NULL OR state = %(status)s)"
             " AND (%(symbol)s::text IS NULL OR symbol = %(symbol)s OR broker_symbol = %(symbol)s)"
-            " AND (%(account)s::bigint IS NULL OR account_login = %(account)s)"
+            " AND (%(account)s::text IS NULL OR account = %(account)s"
+            " OR account_login::text = %(account)s)"
             " ORDER BY received_at, execution_id LIMIT %(limit)s",
             {
                 "since": where.since,

@@ -92,6 +92,7 @@ EXECUTION_COLUMNS = (
     "confirmation_version",
     "reconcile_attempts",
     "next_reconcile_at",
+    "account",
 )
 _COLUMN_SET = frozenset(EXECUTION_COLUMNS)
 

@@ -1,6 +1,6 @@
 """``execution-worker trail KEY [--json]``: what happened to one order, from the audit store.
 
-``trail --since T [--until T] [--status S] [--symbol X] [--account LOGIN]`` lists instead
+``trail --since T [--until T] [--status S] [--symbol X] [--account NAME|LOGIN]`` lists instead
 the executions received in that range (one line each; ``--json``: the rows whole).
 
 KEY is the RPM order id, the idempotency key or the execution id (also accepted: the MT5
@@ -202,7 +202,7 @@ def _summary(row: dict[str, Any]) -> list[str]:
             "identity",
             f"comment token {_fmt(row.get('comment_token'))}  magic {_fmt(row.get('magic'))}"
             f"  session {_fmt(row.get('session_id'))}"
-            f"  account {_fmt(row.get('account_login'))}",
+            f"  account {_fmt(row.get('account'))}  login {_fmt(row.get('account_login'))}",
         ),
     ]
     if row.get("rejection_reason"):
@@ -306,7 +306,7 @@ def range_row(row: dict[str, Any]) -> list[str]:
         _fmt(row.get("executed_lots")),
         _fmt(row.get("fill_price")),
         _fmt(row.get("slippage_pips")),
-        _fmt(row.get("account_login")),
+        _fmt(row.get("account") or row.get("account_login")),
         _fmt(row.get("session_id")),
         _fmt(row.get("rejection_reason")),
         _fmt(row.get("rpm_order_id")),
