@@ -204,7 +204,9 @@ class Pipeline:
                 log.exception("unexpected error, requeued")
                 return Requeue("internal error")
 
-    def _resume(self, row: ExecutionRow, context: ExitStack) -> Outcome:
+    def _claim_for_row(self, row: ExecutionRow, context: ExitStack) -> Lease | Requeue:
+        """The lease of the session the row names (by identity: the same account in every
+        process), with the row's and then the session's fields in the log context."""
         context.enter_context(
             log_context(
                 execution_id=row.execution_id,
@@ -220,8 +222,14 @@ class Pipeline:
             )
         except ClaimTimeout:
             return Requeue("no MT5 session available")
+        context.enter_context(log_context(session=lease.session.id))
+        return lease
+
+    def _resume(self, row: ExecutionRow, context: ExitStack) -> Outcome:
+        lease = self._claim_for_row(row, context)
+        if isinstance(lease, Requeue):
+            return lease
         with lease:
-            context.enter_context(log_context(session=lease.session.id))
             # read under the row's session lease: the state its last holder left
             current = self.store.load(lease.conn, row.execution_id)
             if current is None:
@@ -244,23 +252,10 @@ class Pipeline:
         return self._guarded(lambda context: self._recheck(row, context))
 
     def _recheck(self, row: ExecutionRow, context: ExitStack) -> Outcome:
-        context.enter_context(
-            log_context(
-                execution_id=row.execution_id,
-                order_id=row.get("rpm_order_id"),
-                symbol=row.get("symbol"),
-            )
-        )
-        try:
-            lease = self.sessions.claim(
-                self.settings.claim_timeout_seconds,
-                session_key=row.get("session_key"),  # the account's identity, in every process
-                session_id=row.get("session_id"),  # rows from before session_key
-            )
-        except ClaimTimeout:
-            return Requeue("no MT5 session available")
+        lease = self._claim_for_row(row, context)
+        if isinstance(lease, Requeue):
+            return lease
         with lease:
-            context.enter_context(log_context(session=lease.session.id))
             current = self.store.load(lease.conn, row.execution_id)
             if current is None or current.state != UNKNOWN_STATE:
                 return Requeue("no longer unknown")
