@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from worker.errors import WorkerError
+
 REQUESTS_QUEUE = "execution.requests"
 DEAD_LETTER_EXCHANGE = "execution.requests.dlx"
 DEAD_QUEUE = "execution.requests.dead"
@@ -26,7 +28,7 @@ _VALUES = re.compile(
 )
 
 
-class TopologyMismatch(Exception):
+class TopologyMismatch(WorkerError):
     """An existing queue or exchange was declared with other arguments; one line, safe to print."""
 
 

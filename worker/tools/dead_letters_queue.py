@@ -35,6 +35,7 @@ import pika.exceptions
 
 from worker.amqp.publisher import PERSISTENT
 from worker.amqp.topology import DEAD_QUEUE, REQUESTS_QUEUE
+from worker.errors import WorkerError
 from worker.observability.logs import redact
 
 REASON_HEADER = "x-rejection-reason"  # set by the worker (worker/amqp/deliveries.py)
@@ -246,7 +247,7 @@ class DeadLetter:
         )
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(WorkerError):
     """The broker did not confirm the republished message (returned or nacked)."""
 
 

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Final
 
+from worker.errors import WorkerError
 from worker.mt5 import api
 
 PROTOCOL_VERSION: Final = 1
@@ -82,7 +83,7 @@ RESULT_TYPES: Final[Mapping[str, type[tuple[Any, ...]]]] = {
 }
 
 
-class ProtocolError(Exception):
+class ProtocolError(WorkerError):
     """The peer broke the protocol (bad frame, bad MAC, wrong sequence, unknown type)."""
 
     def __init__(self, reason: str, detail: str = "") -> None:

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from worker.errors import WorkerError
+
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 # OpenSSL X509_V_ERR_* codes -> refusal reasons (bounded set, see metrics.REASONS)
@@ -38,7 +40,7 @@ _VERIFY_REASONS: Final[Mapping[int, str]] = {
 }
 
 
-class InsecureBridgeAddress(ValueError):
+class InsecureBridgeAddress(WorkerError, ValueError):
     """A bridge would listen off loopback without mutual TLS."""
 
 
