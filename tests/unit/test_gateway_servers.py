@@ -220,6 +220,7 @@ def test_legacy_rows_reconcile_by_the_old_rule_with_a_cut_comment() -> None:
     assert legacy == OrderIdentity(DEPLOYMENT, TOKEN) and legacy.legacy
     h.gateway.send(spec, Side.BUY, 0.1, comment=TOKEN, deviation=20)  # the old call
     h.send(lots=0.3)  # the same execution under the new magic: not the legacy order
+    h.clock.now += 2  # past the hardened simulator's deal lag
     found = h.gateway.reconcile(TOKEN, "EURUSD", since)  # a bare token: legacy
     assert found.filled_volume == pytest.approx(0.1)
     assert h.gateway.reconcile(legacy, "EURUSD", since).filled_volume == pytest.approx(0.1)
@@ -237,7 +238,7 @@ def test_hedging_sees_the_deployments_positions_under_both_schemes() -> None:
     stranger = h.gateway_for(h.sim, 999)
     stranger.send(spec, Side.SELL, 0.3, comment=TOKEN, deviation=20)
     opposite = h.gateway.opposite_positions(spec, Side.BUY)
-    assert [p.ticket for p in opposite] == [legacy.order, new.order]
+    assert [p.identifier for p in opposite] == [legacy.order, new.order]
     assert all(h.gateway.is_ours(p.magic) for p in opposite)
     assert not h.gateway.is_ours(0) and not h.gateway.is_ours(999)
 

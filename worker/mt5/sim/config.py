@@ -217,7 +217,7 @@ SCRIPTED_OUTCOMES = frozenset(
 
 
 # Flip to True to make every FaultConfig() (and so every SimConfig()) a hardened server.
-HARDENED_BY_DEFAULT = False
+HARDENED_BY_DEFAULT = True
 
 # The friendly value of every server-hardening field (see the module docstring) ...
 FRIENDLY: Mapping[str, Any] = {
