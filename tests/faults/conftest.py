@@ -74,10 +74,12 @@ def render(tallies: list[Tally], notes: list[str]) -> str:
         "Every row passed its assertions: each approval has exactly one broker order or a",
         "refusal (no order), exactly one terminal row in `execution.executions`, and at least",
         "one confirmation on a queue bound to `execution.confirmations` with `#`, all copies",
-        "byte-identical. `orders` are distinct broker orders carrying the approvals' comment",
-        "tokens (from `sim-terminal --dump`); `duplicates` counts any second order of one",
-        "approval and any order with a token of no approval; `lost` counts approvals without",
-        "a terminal row or without a confirmation.",
+        "byte-identical. `orders` are distinct broker orders carrying the approvals' order",
+        "magics (per execution, from `sim-terminal --dump`; comments may be cut or blanked);",
+        "`duplicates` counts any second order of one approval and any order with the magic of",
+        "no approval; `lost` counts approvals without a terminal row or without a",
+        "confirmation. Every FILLED/PARTIALLY_FILLED row and confirmation has the lots, VWAP",
+        "and deal tickets of its order's deals on the broker's books.",
         "",
         "| scenario | runs | messages | orders | duplicates | lost | outcomes | notes |",
         "|---|---:|---:|---:|---:|---:|---|---|",
@@ -110,6 +112,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(text)
     terminalreporter.write_sep("=", "fault-injection results")
-    for line in text.splitlines()[12:]:
+    lines = text.splitlines()
+    for line in lines[lines.index(next(x for x in lines if x.startswith("| scenario"))) :]:
         terminalreporter.write_line(line)
     terminalreporter.write_line(f"(written to {RESULTS_PATH})")

@@ -5,9 +5,11 @@ The checker proves the promise on what the outside world can see:
   ``execution.confirmations`` with ``#``, and all confirmations of one approval are
   byte-identical (same ``message_id`` = execution id);
 - PostgreSQL: exactly one terminal row per approval in ``execution.executions``;
-- the terminals' own books (``sim-terminal --dump``): per comment token, exactly one broker
+- the terminals' own books (``sim-terminal --dump``): per execution, found by its order
+  magic (``order_magic_for``; the server may cut or blank comments), exactly one broker
   order for a filled approval and none for one that was refused, and no order at all whose
-  token is not one of ours.
+  magic is not one of ours; and a FILLED/PARTIALLY_FILLED confirmation's lots and VWAP equal
+  those of the broker's deals of that order.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pika
 import pika.exceptions
 import psycopg
 
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import execution_id_for, order_magic_for
 from tests import samples
 from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
 from worker.amqp.topology import (
@@ -40,6 +42,7 @@ from worker.amqp.topology import (
     dead_queue_arguments,
     requests_queue_arguments,
 )
+from worker.config import load_settings
 
 OBSERVER_QUEUE = "fault.observer"
 FILLED_STATES = frozenset({"FILLED", "PARTIALLY_FILLED"})
@@ -321,6 +324,14 @@ class FaultEnv:
     def deals(self) -> list[dict[str, Any]]:
         return [deal for terminal in self.terminals for deal in terminal.deals()]
 
+    @property
+    def deployment_magic(self) -> int:
+        return int(self.settings.get("MAGIC") or load_settings({}).magic)
+
+    def magic_of(self, key: str) -> int:
+        """The order magic of an approval's execution: how the broker's books name it."""
+        return order_magic_for(execution_id_for(key), self.deployment_magic)
+
     # --- the promise ----------------------------------------------------------------------
 
     def check(self, scenario: str, keys: list[str], **extra: Any) -> Tally:
@@ -328,21 +339,21 @@ class FaultEnv:
         side = self.broker_side
         received = side.collect()
         rows = self.rows()
-        orders_by_token: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        volume_by_token: dict[str, float] = defaultdict(float)
+        orders_by_magic: dict[int, set[tuple[str, int]]] = defaultdict(set)
+        deals_by_magic: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for terminal in self.terminals:
             for deal in terminal.deals():
-                orders_by_token[deal["comment"]].add((terminal.name, int(deal["order"])))
-                volume_by_token[deal["comment"]] += float(deal["volume"])
+                orders_by_magic[int(deal["magic"])].add((terminal.name, int(deal["order"])))
+                deals_by_magic[int(deal["magic"])].append(deal)
         tally = Tally(scenario, messages=len(keys), **extra)
         problems: list[str] = []
-        tokens = set()
+        magics = set()
         states: dict[str, int] = defaultdict(int)
         for key in keys:
             execution_id = execution_id_for(key)
-            token = comment_token_for(execution_id)
-            tokens.add(token)
-            orders = orders_by_token.get(token, set())
+            magic = self.magic_of(key)
+            magics.add(magic)
+            orders = orders_by_magic.get(magic, set())
             tally.orders += len(orders)
             tally.duplicates += max(0, len(orders) - 1)
             key_rows = rows.get(key, [])
@@ -359,26 +370,57 @@ class FaultEnv:
             if body["status"] != state or body["idempotency_key"] != key:
                 problems.append(f"{key}: confirmation says {body['status']}, row says {state}")
             if state in FILLED_STATES:
-                if len(orders) != 1:
-                    problems.append(f"{key}: {state} with {len(orders)} broker orders")
-                elif broker_order != next(iter(orders))[1]:
-                    problems.append(f"{key}: row order {broker_order} != broker's {orders}")
-                elif abs(volume_by_token[token] - float(executed_lots)) > 1e-6:
-                    problems.append(
-                        f"{key}: row says {executed_lots} lots, broker {volume_by_token[token]}"
-                    )
+                problems += _fill_problems(
+                    key,
+                    state,
+                    body,
+                    broker_order,
+                    executed_lots,
+                    orders,
+                    deals_by_magic.get(magic, []),
+                )
             elif state in NO_ORDER_STATES and orders:
                 problems.append(f"{key}: {state} but the broker has orders {orders}")
-        strays = {t: o for t, o in orders_by_token.items() if t not in tokens}
+        strays = {m: o for m, o in orders_by_magic.items() if m not in magics}
         if strays:
             tally.duplicates += sum(len(o) for o in strays.values())
-            problems.append(f"orders with tokens of no published approval: {strays}")
+            problems.append(f"orders with the magic of no published approval: {strays}")
         tally.by_state = dict(sorted(states.items()))
         dead = side.dead_lettered()
         if dead:
             problems.append(f"{dead} request(s) dead-lettered")
         assert not problems, f"{scenario}: " + "; ".join(problems[:20])
         return tally
+
+
+def _fill_problems(
+    key: str,
+    state: str,
+    body: dict[str, Any],
+    broker_order: int | None,
+    executed_lots: Any,
+    orders: set[tuple[str, int]],
+    deals: list[dict[str, Any]],
+) -> list[str]:
+    """A filled approval: one broker order, and the row's and the confirmation's lots and
+    VWAP are those of that order's deals on the broker's books."""
+    if len(orders) != 1:
+        return [f"{key}: {state} with {len(orders)} broker orders"]
+    ((_, order),) = orders
+    if broker_order != order:
+        return [f"{key}: row order {broker_order} != broker's {order}"]
+    lots = sum(float(deal["volume"]) for deal in deals)
+    vwap = sum(float(deal["volume"]) * float(deal["price"]) for deal in deals) / lots
+    problems = []
+    if abs(lots - float(executed_lots)) > 1e-6 or abs(lots - body["executed_lots"]) > 1e-6:
+        problems.append(
+            f"{key}: row {executed_lots} / confirmation {body['executed_lots']} lots, broker {lots}"
+        )
+    if body["fill_price"] is None or abs(vwap - body["fill_price"]) > 1e-9 * max(1.0, vwap):
+        problems.append(f"{key}: confirmation fill price {body['fill_price']}, broker {vwap}")
+    if sorted(body["broker_deals"]) != sorted(int(deal["ticket"]) for deal in deals):
+        problems.append(f"{key}: confirmation deals {body['broker_deals']} != broker's {deals}")
+    return problems
 
 
 @contextlib.contextmanager

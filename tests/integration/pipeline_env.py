@@ -10,8 +10,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.identity import order_magic_for
 from schemas.request import MessageProperties
 from tests import samples
+from tests.simbooks import broker_deals
 from worker.config import Settings, load_settings
 from worker.execution.outcome import Delivery, Outcome, Publish
 from worker.execution.pipeline import Pipeline
@@ -60,9 +62,13 @@ class PipelineEnv:
         document: dict[str, Any] = json.loads(outcome.payload)
         return document
 
-    def deals(self, comment: str | None = None) -> list[api.TradeDeal]:
-        deals = self.sim.history_deals_get(0, 2**31 - 1) or ()
-        return [deal for deal in deals if comment is None or deal.comment == comment]
+    def deals(self, execution_id: uuid.UUID | str | None = None) -> list[api.TradeDeal]:
+        """The broker's deals from its books (lagging ones too; no query can fail), or those
+        of one execution, found by its order magic: a server may cut or blank comments."""
+        if execution_id is None:
+            return broker_deals(self.sim)
+        magic = order_magic_for(uuid.UUID(str(execution_id)), self.settings.magic)
+        return broker_deals(self.sim, magic)
 
     def row(self, execution_id: str) -> dict[str, Any]:
         with self.store.connection() as conn:
