@@ -15,7 +15,7 @@ from schemas.request import MessageProperties
 from tests import samples
 from tests.simbooks import broker_deals
 from worker.config import Settings, load_settings
-from worker.execution.outcome import Delivery, Outcome, Publish
+from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
@@ -23,6 +23,8 @@ from worker.mt5.sim.terminal import SimConfig, SimTerminal
 from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
 from worker.store.store import Store
+
+REDELIVERIES = 5  # after a failed query; 5 % each: 5 in a row is a bug, not bad luck
 
 
 def always_open(config: SimConfig) -> SimConfig:
@@ -57,7 +59,13 @@ class PipelineEnv:
         return self.pipeline.handle(delivery)
 
     def confirm(self, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        """Deliver until published. A broker query answering None (``query_none_rate`` of
+        the hardened simulator) rightly requeues; RabbitMQ then redelivers, and so do we."""
         outcome = self.deliver(message, **kw)
+        for _ in range(REDELIVERIES):
+            if not (isinstance(outcome, Requeue) and outcome.reason == "terminal: QueryFailed"):
+                break
+            outcome = self.deliver(message, **{**kw, "redelivered": True})
         assert isinstance(outcome, Publish), outcome
         document: dict[str, Any] = json.loads(outcome.payload)
         return document
