@@ -105,10 +105,43 @@ def render(tallies: list[Tally], notes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def earlier(path: Path) -> tuple[list[Tally], list[str]]:
+    """The rows and notes of an earlier table at ``path`` (none if there is none), so that
+    running the scenarios one at a time builds one table: a run replaces its own rows."""
+    if not path.exists():
+        return [], []
+    tallies: list[Tally] = []
+    notes: list[str] = []
+    for line in path.read_text().splitlines():
+        if line.startswith("- "):
+            notes.append(line[2:])
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or not cells[1].isdigit() or cells[0].startswith("**"):
+            continue
+        by_state = {}
+        for part in filter(None, (p.strip() for p in cells[6].split(","))):
+            state, _, count = part.rpartition(" ")
+            by_state[state] = int(count)
+        runs, messages, orders, duplicates, lost = (int(c) for c in cells[1:6])
+        tallies.append(
+            Tally(cells[0], runs, messages, orders, duplicates, lost, cells[7], by_state)
+        )
+    return tallies, notes
+
+
+def merged(old: list[Tally], new: list[Tally]) -> list[Tally]:
+    fresh = {t.scenario: t for t in new}
+    kept = [fresh.pop(t.scenario, t) for t in old]
+    return kept + list(fresh.values())
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if not _TALLIES:
         return
-    text = render(_TALLIES, _NOTES)
+    old_tallies, old_notes = earlier(RESULTS_PATH)
+    notes = list(dict.fromkeys([*old_notes, *_NOTES]))
+    text = render(merged(old_tallies, _TALLIES), notes)
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(text)
     terminalreporter.write_sep("=", "fault-injection results")
