@@ -273,6 +273,43 @@ def test_a_failed_query_raises_instead_of_reading_as_nothing(function: str) -> N
     assert h.gateway.deals_for_order(10**9) == ()  # empty is still empty
 
 
+class FailsTwice(HardSim):
+    """Each listed query answers None twice in a row, then answers again (transient)."""
+
+    def __init__(self, config: SimConfig, clock: Clock, code: int) -> None:
+        super().__init__(config, clock)
+        self.left: dict[str, int] = {}
+        self.code = code
+
+    def _cut(self, items: tuple[T, ...] | None, function: str) -> tuple[T, ...] | None:
+        if self.left.get(function, 0) > 0:
+            self.left[function] -= 1
+            self._fail(self.code, "Terminal: transient")
+            return None
+        return super()._cut(items, function)
+
+
+@pytest.mark.parametrize("code", [api.RES_E_INVALID_PARAMS, api.RES_E_INTERNAL_FAIL_TIMEOUT])
+def test_a_transient_none_is_asked_again_before_the_query_fails(code: int) -> None:
+    """A real server's None is usually transient (-2, or -10005 with the connection up):
+    re-asking the read (safe) keeps a 5 % None rate from requeueing one handling in five,
+    dropping the session on -10005, and burning the queue's delivery limit."""
+    clock = Clock()
+    functions = {"orders_get", "positions_get", "history_orders_get", "history_deals_get"}
+    h = Harness(sim=FailsTwice(SimConfig(faults=FaultConfig()), clock, code))
+    h.clock = clock
+    since = h.since()
+    h.send()
+    h.clock.now += 2  # past the deal lag
+    h.sim.left = dict.fromkeys(functions, 2)
+    h.gateway.drain_calls()
+    found = h.gateway.reconcile(IDENTITY, "EURUSD", since)  # no QueryFailed
+    assert found.found and found.filled_volume == pytest.approx(0.1)
+    calls = h.gateway.drain_calls()
+    failed = [c for c in calls if c.error is not None and c.function in functions]
+    assert len(failed) >= 2 and all(c.error[0] == code for c in failed)
+
+
 # ---------------------------------------------------------------- 3. one clock
 def test_autumn_switch_while_running_does_not_make_fresh_ticks_stale() -> None:
     h = Harness(server_utc_offset_seconds=3 * 3600)
