@@ -324,6 +324,20 @@ class FaultEnv:
     def deals(self) -> list[dict[str, Any]]:
         return [deal for terminal in self.terminals for deal in terminal.deals()]
 
+    def bitten(self) -> tuple[int, int]:
+        """From the audit trail: (order_send calls with an unknown outcome: no reply or
+        10011/10012/10031, failed broker queries): proof that the faults happened."""
+        [(unknown,)] = self.query(
+            "SELECT count(*) FROM execution.execution_events WHERE kind = 'broker_call'"
+            " AND function = 'order_send' AND (retcode IS NULL OR retcode IN (10011, 10012, 10031))"
+        )
+        [(failed,)] = self.query(
+            "SELECT count(*) FROM execution.execution_events e,"
+            " jsonb_array_elements(e.detail -> 'calls') AS c"
+            " WHERE e.kind = 'broker_queries' AND c ? 'error'"
+        )
+        return int(unknown), int(failed)
+
     @property
     def deployment_magic(self) -> int:
         return int(self.settings.get("MAGIC") or load_settings({}).magic)

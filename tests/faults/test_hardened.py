@@ -64,6 +64,8 @@ def test_every_hardening_with_unknown_outcomes_and_a_kill_in_flight(
         assert {deal["comment"] for deal in env.deals()} == {""}
     else:
         assert {len(deal["comment"]) for deal in env.deals()} == {16}
+    unknown, failed = env.bitten()
+    assert unknown >= 6 and failed > 0, (unknown, failed)  # the faults did bite
     tally = env.check(
         f"every hardening, comments {comments}, kill -9 mid-order",
         keys,
@@ -72,7 +74,8 @@ def test_every_hardening_with_unknown_outcomes_and_a_kill_in_flight(
         + ("blanked" if comment else "cut to 16")
         + ", deals lag 200-600 ms (deal 0 in 20 % of replies), None from 5 % of queries,"
         " DST clock, filling by execution mode; 6 scripted + 5 %/5 % random unknown outcomes"
-        " that executed; worker killed with an order in flight",
+        f" that executed; worker killed with an order in flight. Audit: {unknown} sends with"
+        f" an unknown outcome, {failed} failed queries",
     )
     assert tally.orders > 0 and tally.by_state.get("FILLED", 0) > 0, tally.by_state
     record(tally)
