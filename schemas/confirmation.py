@@ -45,16 +45,45 @@ class ExecutionConfirmation(BaseModel):
     attempts: int = 0
     session_id: str | None = None
     account_login: int | None = None
+    account: str | None = Field(
+        default=None,
+        description="the account executed on (alias or '<server>:<login>'); on a refusal,"
+        " the account the approval named",
+    )
     timings_ms: dict[str, float] = Field(default_factory=dict)
     received_at: UtcDatetime
     submitted_at: UtcDatetime | None = None
     completed_at: UtcDatetime
+    version: int = Field(
+        default=1,
+        ge=1,
+        description="1 for the first answer; a corrected confirmation of the same execution_id"
+        " carries the next version (its message_id is '<execution_id>:v<version>')",
+    )
+    provisional: bool = Field(
+        default=False,
+        description="true: the broker's outcome is unknown (status FAILED/REJECTED with"
+        " UNKNOWN_OUTCOME or the given reason); the worker keeps reconciling and publishes a"
+        " corrected version if a fill appears, or a final one when its window ends",
+    )
+    correction: str | None = Field(
+        default=None, description="what changed from the previous version (version > 1)"
+    )
 
     def routing_key(self) -> str:
         """``confirmation.<status>.<SYMBOL>`` on the ``execution.confirmations`` exchange."""
         symbol = self.symbol or UNKNOWN_SYMBOL_ROUTING_WORD
         return f"confirmation.{self.status.value.lower()}.{symbol}"
 
+    def message_id(self) -> str:
+        return message_id_for(self.execution_id, self.version)
+
     def to_json_bytes(self) -> bytes:
         """Stable JSON (field order as declared), UTF-8."""
         return self.model_dump_json().encode("utf-8")
+
+
+def message_id_for(execution_id: UUID, version: int = 1) -> str:
+    """Deterministic per version: the first answer keeps the bare execution id (as before
+    versions existed); a correction is ``<execution_id>:v<version>``."""
+    return str(execution_id) if version <= 1 else f"{execution_id}:v{version}"

@@ -48,6 +48,8 @@ class RejectionReason(StrEnum):
     FIFO_RULE = "FIFO_RULE"
     HEDGING_PROHIBITED = "HEDGING_PROHIBITED"
     UNKNOWN_OUTCOME = "UNKNOWN_OUTCOME"
+    ACCOUNT_REQUIRED = "ACCOUNT_REQUIRED"  # several accounts configured, the approval names none
+    ACCOUNT_UNKNOWN = "ACCOUNT_UNKNOWN"  # the approval names an account this deployment lacks
 
 
 class Direction(int, Enum):

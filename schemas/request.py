@@ -97,6 +97,7 @@ class ExecutionRequest(BaseModel):
     reply_to: str | None
     correlation_id: str | None
     message_id: str | None
+    account: str | None = None  # ``decision.account``: where the approval is to be executed
 
     @property
     def comment_token(self) -> str:
@@ -401,6 +402,7 @@ def _parse(
         reply_to=props.reply_to or None,
         correlation_id=props.correlation_id or order_id,
         message_id=props.message_id,
+        account=decision.account,
     )
 
 

@@ -36,6 +36,10 @@ from schemas.enums import DecisionStatus
 
 SYMBOL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._#+\-]{0,31}$"
 MAX_ORDER_ID_LENGTH = 128
+# An account name: a session's ``account`` alias or ``"<server>:<login>"``
+# (worker/mt5/sessions.py); printable, no control characters.
+ACCOUNT_PATTERN = r"^[^\x00-\x1f\x7f]{1,128}$"
+MAX_ACCOUNT_LENGTH = 128
 # No real order is this large (1e15 units = 10 billion lots of EURUSD); beyond it the size is
 # hostile, and the lot arithmetic's 28-digit decimals would overflow.
 MAX_POSITION_UNITS = 1e15
@@ -134,6 +138,14 @@ class TradeDecision(_RpmModel):
     portfolio_constraints_passed: bool | None = None
     processing_time_ms: float | None = None
     timestamp: UtcDatetime | None = None
+    account: StrictStr | None = Field(
+        default=None,
+        max_length=MAX_ACCOUNT_LENGTH,
+        pattern=ACCOUNT_PATTERN,
+        description="the broker account to execute on: a configured account alias or"
+        " '<server>:<login>' (e.g. 'ICMarkets-Demo:5012345'); required when the worker has"
+        " several accounts, optional with one",
+    )
 
 
 class PortfolioState(_RpmModel):

@@ -105,9 +105,75 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _retention_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--older-than",
+        metavar="AGE",
+        help="retire monthly partitions that end before now minus AGE (e.g. 90d, 13w)",
+    )
+    parser.add_argument("--archive", metavar="DIR", help="COPY each one to DIR/<name>.csv.gz")
+    parser.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
+    parser.add_argument(
+        "--months-ahead", type=int, default=3, help="create partitions this many months ahead"
+    )
+
+
 def _trail_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("key", help="the RPM order id, idempotency key or execution id")
+    from worker.tools.report_time import time_argument
+
+    parser.add_argument("key", nargs="?", help="the RPM order id, idempotency key or execution id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--since", type=time_argument, help="instead of KEY: executions received since T"
+    )
+    parser.add_argument("--until", type=time_argument, help="... and before T (default now)")
+    parser.add_argument("--status", help="with --since: only this state (e.g. REJECTED)")
+    parser.add_argument("--symbol", help="with --since: only this symbol")
+    parser.add_argument(
+        "--account", help="with --since: only this account (its name, or its login number)"
+    )
+    parser.add_argument("--limit", type=int, default=200, help="with --since: at most N rows")
+
+
+def _report_args(parser: argparse.ArgumentParser) -> None:
+    from worker.tools.report_time import time_argument
+
+    parser.add_argument(
+        "--since",
+        type=time_argument,
+        required=True,
+        help="executions received since T: ISO 8601 (UTC if no offset) or an age: 24h, 7d",
+    )
+    parser.add_argument("--until", type=time_argument, help="... and before T (default now)")
+    parser.add_argument("--by", choices=("symbol", "session", "account", "hour"))
+    parser.add_argument("--json", help="write the whole report as JSON to this file")
+    parser.add_argument("--plot", help="write a PNG (needs the plot extra: matplotlib)")
+    parser.add_argument(
+        "--account-currency",
+        default="USD",
+        help="the account currency shortfall is converted to (default USD)",
+    )
+
+
+def _dead_letters_args(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = sub.add_parser("list", help="list the dead letters (nothing is removed)")
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    show = sub.add_parser("show", help="one dead letter: headers, properties, body preview")
+    show.add_argument("id", help="an ID from `list` (the message_id, else a hash)")
+    replay = sub.add_parser("replay", help="republish to execution.requests (same message_id)")
+    target = replay.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", help="an ID from `list`")
+    target.add_argument("--all", action="store_true", help="every dead letter (see --reason)")
+    replay.add_argument("--reason", help="with --all: only dead letters with this reason")
+    purge = sub.add_parser("purge", help="remove one dead letter for good (audited)")
+    purge.add_argument("id", help="an ID from `list`")
+    for child in (replay, purge):
+        child.add_argument("--actor", help="who is acting, for the audit (default: $USER@host)")
+    for child in (listing, show, replay, purge):
+        child.add_argument(
+            "--limit", type=int, default=10_000, help="look at most at N messages (default 10000)"
+        )
 
 
 COMMANDS: tuple[Command, ...] = (
@@ -161,7 +227,28 @@ COMMANDS: tuple[Command, ...] = (
         _bench_args,
     ),
     Command(
-        "trail", "show the audit timeline of one execution", "worker.tools.trail:main", _trail_args
+        "trail",
+        "show the audit timeline of one execution, or the executions of a time range",
+        "worker.tools.trail:main",
+        _trail_args,
+    ),
+    Command(
+        "report",
+        "execution quality (TCA) of a time range from the audit store",
+        "worker.tools.report:main",
+        _report_args,
+    ),
+    Command(
+        "dead-letters",
+        "list, show, replay or purge execution.requests.dead",
+        "worker.tools.dead_letters:main",
+        _dead_letters_args,
+    ),
+    Command(
+        "retention",
+        "create partitions ahead; detach, archive and drop months older than a cutoff",
+        "worker.tools.retention:main",
+        _retention_args,
     ),
 )
 

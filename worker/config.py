@@ -111,6 +111,18 @@ class Settings(BaseModel):
     order_timeout_seconds: float = Field(default=60.0, gt=0)
     max_send_attempts: int = Field(default=3, ge=1, le=10)
     reconcile_grace_seconds: float = Field(default=5.0, ge=0)
+    unknown_reconcile_hours: float = Field(
+        default=24.0,
+        gt=0,
+        description="how long an unknown outcome (provisional confirmation) is reconciled"
+        " in the background before it is final",
+    )
+    unknown_reconcile_first_seconds: float = Field(
+        default=15.0, gt=0, description="first backoff of the background reconcile (doubles)"
+    )
+    unknown_reconcile_max_seconds: float = Field(
+        default=900.0, gt=0, description="longest backoff of the background reconcile"
+    )
     server_utc_offset_seconds: int | None = None
     server_timezone: str | None = Field(
         default=None,
@@ -138,6 +150,12 @@ class Settings(BaseModel):
     )
     delivery_limit: int = Field(
         default=20, ge=1, description="deliveries before dead-lettering (requeues count too)"
+    )
+    delivery_last_chances: int = Field(
+        default=2,
+        ge=1,
+        description="on this many last deliveries before the limit, an approval that would"
+        " be requeued is answered (REJECTED row + confirmation) or dead-lettered with a reason",
     )
     drain_timeout_seconds: float = Field(
         default=0.0,

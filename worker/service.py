@@ -23,6 +23,9 @@ from worker.store.store import ExecutionRow, Store
 
 log = logging.getLogger(__name__)
 RECOVERY_INTERVAL_SECONDS = 60.0
+# how often the background reconciler looks for UNKNOWN rows that are due (each row has its
+# own backoff in the database: next_reconcile_at)
+UNKNOWN_POLL_SECONDS = 5.0
 
 
 def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gateway]:
@@ -88,6 +91,15 @@ class Service:
 
         threading.Thread(target=sweep, name="recovery-sweep", daemon=True).start()
 
+        def reconcile_unknown() -> None:
+            while not self._stopping.wait(UNKNOWN_POLL_SECONDS):
+                try:
+                    self.recheck_unknown()
+                except Exception:
+                    log.exception("background reconcile failed; retrying later")
+
+        threading.Thread(target=reconcile_unknown, name="unknown-reconcile", daemon=True).start()
+
     def register_metrics(self) -> None:
         """Gauges read from state at scrape time: the session pool and the outbox backlog."""
 
@@ -129,6 +141,22 @@ class Service:
             kind = "settled" if isinstance(outcome, Publish) else "still in flight"
             metrics.record_recovery(settled=isinstance(outcome, Publish))
             log.warning("recovery: execution %s %s", row.execution_id, kind)
+            results.append((row, outcome))
+        return results
+
+    def recheck_unknown(self) -> list[tuple[ExecutionRow, Outcome]]:
+        """Ask the broker again about the UNKNOWN rows that are due (provisional answers):
+        a fill that appeared, or the end of the window, commits a corrected confirmation in
+        the outbox (published by its sweep); otherwise the row backs off."""
+        with self.store.connection() as conn:
+            rows = self.store.unknown_due(conn)
+        results = []
+        for row in rows:
+            if self._stopping.is_set():
+                break
+            outcome = self.pipeline.recheck(row)
+            if isinstance(outcome, Publish):
+                log.warning("background reconcile: execution %s corrected", row.execution_id)
             results.append((row, outcome))
         return results
 

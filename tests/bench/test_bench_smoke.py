@@ -6,8 +6,12 @@ checked (percentiles ordered, ratios computed from the figures, every message FI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ import pytest
 
 from tests.containers import Broker, Service
 from worker.cli import main
+from worker.tools.bench import cpu as bench_cpu
 from worker.tools.bench import report as bench_report
 from worker.tools.bench import runner as bench
 
@@ -98,6 +103,39 @@ def test_throughput_and_scaling(results: dict[str, Any]) -> None:
     assert all(rate > 0 for rate in results["scaling"].values())
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, float | int) and math.isfinite(value) and value > 0
+
+
+def test_throughput_in_flight(results: dict[str, Any]) -> None:
+    inflight, ratios = results["throughput_inflight"], results["throughput_inflight_ratio"]
+    assert set(inflight) == set(ratios) == {"4", "8", "16"}
+    for n, sides in inflight.items():
+        assert set(sides) == {"worker", "floor"}
+        assert _positive(sides["worker"]) and _positive(sides["floor"]), (n, sides)
+        assert ratios[n] == pytest.approx(sides["worker"] / sides["floor"], rel=0.01)
+    # the prefetch level is the very run behind ``throughput``
+    assert inflight[str(bench.QUICK.prefetch)] == results["throughput"]
+
+
+def test_cpu_per_message(results: dict[str, Any]) -> None:
+    keys = {"worker", "floor", "postgres_worker", "postgres_floor"}
+    cpu = results["cpu_ms_per_message"]
+    assert set(cpu) == keys
+    assert all(_positive(value) for value in cpu.values()), cpu
+    # no consumer spends a whole second of CPU on one message
+    assert all(value < 1000.0 for value in cpu.values()), cpu
+    per_level = results["cpu_ms_per_message_inflight"]
+    assert set(per_level) == {"4", "8", "16"}
+    assert per_level[str(bench.QUICK.prefetch)] == cpu
+    for figures in per_level.values():
+        assert set(figures) == keys and all(_positive(v) for v in figures.values()), figures
+    # divided by confirmations of the drained runs: at most the messages after each first one
+    counted = results["cpu_messages"]
+    drained = bench.QUICK.throughput - len(bench._shares(bench.QUICK.throughput))
+    assert all(0 < counted[side] <= drained for side in ("worker", "floor")), counted
+
+
 def test_memory(results: dict[str, Any]) -> None:
     rss = results["rss_mb"]
     assert set(rss) == {"1k", "50k"}
@@ -115,7 +153,7 @@ def test_every_message_filled(results: dict[str, Any]) -> None:
     counts = bench.QUICK
     rated_rounds = len(bench._shares(counts.rated))  # each round has its own warm-up
     per_target = counts.warmup * (1 + rated_rounds) + counts.serial + counts.rated
-    per_target += counts.throughput
+    per_target += counts.throughput * len({counts.prefetch, *bench.INFLIGHT})
     scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
     split = counts.throughput  # the worker's backlog again, over two processes
     expected = 2 * per_target + split + scaling + counts.memory_total
@@ -159,3 +197,49 @@ def test_drained_rounds_add_up_to_one_rate() -> None:
     total = bench.Drained(99, 0.5) + bench.Drained(49, 0.5)
     assert total == bench.Drained(148, 1.0) and total.rate == 148.0
     assert math.isnan(bench.Drained(0, 0.0).rate)
+
+
+def test_rated_messages_carry_their_intended_send_time() -> None:
+    [message] = bench.approvals("stamp", 1)
+    message = dataclasses.replace(message, headers={"other": "kept"})
+    out = bench.stamped(message, 1_700_000_000.123456)
+    assert out.headers == {"other": "kept", bench.INTENDED_HEADER: 1_700_000_000_123_456}
+    assert out.properties().headers == out.headers
+    assert (out.body, out.message_id) == (message.body, message.message_id)
+
+
+def test_cpu_of_rounds_adds_up_per_message() -> None:
+    first = bench.Drained(9, 0.1, bench_cpu.Cost(8, 0.004, 0.002))
+    second = bench.Drained(9, 0.1, bench_cpu.Cost(12, 0.016, 0.008))
+    total = (first + second).cpu
+    assert total == bench_cpu.Cost(20, 0.02, 0.01)
+    assert total.process_ms == pytest.approx(1.0) and total.postgres_ms == pytest.approx(0.5)
+    assert math.isnan(bench_cpu.Cost().process_ms)
+
+
+def test_cpu_cost_between_samples() -> None:
+    before = bench_cpu.Sample(1.0, 2.0, {(10, 5.0): 1.0, (11, 5.0): 3.0})
+    # backend 11 is gone, 12 is new (counts whole), 10 went on; the pid 10 of another start
+    # is another backend
+    after = bench_cpu.Sample(2.0, 2.5, {(10, 5.0): 1.25, (12, 6.0): 0.5, (10, 7.0): 0.25})
+    cost = bench_cpu.cost(before, after, 5)
+    assert cost == bench_cpu.Cost(5, 0.5, 1.0)
+
+
+SPIN = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+PARENT = "import subprocess, sys; subprocess.run([sys.executable, '-c', sys.argv[1]]); input()"
+
+
+def test_process_tree_cpu_includes_children() -> None:
+    """A grandchild's CPU counts, while it runs and after its parent reaped it."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, SPIN], stdin=subprocess.PIPE)
+    try:
+        seconds = 0.0
+        for _ in range(1200):  # up to a minute for 0.3 s of CPU on a busy machine
+            seconds = bench_cpu.process_tree_seconds(parent.pid)
+            if seconds >= 0.3:
+                break
+            time.sleep(0.05)
+        assert seconds >= 0.3
+    finally:
+        parent.communicate(b"\n", timeout=30)

@@ -50,6 +50,9 @@ NO_ORDER_STATES = frozenset({"REJECTED", "FAILED"})
 TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
 )
+# answered provisionally (an unknown outcome the broker shows nothing of): the confirmation
+# says FAILED/REJECTED with provisional=true; a correction would be a new version
+PROVISIONAL_STATE = "UNKNOWN"
 SYMBOLS = ("EURUSD", "USDJPY", "GBPUSD")
 
 SIM_TOML = """
@@ -170,6 +173,22 @@ class Side:
     def confirmed_keys(self) -> set[str]:
         """Execution ids (message ids) with at least one confirmation so far."""
         return set(self.collect())
+
+    def dead_letters(self) -> list[tuple[str | None, str | None]]:
+        """Take what the dead-letter queue holds: (message_id, x-rejection-reason) each."""
+
+        def drain() -> list[tuple[str | None, str | None]]:
+            got: list[tuple[str | None, str | None]] = []
+            while True:
+                method, properties, _ = self._channel.basic_get(DEAD_QUEUE, auto_ack=True)
+                if method is None:
+                    return got
+                headers = properties.headers or {}
+                reason = headers.get("x-rejection-reason")
+                got.append((properties.message_id, str(reason) if reason else None))
+
+        found: list[tuple[str | None, str | None]] = self._reopen_on_failure(drain)
+        return found
 
     def dead_lettered(self) -> int:
         def count() -> int:
@@ -348,17 +367,41 @@ class FaultEnv:
 
     # --- the promise ----------------------------------------------------------------------
 
-    def check(self, scenario: str, keys: list[str], **extra: Any) -> Tally:
-        """Assert the promise for every published key; return the scenario's numbers."""
+    def check(
+        self,
+        scenario: str,
+        keys: list[str],
+        *,
+        dead_letters_with_reason: bool = False,
+        **extra: Any,
+    ) -> Tally:
+        """Assert the promise for every published key; return the scenario's numbers.
+
+        An execution's deals (by magic) against its first deal's direction are the slippage close of
+        SLIPPAGE_POLICY=close (same magic and comment): one closing order per approval at
+        most, counted apart from the opening order. ``dead_letters_with_reason``: a key
+        dead-lettered by the worker with an ``x-rejection-reason`` (and no row) is
+        accounted for; a dead letter without a reason is always a problem.
+        """
         side = self.broker_side
         received = side.collect()
         rows = self.rows()
         orders_by_magic: dict[int, set[tuple[str, int]]] = defaultdict(set)
+        closes_by_magic: dict[int, set[tuple[str, int]]] = defaultdict(set)
         deals_by_magic: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for terminal in self.terminals:
-            for deal in terminal.deals():
-                orders_by_magic[int(deal["magic"])].add((terminal.name, int(deal["order"])))
-                deals_by_magic[int(deal["magic"])].append(deal)
+        opening_type: dict[int, int] = {}
+        every = [(t.name, d) for t in self.terminals for d in t.deals()]
+        for name, deal in sorted(every, key=lambda item: int(item[1]["ticket"])):
+            magic = int(deal["magic"])
+            opening = opening_type.setdefault(magic, int(deal["type"]))
+            if int(deal["type"]) != opening:
+                closes_by_magic[magic].add((name, int(deal["order"])))
+                continue
+            orders_by_magic[magic].add((name, int(deal["order"])))
+            deals_by_magic[magic].append(deal)
+        dead_reasons: dict[str, str | None] = {}
+        for message_id, reason in side.dead_letters():
+            dead_reasons[str(message_id)] = reason
         tally = Tally(scenario, messages=len(keys), **extra)
         problems: list[str] = []
         magics = set()
@@ -370,19 +413,32 @@ class FaultEnv:
             orders = orders_by_magic.get(magic, set())
             tally.orders += len(orders)
             tally.duplicates += max(0, len(orders) - 1)
+            closes = closes_by_magic.get(magic, set())
+            tally.duplicates += max(0, len(closes) - 1)
             key_rows = rows.get(key, [])
-            copies = received.get(str(execution_id), [])
-            if len(key_rows) != 1 or key_rows[0][0] not in TERMINAL_STATES or not copies:
+            if not key_rows and dead_letters_with_reason and dead_reasons.get(key):
+                states[f"dead-lettered ({dead_reasons[key]})"] += 1
+                if orders:
+                    problems.append(f"{key}: dead-lettered but the broker has orders {orders}")
+                continue
+            versions = _versions(received, str(execution_id))
+            answered = TERMINAL_STATES | {PROVISIONAL_STATE}
+            if len(key_rows) != 1 or key_rows[0][0] not in answered or not versions:
                 tally.lost += 1
-                problems.append(f"{key}: rows {key_rows}, {len(copies)} confirmation(s)")
+                problems.append(f"{key}: rows {key_rows}, {len(versions)} confirmation(s)")
                 continue
             state, broker_order, executed_lots, *_ = key_rows[0]
             states[state] += 1
-            if len(set(copies)) != 1:
-                problems.append(f"{key}: {len(set(copies))} different confirmation bodies")
-            body = json.loads(copies[0])
-            if body["status"] != state or body["idempotency_key"] != key:
+            for version, copies in versions.items():
+                if len(set(copies)) != 1:
+                    problems.append(f"{key}: v{version}: {len(set(copies))} different bodies")
+            body = json.loads(versions[max(versions)][0])
+            said = PROVISIONAL_STATE if body.get("provisional") else body["status"]
+            if said != state or body["idempotency_key"] != key:
                 problems.append(f"{key}: confirmation says {body['status']}, row says {state}")
+            # closed at once: the confirmation lists every deal, ours and the close's
+            if state == "CANCELLED" and closes and orders and len(body["broker_deals"]) < 2:
+                problems.append(f"{key}: CANCELLED listing {body['broker_deals']}")
             if state in FILLED_STATES:
                 problems += _fill_problems(
                     key,
@@ -393,16 +449,19 @@ class FaultEnv:
                     orders,
                     deals_by_magic.get(magic, []),
                 )
-            elif state in NO_ORDER_STATES and orders:
+            elif (state in NO_ORDER_STATES or state == PROVISIONAL_STATE) and orders:
                 problems.append(f"{key}: {state} but the broker has orders {orders}")
         strays = {m: o for m, o in orders_by_magic.items() if m not in magics}
         if strays:
             tally.duplicates += sum(len(o) for o in strays.values())
             problems.append(f"orders with the magic of no published approval: {strays}")
         tally.by_state = dict(sorted(states.items()))
-        dead = side.dead_lettered()
-        if dead:
-            problems.append(f"{dead} request(s) dead-lettered")
+        published = set(keys)
+        for message_id, reason in dead_reasons.items():
+            if not reason:
+                problems.append(f"{message_id}: dead-lettered with no reason")
+            elif not dead_letters_with_reason or message_id not in published:
+                problems.append(f"{message_id}: dead-lettered ({reason})")
         assert not problems, f"{scenario}: " + "; ".join(problems[:20])
         return tally
 
@@ -435,6 +494,17 @@ def _fill_problems(
     if sorted(body["broker_deals"]) != sorted(int(deal["ticket"]) for deal in deals):
         problems.append(f"{key}: confirmation deals {body['broker_deals']} != broker's {deals}")
     return problems
+
+
+def _versions(received: dict[str, list[bytes]], execution_id: str) -> dict[int, list[bytes]]:
+    """The confirmations of one execution by version (message_id ``<id>`` or ``<id>:vN``)."""
+    found: dict[int, list[bytes]] = {}
+    for message_id, copies in received.items():
+        if message_id == execution_id:
+            found.setdefault(1, []).extend(copies)
+        elif message_id.startswith(execution_id + ":v"):
+            found.setdefault(int(message_id.rsplit(":v", 1)[1]), []).extend(copies)
+    return found
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,14 +47,15 @@ class PipelineEnv:
         message: dict[str, Any] | bytes,
         *,
         props: MessageProperties | None = None,
-        redelivered: bool = False,
+        redelivered: bool | None = None,
+        delivery_count: int | None = None,
     ) -> Outcome:
         body = message if isinstance(message, bytes) else json.dumps(message).encode()
         delivery = Delivery(
             body=body,
             properties=props or MessageProperties(content_type="application/json"),
-            redelivered=redelivered,
-            delivery_count=None,
+            redelivered=bool(delivery_count) if redelivered is None else redelivered,
+            delivery_count=delivery_count,
             received_at=datetime.now(UTC),
         )
         return self.pipeline.handle(delivery)
@@ -69,6 +71,17 @@ class PipelineEnv:
         assert isinstance(outcome, Publish), outcome
         document: dict[str, Any] = json.loads(outcome.payload)
         return document
+
+    def settled(self, message: dict[str, Any], attempts: int = 30) -> Outcome:
+        """Redeliver, as RabbitMQ does after each requeue, until the outcome is no Requeue:
+        on the hardened server an execution stays in flight while its deals lag."""
+        outcome = self.deliver(message, redelivered=True)
+        for _ in range(attempts):
+            if not isinstance(outcome, Requeue):
+                break
+            time.sleep(0.1)  # the runtime's requeue delay
+            outcome = self.deliver(message, redelivered=True)
+        return outcome
 
     def deals(self, execution_id: uuid.UUID | str | None = None) -> list[api.TradeDeal]:
         """The broker's deals from its books (lagging ones too; no query can fail), or those

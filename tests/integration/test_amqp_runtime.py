@@ -78,9 +78,9 @@ class MemoryOutbox:
         with self.lock:
             return [p for i, p in self.rows.items() if i not in self.published][:limit]
 
-    def mark_published(self, execution_ids: Sequence[uuid.UUID]) -> None:
+    def mark_published(self, execution_ids: Sequence[uuid.UUID | tuple[uuid.UUID, int]]) -> None:
         with self.lock:
-            self.published.update(execution_ids)
+            self.published.update(k if isinstance(k, uuid.UUID) else k[0] for k in execution_ids)
 
 
 def confirmation_for(message_id: str, reply_to: str | None) -> Publish:

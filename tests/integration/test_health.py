@@ -58,7 +58,7 @@ def test_metrics_endpoint_serves_the_exposition_with_fresh_state(server: HealthS
     }
     assert samples[("execution_worker_outbox_backlog", ())] == 3
     assert samples[("execution_worker_outbox_oldest_age_seconds", ())] == 4.5
-    filled = (("reason", "none"), ("status", "filled"))
+    filled = (("account", "none"), ("reason", "none"), ("status", "filled"))
     before = samples[("execution_worker_executions_total", filled)]
     metrics.record_outcome("FILLED")
     _, _, again = get(server, "/metrics")

@@ -139,7 +139,7 @@ def test_a_repeated_refusal_answers_the_first_and_counts_as_a_duplicate(
 ) -> None:
     message = approval()
     message["decision"]["kill_switch_triggered"] = True
-    refused = {"status": "rejected", "reason": "KILL_SWITCH"}
+    refused = {"status": "rejected", "reason": "KILL_SWITCH", "account": "none"}
     before = (_counter("executions_total", **refused), _counter("duplicates_total"))
     first = env.deliver(message)
     second = env.deliver(message)  # the RPM published it twice: not a redelivery

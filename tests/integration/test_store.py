@@ -13,13 +13,14 @@ import pytest
 
 from schemas.identity import comment_token_for
 from worker.execution.outcome import Publish
+from worker.store.migrate import migrations
 from worker.store.store import Event, Store, StoreError
 
 
 @pytest.fixture
 def store(new_database: Callable[[], str]) -> Iterator[Store]:
     opened = Store.open(new_database(), max_size=4)
-    assert opened.migrate() == [1, 2]
+    assert opened.migrate() == [version for version, _ in migrations()]
     yield opened
     opened.close()
 

@@ -46,7 +46,7 @@ from worker.mt5.sessions import SessionSpec
 from worker.mt5.sim.terminal import SimConfig, SimTerminal
 from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
-from worker.store.migrate import apply_migrations
+from worker.store.migrate import apply_migrations, migrations
 from worker.store.store import Store
 from worker.tools.trail import find_trails
 
@@ -70,6 +70,7 @@ class Roles:
     admin_url: str
     owner_url: str
     worker_url: str
+    operator_url: str
 
 
 def _psql(url: str, *variables: str) -> None:
@@ -83,24 +84,32 @@ def roles(postgres_server: Service, new_database: Callable[[], str]) -> Iterator
     admin_url = new_database()
     suffix = uuid.uuid4().hex[:8]
     owner, worker = f"ew_owner_{suffix}", f"ew_worker_{suffix}"
-    owner_pw, worker_pw = uuid.uuid4().hex, uuid.uuid4().hex
+    operator = f"ew_operator_{suffix}"
+    owner_pw, worker_pw, operator_pw = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
     variables = ["-v", f"owner_role={owner}", "-v", f"worker_role={worker}"]
+    variables += ["-v", f"operator_role={operator}"]
     secrets = ["-v", f"owner_password='{owner_pw}'", "-v", f"worker_password='{worker_pw}'"]
+    secrets += ["-v", f"operator_password='{operator_pw}'"]
     _psql(admin_url, *variables, *secrets)
     owner_url = with_user(admin_url, owner, owner_pw)
     with psycopg.connect(owner_url, autocommit=True) as conn:
-        assert apply_migrations(conn) == [1, 2]  # `execution-worker migrate` as the owner
+        assert apply_migrations(conn) == [v for v, _ in migrations()]  # `migrate` as the owner
     _psql(admin_url, *variables)  # again after the migration: grants on the new tables
     try:
-        yield Roles(admin_url, owner_url, with_user(admin_url, worker, worker_pw))
+        yield Roles(
+            admin_url,
+            owner_url,
+            with_user(admin_url, worker, worker_pw),
+            with_user(admin_url, operator, operator_pw),
+        )
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
-            for role in (worker, owner):
+            for role in (operator, worker, owner):
                 conn.execute(f'DROP OWNED BY "{role}" CASCADE')
         with psycopg.connect(postgres_server.admin_url, autocommit=True) as conn:
             database = urlsplit(admin_url).path.lstrip("/")
             conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-            for role in (worker, owner):
+            for role in (operator, worker, owner):
                 conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
@@ -175,6 +184,9 @@ def test_the_worker_role_runs_the_real_pipeline(
         assert find_trails(conn, str(filled.execution_id))
 
 
+THIS_MONTH_EVENTS = f"execution_events_p{datetime.now(UTC):%Y%m}"
+THIS_MONTH_OUTBOX = f"outbox_p{datetime.now(UTC):%Y%m}"
+
 FORBIDDEN = (
     "UPDATE execution.execution_events SET stage = 'forged'",
     "DELETE FROM execution.execution_events",
@@ -204,6 +216,21 @@ FORBIDDEN = (
     "ALTER TABLE execution.execution_events OWNER TO CURRENT_USER",
     "ALTER TABLE execution.executions RENAME TO evil",
     "SET session_replication_role = replica",
+    # retention is the owner's: no partition can be detached, dropped, emptied or made
+    f"ALTER TABLE execution.execution_events DETACH PARTITION execution.{THIS_MONTH_EVENTS}",
+    f"ALTER TABLE execution.outbox DETACH PARTITION execution.{THIS_MONTH_OUTBOX}",
+    f"DROP TABLE execution.{THIS_MONTH_EVENTS}",
+    f"DROP TABLE execution.{THIS_MONTH_OUTBOX}",
+    "DROP TABLE execution.execution_events_default",
+    f"DELETE FROM execution.{THIS_MONTH_EVENTS}",
+    f"UPDATE execution.{THIS_MONTH_EVENTS} SET stage = 'forged'",
+    f"TRUNCATE execution.{THIS_MONTH_EVENTS}",
+    "TRUNCATE execution.execution_events_default",
+    f"DELETE FROM execution.{THIS_MONTH_OUTBOX}",
+    f"ALTER TABLE execution.{THIS_MONTH_EVENTS} DISABLE TRIGGER ALL",
+    "CREATE TABLE execution.execution_events_p209901 PARTITION OF execution.execution_events"
+    " FOR VALUES FROM ('2099-01-01') TO ('2099-02-01')",
+    "SELECT execution.ensure_partitions(24)",
 )
 
 
@@ -233,11 +260,20 @@ def test_the_worker_role_owns_nothing_and_cannot_become_the_owner(
         assert owned == (0,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute(f'SET ROLE "{owner}"')
-        # and the append-only trigger is still there and enabled after all the attempts
-        state = conn.execute(
-            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'execution_events_append_only'"
+        # and the append-only triggers are still there and enabled after all the attempts,
+        # on the table and on every one of its partitions
+        states = conn.execute(
+            "SELECT c.relname, t.tgname, t.tgenabled FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE t.tgname IN ('execution_events_append_only', 'execution_events_no_truncate')"
+        ).fetchall()
+        partitions = conn.execute(
+            "SELECT count(*) FROM pg_inherits"
+            " WHERE inhparent = 'execution.execution_events'::regclass"
         ).fetchone()
-        assert state == ("O",)
+        assert partitions is not None and partitions[0] >= 5  # default + this month + 3
+        assert len(states) == 2 * (partitions[0] + 1)
+        assert {state for _, _, state in states} == {"O"}
 
 
 def test_the_owner_still_cannot_edit_events_the_trigger_holds(
@@ -251,11 +287,186 @@ def test_the_owner_still_cannot_edit_events_the_trigger_holds(
     assert "append-only" in str(info.value)
 
 
+def test_the_owner_retires_whole_partitions_the_worker_cannot(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal], tmp_path: Path
+) -> None:
+    from worker.tools.retention import retire
+
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute("SELECT execution.ensure_partitions(0, ARRAY['2020-01-15'::timestamptz])")
+        key = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO execution.executions"
+            " (execution_id, idempotency_key, state, comment_token, received_at)"
+            " VALUES (%s, %s, 'FILLED', 't', '2020-01-15')",
+            (key, f"k-{key}"),
+        )
+        conn.execute(
+            "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+            " VALUES (%s, '2020-01-15', 'submit', 'transition')",
+            (key,),
+        )
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            retire(conn, datetime.now(UTC), archive_dir=tmp_path, out=lambda _: None)
+        assert conn.execute(
+            "SELECT count(*) FROM execution.execution_events_p202001"
+        ).fetchone() == (1,)
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        cutoff = datetime(2021, 1, 1, tzinfo=UTC)
+        assert retire(conn, cutoff, archive_dir=tmp_path, out=lambda _: None) == 0
+        gone = conn.execute("SELECT to_regclass('execution.execution_events_p202001')")
+        assert gone.fetchone() == (None,)
+    assert (tmp_path / "execution_events_p202001.csv.gz").exists()
+
+
+def test_migrate_makes_partitions_ahead_as_the_owner_only(
+    roles: Roles, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from worker.cli import main as cli_main
+
+    monkeypatch.delenv("DATABASE_URL_FILE", raising=False)
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        far = f"execution_events_p{datetime.now(UTC).year + 1}{datetime.now(UTC):%m}"
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            None,
+        )
+    monkeypatch.setenv("DATABASE_URL", roles.worker_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 1
+    assert cli_main(["migrate"]) == 1
+    assert "not the schema owner" in capsys.readouterr().out
+    monkeypatch.setenv("DATABASE_URL", roles.owner_url)
+    assert cli_main(["retention", "--months-ahead", "12"]) == 0
+    assert cli_main(["migrate"]) == 0
+    with psycopg.connect(roles.worker_url, autocommit=True) as conn:
+        assert conn.execute("SELECT to_regclass(%s)::text", (f"execution.{far}",)).fetchone() == (
+            f"execution.{far}",
+        )
+
+
+def test_migration_0004_keeps_the_workers_grants(
+    roles: Roles, new_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upgrading from migration 3: the worker can still publish and append right after the
+    partitioning migration, before roles.sql is re-run."""
+    from worker.store import migrate
+
+    owner = urlsplit(roles.owner_url).username or ""
+    worker = urlsplit(roles.worker_url).username or ""
+    names = ["-v", f"owner_role={owner}", "-v", f"worker_role={worker}"]
+    admin_url = new_database()
+    database = urlsplit(admin_url).path.lstrip("/")
+    owner_url = urlunsplit(urlsplit(roles.owner_url)._replace(path=f"/{database}"))
+    worker_url = urlunsplit(urlsplit(roles.worker_url)._replace(path=f"/{database}"))
+    every = migrate.migrations()
+    try:
+        _psql(admin_url, *names)
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            monkeypatch.setattr(migrate, "migrations", lambda: every[:3])
+            assert apply_migrations(conn) == [1, 2, 3]
+            monkeypatch.undo()
+        _psql(admin_url, *names)
+        key = uuid.uuid4()
+        with psycopg.connect(worker_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO execution.executions"
+                " (execution_id, idempotency_key, state, comment_token, received_at)"
+                " VALUES (%s, %s, 'FILLED', 't', now())",
+                (key, f"k-{key}"),
+            )
+            conn.execute(
+                "INSERT INTO execution.outbox (execution_id, routing_key, payload)"
+                " VALUES (%s, 'r', '{}')",
+                (key,),
+            )
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            assert apply_migrations(conn) == [v for v, _ in every[3:]]  # 4 and any later
+        with psycopg.connect(worker_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+                " VALUES (%s, now(), 'submit', 'transition')",
+                (key,),
+            )
+            published = conn.execute(
+                "UPDATE execution.outbox SET published_at = now(), attempts = 1"
+                " WHERE execution_id = %s",
+                (key,),
+            )
+            assert published.rowcount == 1
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("UPDATE execution.outbox SET payload = 'forged'")
+    finally:
+        with psycopg.connect(roles.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
 def test_roles_sql_is_idempotent(roles: Roles) -> None:
     # a third run (e.g. after the next migration) changes nothing and fails on nothing
     suffix = urlsplit(roles.worker_url).username or ""
     owner = suffix.replace("ew_worker_", "ew_owner_")
-    _psql(roles.admin_url, "-v", f"owner_role={owner}", "-v", f"worker_role={suffix}")
+    operator = suffix.replace("ew_worker_", "ew_operator_")
+    _psql(
+        roles.admin_url,
+        *("-v", f"owner_role={owner}", "-v", f"worker_role={suffix}"),
+        *("-v", f"operator_role={operator}"),
+    )
+
+
+_ACTION = (
+    "INSERT INTO execution.operator_actions (actor, action, queue, dead_letter_id, body_sha256)"
+    " VALUES ('test', 'purge', 'execution.requests.dead', 'm-1', 'abc')"
+)
+OPERATOR_FORBIDDEN = (
+    "UPDATE execution.operator_actions SET actor = 'forged'",
+    "DELETE FROM execution.operator_actions",
+    "TRUNCATE execution.operator_actions",
+    "INSERT INTO execution.executions (execution_id, idempotency_key, state, comment_token,"
+    " received_at) VALUES (gen_random_uuid(), 'k', 'FILLED', 't', now())",
+    "UPDATE execution.executions SET state = 'FILLED'",
+    "INSERT INTO execution.outbox (execution_id, routing_key, payload)"
+    " SELECT execution_id, 'r', 'p' FROM execution.executions LIMIT 1",
+    "INSERT INTO execution.execution_events (execution_id, at, stage, kind)"
+    " SELECT execution_id, now(), 's', 'k' FROM execution.executions LIMIT 1",
+    "CREATE TABLE execution.evil (x int)",
+    "ALTER TABLE execution.operator_actions DISABLE TRIGGER operator_actions_append_only",
+)
+
+
+def test_the_operator_role_reads_the_store_and_appends_its_actions(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal]
+) -> None:
+    with psycopg.connect(roles.operator_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM execution.executions").fetchone()
+        assert find_trails(conn, "no-such-key") == []
+        conn.execute(_ACTION)
+        assert conn.execute("SELECT count(*) FROM execution.operator_actions").fetchone() >= (1,)
+
+
+@pytest.mark.parametrize("statement", OPERATOR_FORBIDDEN)
+def test_the_operator_role_cannot_rewrite_anything(
+    roles: Roles, pipeline_as_worker: tuple[Pipeline, Store, SimTerminal], statement: str
+) -> None:
+    with (
+        psycopg.connect(roles.operator_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(statement)
+
+
+def test_the_worker_role_cannot_forge_an_operator_action(roles: Roles) -> None:
+    with (
+        psycopg.connect(roles.worker_url, autocommit=True) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege),
+    ):
+        conn.execute(_ACTION)
+
+
+def test_the_owner_still_cannot_edit_operator_actions_the_trigger_holds(roles: Roles) -> None:
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute(_ACTION)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege) as info:
+            conn.execute("DELETE FROM execution.operator_actions")
+    assert "append-only" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- RabbitMQ

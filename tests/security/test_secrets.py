@@ -167,8 +167,9 @@ def _cli(environ: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
         (("trail", "some-key"), None),
         (("trail", "some-key", "--json"), None),
         (("migrate",), None),
+        (("retention", "--older-than", "90d"), None),
     ],
-    ids=["run-refused-broker", "trail", "trail-json", "migrate"],
+    ids=["run-refused-broker", "trail", "trail-json", "migrate", "retention"],
 )
 def test_cli_failures_leak_nothing(
     environ: dict[str, str],

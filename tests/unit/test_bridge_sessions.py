@@ -105,21 +105,25 @@ def test_a_sessions_file(tmp_path: Path) -> None:
         backend = "bridge"
         address = "10.0.0.6:18812"
         secret_file = "{secret_file}"
+        account = "icm-second"
 
         [[sessions]]
         id = "shared"
         backend = "bridge"
         address = "10.0.0.7"
+        account = "shared"
 
         [[sessions]]
         id = "local"
         backend = "native"
         login = 777
         password_env = "LOCAL_PASSWORD"
+        account = "local"
 
         [[sessions]]
         id = "paper"
         backend = "sim"
+        account = "paper"
         """,
     )
     specs = load_session_specs(settings, {"ICM1_SECRET": "env-secret", "LOCAL_PASSWORD": "pw"})
@@ -142,6 +146,14 @@ def test_a_sessions_file(tmp_path: Path) -> None:
     assert local is not None and local.get_secret_value() == "pw"
     for value in ("env-secret", "file-secret", "shared-secret", "pw"):
         assert f"'{value}'" not in repr(specs)
+    # each session's account: its alias, else "<server>:<login>"
+    assert [spec.account for spec in specs] == [
+        "ICMarkets-Demo:5012345",
+        "icm-second",
+        "shared",
+        "local",
+        "paper",
+    ]
 
 
 @pytest.mark.parametrize(

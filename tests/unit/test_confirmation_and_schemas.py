@@ -47,3 +47,16 @@ def test_committed_json_schemas_match_the_models() -> None:
         assert committed == render(model), (
             f"{file_name} is stale: run execution-worker schema-export"
         )
+
+
+def test_a_first_answer_keeps_the_bare_execution_id_as_message_id() -> None:
+    confirmation = _confirmation()
+    assert confirmation.version == 1 and confirmation.provisional is False
+    assert confirmation.message_id() == str(confirmation.execution_id)
+
+
+def test_a_correction_is_a_new_version_with_its_own_message_id() -> None:
+    corrected = _confirmation(version=2, correction="version 1 was provisional")
+    assert corrected.message_id() == f"{corrected.execution_id}:v2"
+    document = json.loads(corrected.to_json_bytes())
+    assert (document["version"], document["correction"]) == (2, "version 1 was provisional")

@@ -359,7 +359,9 @@ def test_production_sessions_example_is_accepted_by_the_worker() -> None:
     specs = bridge_specs(
         str(ROOT / "deploy/compose/sessions.example.toml"), MT5_BRIDGE_SECRET="not-a-real-secret"
     )
-    assert [spec.backend for spec in specs] == ["bridge", "bridge"]
+    assert [spec.backend for spec in specs] == ["bridge", "bridge", "bridge"]
+    # two terminals of one account (an alias), and an account named by server and login
+    assert [spec.account for spec in specs] == ["fund-a", "fund-a", "Broker-Demo:5012346"]
     production = load_yaml(PRODUCTION)["services"]["worker"]
     mounted = {v.removesuffix(":ro").rsplit(":", 1)[1] for v in production["volumes"]}
     assert {spec.tls_ca for spec in specs} <= mounted

@@ -28,18 +28,18 @@ def _no_state_readers() -> Iterator[None]:
 
 def test_outcome_counts_by_lower_case_status_and_reason() -> None:
     name = "execution_worker_executions_total"
-    filled = value(name, status="filled", reason="none")
-    spread = value(name, status="rejected", reason="SPREAD_TOO_WIDE")
-    other = value(name, status="rejected", reason="other")
+    filled = value(name, status="filled", reason="none", account="none")
+    spread = value(name, status="rejected", reason="SPREAD_TOO_WIDE", account="none")
+    other = value(name, status="rejected", reason="other", account="none")
 
     metrics.record_outcome("FILLED")
     metrics.record_outcome("REJECTED", "SPREAD_TOO_WIDE")
     metrics.record_outcome("REJECTED", "SPREAD_TOO_WIDE")
     metrics.record_outcome("REJECTED", "password=hunter2 in a free text reason")
 
-    assert value(name, status="filled", reason="none") == filled + 1
-    assert value(name, status="rejected", reason="SPREAD_TOO_WIDE") == spread + 2
-    assert value(name, status="rejected", reason="other") == other + 1
+    assert value(name, status="filled", reason="none", account="none") == filled + 1
+    assert value(name, status="rejected", reason="SPREAD_TOO_WIDE", account="none") == spread + 2
+    assert value(name, status="rejected", reason="other", account="none") == other + 1
 
 
 def test_stage_histogram_counts_and_buckets() -> None:
@@ -139,8 +139,12 @@ def test_symbol_labels_are_bounded_and_shaped(monkeypatch: pytest.MonkeyPatch) -
 def test_fill_ratio_and_claim_wait() -> None:
     ratio = "execution_worker_fill_ratio_bucket"
     below_full = value(ratio, le="0.95")
-    timeouts = value("execution_worker_session_claim_wait_seconds_count", result="timeout")
-    acquired = value("execution_worker_session_claim_wait_seconds_count", result="acquired")
+    timeouts = value(
+        "execution_worker_session_claim_wait_seconds_count", result="timeout", account="none"
+    )
+    acquired = value(
+        "execution_worker_session_claim_wait_seconds_count", result="acquired", account="none"
+    )
 
     metrics.observe_fill_ratio(0.92)
     metrics.observe_fill_ratio(1.0)
@@ -149,10 +153,13 @@ def test_fill_ratio_and_claim_wait() -> None:
 
     assert value(ratio, le="0.95") == below_full + 1
     assert (
-        value("execution_worker_session_claim_wait_seconds_count", result="timeout") == timeouts + 1
+        value("execution_worker_session_claim_wait_seconds_count", result="timeout", account="none")
+        == timeouts + 1
     )
     assert (
-        value("execution_worker_session_claim_wait_seconds_count", result="acquired")
+        value(
+            "execution_worker_session_claim_wait_seconds_count", result="acquired", account="none"
+        )
         == acquired + 1
     )
 
@@ -262,7 +269,7 @@ def test_a_failing_callback_keeps_the_last_value_and_does_not_raise() -> None:
 
 
 ALLOWED_LABELS = {"symbol", "side", "status", "reason", "retcode", "stage", "session"}
-ALLOWED_LABELS |= {"redelivered", "result", "target", "le"}
+ALLOWED_LABELS |= {"redelivered", "result", "target", "le", "account"}
 
 
 def test_exposition_uses_the_prefix_units_and_bounded_label_names() -> None:

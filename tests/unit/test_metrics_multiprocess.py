@@ -58,7 +58,10 @@ def test_two_processes_merge_counters_and_live_gauges(tmp_path: Path) -> None:
     with HealthServer(port=0, host="127.0.0.1", multiprocess_dir=str(tmp_path)) as server:
         merged = _scrape(server)
         executions = merged[
-            ("execution_worker_executions_total", (("reason", "none"), ("status", "filled")))
+            (
+                "execution_worker_executions_total",
+                (("account", "none"), ("reason", "none"), ("status", "filled")),
+            )
         ]
         assert executions == 2
         slippage = (("side", "buy"), ("symbol", "EURUSD"))
@@ -76,6 +79,11 @@ def test_two_processes_merge_counters_and_live_gauges(tmp_path: Path) -> None:
         assert ("execution_worker_in_flight_messages", ()) not in after
         # counters survive their process: the work was done
         assert (
-            after[("execution_worker_executions_total", (("reason", "none"), ("status", "filled")))]
+            after[
+                (
+                    "execution_worker_executions_total",
+                    (("account", "none"), ("reason", "none"), ("status", "filled")),
+                )
+            ]
             == 2
         )

@@ -376,3 +376,51 @@ def test_known_fills_the_broker_does_not_show_are_kept_in_leg_order() -> None:
 def test_giving_up_with_a_known_fill_is_classified_not_failed() -> None:
     decision = settle.when_not_found(None, 3, 3, filled=True)
     assert isinstance(decision, GiveUp) and decision.status is None
+
+
+# --- the slippage close never sent twice (issue 18 item 1) --------------------------------
+
+
+def test_closing_fills_are_the_deals_against_the_execution() -> None:
+    deals = [buy(1, 10, 1.0, 1.1), sell(2, 11, 1.0, 1.09)]
+    (closing,) = settle.closing_fills(deals, Side.BUY)
+    assert (closing.order, closing.deals, closing.volume) == (11, (2,), 1.0)
+
+
+def test_closes_left_counts_closing_deals_already_done() -> None:
+    opened = settle.fills_from_deals([buy(1, 10, 1.0, 1.1, 7)], Side.BUY, 1.1)
+    closed = settle.closing_fills([sell(2, 11, 1.0, 1.09, 7)], Side.BUY)
+    assert [close for _, close in settle.closes_left(opened, Side.BUY, closed)] == [None]
+    assert [close for _, close in settle.closes_left(opened, Side.BUY, ())] == [
+        Close(Side.SELL, 1.0, 7)
+    ]
+
+
+def test_closes_left_closes_only_the_rest_and_never_counts_a_close_twice() -> None:
+    opened = settle.fills_from_deals(
+        [buy(1, 10, 1.0, 1.1, 7), buy(3, 12, 0.5, 1.1, 8)], Side.BUY, 1.1
+    )
+    closed = settle.closing_fills([sell(2, 11, 0.4, 1.09, 7)], Side.BUY)
+    left = [close for _, close in settle.closes_left(opened, Side.BUY, closed)]
+    # 0.6 of position 7 still open; position 8's close is not covered by position 7's
+    assert left == [Close(Side.SELL, 0.6, 7), Close(Side.SELL, 0.5, 8)]
+
+
+def test_a_provisional_answer_differs_from_a_late_fill_only_when_the_deals_do() -> None:
+    from datetime import UTC, datetime
+    from uuid import uuid4
+
+    from schemas.confirmation import ExecutionConfirmation
+
+    provisional = ExecutionConfirmation(
+        execution_id=uuid4(),
+        idempotency_key="k",
+        status=ExecutionStatus.FAILED,
+        rejection_reason=RejectionReason.UNKNOWN_OUTCOME,
+        received_at=datetime.now(UTC),
+        completed_at=datetime.now(UTC),
+        provisional=True,
+    )
+    late = settle.fills_from_deals([buy(1, 10, 1.0, 1.1)], Side.BUY, 1.1)
+    assert settle.differs(late, provisional)
+    assert not settle.differs([], provisional)

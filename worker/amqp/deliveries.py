@@ -22,7 +22,7 @@ from schemas.request import MessageProperties
 from worker.amqp.loop import IoLoop
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
-from worker.amqp.topology import DEAD_LETTER_EXCHANGE
+from worker.amqp.topology import DEAD_LETTER_EXCHANGE, REQUESTS_QUEUE
 from worker.execution.outcome import DeadLetter, Delivery
 from worker.observability import metrics
 
@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 
 REJECTION_REASON_HEADER = "x-rejection-reason"
 REJECTION_DETAILS_HEADER = "x-rejection-details"
+# how many times a request went to the back of the queue waiting for its account
+ACCOUNT_WAITS_HEADER = "x-account-waits"
+# set by the broker on redeliveries; a copy published again starts as a new message
+_BROKER_HEADERS = ("x-delivery-count", "x-death", "x-first-death-queue", "x-first-death-reason")
 
 
 def to_message_properties(props: Any) -> MessageProperties:
@@ -79,6 +83,20 @@ def dead_letter_properties(original: Any, reason: str, details: str) -> pika.Bas
         user_id=None,  # the broker checks user_id against the publisher's login
         app_id=original.app_id,
     )
+
+
+def back_of_queue_properties(original: Any) -> pika.BasicProperties:
+    """The original properties, persistent, for a copy published again at the back of
+    ``execution.requests``; the broker's own headers dropped, the waits counted."""
+    properties = dead_letter_properties(original, "", "")
+    headers = dict(properties.headers or {})
+    for name in (REJECTION_REASON_HEADER, REJECTION_DETAILS_HEADER, *_BROKER_HEADERS):
+        headers.pop(name, None)
+    waits = headers.get(ACCOUNT_WAITS_HEADER)
+    count = waits if isinstance(waits, int) and not isinstance(waits, bool) else 0
+    headers[ACCOUNT_WAITS_HEADER] = count + 1
+    properties.headers = headers
+    return properties
 
 
 @dataclass(eq=False)
@@ -209,14 +227,43 @@ class Deliveries:
             on_result=done,
         )
 
-    def requeue(self, item: InFlight, reason: str) -> None:
+    def requeue(self, item: InFlight, reason: str, *, to_back: bool = False) -> None:
         log.info("requeueing a delivery: %s", reason)
+        if to_back and not self._stopping() and self._publisher is not None:
+            self._to_back(item)
+            return
         if self._stopping() or self._options.requeue_delay_seconds <= 0:
             self.settle(item, ack=False)
             return
         # a short pause so that a claim timeout does not spin through the delivery limit
         self._loop.call_later(
             self._options.requeue_delay_seconds, lambda: self.settle(item, ack=False)
+        )
+
+    def _to_back(self, item: InFlight) -> None:
+        """Publish a copy at the back of ``execution.requests`` (confirmed), then ack the
+        delivery; a nack-requeue would put it back at the head (RabbitMQ 3.x quorum queues),
+        in front of every other account's approvals. Any failure falls back to that nack.
+        A crash between the confirm and the ack leaves two copies with one key: the second
+        is answered from the store, as every redelivery is."""
+        assert self._publisher is not None
+
+        def done(result: PublishResult) -> None:
+            if result is PublishResult.CONFIRMED:
+                self._stats.requeued_to_back += 1
+                self.settle(item, ack=True)
+            elif result is PublishResult.LOST:
+                self._on_settled()
+            else:
+                self.settle(item, ack=False)
+
+        self._publisher.publish(
+            "",
+            REQUESTS_QUEUE,
+            item.delivery.body,
+            back_of_queue_properties(item.properties),
+            mandatory=True,
+            on_result=done,
         )
 
     def settle(self, item: InFlight, *, ack: bool) -> None:

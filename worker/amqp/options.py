@@ -42,6 +42,7 @@ class RuntimeStats:
     confirmations_published: int = 0
     dead_lettered: int = 0
     requeued: int = 0
+    requeued_to_back: int = 0  # published again at the back of the queue (account busy)
     handler_errors: int = 0
     returned: int = 0
     nacked: int = 0

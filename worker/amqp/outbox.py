@@ -18,6 +18,7 @@ from uuid import UUID
 
 import pika
 
+from schemas.confirmation import message_id_for
 from worker.amqp.deliveries import Deliveries, InFlight
 from worker.amqp.loop import IoLoop, Threads
 from worker.amqp.options import RuntimeOptions, RuntimeStats
@@ -38,7 +39,7 @@ class BackoffOutbox(Protocol):
 
     def mark_failed(
         self,
-        execution_ids: Sequence[UUID],
+        execution_ids: Sequence[UUID | tuple[UUID, int]],
         *,
         backoff_seconds: float,
         max_backoff_seconds: float,
@@ -49,7 +50,7 @@ def confirmation_properties(publish: Publish) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type="application/json",
         delivery_mode=PERSISTENT,
-        message_id=str(publish.execution_id),
+        message_id=message_id_for(publish.execution_id, publish.version),
         correlation_id=publish.correlation_id,
         headers={"schema": CONFIRMATION_SCHEMA_HEADER},
     )
@@ -77,8 +78,8 @@ class Confirmations:
         self._on_result = on_result
         self._publisher: ConfirmingPublisher | None = None
         self._publishing: set[UUID] = set()
-        self._to_mark: list[UUID] = []
-        self._to_fail: list[UUID] = []
+        self._to_mark: list[tuple[UUID, int]] = []
+        self._to_fail: list[tuple[UUID, int]] = []
         # an outbox that records refused publishes backs them off (the store does)
         self._backoff = outbox if isinstance(outbox, BackoffOutbox) else None
         self._mark_timer: Any = None
@@ -159,7 +160,7 @@ class Confirmations:
         if result is PublishResult.CONFIRMED:
             metrics.observe_stage("publish", time.perf_counter() - started)
             self._stats.confirmations_published += 1
-            self._mark(execution_id)
+            self._mark((execution_id, publish.version))
             self._deliveries.confirmed(execution_id)
             if on_confirmed is not None:
                 on_confirmed()
@@ -168,7 +169,7 @@ class Confirmations:
                 self._stats.returned += 1
             else:
                 self._stats.nacked += 1
-            self._fail(execution_id)
+            self._fail((execution_id, publish.version))
             # the sweep retries it (with backoff): warn once, on the live path
             log.log(
                 logging.WARNING if on_failed is not None else logging.DEBUG,
@@ -249,13 +250,13 @@ class Confirmations:
 
     # ----------------------------------------------------------------- published marks
 
-    def _mark(self, execution_id: UUID) -> None:
-        self._to_mark.append(execution_id)
+    def _mark(self, key: tuple[UUID, int]) -> None:
+        self._to_mark.append(key)
         self._flush_soon(len(self._to_mark))
 
-    def _fail(self, execution_id: UUID) -> None:
+    def _fail(self, key: tuple[UUID, int]) -> None:
         if self._backoff is not None:
-            self._to_fail.append(execution_id)
+            self._to_fail.append(key)
             self._flush_soon(len(self._to_fail))
 
     def _flush_soon(self, batch: int) -> None:

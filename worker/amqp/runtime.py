@@ -249,7 +249,7 @@ class AmqpRuntime:
         elif isinstance(outcome, DeadLetter):
             self._deliveries.dead_letter(item, outcome)
         else:
-            self._deliveries.requeue(item, outcome.reason)
+            self._deliveries.requeue(item, outcome.reason, to_back=outcome.to_back)
 
     # ----------------------------------------------------------------- drain (IO thread)
 

@@ -1,6 +1,7 @@
 """Refusals before any order is sent.
 
 - :func:`refusal`: what follows from the message alone (status, kill switch, halt);
+- :func:`route`: the account an approval is executed on, or why it cannot be;
 - :func:`staleness`: the approval's age against its TTL;
 - :func:`validate`: what the terminal says about this trade now (symbol tradable, tick age,
   spread, volume, margin), giving the plan's legs and price. Raises ``GatewayRejection``.
@@ -34,6 +35,37 @@ def refusal(request: ExecutionRequest) -> Refusal | None:
     if request.trading_halted:
         return RejectionReason.TRADING_HALTED, request.halt_reason or "trading halted"
     return None
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The configured account an approval is executed on (None: the one unnamed account)."""
+
+    account: str | None
+
+
+def route(named: str | None, accounts: tuple[str | None, ...]) -> Routed | Refusal:
+    """The account (of ``accounts``, the configured ones) to execute on, or a refusal.
+
+    One account: an approval naming none, or naming it, goes to it. Several: the approval
+    must name one of them. Never guessed: a name that is not configured exactly is refused,
+    also when the one account is unnamed (its name cannot be checked).
+    """
+    if named is None:
+        if len(accounts) == 1:
+            return Routed(accounts[0])
+        return (
+            RejectionReason.ACCOUNT_REQUIRED,
+            f"{len(accounts)} accounts are configured and the approval names none "
+            "(decision.account)",
+        )
+    if named in accounts:
+        return Routed(named)
+    if accounts == (None,):
+        detail = "this deployment's one account has no name (login and server, or account)"
+    else:
+        detail = "configured: " + ", ".join(str(name) for name in accounts)
+    return RejectionReason.ACCOUNT_UNKNOWN, f"account {named!r} is not configured; {detail}"[:500]
 
 
 def staleness(decided_at: datetime | None, now: float, ttl_seconds: float) -> Refusal | None:

@@ -4,7 +4,7 @@ in one transaction; the confirmation is handed to the runtime only after that co
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -20,7 +20,7 @@ from worker.execution.plan import Plan, request_snapshot
 from worker.execution.settle import Fill, Tally, Verdict
 from worker.observability import metrics
 from worker.pool.leases import Lease
-from worker.store.store import ExecutionRow, Store, StoreError
+from worker.store.store import UNKNOWN_STATE, ExecutionRow, Store, StoreError
 
 
 class Finisher:
@@ -39,8 +39,17 @@ class Finisher:
         fills: Sequence[Fill],
         counted: Tally,
         verdict: Verdict,
+        *,
+        provisional: bool = False,
+        version: int = 1,
+        correction: str | None = None,
     ) -> Outcome:
-        """The final row of an execution that reached the intent."""
+        """The final row of an execution that reached the intent.
+
+        ``provisional``: the outcome is unknown; the row is left UNKNOWN (answered, and
+        reconciled in the background). ``version`` > 1: a corrected confirmation of an
+        UNKNOWN row (``correction`` says what changed), replacing its outbox row.
+        """
         status, reason = verdict.status, verdict.reason
         executed_lots = counted.executed_lots
         run.event("commit", status.value, executed_lots=executed_lots)
@@ -75,16 +84,38 @@ class Finisher:
             attempts=run.attempts,
             session_id=lease.session.id,
             account_login=lease.session.login,
+            account=lease.session.spec.account,
             timings_ms=dict(run.timings_ms),
             received_at=plan.received_at,
             submitted_at=run.submitted_at,
             completed_at=completed,
+            version=version,
+            provisional=provisional,
+            correction=correction,
         )
         fields = terminal_fields(confirmation, plan.token, filling_mode=run.filling_mode)
+        if provisional:
+            first = self.settings.unknown_reconcile_first_seconds
+            fields["state"] = UNKNOWN_STATE
+            fields["next_reconcile_at"] = completed + timedelta(seconds=first)
         mine = publish_of(confirmation, plan.correlation_id, plan.reply_to)
+        if version > 1:
+            with run.stage("commit"):
+                if self.store.correct(lease.conn, fields, run.take_events(), mine):
+                    metrics.record_correction(status.value)
+                    return mine
+            return self.recorded(lease.conn, self._row(lease, plan))
         with run.stage("commit"):
             kept = self.store.finish(lease.conn, fields, run.take_events(), mine)
-        return counted_outcome(kept, mine, status.value, reason.value if reason else None)
+        return counted_outcome(
+            kept, mine, status.value, reason.value if reason else None, confirmation.account
+        )
+
+    def _row(self, lease: Lease, plan: Plan) -> ExecutionRow:
+        row = self.store.load(lease.conn, plan.execution_id)
+        if row is None:
+            raise StoreError(f"execution {plan.execution_id} vanished")
+        return row
 
     def reject(
         self,
@@ -120,6 +151,7 @@ class Finisher:
             retcode=retcode,
             session_id=session.session.id if session else None,
             account_login=session.session.login if session else None,
+            account=session.session.spec.account if session else request.account,
             timings_ms=dict(run.timings_ms),
             received_at=request.received_at,
             completed_at=now,
@@ -137,7 +169,7 @@ class Finisher:
                 kept = self.store.finish(conn, fields, run.take_events(), mine, insert_only=True)
             except StoreError:
                 return Requeue("a delivery of this key is in flight")
-        return counted_outcome(kept, mine, "REJECTED", reason.value)
+        return counted_outcome(kept, mine, "REJECTED", reason.value, confirmation.account)
 
     def reject_invalid(self, invalid: InvalidMessage, delivery: Delivery, run: Run) -> Outcome:
         """Invalid but keyed: a REJECTED confirmation (INVALID_REQUEST) on the record."""
@@ -208,6 +240,7 @@ def terminal_fields(
         "comment_token": comment_token,
         "session_id": c.session_id,
         "account_login": c.account_login,
+        "account": c.account,
         "broker_order": c.broker_order,
         "broker_deals": c.broker_deals,
         "broker_position": c.broker_position,
@@ -231,13 +264,16 @@ def publish_of(
         payload=confirmation.to_json_bytes(),
         correlation_id=correlation_id,
         reply_to=reply_to,
+        version=confirmation.version,
     )
 
 
-def counted_outcome(kept: Publish, mine: Publish, status: str, reason: str | None) -> Publish:
+def counted_outcome(
+    kept: Publish, mine: Publish, status: str, reason: str | None, account: str | None = None
+) -> Publish:
     """Count the outcome just committed; a key's earlier outcome kept instead is a duplicate."""
     if kept is mine:
-        metrics.record_outcome(status, reason)
+        metrics.record_outcome(status, reason, account)
     else:
         metrics.record_duplicate()
     return kept

@@ -9,6 +9,9 @@ worker thread, and carries out the :class:`Outcome` it gets back:
 - :class:`DeadLetter`: publish the original body to ``execution.requests.dlx`` with
   ``x-rejection-reason`` / ``x-rejection-details`` headers (confirmed), then ack.
 - :class:`Requeue`: nack with requeue; no work was done (no session, database down, draining).
+  With ``to_back`` (a claim that timed out waiting for its account's sessions, with several
+  accounts): published again at the back of ``execution.requests`` (confirmed), then acked,
+  so the approvals queued behind it, for other accounts, are delivered first.
 
 Confirmations committed but never confirmed (a crash between commit and publish) are found in
 the :class:`Outbox` and published again; all copies are byte-identical with the same
@@ -44,6 +47,7 @@ class Publish:
     payload: bytes
     correlation_id: str | None
     reply_to: str | None
+    version: int = 1  # of the confirmation: a correction replaces the outbox row
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class DeadLetter:
 @dataclass(frozen=True)
 class Requeue:
     reason: str
+    to_back: bool = False
 
 
 Outcome = Publish | DeadLetter | Requeue
@@ -66,4 +71,5 @@ class Outbox(Protocol):
 
     def unpublished(self, limit: int) -> list[Publish]: ...
 
-    def mark_published(self, execution_ids: Sequence[UUID]) -> None: ...
+    def mark_published(self, execution_ids: Sequence[UUID | tuple[UUID, int]]) -> None:
+        """``(execution_id, version)``: that version; a bare id: every version of it."""

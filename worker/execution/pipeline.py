@@ -13,7 +13,17 @@ The exactly-once protocol (DOMAIN.md 3):
   So a first delivery needs no read before its intent: a key that already has a row shows
   up as a conflict of the intent insert (or of the refusal), and is then loaded;
 - the final row, its events and the outbox row are committed in one transaction, and only
-  then is the confirmation handed to the runtime for publishing and acking.
+  then is the confirmation handed to the runtime for publishing and acking;
+- the slippage close's stage (``closing_sent_at``) is committed before its first order; a
+  later handling counts our closing deals (the deals against the execution's direction) and
+  closes only what they leave open;
+- the broker showing nothing after an intent is no proof: the answer is provisional (row
+  UNKNOWN, confirmation ``provisional``), rechecked in the background with backoff, and a
+  corrected confirmation (same execution id, next ``version``) is committed when the broker
+  shows otherwise or the window ends;
+- a stale approval is refused before a session is claimed; on its last deliveries before the
+  queue's limit an approval that would be requeued is answered (REJECTED, or its recorded
+  answer) or dead-lettered with a reason, never left to the queue's silent dead letter.
 
 Database trouble at any point requeues the delivery: before the intent commit no order was
 sent, after it the in-flight row makes the redelivery reconcile.
@@ -30,10 +40,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import psycopg
 
+from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import ExecutionStatus, RejectionReason
 from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
@@ -50,7 +62,7 @@ from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
 from worker.observability import metrics
 from worker.observability.logs import log_context
 from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
-from worker.store.store import ExecutionRow, Store, StoreError
+from worker.store.store import UNKNOWN_STATE, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +70,17 @@ log = logging.getLogger(__name__)
 class SessionSource(Protocol):
     """The session pool, as the pipeline sees it."""
 
-    def claim(self, timeout: float, *, session_id: str | None = None) -> Lease: ...
+    @property
+    def accounts(self) -> tuple[str | None, ...]: ...
+
+    def claim(
+        self,
+        timeout: float,
+        *,
+        session_key: str | None = None,
+        session_id: str | None = None,
+        account: str | None = None,
+    ) -> Lease: ...
 
 
 class Pipeline:
@@ -89,8 +111,70 @@ class Pipeline:
     # --- entry points ------------------------------------------------------------------
 
     def handle(self, delivery: Delivery) -> Outcome:
-        """Never raises: database or terminal trouble becomes a requeue."""
-        return self._guarded(lambda context: self._handle(delivery, context))
+        """Never raises: database or terminal trouble becomes a requeue, except on the
+        last deliveries before the queue's limit (see ``_last_chance``)."""
+        outcome = self._guarded(lambda context: self._handle(delivery, context))
+        if isinstance(outcome, Requeue) and self._near_limit(delivery):
+            return self._guarded(lambda context: self._last_chance(delivery, outcome, context))
+        return outcome
+
+    def _near_limit(self, delivery: Delivery) -> bool:
+        """One of the last ``delivery_last_chances`` deliveries before the queue dead-letters
+        the message. ``x-delivery-count`` is absent on the first delivery, then counts the
+        earlier deliveries returned to the queue; a quorum queue with ``x-delivery-limit`` L
+        delivers a message L + 1 times (counts absent, 1 .. L), so the last has count L."""
+        # a first delivery carries no broker-set count: a header there is the publisher's
+        count = (delivery.delivery_count or 0) if delivery.redelivered else 0
+        limit = self.settings.delivery_limit
+        return count > limit - self.settings.delivery_last_chances
+
+    def _last_chance(self, delivery: Delivery, requeue: Requeue, context: ExitStack) -> Outcome:
+        """Requeued again, the approval would be dead-lettered by the queue with no row and
+        no confirmation (issue 18 item 7). Instead: a REJECTED row and its confirmation when
+        no order was sent for it (SESSION_UNAVAILABLE, the requeue's cause in the details);
+        the recorded answer when the key has one; a dead letter with a reason otherwise
+        (a row in flight is settled by the recovery sweep, which publishes its answer)."""
+        run = Run(self.clock, self.clock())
+        try:
+            request = parse_request(
+                delivery.body,
+                delivery.properties,
+                received_at=delivery.received_at,
+                max_body_bytes=self.settings.max_body_bytes,
+                parse_timeout_seconds=self.settings.parse_timeout_seconds,
+            )
+        except InvalidMessage as invalid:
+            return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
+        context.enter_context(
+            log_context(
+                execution_id=request.execution_id,
+                order_id=request.rpm_order_id,
+                symbol=request.symbol,
+            )
+        )
+        details = (
+            f"not handled in {(delivery.delivery_count or 0) + 1} deliveries: {requeue.reason}"
+        )
+        log.warning("last delivery before the limit: answering (%s)", requeue.reason)
+        try:
+            with self.store.connection() as conn:
+                row = self.store.load(conn, request.execution_id)
+                if row is None:
+                    stale = self._staleness(request)
+                    reason, why = stale or (RejectionReason.SESSION_UNAVAILABLE, details)
+                    answered = self.finisher.reject(conn, request, reason, why, run)
+                    if not isinstance(answered, Requeue):
+                        return answered
+                    row = self.store.load(conn, request.execution_id)
+                if row is not None and row.answered:
+                    return self.finisher.recorded(conn, row)
+        except (psycopg.Error, StoreError) as exc:
+            return DeadLetter("DATABASE_UNAVAILABLE", f"{details}; {type(exc).__name__}")
+        return DeadLetter(
+            "IN_FLIGHT",
+            f"{details}; the execution is in flight: the recovery sweep settles it and"
+            " publishes its confirmation",
+        )
 
     def resume(self, row: ExecutionRow) -> Outcome:
         """Settle an in-flight row from the broker's truth (recovery sweep, ``reconcile``)."""
@@ -130,7 +214,9 @@ class Pipeline:
         )
         try:
             lease = self.sessions.claim(
-                self.settings.claim_timeout_seconds, session_id=row.get("session_id")
+                self.settings.claim_timeout_seconds,
+                session_key=row.get("session_key"),  # the account's identity, in every process
+                session_id=row.get("session_id"),  # rows from before session_key
             )
         except ClaimTimeout:
             return Requeue("no MT5 session available")
@@ -140,12 +226,95 @@ class Pipeline:
             current = self.store.load(lease.conn, row.execution_id)
             if current is None:
                 return Requeue("row vanished")
-            if current.terminal:
+            if current.answered:
                 return self.finisher.recorded(lease.conn, current)
             run = Run(self.clock, self.clock())
             return self._settle(
                 plan_from_row(current, self.settings.magic), lease, run, resumed=True
             )
+
+    def recheck(self, row: ExecutionRow) -> Outcome:
+        """Ask the broker again about an UNKNOWN row (the background reconciler).
+
+        Publish: a corrected confirmation (a new version) is committed in the outbox: the
+        broker now shows fills that differ from the provisional answer, or the window
+        (``unknown_reconcile_hours``) ended and the provisional answer became final.
+        Requeue: still unknown (asked again after a backoff) or nothing could be asked.
+        """
+        return self._guarded(lambda context: self._recheck(row, context))
+
+    def _recheck(self, row: ExecutionRow, context: ExitStack) -> Outcome:
+        context.enter_context(
+            log_context(
+                execution_id=row.execution_id,
+                order_id=row.get("rpm_order_id"),
+                symbol=row.get("symbol"),
+            )
+        )
+        try:
+            lease = self.sessions.claim(
+                self.settings.claim_timeout_seconds,
+                session_key=row.get("session_key"),  # the account's identity, in every process
+                session_id=row.get("session_id"),  # rows from before session_key
+            )
+        except ClaimTimeout:
+            return Requeue("no MT5 session available")
+        with lease:
+            context.enter_context(log_context(session=lease.session.id))
+            current = self.store.load(lease.conn, row.execution_id)
+            if current is None or current.state != UNKNOWN_STATE:
+                return Requeue("no longer unknown")
+            published = self.store.confirmation_of(lease.conn, current.execution_id)
+            if published is None:
+                raise StoreError(f"unknown execution {current.execution_id} has no outbox row")
+            previous = ExecutionConfirmation.model_validate_json(published.payload)
+            plan = plan_from_row(current, self.settings.magic)
+            run = Run(self.clock, self.clock())
+            run.attempts, run.submitted_at = plan.attempts, plan.submitted_at
+            gateway: Gateway = lease.session.gateway
+            with run.stage("reconcile"):
+                found = inquiry.reconcile(gateway, plan, 0.0, self.sleep)
+            run.broker_calls("reconcile", gateway.drain_calls())
+            fills: list[Fill] | None = []
+            if found.found:
+                fills = (
+                    None if found.open_orders else inquiry.shown_fills(gateway, plan, found, run)
+                )
+            version = previous.version + 1
+            if fills is not None and settle.differs(fills, previous):
+                run.note("recheck", corrected=True, deals=[d for f in fills for d in f.deals])
+                correction = (
+                    f"version {previous.version} was provisional ({previous.status.value},"
+                    f" {previous.rejection_reason.value if previous.rejection_reason else '-'});"
+                    " the broker now shows this execution's deals"
+                )
+                return self._finish(plan, lease, run, fills, version=version, correction=correction)
+            window = timedelta(hours=self.settings.unknown_reconcile_hours)
+            if fills is not None and datetime.now(UTC) >= previous.completed_at + window:
+                run.note("recheck", final=True)
+                correction = (
+                    f"final: the broker showed nothing more of this execution within"
+                    f" {self.settings.unknown_reconcile_hours:g} h"
+                )
+                return self._finish(
+                    plan,
+                    lease,
+                    run,
+                    fills,
+                    status=previous.status,
+                    reason=previous.rejection_reason,
+                    details=previous.rejection_details,
+                    version=version,
+                    correction=correction,
+                )
+            attempts = int(current.get("reconcile_attempts") or 0)
+            delay = min(
+                self.settings.unknown_reconcile_first_seconds * 2 ** min(attempts + 1, 30),
+                self.settings.unknown_reconcile_max_seconds,
+            )
+            run.note("recheck", still_unknown=True, next_in_seconds=delay)
+            self.store.reconcile_later(lease.conn, current.execution_id, delay, run.take_events())
+            return Requeue("outcome still unknown")
 
     # --- the path of one delivery ------------------------------------------------------
 
@@ -180,17 +349,29 @@ class Pipeline:
             )
         )
 
+        accounts = self.sessions.accounts
+        routed = checks.route(request.account, accounts)
         refusal = checks.refusal(request)
+        if refusal is None and not isinstance(routed, checks.Routed):
+            refusal = routed
         if refusal is not None:
             # decided by the message alone: no session; an existing row is kept
             with self.store.connection() as conn:
                 return self.finisher.reject(conn, request, *refusal, run)
+        assert isinstance(routed, checks.Routed)
+        account = routed.account
 
+        stale = self._staleness(request)
+        if stale is not None:
+            # judged before claiming: a stale approval is answered even with no session
+            recorded = self._reject_stale(request, stale, run)
+            if recorded is not None:
+                return recorded
         with run.stage("claim"):
             try:
-                lease = self.sessions.claim(self.settings.claim_timeout_seconds)
+                lease = self.sessions.claim(self.settings.claim_timeout_seconds, account=account)
             except ClaimTimeout:
-                return Requeue("no MT5 session available")
+                return self._account_busy(request, account, len(accounts) > 1, run)
         with lease:
             context.enter_context(log_context(session=lease.session.id))
             # a redelivery most likely has a row; a first delivery is loaded only if its
@@ -208,14 +389,47 @@ class Pipeline:
                 row = self.store.load(lease.conn, request.execution_id)
                 if row is None:
                     return Requeue("the execution's row vanished")
-            if row.terminal:
+            if row.answered:
                 return self.finisher.recorded(lease.conn, row)
-            if row.get("session_id") == lease.session.id:
+            if row.get("session_key") == lease.session.spec.identity:
                 return self._settle(
                     plan_from_row(row, self.settings.magic), lease, run, resumed=True
                 )
         # in flight on another session: it is settled on the account it was sent to
         return self.resume(row)
+
+    def _reject_stale(
+        self, request: ExecutionRequest, stale: checks.Refusal, run: Run
+    ) -> Outcome | None:
+        """A stale approval without a session: REJECTED (insert-only), or the key's recorded
+        answer. None: the key's row is in flight, settled on its session."""
+        with self.store.connection() as conn:
+            answered = self.finisher.reject(conn, request, *stale, run)
+            if not isinstance(answered, Requeue):
+                return answered
+            row = self.store.load(conn, request.execution_id)
+            if row is not None and row.answered:
+                return self.finisher.recorded(conn, row)
+        return None
+
+    def _account_busy(
+        self, request: ExecutionRequest, account: str | None, several: bool, run: Run
+    ) -> Outcome:
+        """No session of the approval's account came free within the claim timeout.
+
+        With several accounts the delivery goes to the back of the queue (``to_back``), so
+        that other accounts' approvals queued behind it reach their free sessions; the claim
+        timeout bounds how long it held a prefetch slot. A back-of-queue copy is a new
+        message (no delivery limit): an approval past its TTL is refused here instead
+        (insert-only, as after a claim: a key with a row keeps it), which ends the loop.
+        """
+        if not several:
+            return Requeue("no MT5 session available")
+        stale = self._staleness(request)
+        if stale is not None:
+            with self.store.connection() as conn:
+                return self.finisher.reject(conn, request, *stale, run)
+        return Requeue(f"no MT5 session of account {account} available", to_back=True)
 
     def _staleness(self, request: ExecutionRequest | Plan) -> checks.Refusal | None:
         ttl = self.settings.approval_ttl_seconds
@@ -253,6 +467,7 @@ class Pipeline:
             spec=valid.spec,
             deployment_magic=self.settings.magic,
         )
+        plan.arrival_bid, plan.arrival_ask = valid.snapshot.bid, valid.snapshot.ask
         if not self.sender.commit_intent(plan, request, lease, run):
             return None
         return self._submit(plan, valid.spec, lease, run)
@@ -334,6 +549,9 @@ class Pipeline:
             filled=bool(known),
         )
         if not isinstance(decision, Resend):
+            # an order may be out (the intent is on record): the broker showing nothing is
+            # no proof, so the answer is provisional and the row is reconciled in the
+            # background until a fill appears or the window ends (issue 18 item 3)
             return self._finish(
                 plan,
                 lease,
@@ -342,6 +560,7 @@ class Pipeline:
                 reason=decision.reason,
                 details=decision.details,
                 status=decision.status,
+                provisional=True,
             )
         run.note("reconcile", resend=True, first_leg=first_leg)
         try:
@@ -368,13 +587,43 @@ class Pipeline:
             sleep=self.sleep,
         )
         fills = settle.with_known(known, shown)
+        closed = self._closed(plan, found, lease, run)
         timed_out = False
         for order in found.open_orders:
             requested = plan.requested_price or order.price_open
             fill, leg_timed_out = self.sender.monitor(gateway, order.ticket, requested, run, lease)
             timed_out = timed_out or leg_timed_out
             fills = settle.with_monitored(fills, order.ticket, fill)
-        return self._finish(plan, lease, run, fills, timed_out=timed_out)
+        return self._finish(plan, lease, run, fills, timed_out=timed_out, closed=closed)
+
+    def _closed(self, plan: Plan, found: settle.Found, lease: Lease, run: Run) -> list[Fill]:
+        """Our slippage close's fills the broker shows (an earlier handling sent them).
+
+        A close on record (``closing_sent``) that shows nothing yet is asked again after the
+        grace period, like an order; a closing order pending or without its deals keeps the
+        execution in flight (TransportError), so the close is never sent twice."""
+        if not plan.closing_sent:
+            return settle.closing_fills(found.deals, plan.side)
+        gateway: Gateway = lease.session.gateway
+        opposite = plan.side.opposite
+        if not any(order.side is opposite for order in found.history_orders):
+            if any(order.side is opposite for order in found.open_orders):
+                raise api.TransportError("the slippage close is still pending")
+            self.sleep(self.settings.reconcile_grace_seconds)
+            with run.stage("reconcile"):
+                found = inquiry.reconcile(gateway, plan, 0.0, self.sleep)
+            run.broker_calls("reconcile", gateway.drain_calls())
+        if any(order.side is opposite for order in found.open_orders):
+            raise api.TransportError("the slippage close is still pending")
+        closed = settle.closing_fills(found.deals, plan.side)
+        missing = settle.uncovered(found, closed, opposite)
+        if missing:
+            asked = inquiry.deals_of_orders(gateway, missing, run)
+            closed = settle.with_known(closed, settle.closing_fills(asked, plan.side))
+            if settle.uncovered(found, closed, opposite):
+                raise api.TransportError("the slippage close's deals are not visible yet")
+        run.note("slippage", closed_before=[fill.order for fill in closed])
+        return closed
 
     def _finish(
         self,
@@ -388,7 +637,13 @@ class Pipeline:
         details: str | None = None,
         status: ExecutionStatus | None = None,
         spec: SymbolSpec | None = None,
+        closed: Sequence[Fill] = (),
+        provisional: bool = False,
+        version: int = 1,
+        correction: str | None = None,
     ) -> Outcome:
+        """``closed``: our slippage close's fills already done; ``provisional``: the outcome
+        is unknown (see ``_settle``)."""
         gateway: Gateway = lease.session.gateway
         if plan.contract_size <= 0 or plan.pip <= 0:  # a row from before these were kept
             spec = spec or gateway.symbol_spec(plan.broker_symbol)
@@ -396,6 +651,14 @@ class Pipeline:
         counted = settle.tally(fills, plan.side, plan.pip, plan.requested_price)
         if counted.slippage_pips is not None:
             metrics.record_slippage(plan.symbol, plan.side.name.lower(), counted.slippage_pips)
+            metrics.record_shortfall(
+                plan.symbol,
+                plan.side.value,
+                plan.arrival_bid,
+                plan.arrival_ask,
+                counted.fill_price,
+                plan.pip,
+            )
         if status is None:
             if counted.executed_lots > 0:
                 metrics.observe_fill_ratio(
@@ -414,10 +677,21 @@ class Pipeline:
         breach = settle.slippage_breach(counted, self.settings.slippage_limit_for(plan.symbol))
         if breach is not None:
             metrics.record_slippage_breach(plan.symbol)
-            if self.settings.slippage_policy == "close":
+            # a correction (version > 1) only reports: the row is no longer in flight
+            if self.settings.slippage_policy == "close" and version == 1:
                 spec = spec or gateway.symbol_spec(plan.broker_symbol)
-                fills, closed_all = self.sender.close(plan, spec, fills, lease, run)
+                fills, closed_all = self.sender.close(plan, spec, fills, lease, run, closed=closed)
                 verdict = settle.after_close(verdict, breach, closed_all)
             else:
                 verdict = settle.flagged(verdict, breach)
-        return self.finisher.finish(plan, lease, run, fills, counted, verdict)
+        return self.finisher.finish(
+            plan,
+            lease,
+            run,
+            fills,
+            counted,
+            verdict,
+            provisional=provisional,
+            version=version,
+            correction=correction,
+        )

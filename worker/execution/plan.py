@@ -50,6 +50,11 @@ class Plan:
     magic: int  # on every order of this execution (legacy rows: the deployment's magic)
     submitted_at: datetime | None = None
     attempts: int = 0
+    arrival_bid: float | None = None  # the tick the checks used (issue 20: TCA)
+    arrival_ask: float | None = None
+    # the slippage close's stage is on record (committed before its first order): a
+    # redelivery counts the closing deals already done instead of closing again
+    closing_sent: bool = False
 
     @property
     def identity(self) -> OrderIdentity:
@@ -177,6 +182,9 @@ def plan_from_row(row: ExecutionRow, deployment_magic: int) -> Plan:
         magic=int(row.get("magic") or deployment_magic),
         submitted_at=row.get("submitted_at"),
         attempts=row.get("attempts") or 0,
+        arrival_bid=row.get("arrival_bid"),
+        arrival_ask=row.get("arrival_ask"),
+        closing_sent=row.get("closing_sent_at") is not None,
     )
 
 

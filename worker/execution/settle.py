@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import ExecutionStatus, RejectionReason
 from worker.mt5 import api
 from worker.mt5.gateway import (
@@ -245,6 +246,17 @@ def with_monitored(fills: Sequence[Fill], order: int, fill: Fill | None) -> list
     return merged
 
 
+def differs(fills: Sequence[Fill], confirmed: ExecutionConfirmation) -> bool:
+    """Whether the broker's fills tell another story than a (provisional) confirmation:
+    other deals or other executed lots."""
+    deals = sorted(deal for fill in fills for deal in fill.deals)
+    executed = round(sum(fill.volume for fill in fills), 8)
+    return (
+        deals != sorted(confirmed.broker_deals)
+        or abs(executed - confirmed.executed_lots) > _VOLUME_EPSILON
+    )
+
+
 # --- what to do when the broker knows nothing of the execution --------------------------
 
 
@@ -409,6 +421,35 @@ class Close:
 def close_of(fill: Fill, side: Side) -> Close:
     """``side`` is the execution's; the fill's position is closed when known."""
     return Close(side.opposite, fill.volume, fill.position)
+
+
+def closing_fills(deals: Iterable[Deal], side: Side) -> list[Fill]:
+    """The fills of our slippage close among the execution's deals: the deals against the
+    execution's ``side`` (its orders and the close's carry the same magic and comment)."""
+    return fills_from_deals(deals, side.opposite, None)
+
+
+def closes_left(
+    fills: Sequence[Fill], side: Side, closed: Sequence[Fill]
+) -> list[tuple[Fill, Close | None]]:
+    """Each fill with the close still to send for it (None: ``closed``, the closing fills
+    already done, cover it). Closed volume is matched by position: on a netting account
+    the desk's own position is ours too, so only our closing deals ever count, and never
+    more than once (a close is never sent twice for the same lots)."""
+    available: dict[int | None, float] = {}
+    for fill in closed:
+        available[fill.position] = available.get(fill.position, 0.0) + fill.volume
+    left: list[tuple[Fill, Close | None]] = []
+    for fill in fills:
+        taken = min(available.get(fill.position, 0.0), fill.volume)
+        if taken > 0:
+            available[fill.position] -= taken
+        remaining = round(fill.volume - taken, 8)
+        if remaining <= _VOLUME_EPSILON:
+            left.append((fill, None))
+        else:
+            left.append((fill, Close(side.opposite, remaining, fill.position)))
+    return left
 
 
 def close_result(close: Close, reply: SendOutcome) -> tuple[Fill | None, bool]:

@@ -18,11 +18,11 @@ from worker.execution.audit import Run
 from worker.execution.plan import Plan, plan_snapshot, request_snapshot
 from worker.execution.settle import (
     FINAL_ORDER_STATES,
+    Close,
     Deal,
     Fill,
     Order,
-    close_of,
-    close_result,
+    closes_left,
     deals_visible,
     executed_by,
     fill_of_order,
@@ -78,11 +78,15 @@ def intent_fields(
         "comment_token": plan.token,
         "magic": magic,
         "session_id": lease.session.id,
+        "session_key": lease.session.spec.identity,  # resumed by it (SessionPool.claim)
         "account_login": lease.session.login,
+        "account": lease.session.spec.account,
         "request": plan_snapshot(plan, request_snapshot(request)),
         "decided_at": plan.decided_at,
         "received_at": plan.received_at,
         "submitted_at": run.submitted_at,
+        "arrival_bid": plan.arrival_bid,
+        "arrival_ask": plan.arrival_ask,
     }
 
 
@@ -230,23 +234,38 @@ class Sender:
             delay = min(delay * 2, MONITOR_MAX_POLL_SECONDS)
 
     def close(
-        self, plan: Plan, spec: SymbolSpec, fills: Sequence[Fill], lease: Lease, run: Run
+        self,
+        plan: Plan,
+        spec: SymbolSpec,
+        fills: Sequence[Fill],
+        lease: Lease,
+        run: Run,
+        *,
+        closed: Sequence[Fill] = (),
     ) -> tuple[list[Fill], bool]:
         """Slippage policy ``close``: take the fresh exposure off at once.
 
+        ``closed``: our closing fills the broker already shows (an earlier handling's close
+        whose reply was lost, or whose final commit failed); only what they leave open is
+        closed now. Before the first closing order the stage is committed on the row
+        (``closing_sent_at``), so a redelivery knows a close may be out and counts it.
+
         Returns the fills (each with the position it opened, looked up where unknown)
-        followed by the closing fills, and whether every one closed in full.
+        followed by every closing fill, and whether every fill is closed in full.
         """
         gateway: Gateway = lease.session.gateway
         positioned: list[Fill] = []
-        closing: list[Fill] = []
-        closed_all = True
         for fill in fills:
             if fill.position is None:
                 deals = gateway.deals_for_order(fill.order)
                 fill = replace(fill, position=deals[0].position_id if deals else None)
             positioned.append(fill)
-            close = close_of(fill, plan.side)
+        closing: list[Fill] = list(closed)
+        closed_all = True
+        for _fill, close in closes_left(positioned, plan.side, closed):
+            if close is None:
+                continue
+            self._record_closing(plan, lease, run, close)
             reply = gateway.send(
                 spec,
                 close.side,
@@ -259,11 +278,34 @@ class Sender:
             run.broker_calls("slippage", gateway.drain_calls())
             if reply.status == "unknown":
                 raise api.TransportError("the slippage close has an unknown outcome")
-            closing_fill, in_full = close_result(close, reply)
+            closing_fill: Fill | None = None
+            if reply.status == "placed":
+                closing_fill, _ = self.monitor(
+                    gateway, reply.order, reply.requested_price, run, lease
+                )
+            elif reply.status in ("done", "partial"):
+                closing_fill = self.confirm(gateway, reply, close.position, run)
             if closing_fill is not None:
                 closing.append(closing_fill)
-            closed_all = closed_all and in_full
+            closed_volume = closing_fill.volume if closing_fill is not None else 0.0
+            closed_all = closed_all and closed_volume >= close.volume - 1e-9
         return positioned + closing, closed_all
+
+    def _record_closing(self, plan: Plan, lease: Lease, run: Run, close: Close) -> None:
+        """Commit the closing stage through the lease's connection before the first close
+        is sent (a failed commit sends nothing: the delivery is requeued)."""
+        if plan.closing_sent:
+            return
+        self.store.update_in_flight(
+            lease.conn,
+            plan.execution_id,
+            {"closing_sent_at": datetime.now(UTC)},
+            [
+                *run.take_events(),
+                Event("slippage", "transition", "CLOSING", detail={"lots": close.volume}),
+            ],
+        )
+        plan.closing_sent = True
 
 
 def _or_none(query: Callable[[], T]) -> T | None:

@@ -35,9 +35,24 @@
   ``password_file``; sim sessions may take ``sim_config`` (a simulator TOML file).
   Secrets are never written in this file, only where to find them.
 
-Lock keys (``SessionSpec.lock_key``) are stable 32-bit hashes of what makes a session the
-same broker account on every worker: a bridge's address (and login), a native account's
-server and login. An in-process sim is private, so its key includes a per-process token.
+A session has ONE identity (``SessionSpec.identity``): what makes it the same broker
+account on every worker, a bridge's address (and login), a native account's server and
+login. An in-process sim is private, so its identity includes a per-process token. The
+lock key (``SessionSpec.lock_key``, a stable 32-bit hash of it) makes a session exclusive
+across processes, and an execution row records the identity itself (``session_key``), so
+any process that has the account resumes the row, whatever its sessions file calls it. The
+configured ``id`` is only this process's name for the session (logs, metrics, the
+confirmation's ``session_id``). Processes sharing a bridge must agree on its address and
+login, not on its id.
+
+Accounts: every session belongs to one broker account, named by the session's optional
+``account = "alias"`` key, else ``"<server>:<login>"`` (both keys set), else unnamed. Several
+sessions of one account (terminals logged in to the same server and login) share its
+positions and work its approvals in parallel. Approvals name their account in
+``decision.account`` (docs/OPERATIONS.md, "Accounts"). One account may stay unnamed (count
+forms, or no login/server); with several accounts every session must have a name, and two
+sessions of the same server and login must not carry different names (nor one name two
+different server/login pairs).
 """
 
 from __future__ import annotations
@@ -46,16 +61,17 @@ import hashlib
 import os
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from worker.config import ConfigError, Settings
 
 Backend = Literal["sim", "native", "bridge"]
 _PROCESS_TOKEN = uuid.uuid4().hex  # makes in-process sim sessions private to this process
+_ACCOUNT = r"^[^\x00-\x1f\x7f]+$"  # schemas.rpm.ACCOUNT_PATTERN: what an approval can name
 
 
 class SessionSpec(BaseModel):
@@ -77,6 +93,17 @@ class SessionSpec(BaseModel):
     tls_crl: str | None = None
     tls_server_name: str | None = None
     sim_config: str | None = None
+    # the account's name: the sessions file's ``account`` alias, else "<server>:<login>"
+    account: str | None = Field(default=None, min_length=1, max_length=128, pattern=_ACCOUNT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _account_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("account"):
+            server, login = data.get("server"), data.get("login")
+            if server and login is not None:
+                return {**data, "account": f"{server}:{login}"}
+        return data
 
     @property
     def identity(self) -> str:
@@ -113,6 +140,7 @@ class _FileSession(BaseModel):
     tls_crl: str | None = None
     tls_server_name: str | None = None
     sim_config: str | None = None
+    account: str | None = None
 
 
 def _read_file_secret(kind: str, session_id: str, file_name: str) -> str:
@@ -333,7 +361,47 @@ def _check(specs: list[SessionSpec]) -> list[SessionSpec]:
         other = identities.setdefault(spec.identity, spec.id)
         if other != spec.id:
             raise ConfigError(f"MT5_SESSIONS: sessions {other} and {spec.id} are the same terminal")
+    _check_accounts(specs)
     return specs
+
+
+def _check_accounts(specs: list[SessionSpec]) -> None:
+    """One name per account and one account per name; names needed once there are two."""
+    by_login: dict[tuple[str, int], SessionSpec] = {}
+    by_name: dict[str, SessionSpec] = {}
+    for spec in specs:
+        if spec.server is not None and spec.login is not None:
+            other = by_login.setdefault((spec.server, spec.login), spec)
+            if other.account != spec.account:
+                raise ConfigError(
+                    f"MT5_SESSIONS: sessions {other.id} and {spec.id} are logged in to the same "
+                    f"account ({spec.server}:{spec.login}) under two names"
+                )
+        if spec.account is None:
+            continue
+        named = by_name.setdefault(spec.account, spec)
+        if (named.server, named.login) != (spec.server, spec.login) and None not in (
+            named.server,
+            named.login,
+            spec.server,
+            spec.login,
+        ):
+            raise ConfigError(
+                f"MT5_SESSIONS: sessions {named.id} and {spec.id} name account "
+                f"{spec.account!r} but log in to different accounts"
+            )
+    names = {spec.account for spec in specs}
+    if len(names) > 1 and None in names:
+        unnamed = ", ".join(spec.id for spec in specs if spec.account is None)
+        raise ConfigError(
+            f"MT5_SESSIONS: with several accounts every session needs one (login and server, "
+            f"or account); {unnamed} has none"
+        )
+
+
+def accounts_of(specs: Sequence[SessionSpec]) -> tuple[str | None, ...]:
+    """The accounts of these sessions, in order of first appearance (None: one unnamed)."""
+    return tuple(dict.fromkeys(spec.account for spec in specs))
 
 
 def load_session_specs(

@@ -7,18 +7,20 @@ label value: anything outside the bounded sets below is counted as ``other``)::
     record_duplicate() -> None                     # a redelivery of an already finished execution
     observe_stage(stage: str, seconds: float) -> None            # or: with stage_timer(stage):
     observe_end_to_end(seconds: float) -> None
-    record_outcome(status: str, reason: str | None = None) -> None
+    record_outcome(status: str, reason: str | None = None, account: str | None = None) -> None
     record_retcode(code: int | None) -> None                     # None = order_send gave None
     record_retries(count: int = 1) -> None                       # order_send calls repeated
     record_unknown_outcome(session: str | None = None) -> None
     record_slippage(symbol: str, side: str | int, pips: float) -> None
     record_slippage_breach(symbol: str) -> None
     observe_fill_ratio(ratio: float) -> None
-    record_claim_wait(seconds: float, *, acquired: bool) -> None
+    record_claim_wait(seconds: float, *, acquired: bool, account: str | None = None) -> None
+    configure_accounts(names: Iterable[str | None]) -> None     # the account label's values
     record_dead_letter(reason: str) -> None
     record_reconnect(target: Target) -> None
     in_flight(delta: int) -> None                                # +1 on delivery, -1 on ack/nack
     record_recovery(*, settled: bool) -> None                    # the recovery sweep, per row
+    record_correction(status: str) -> None                      # a provisional answer corrected
     record_ready(ready: bool) -> None                            # /readyz's verdict, per scrape
     register_pool_state(read: Callable[[], PoolState]) -> None
     register_outbox_state(read: Callable[[], OutboxState]) -> None
@@ -36,6 +38,10 @@ prometheus-client chooses its storage at import time. Gauges declare how process
 (``livesum`` for per-process quantities, ``livemax`` for shared state read by every
 process). Call ``mark_process_dead(pid)`` in the supervisor when a child exits.
 
+The ``account`` label takes the configured accounts' names only (``configure_accounts``, called
+by the service with its sessions' accounts), ``none`` for no account, ``other`` for anything
+else (an approval naming an unknown account): bounded by the sessions file.
+
 Labels never carry an order id, an execution id or a secret; docs/METRICS.md lists them all.
 """
 
@@ -48,7 +54,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
@@ -96,8 +102,8 @@ DUPLICATES = Counter(
 )
 EXECUTIONS = Counter(
     PREFIX + "executions_total",
-    "Executions finished, by final status and rejection reason (none when filled).",
-    ["status", "reason"],
+    "Executions finished, by final status, rejection reason (none when filled) and account.",
+    ["status", "reason", "account"],
 )
 STAGE_SECONDS = Histogram(
     PREFIX + "stage_duration_seconds",
@@ -130,6 +136,14 @@ SLIPPAGE_PIPS = Histogram(
     ["symbol", "side"],
     buckets=(-5, -2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 2, 3, 5, 10),
 )
+SHORTFALL_PIPS = Histogram(
+    PREFIX + "shortfall_pips",
+    "Implementation shortfall of fills in pips: arrival mid (the tick of the pre-trade"
+    " checks) to fill price, positive = cost: half the spread, the move until the order was"
+    " sent, and the slippage.",
+    ["symbol"],
+    buckets=(-2, -1, -0.5, -0.2, 0, 0.2, 0.5, 1, 1.5, 2, 3, 5, 10, 20),
+)
 SLIPPAGE_BREACHES = Counter(
     PREFIX + "slippage_breaches_total",
     "Executions whose adverse slippage exceeded the symbol's slippage limit.",
@@ -158,8 +172,8 @@ SESSIONS_UNHEALTHY = Gauge(
 )
 CLAIM_WAIT_SECONDS = Histogram(
     PREFIX + "session_claim_wait_seconds",
-    "Time waiting for a free session, by result (acquired or timeout).",
-    ["result"],
+    "Time waiting for a free session, by result (acquired or timeout) and account.",
+    ["result", "account"],
     buckets=(0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 OUTBOX_BACKLOG = Gauge(
@@ -197,6 +211,11 @@ EXECUTIONS_IN_FLIGHT_OLDEST = Gauge(
     "Time since the oldest non-final execution row was received (0 when none).",
     multiprocess_mode="livemax",
 )
+CORRECTIONS = Counter(
+    PREFIX + "confirmation_corrections_total",
+    "Corrected confirmations (a new version) of provisional answers, by the new status.",
+    ["status"],
+)
 RECOVERIES = Counter(
     PREFIX + "recoveries_total",
     "In-flight rows the recovery sweep (or reconcile) tried to settle, by result.",
@@ -211,6 +230,7 @@ READY = Gauge(
 # --- label guards ------------------------------------------------------------------------
 
 _symbols: set[str] = set()
+_accounts: frozenset[str] = frozenset()
 _sessions: set[str] = set()
 _dead_letter_reasons: set[str] = set(REASONS)
 _guard = threading.Lock()
@@ -233,6 +253,19 @@ def _bounded(value: str, seen: set[str], limit: int, shape: re.Pattern[str] = _S
 def symbol_label(symbol: str) -> str:
     """The symbol as a label value: its shape checked, at most MAX_SYMBOLS distinct values."""
     return _bounded(symbol.upper(), _symbols, MAX_SYMBOLS)
+
+
+def configure_accounts(names: Iterable[str | None]) -> None:
+    """The accounts this process may name in the ``account`` label (its sessions')."""
+    global _accounts
+    _accounts = frozenset(name for name in names if name is not None)
+
+
+def account_label(account: str | None) -> str:
+    """A configured account's name, ``none`` for no account, else ``other``."""
+    if account is None:
+        return NONE
+    return account if account in _accounts else OTHER
 
 
 def side_label(side: str | int) -> str:
@@ -307,14 +340,14 @@ def observe_end_to_end(seconds: float) -> None:
         END_TO_END_SECONDS.observe(seconds)
 
 
-def record_outcome(status: str, reason: str | None = None) -> None:
+def record_outcome(status: str, reason: str | None = None, account: str | None = None) -> None:
     """One finished execution. ``status`` is an ExecutionStatus (any case)."""
     status_label = status.lower() if status.lower() in STATUSES else OTHER
     if reason is None or reason == "":
         reason_label = NONE
     else:
         reason_label = reason if reason in REASONS else OTHER
-    _labelled(EXECUTIONS, status_label, reason_label).inc()
+    _labelled(EXECUTIONS, status_label, reason_label, account_label(account)).inc()
 
 
 def record_retcode(code: int | None) -> None:
@@ -338,6 +371,24 @@ def record_slippage(symbol: str, side: str | int, pips: float) -> None:
         _labelled(SLIPPAGE_PIPS, symbol_label(symbol), side_label(side)).observe(pips)
 
 
+def record_shortfall(
+    symbol: str,
+    side: int,
+    arrival_bid: float | None,
+    arrival_ask: float | None,
+    fill_price: float | None,
+    pip: float,
+) -> None:
+    """A fill's implementation shortfall from the arrival mid, in pips (positive = cost);
+    nothing when the arrival tick or the fill is unknown (e.g. a row from before 0003)."""
+    if arrival_bid is None or arrival_ask is None or fill_price is None or not pip > 0:
+        return
+    mid = (arrival_bid + arrival_ask) / 2
+    pips = (fill_price - mid if int(side) > 0 else mid - fill_price) / pip
+    if _finite(pips):
+        SHORTFALL_PIPS.labels(symbol=symbol_label(symbol)).observe(pips)
+
+
 def record_slippage_breach(symbol: str) -> None:
     """An execution's adverse slippage exceeded the symbol's limit."""
     SLIPPAGE_BREACHES.labels(symbol=symbol_label(symbol)).inc()
@@ -348,10 +399,10 @@ def observe_fill_ratio(ratio: float) -> None:
         FILL_RATIO.observe(ratio)
 
 
-def record_claim_wait(seconds: float, *, acquired: bool) -> None:
+def record_claim_wait(seconds: float, *, acquired: bool, account: str | None = None) -> None:
     if _finite(seconds) and seconds >= 0:
         result = "acquired" if acquired else "timeout"
-        _labelled(CLAIM_WAIT_SECONDS, result).observe(seconds)
+        _labelled(CLAIM_WAIT_SECONDS, result, account_label(account)).observe(seconds)
 
 
 def record_dead_letter(reason: str) -> None:
@@ -369,6 +420,12 @@ def record_reconnect(target: Target) -> None:
 
 def in_flight(delta: int) -> None:
     IN_FLIGHT.inc(delta)
+
+
+def record_correction(status: str) -> None:
+    """A provisional (unknown outcome) confirmation corrected by a new version."""
+    label = status.lower() if status.lower() in STATUSES else OTHER
+    _labelled(CORRECTIONS, label).inc()
 
 
 def record_recovery(*, settled: bool) -> None:

@@ -36,7 +36,12 @@ class PoolClosed(ClaimTimeout):
 
 
 class UnknownSession(ClaimTimeout):
-    """``claim(session_id=...)`` named a session this process does not have."""
+    """``claim(session_key=...)`` or ``claim(session_id=...)`` named a session this process
+    does not have."""
+
+
+class UnknownAccount(ClaimTimeout):
+    """``claim(account=...)`` named an account none of this process's sessions has."""
 
 
 class LeaseLost(WorkerError):

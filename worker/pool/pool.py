@@ -35,7 +35,7 @@ import tenacity
 from psycopg import pq
 
 from worker.mt5 import api
-from worker.mt5.sessions import SessionSpec
+from worker.mt5.sessions import SessionSpec, accounts_of
 from worker.mt5.terminals import (
     SessionOpenError,
     check_terminal,
@@ -50,6 +50,7 @@ from worker.pool.leases import (
     PoolHealth,
     Session,
     SessionHealth,
+    UnknownAccount,
     UnknownSession,
     _Parked,
     _Slot,
@@ -93,6 +94,7 @@ class SessionPool:
         self._cond = threading.Condition()
         self._closing = threading.Event()
         self._slots: list[_Slot] = [_Slot(spec) for spec in specs]
+        _configure_account_labels(self.accounts)
         for slot in self._slots:
             try:
                 slot.session = self._build_session(slot.spec, opener(slot.spec))
@@ -111,45 +113,81 @@ class SessionPool:
     def size(self) -> int:
         return len(self._slots)
 
+    @property
+    def accounts(self) -> tuple[str | None, ...]:
+        """The configured accounts of this pool's sessions (``(None,)``: one, unnamed)."""
+        return accounts_of([slot.spec for slot in self._slots])
+
     def _build_session(self, spec: SessionSpec, terminal: api.Terminal) -> Session:
         login, server = spec.login, spec.server
         account = terminal.account_info()
         if account is not None:
+            if (spec.login is not None and account.login != spec.login) or (
+                spec.server is not None and account.server != spec.server
+            ):
+                # never trade one account's approvals on another's terminal
+                raise SessionOpenError(
+                    f"session {spec.id}: logged in to {account.server}:{account.login}, "
+                    f"configured for {spec.server}:{spec.login}"
+                )
             login, server = account.login, account.server
         gateway = self._gateway_factory(terminal, spec)
         return Session(spec.id, spec, terminal, gateway, login, server)
 
     # --- claim / release -------------------------------------------------------------
 
-    def claim(self, timeout: float, *, session_id: str | None = None) -> Lease:
+    def claim(
+        self,
+        timeout: float,
+        *,
+        session_key: str | None = None,
+        session_id: str | None = None,
+        account: str | None = None,
+    ) -> Lease:
         """One healthy session for exclusive use, or ClaimTimeout after ``timeout`` s.
 
-        ``session_id`` asks for that session only (an in-flight execution is reconciled on
-        the account it was sent to); UnknownSession if this process has no such session.
+        ``session_key`` asks for the session of that identity only (``SessionSpec.identity``,
+        what an execution row records: an in-flight execution is settled on the account it
+        was sent to, by whichever process has that account, whatever it calls it).
+        ``session_id`` asks by this process's configured name (rows from before the key
+        existed, tools); the key wins when both are given. UnknownSession if this process
+        has no such session. ``account`` asks for a session of that account only (the claim
+        waits for that account's sessions, never takes another's); UnknownAccount if none
+        has it.
         """
         only: _Slot | None = None
-        if session_id is not None:
+        if session_key is not None:
+            only = next((slot for slot in self._slots if slot.spec.identity == session_key), None)
+            if only is None:
+                raise UnknownSession("no MT5 session of the row's identity in this process")
+        elif session_id is not None:
             only = next((slot for slot in self._slots if slot.spec.id == session_id), None)
             if only is None:
                 raise UnknownSession(f"no MT5 session {session_id!r} in this process")
+        among: list[_Slot] | None = None
+        if account is not None:
+            among = [slot for slot in self._slots if slot.spec.account == account]
+            if not among:
+                raise UnknownAccount(f"no MT5 session of account {account!r} in this process")
         started = time.monotonic()
         deadline = started + timeout
         while True:
             if self._closing.is_set():
                 raise PoolClosed("the session pool is closed")
-            lease = self._try_claim(deadline, only)
+            lease = self._try_claim(deadline, only, among)
             if lease is not None:
-                _record_claim_wait(time.monotonic() - started, acquired=True)
+                _record_claim_wait(time.monotonic() - started, acquired=True, account=account)
                 return lease
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                _record_claim_wait(time.monotonic() - started, acquired=False)
-                raise ClaimTimeout(f"no MT5 session free within {timeout:g} s")
+                _record_claim_wait(time.monotonic() - started, acquired=False, account=account)
+                which = f" of account {account}" if account is not None else ""
+                raise ClaimTimeout(f"no MT5 session{which} free within {timeout:g} s")
             # local releases notify; other processes' releases are seen by polling
             with self._cond:
                 self._cond.wait(min(remaining, self._poll_interval))
 
-    def _candidates(self, only: _Slot | None) -> list[_Slot]:
+    def _candidates(self, only: _Slot | None, among: list[_Slot] | None) -> list[_Slot]:
         now = time.monotonic()
         with self._cond:
             if only is not None:
@@ -157,7 +195,7 @@ class SessionPool:
             else:
                 free = [
                     slot
-                    for slot in self._slots
+                    for slot in (self._slots if among is None else among)
                     if slot.healthy and not slot.in_use and slot.yield_until <= now
                 ]
         random.shuffle(free)  # spread processes over the sessions
@@ -180,8 +218,10 @@ class SessionPool:
             slot.in_use = False
             self._cond.notify_all()
 
-    def _try_claim(self, deadline: float, only: _Slot | None) -> Lease | None:
-        candidates = self._candidates(only)
+    def _try_claim(
+        self, deadline: float, only: _Slot | None, among: list[_Slot] | None = None
+    ) -> Lease | None:
+        candidates = self._candidates(only, among)
         if not candidates:
             return None
         conn: psycopg.Connection[Any] | None = None
@@ -447,10 +487,16 @@ class SessionPool:
                     _log.warning("mt5 session %s: shutdown failed", slot.spec.id, exc_info=True)
 
 
-def _record_claim_wait(seconds: float, *, acquired: bool) -> None:
+def _record_claim_wait(seconds: float, *, acquired: bool, account: str | None) -> None:
     from worker.observability import metrics
 
-    metrics.record_claim_wait(seconds, acquired=acquired)
+    metrics.record_claim_wait(seconds, acquired=acquired, account=account)
+
+
+def _configure_account_labels(accounts: tuple[str | None, ...]) -> None:
+    from worker.observability import metrics
+
+    metrics.configure_accounts(accounts)
 
 
 def _record_reconnect() -> None:

@@ -68,6 +68,7 @@ def apply_migrations(conn: psycopg.Connection[Any]) -> list[int]:
 def migrate_main(args: argparse.Namespace) -> int:
     """``execution-worker migrate``."""
     from worker.config import load_settings, mask_url
+    from worker.store.partitions import MONTHS_AHEAD, ensure_partitions
 
     del args
     settings = load_settings()
@@ -75,8 +76,16 @@ def migrate_main(args: argparse.Namespace) -> int:
     try:
         with psycopg.connect(url, autocommit=True) as conn:
             applied = apply_migrations(conn)
+            print(f"migrate: {mask_url(url)}: applied {applied or 'nothing (up to date)'}")
+            # the worker role cannot create tables: next months' partitions are made here
+            # (and by `execution-worker retention`)
+            created = ensure_partitions(conn, MONTHS_AHEAD)
+    except psycopg.errors.InsufficientPrivilege:
+        print(f"migrate: {mask_url(url)} is not the schema owner: run migrate as the owner role")
+        return 1
     except psycopg.Error as exc:
         print(f"migrate: cannot migrate {mask_url(url)}: {type(exc).__name__}")
         return 1
-    print(f"migrate: {mask_url(url)}: applied {applied or 'nothing (up to date)'}")
+    if created:
+        print(f"migrate: created partitions {', '.join(created)}")
     return 0

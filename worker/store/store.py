@@ -35,6 +35,10 @@ TERMINAL_STATES = frozenset(
     {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
 )
 IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
+# The broker showed nothing of an order whose outcome is unknown: a provisional confirmation
+# is on record (a redelivery answers it), and only the background reconciler settles the row
+# (``Store.correct``) when a fill appears or its window ends (issue 18 item 3).
+UNKNOWN_STATE = "UNKNOWN"
 OPEN_TIMEOUT_SECONDS = 10.0
 # libpq TCP keepalives: a connection whose peer vanished (a PostgreSQL failover, a dead
 # network path) is found dead within ~25 s instead of the kernel's two hours. Session locks
@@ -69,6 +73,7 @@ EXECUTION_COLUMNS = (
     "comment_token",
     "magic",
     "session_id",
+    "session_key",
     "account_login",
     "broker_order",
     "broker_deals",
@@ -81,6 +86,13 @@ EXECUTION_COLUMNS = (
     "received_at",
     "submitted_at",
     "completed_at",
+    "arrival_bid",
+    "arrival_ask",
+    "closing_sent_at",
+    "confirmation_version",
+    "reconcile_attempts",
+    "next_reconcile_at",
+    "account",
 )
 _COLUMN_SET = frozenset(EXECUTION_COLUMNS)
 
@@ -104,6 +116,11 @@ class ExecutionRow:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def answered(self) -> bool:
+        """A confirmation is on record: final, or provisional (UNKNOWN)."""
+        return self.terminal or self.state == UNKNOWN_STATE
 
     def get(self, column: str) -> Any:
         return self.values.get(column)
@@ -250,13 +267,13 @@ class Store:
 
     def confirmation_of(self, conn: psycopg.Connection[Any], execution_id: UUID) -> Publish | None:
         row = conn.execute(
-            "SELECT routing_key, payload, correlation_id, reply_to FROM execution.outbox"
-            " WHERE execution_id = %s",
+            "SELECT routing_key, payload, correlation_id, reply_to, version FROM execution.outbox"
+            " WHERE execution_id = %s ORDER BY version DESC LIMIT 1",
             (execution_id,),
         ).fetchone()
         if row is None:
             return None
-        return Publish(execution_id, row[0], row[1].encode("utf-8"), row[2], row[3])
+        return Publish(execution_id, row[0], row[1].encode("utf-8"), row[2], row[3], row[4])
 
     def in_flight(
         self, conn: psycopg.Connection[Any], *, idle_seconds: float = 0.0
@@ -347,8 +364,8 @@ class Store:
             )
             write = (
                 f"UPDATE execution.executions e SET {assignments}, updated_at = now() FROM r"
-                " WHERE e.execution_id = r.execution_id AND e.state NOT IN"
-                " ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED')"
+                " WHERE e.execution_id = r.execution_id AND e.state NOT IN ('FILLED',"
+                " 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED', 'UNKNOWN')"
                 " RETURNING e.execution_id"
             )
         with _atomic(conn):
@@ -376,6 +393,79 @@ class Store:
             return existing
         return confirmation
 
+    # --- provisional (UNKNOWN) rows: the background reconciler --------------------------
+
+    def unknown_due(self, conn: psycopg.Connection[Any], *, limit: int = 100) -> list[ExecutionRow]:
+        """UNKNOWN rows whose next reconcile is due, the most overdue first."""
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM execution.executions WHERE state = 'UNKNOWN'"
+                " AND coalesce(next_reconcile_at, updated_at) <= now()"
+                " ORDER BY coalesce(next_reconcile_at, updated_at) LIMIT %s",
+                (limit,),
+            )
+            return [ExecutionRow(dict(row)) for row in cur.fetchall()]
+
+    def reconcile_later(
+        self,
+        conn: psycopg.Connection[Any],
+        execution_id: UUID,
+        delay_seconds: float,
+        events: Sequence[Event],
+    ) -> None:
+        """An UNKNOWN row the broker still shows nothing of: ask again after the delay."""
+        with _atomic(conn):
+            conn.execute(
+                "WITH moved AS (UPDATE execution.executions SET"
+                " reconcile_attempts = reconcile_attempts + 1,"
+                " next_reconcile_at = now() + make_interval(secs => %s)"
+                " WHERE execution_id = %s AND state = 'UNKNOWN' RETURNING execution_id)"
+                f" {_events_insert('moved')}",
+                (delay_seconds, execution_id, _events_json(events)),
+            )
+
+    def correct(
+        self,
+        conn: psycopg.Connection[Any],
+        fields: dict[str, Any],
+        events: Sequence[Event],
+        confirmation: Publish,
+    ) -> bool:
+        """Settle an UNKNOWN row with a new version of its confirmation, in ONE statement:
+        the row, its events, and a NEW outbox row for the new version (payloads are never
+        rewritten); an earlier version still unpublished is superseded (marked published:
+        the new one carries the truth). False: the row is no longer UNKNOWN at the version
+        before this one (settled elsewhere)."""
+        columns = [c for c in _checked(fields) if c != "execution_id"]
+        assignments = ", ".join(f"{column} = r.{column}" for column in columns)
+        with _atomic(conn):
+            row = conn.execute(
+                f"WITH {_ROW}, final AS (UPDATE execution.executions e SET {assignments},"
+                " confirmation_version = %s, updated_at = now() FROM r"
+                " WHERE e.execution_id = r.execution_id AND e.state = 'UNKNOWN'"
+                " AND e.confirmation_version = %s RETURNING e.execution_id),"
+                f" events AS ({_events_insert('final')}),"
+                " superseded AS (UPDATE execution.outbox o SET published_at = now()"
+                " FROM final WHERE o.execution_id = final.execution_id"
+                " AND o.published_at IS NULL),"
+                " outbox AS (INSERT INTO execution.outbox"
+                " (execution_id, version, routing_key, payload, correlation_id, reply_to)"
+                " SELECT final.execution_id, %s, %s, %s, %s, %s FROM final)"
+                " SELECT count(*) FROM final",
+                (
+                    _row_json(fields),
+                    confirmation.version,
+                    confirmation.version - 1,
+                    _events_json(events),
+                    confirmation.version,
+                    confirmation.routing_key,
+                    confirmation.payload.decode("utf-8"),
+                    confirmation.correlation_id,
+                    confirmation.reply_to,
+                ),
+            ).fetchone()
+        return bool(row and row[0] == 1)
+
     def append_events(
         self, conn: psycopg.Connection[Any], execution_id: UUID, events: Sequence[Event]
     ) -> None:
@@ -392,16 +482,21 @@ class Store:
     def unpublished(self, limit: int) -> list[Publish]:
         with self.connection() as conn:
             rows = conn.execute(
-                "SELECT execution_id, routing_key, payload, correlation_id, reply_to"
+                "SELECT execution_id, routing_key, payload, correlation_id, reply_to, version"
                 " FROM execution.outbox WHERE published_at IS NULL AND next_attempt_at <= now()"
                 " ORDER BY next_attempt_at, created_at LIMIT %s",
                 (limit,),
             ).fetchall()
-        return [Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4]) for row in rows]
+        return [
+            Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4], row[5]) for row in rows
+        ]
 
-    def mark_published(self, execution_ids: Sequence[UUID]) -> None:
+    def mark_published(self, execution_ids: Sequence[OutboxKey]) -> None:
+        """Mark confirmations published: ``(execution_id, version)`` marks that version; a
+        bare execution id marks every unpublished version of it."""
         if not execution_ids:
             return
+        bare, ids, versions = _split_keys(execution_ids)
         # The marker only spares the sweep a republish: if a crash loses it, the identical
         # confirmation (same message_id) goes out once more. So this one transaction does
         # not wait for its WAL flush; every audit write above keeps synchronous_commit on.
@@ -409,13 +504,13 @@ class Store:
             conn.execute("SET LOCAL synchronous_commit = off")
             conn.execute(
                 "UPDATE execution.outbox SET published_at = now()"
-                " WHERE execution_id = ANY(%s) AND published_at IS NULL",
-                (list(execution_ids),),
+                f" WHERE {_KEYS_MATCH} AND published_at IS NULL",
+                (bare, ids, versions),
             )
 
     def mark_failed(
         self,
-        execution_ids: Sequence[UUID],
+        execution_ids: Sequence[OutboxKey],
         *,
         backoff_seconds: float = 10.0,
         max_backoff_seconds: float = 300.0,
@@ -425,14 +520,15 @@ class Store:
         takes the rows that are due first and never retries the same refused ones forever."""
         if not execution_ids:
             return
+        bare, ids, versions = _split_keys(execution_ids)
         with self.connection() as conn, conn.transaction():
             conn.execute("SET LOCAL synchronous_commit = off")  # like mark_published
             conn.execute(
                 "UPDATE execution.outbox SET attempts = attempts + 1,"
                 " next_attempt_at = now() + make_interval(secs =>"
                 " least(%s, %s * power(2, least(attempts, 30))))"
-                " WHERE execution_id = ANY(%s) AND published_at IS NULL",
-                (max_backoff_seconds, backoff_seconds, list(execution_ids)),
+                f" WHERE {_KEYS_MATCH} AND published_at IS NULL",
+                (max_backoff_seconds, backoff_seconds, bare, ids, versions),
             )
 
     def outbox_backlog(self) -> tuple[int, float]:
@@ -470,6 +566,19 @@ class Store:
                 (execution_id,),
             )
             return [dict(row) for row in cur.fetchall()]
+
+
+OutboxKey = UUID | tuple[UUID, int]  # an execution (all its versions) or one version
+_KEYS_MATCH = (
+    "(execution_id = ANY(%s::uuid[]) OR (execution_id, version) IN"
+    " (SELECT * FROM unnest(%s::uuid[], %s::int[])))"
+)
+
+
+def _split_keys(keys: Sequence[OutboxKey]) -> tuple[list[UUID], list[UUID], list[int]]:
+    bare = [key for key in keys if isinstance(key, UUID)]
+    exact = [key for key in keys if not isinstance(key, UUID)]
+    return bare, [key[0] for key in exact], [key[1] for key in exact]
 
 
 def json_default(value: Any) -> Any:

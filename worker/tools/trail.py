@@ -1,5 +1,8 @@
 """``execution-worker trail KEY [--json]``: what happened to one order, from the audit store.
 
+``trail --since T [--until T] [--status S] [--symbol X] [--account NAME|LOGIN]`` lists instead
+the executions received in that range (one line each; ``--json``: the rows whole).
+
 KEY is the RPM order id, the idempotency key or the execution id (also accepted: the MT5
 comment token and the broker order ticket, as an operator reads them in the terminal).
 Prints each matching execution row, its timeline (every event: transitions, broker calls
@@ -30,6 +33,7 @@ from psycopg.rows import dict_row
 
 from worker.config import load_settings, mask_url
 from worker.observability.logs import redact, register_settings_secrets
+from worker.store.reports import RangeFilter, executions_in_range
 
 DETAIL_WIDTH = 100  # the table truncates event details; --json has them whole
 
@@ -198,7 +202,7 @@ def _summary(row: dict[str, Any]) -> list[str]:
             "identity",
             f"comment token {_fmt(row.get('comment_token'))}  magic {_fmt(row.get('magic'))}"
             f"  session {_fmt(row.get('session_id'))}"
-            f"  account {_fmt(row.get('account_login'))}",
+            f"  account {_fmt(row.get('account'))}  login {_fmt(row.get('account_login'))}",
         ),
     ]
     if row.get("rejection_reason"):
@@ -274,6 +278,93 @@ def render_text(trails: Sequence[Trail], now: datetime | None = None) -> str:
     return redact("\n".join(out))
 
 
+# --- a time range ------------------------------------------------------------------------
+
+RANGE_COLUMNS = (
+    "received at",
+    "state",
+    "symbol",
+    "side",
+    "lots",
+    "executed",
+    "fill price",
+    "slip",
+    "account",
+    "session",
+    "reason",
+    "rpm order id",
+)
+
+
+def range_row(row: dict[str, Any]) -> list[str]:
+    return [
+        _fmt(row.get("received_at")),
+        _fmt(row.get("state")),
+        _fmt(row.get("symbol")),
+        {1: "BUY", -1: "SELL"}.get(row.get("direction") or 0, "-"),
+        _fmt(row.get("intended_lots")),
+        _fmt(row.get("executed_lots")),
+        _fmt(row.get("fill_price")),
+        _fmt(row.get("slippage_pips")),
+        _fmt(row.get("account") or row.get("account_login")),
+        _fmt(row.get("session_id")),
+        _fmt(row.get("rejection_reason")),
+        _fmt(row.get("rpm_order_id")),
+    ]
+
+
+def render_range_text(where: RangeFilter, rows: Sequence[dict[str, Any]]) -> str:
+    title = f"Executions received {_fmt(where.since)} .. {_fmt(where.until)}"
+    filters = [
+        f"{name} {value}"
+        for name, value in (
+            ("status", where.status),
+            ("symbol", where.symbol),
+            ("account", where.account),
+        )
+        if value is not None
+    ]
+    if filters:
+        title += " (" + ", ".join(filters) + ")"
+    lines = [title, *_table(RANGE_COLUMNS, [range_row(row) for row in rows])]
+    more = " (the limit: narrow the range or raise --limit)" if len(rows) >= where.limit else ""
+    lines.append(f"{len(rows)} execution(s){more}; `trail KEY` shows one in full")
+    return redact("\n".join(lines))
+
+
+def render_range_json(where: RangeFilter, rows: Sequence[dict[str, Any]]) -> str:
+    document = {
+        "since": where.since,
+        "until": where.until,
+        "filters": {"status": where.status, "symbol": where.symbol, "account": where.account},
+        "executions": list(rows),
+    }
+    return redact(json.dumps(document, default=_json_default, indent=2, ensure_ascii=False))
+
+
+def range_filter(args: argparse.Namespace) -> RangeFilter:
+    return RangeFilter(
+        since=args.since,
+        until=args.until or datetime.now(UTC),
+        status=args.status.upper() if args.status else None,
+        symbol=args.symbol,
+        account=args.account,
+        limit=args.limit,
+    )
+
+
+def _range_main(args: argparse.Namespace, url: str) -> int:
+    where = range_filter(args)
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            rows = executions_in_range(conn, where)
+    except psycopg.Error as exc:
+        print(f"trail: cannot read {mask_url(url)}: {type(exc).__name__}", file=sys.stderr)
+        return 2
+    print(render_range_json(where, rows) if args.json else render_range_text(where, rows))
+    return 0 if rows else 1
+
+
 # --- command -----------------------------------------------------------------------------
 
 
@@ -281,6 +372,14 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     register_settings_secrets(settings)
     url = settings.database_url.get_secret_value()
+    if getattr(args, "since", None) is not None:
+        if args.key:
+            print("trail: give KEY or --since, not both", file=sys.stderr)
+            return 2
+        return _range_main(args, url)
+    if not args.key:
+        print("trail: give KEY (one execution) or --since T (a time range)", file=sys.stderr)
+        return 2
     key: str = args.key.strip()
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:

@@ -31,6 +31,7 @@ GOALS = {
     "overhead_p50": "worker p50 <= 1.5 x floor p50",
     "overhead_p99": "worker p99 <= 2 x floor p99",
     "throughput": "worker / floor >= 1.0",
+    "cpu": "worker CPU <= 0.5 ms per message",
     "scaling": "8 sessions >= 7.2 x 1 session",
     "rss_limit": "RSS <= 150 MB",
     "rss_growth": "RSS growth 1k -> 50k < 5 %",
@@ -69,6 +70,7 @@ def goals_met(results: Mapping[str, Any]) -> dict[str, bool]:
         "overhead_p50": overhead["p50"] <= 1.5 * floor["p50"],
         "overhead_p99": overhead["p99"] <= 2.0 * floor["p99"],
         "throughput": results["throughput_ratio"] >= 1.0,
+        "cpu": results["cpu_ms_per_message"]["worker"] <= 0.5,
         "scaling": scaling["8"] >= 7.2 * scaling["1"],
         "rss_limit": max(rss["1k"], rss["50k"]) <= 150.0,
         "rss_growth": growth < 0.05,
@@ -197,6 +199,26 @@ def table(results: Mapping[str, Any]) -> str:
         f"{_fmt(throughput['worker'], 1)}, floor {_fmt(throughput['floor'], 1)}, ratio "
         f"{_fmt(results['throughput_ratio'])}"
     )
+    inflight = results.get("throughput_inflight", {})
+    for n, sides in inflight.items():
+        ratio = results.get("throughput_inflight_ratio", {}).get(n, math.nan)
+        lines.append(
+            f"  {n:>2} in flight: worker {_fmt(sides['worker'], 1)}, floor "
+            f"{_fmt(sides['floor'], 1)}, ratio {_fmt(ratio)}"
+        )
+    cpu = results.get("cpu_ms_per_message")
+    if cpu:
+        lines.append(
+            f"CPU ms per message ({results.get('prefetch', '?')} in flight): worker "
+            f"{_fmt(cpu['worker'], 3)} + PostgreSQL {_fmt(cpu['postgres_worker'], 3)}, "
+            f"floor {_fmt(cpu['floor'], 3)} + PostgreSQL {_fmt(cpu['postgres_floor'], 3)}"
+        )
+    for n, figures in results.get("cpu_ms_per_message_inflight", {}).items():
+        lines.append(
+            f"  {n:>2} in flight: worker {_fmt(figures['worker'], 3)} + "
+            f"{_fmt(figures['postgres_worker'], 3)}, floor {_fmt(figures['floor'], 3)} + "
+            f"{_fmt(figures['postgres_floor'], 3)}"
+        )
     split = results.get("throughput_processes")
     if split:
         lines.append(

@@ -9,10 +9,13 @@ process is only the client: it publishes RPM approvals and times their confirmat
 
 1. overhead: publish -> confirmation, one message at a time, worker (1 session) and floor
    (1 consumer) running side by side and taking turns message by message; then at 100
-   msg/s offered with ``prefetch`` in flight, in alternating rounds;
-2. throughput: a backlog drained by the worker (``prefetch`` sessions, latency 0) and by the
-   floor (``prefetch`` consumers, each with prefetch 1: the same messages in flight), in
-   alternating rounds; and the worker's sessions split over two processes;
+   msg/s offered with ``prefetch`` in flight, in alternating rounds, each latency timed from
+   the message's intended send time (no coordinated omission);
+2. throughput: a backlog drained by the worker (n sessions, latency 0) and by the floor
+   (n consumers, each with prefetch 1: the same messages in flight) for n = ``prefetch``, 4,
+   8 and 16, all in alternating rounds, with the CPU per message of the worker or floor
+   process and of PostgreSQL's backends (worker/tools/bench/cpu.py); and the worker's
+   ``prefetch`` sessions split over two processes;
 3. scaling: worker throughput with 1, 2, 4, 8 sessions at 20 ms ``order_send`` latency, in
    two rounds of 1, 2, 4, 8;
 4. memory: worker RSS after 1k and after 50k messages. The simulated terminals run in their
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -38,7 +43,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,12 +63,16 @@ from worker.amqp.topology import (
 )
 from worker.config import Settings, load_settings, mask_url
 from worker.errors import WorkerError
+from worker.tools.bench import cpu as bench_cpu
 from worker.tools.bench import report as bench_report
 from worker.tools.bench.floor import FLOOR_EXCHANGE, FLOOR_QUEUE, declare_floor
 from worker.tools.publish import OutgoingMessage, approved_trade, publish_messages, rpm_output
 
 RESULTS_DIR = "bench-results"
 STOP_TIMEOUT_SECONDS = 45.0
+# the instant a message of the offered-rate runs was due to be sent, in microseconds since the
+# epoch: its latency runs from there, not from the (maybe later) actual send
+INTENDED_HEADER = "x-bench-intended-us"
 START_TIMEOUT_SECONDS = 90.0
 SIM_SYMBOL = "EURUSD"
 UNITS = 10_000.0  # 0.1 lots
@@ -106,7 +115,7 @@ QUICK = Counts(
     serial=10,
     rated=15,
     rate=100.0,
-    throughput=24,
+    throughput=160,  # 80 a round: waves of 16 in flight, so the CPU figures count some
     prefetch=4,
     scaling_per_session=3,
     scaling_latency_ms=20.0,
@@ -253,6 +262,18 @@ class Arrivals:
                     raise BenchError(f"timed out: {done} of {len(keys)} confirmations arrived")
                 self._cond.wait(min(left, 0.5))
 
+    def wait_first(self, keys: Sequence[str], timeout: float) -> None:
+        """Until any one of ``keys`` arrived; raises BenchError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not any(key in self.times for key in keys):
+                if self._error is not None:
+                    raise BenchError(f"observer failed: {type(self._error).__name__}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"timed out: none of {len(keys)} confirmations arrived")
+                self._cond.wait(min(left, 0.5))
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -316,10 +337,17 @@ def approvals(prefix: str, count: int) -> list[OutgoingMessage]:
     return messages
 
 
+def stamped(message: OutgoingMessage, intended_epoch_s: float) -> OutgoingMessage:
+    """``message`` with its intended send time (epoch seconds) in ``INTENDED_HEADER``, in µs."""
+    headers = {**(message.headers or {}), INTENDED_HEADER: round(intended_epoch_s * 1e6)}
+    return dataclasses.replace(message, headers=headers)
+
+
 # ----------------------------------------------------------------------------- targets
 
 ROUNDS = 2  # alternating rounds of each drained figure: a slow spell hits both sides
 SCALING_SESSIONS = (1, 2, 4, 8)
+INFLIGHT = (4, 8, 16)  # messages in flight of the drained throughput runs
 
 
 def _shares(count: int) -> list[int]:
@@ -330,13 +358,17 @@ def _shares(count: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Drained:
-    """Messages after the first confirmation of a backlog, and the seconds they took."""
+    """Messages after the first confirmation of a backlog, the seconds they took, and the
+    CPU the consumer and PostgreSQL spent meanwhile."""
 
     messages: int
     seconds: float
+    cpu: bench_cpu.Cost = field(default_factory=bench_cpu.Cost)
 
     def __add__(self, other: Drained) -> Drained:
-        return Drained(self.messages + other.messages, self.seconds + other.seconds)
+        return Drained(
+            self.messages + other.messages, self.seconds + other.seconds, self.cpu + other.cpu
+        )
 
     @property
     def rate(self) -> float:
@@ -464,10 +496,12 @@ class Bench:
         self.children: list[Child] = []
         self.publisher = Publisher(amqp_url, settings.delivery_limit)
         self.arrivals = Arrivals(amqp_url)
+        self.backends = bench_cpu.Backends(database_url)
 
     def close(self) -> None:
         for child in reversed(self.children):
             child.stop()
+        self.backends.close()
         self.arrivals.close()
         self.publisher.close()
 
@@ -599,7 +633,13 @@ class Bench:
 
     def rated(self, label: str, queue: str, child: Child, count: int) -> list[float]:
         """``count`` messages at ``rate`` msg/s offered on a fixed schedule, whatever the
-        answers do (after ``warmup`` unrecorded ones)."""
+        answers do (after ``warmup`` unrecorded ones).
+
+        Each latency runs from the message's *intended* send time (``start + i / rate``,
+        stamped in its ``INTENDED_HEADER``), not from when the publisher got round to it:
+        a publish that waits behind a slow one would otherwise hide that wait (coordinated
+        omission).
+        """
         warm = self._messages(f"{label}-ratewarm", self.counts.warmup)
         for message in warm:
             self.publisher.publish(queue, message)
@@ -607,19 +647,21 @@ class Bench:
         messages = self._messages(f"{label}-rated", count)
         interval = 1.0 / self.counts.rate
         self.progress.start(f"{label}: {self.counts.rate:g} msg/s")
-        sent: dict[str, float] = {}
+        intended: dict[str, float] = {}
         start = time.perf_counter()
+        epoch_offset = time.time() - time.perf_counter()  # perf_counter -> epoch seconds
         for index, message in enumerate(messages):
-            pause = start + index * interval - time.perf_counter()
+            due = start + index * interval
+            pause = due - time.perf_counter()
             if pause > 0:
                 self.publisher.sleep(pause)
             key = message.message_id or ""
-            sent[key] = time.perf_counter()
-            self.publisher.publish(queue, message)
+            intended[key] = due
+            self.publisher.publish(queue, stamped(message, due + epoch_offset))
             self.progress.update(index + 1, len(messages))
         child.check_alive()
-        self.arrivals.wait(list(sent), 120.0, lambda _d, _t: None)
-        latencies = [self.arrivals.times[key] - at for key, at in sent.items()]
+        self.arrivals.wait(list(intended), 120.0, lambda _d, _t: None)
+        latencies = [self.arrivals.times[key] - due for key, due in intended.items()]
         self.progress.finish(f"p50 {bench_report.summary_ms(latencies)['p50']:.2f} ms")
         return latencies
 
@@ -638,7 +680,13 @@ class Bench:
         return [m.message_id or "" for m in messages]
 
     def drain(self, label: str, keys: Sequence[str], child: Child) -> Drained:
-        """The time between the first and the last confirmation of a backlog."""
+        """The time between the first and the last confirmation of a backlog, and the CPU
+        of ``child`` (with its descendants) and of the database's backends in between.
+
+        The CPU counters are read when the first confirmation has arrived (so the start-up
+        of the child is left out) and again at the last; the messages they are divided by
+        are the confirmations that arrived after the first reading.
+        """
         self.progress.start(label)
 
         def progressed(done: int, total: int) -> None:
@@ -646,16 +694,25 @@ class Bench:
             if done < total:
                 child.check_alive()
 
-        self.arrivals.wait(keys, max(120.0, len(keys) / 5.0), progressed)
+        timeout = max(120.0, len(keys) / 5.0)
+        self.arrivals.wait_first(keys, timeout)
+        before = bench_cpu.sample(child.process.pid, self.backends)
+        self.arrivals.wait(keys, timeout, progressed)
+        after = bench_cpu.sample(child.process.pid, self.backends)
         times = sorted(self.arrivals.times[key] for key in keys)
-        drained = Drained(len(times) - 1, times[-1] - times[0])
-        self.progress.finish(f"{drained.rate:.1f} msg/s")
+        counted = sum(1 for at in times if at > before.at)
+        cost = bench_cpu.cost(before, after, counted)
+        drained = Drained(len(times) - 1, times[-1] - times[0], cost)
+        self.progress.finish(
+            f"{drained.rate:.1f} msg/s, CPU/msg {cost.process_ms:.3f} ms"
+            f" + PostgreSQL {cost.postgres_ms:.3f} ms"
+        )
         return drained
 
     def drain_in_rounds(
         self, phase: str, starts: Sequence[tuple[str, str, Callable[[], Child]]], count: int
-    ) -> dict[str, float]:
-        """msg/s of each target over ``ROUNDS`` alternating rounds of ``count`` in all.
+    ) -> dict[str, Drained]:
+        """Each target's backlog drained over ``ROUNDS`` alternating rounds of ``count`` in all.
 
         ``starts``: (label, queue, start) per target; each round fills the target's queue,
         starts its consumer and drains the backlog, so slow spells are shared.
@@ -668,7 +725,7 @@ class Bench:
                 drained = self.drain(f"{label}: backlog {share}", keys, child)
                 self._stop(child)
                 totals[label] = totals[label] + drained
-        return {label: drained.rate for label, drained in totals.items()}
+        return totals
 
     # --- phases ---------------------------------------------------------------------------
 
@@ -704,19 +761,11 @@ class Bench:
                 rated[label] += self.rated(f"{label} x{prefetch} #{index + 1}", queue, child, share)
         self._stop(worker)
         self._stop(floor)
-        rates = self.drain_in_rounds(
-            "throughput",
-            [
-                (f"floor x{prefetch}", FLOOR_QUEUE, lambda: self.start_floor(prefetch)),
-                (
-                    f"worker {prefetch} sessions",
-                    REQUESTS_QUEUE,
-                    lambda: self.start_worker(prefetch),
-                ),
-            ],
-            count,
+        inflight = self._drain_inflight(sorted({prefetch, *INFLIGHT}), count)
+        floor_rate, worker_rate = (
+            inflight[prefetch]["floor"].rate,
+            inflight[prefetch]["worker"].rate,
         )
-        floor_rate, worker_rate = rates[f"floor x{prefetch}"], rates[f"worker {prefetch} sessions"]
         # the same sessions over two processes (``run --processes 2``): two GILs
         split = 2 if prefetch % 2 == 0 else 1
         keys = self.backlog("worker-processes", REQUESTS_QUEUE, count)
@@ -731,12 +780,41 @@ class Bench:
             "floor_100_ms": bench_report.summary_ms(rated["floor"]),
             "throughput": {"worker": round(worker_rate, 1), "floor": round(floor_rate, 1)},
             "throughput_ratio": round(worker_rate / floor_rate, 3),
+            "throughput_inflight": {
+                str(n): {side: round(inflight[n][side].rate, 1) for side in ("worker", "floor")}
+                for n in INFLIGHT
+            },
+            "throughput_inflight_ratio": {
+                str(n): round(inflight[n]["worker"].rate / inflight[n]["floor"].rate, 3)
+                for n in INFLIGHT
+            },
+            "cpu_ms_per_message": _cpu_figures(inflight[prefetch]),
+            "cpu_ms_per_message_inflight": {str(n): _cpu_figures(inflight[n]) for n in INFLIGHT},
+            # the confirmations the CPU figures are divided by (after the first reading)
+            "cpu_messages": {
+                side: inflight[prefetch][side].cpu.messages for side in ("worker", "floor")
+            },
             "throughput_processes": {
                 "processes": split,
                 "worker": round(split_rate, 1),
                 "ratio": round(split_rate / floor_rate, 3),
             },
             "prefetch": prefetch,
+        }
+
+    def _drain_inflight(self, levels: Sequence[int], count: int) -> dict[int, dict[str, Drained]]:
+        """A backlog of ``count`` drained by the floor (n consumers, prefetch 1 each) and by
+        the worker (n sessions, prefetch n) at each level n, all of them taking turns."""
+        starts: list[tuple[str, str, Callable[[], Child]]] = []
+        for n in levels:
+            starts.append((f"floor x{n}", FLOOR_QUEUE, functools.partial(self.start_floor, n)))
+            starts.append(
+                (f"worker {n} sessions", REQUESTS_QUEUE, functools.partial(self.start_worker, n))
+            )
+        drained = self.drain_in_rounds("throughput", starts, count)
+        return {
+            n: {"floor": drained[f"floor x{n}"], "worker": drained[f"worker {n} sessions"]}
+            for n in levels
         }
 
     def scaling(self) -> dict[str, Any]:
@@ -800,6 +878,17 @@ class Bench:
                 delivery_limit=self.settings.delivery_limit,
                 timeout=max(60.0, len(messages) / 50.0),
             )
+
+
+def _cpu_figures(sides: dict[str, Drained]) -> dict[str, float]:
+    """CPU ms per message of the worker and the floor processes and of their PostgreSQL."""
+    worker, floor = sides["worker"].cpu, sides["floor"].cpu
+    return {
+        "worker": round(worker.process_ms, 4),
+        "floor": round(floor.process_ms, 4),
+        "postgres_worker": round(worker.postgres_ms, 4),
+        "postgres_floor": round(floor.postgres_ms, 4),
+    }
 
 
 # ----------------------------------------------------------------------------- main
