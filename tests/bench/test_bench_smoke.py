@@ -91,11 +91,14 @@ def test_throughput_and_scaling(results: dict[str, Any]) -> None:
     throughput = results["throughput"]
     assert throughput["worker"] > 0 and throughput["floor"] > 0
     ratio = throughput["worker"] / throughput["floor"]
-    assert results["throughput_ratio"] == pytest.approx(ratio, rel=0.01)
+    # reported rounded to 3 decimals: a small ratio (deals lag on the hardened sim) differs more
+    assert results["throughput_ratio"] == pytest.approx(ratio, rel=0.01, abs=0.0006)
     assert results["prefetch"] == bench.QUICK.prefetch
     split = results["throughput_processes"]
     assert split["processes"] == 2 and split["worker"] > 0
-    assert split["ratio"] == pytest.approx(split["worker"] / throughput["floor"], rel=0.01)
+    assert split["ratio"] == pytest.approx(
+        split["worker"] / throughput["floor"], rel=0.01, abs=0.0006
+    )
     assert set(results["scaling"]) == {"1", "2", "4", "8"}
     assert all(rate > 0 for rate in results["scaling"].values())
 

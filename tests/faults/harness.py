@@ -5,9 +5,11 @@ The checker proves the promise on what the outside world can see:
   ``execution.confirmations`` with ``#``, and all confirmations of one approval are
   byte-identical (same ``message_id`` = execution id);
 - PostgreSQL: exactly one terminal row per approval in ``execution.executions``;
-- the terminals' own books (``sim-terminal --dump``): per comment token, exactly one broker
+- the terminals' own books (``sim-terminal --dump``): per execution, found by its order
+  magic (``order_magic_for``; the server may cut or blank comments), exactly one broker
   order for a filled approval and none for one that was refused, and no order at all whose
-  token is not one of ours.
+  magic is not one of ours; and a FILLED/PARTIALLY_FILLED confirmation's lots and VWAP equal
+  those of the broker's deals of that order.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import pika
 import pika.exceptions
 import psycopg
 
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import execution_id_for, order_magic_for
 from tests import samples
 from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
 from worker.amqp.topology import (
@@ -40,6 +42,7 @@ from worker.amqp.topology import (
     dead_queue_arguments,
     requests_queue_arguments,
 )
+from worker.config import load_settings
 
 OBSERVER_QUEUE = "fault.observer"
 FILLED_STATES = frozenset({"FILLED", "PARTIALLY_FILLED"})
@@ -340,6 +343,28 @@ class FaultEnv:
     def deals(self) -> list[dict[str, Any]]:
         return [deal for terminal in self.terminals for deal in terminal.deals()]
 
+    def bitten(self) -> tuple[int, int]:
+        """From the audit trail: (order_send calls with an unknown outcome: no reply or
+        10011/10012/10031, failed broker queries): proof that the faults happened."""
+        [(unknown,)] = self.query(
+            "SELECT count(*) FROM execution.execution_events WHERE kind = 'broker_call'"
+            " AND function = 'order_send' AND (retcode IS NULL OR retcode IN (10011, 10012, 10031))"
+        )
+        [(failed,)] = self.query(
+            "SELECT count(*) FROM execution.execution_events e,"
+            " jsonb_array_elements(e.detail -> 'calls') AS c"
+            " WHERE e.kind = 'broker_queries' AND c ? 'error'"
+        )
+        return int(unknown), int(failed)
+
+    @property
+    def deployment_magic(self) -> int:
+        return int(self.settings.get("MAGIC") or load_settings({}).magic)
+
+    def magic_of(self, key: str) -> int:
+        """The order magic of an approval's execution: how the broker's books name it."""
+        return order_magic_for(execution_id_for(key), self.deployment_magic)
+
     # --- the promise ----------------------------------------------------------------------
 
     def check(
@@ -352,7 +377,7 @@ class FaultEnv:
     ) -> Tally:
         """Assert the promise for every published key; return the scenario's numbers.
 
-        A token's deals against its first deal's direction are the slippage close of
+        An execution's deals (by magic) against its first deal's direction are the slippage close of
         SLIPPAGE_POLICY=close (same magic and comment): one closing order per approval at
         most, counted apart from the opening order. ``dead_letters_with_reason``: a key
         dead-lettered by the worker with an ``x-rejection-reason`` (and no row) is
@@ -361,34 +386,34 @@ class FaultEnv:
         side = self.broker_side
         received = side.collect()
         rows = self.rows()
-        orders_by_token: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        closes_by_token: dict[str, set[tuple[str, int]]] = defaultdict(set)
-        volume_by_token: dict[str, float] = defaultdict(float)
-        opening_type: dict[str, int] = {}
+        orders_by_magic: dict[int, set[tuple[str, int]]] = defaultdict(set)
+        closes_by_magic: dict[int, set[tuple[str, int]]] = defaultdict(set)
+        deals_by_magic: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        opening_type: dict[int, int] = {}
         every = [(t.name, d) for t in self.terminals for d in t.deals()]
         for name, deal in sorted(every, key=lambda item: int(item[1]["ticket"])):
-            token = deal["comment"]
-            opening = opening_type.setdefault(token, int(deal["type"]))
+            magic = int(deal["magic"])
+            opening = opening_type.setdefault(magic, int(deal["type"]))
             if int(deal["type"]) != opening:
-                closes_by_token[token].add((name, int(deal["order"])))
+                closes_by_magic[magic].add((name, int(deal["order"])))
                 continue
-            orders_by_token[token].add((name, int(deal["order"])))
-            volume_by_token[token] += float(deal["volume"])
+            orders_by_magic[magic].add((name, int(deal["order"])))
+            deals_by_magic[magic].append(deal)
         dead_reasons: dict[str, str | None] = {}
         for message_id, reason in side.dead_letters():
             dead_reasons[str(message_id)] = reason
         tally = Tally(scenario, messages=len(keys), **extra)
         problems: list[str] = []
-        tokens = set()
+        magics = set()
         states: dict[str, int] = defaultdict(int)
         for key in keys:
             execution_id = execution_id_for(key)
-            token = comment_token_for(execution_id)
-            tokens.add(token)
-            orders = orders_by_token.get(token, set())
+            magic = self.magic_of(key)
+            magics.add(magic)
+            orders = orders_by_magic.get(magic, set())
             tally.orders += len(orders)
             tally.duplicates += max(0, len(orders) - 1)
-            closes = closes_by_token.get(token, set())
+            closes = closes_by_magic.get(magic, set())
             tally.duplicates += max(0, len(closes) - 1)
             key_rows = rows.get(key, [])
             if not key_rows and dead_letters_with_reason and dead_reasons.get(key):
@@ -415,20 +440,21 @@ class FaultEnv:
             if state == "CANCELLED" and closes and orders and len(body["broker_deals"]) < 2:
                 problems.append(f"{key}: CANCELLED listing {body['broker_deals']}")
             if state in FILLED_STATES:
-                if len(orders) != 1:
-                    problems.append(f"{key}: {state} with {len(orders)} broker orders")
-                elif broker_order != next(iter(orders))[1]:
-                    problems.append(f"{key}: row order {broker_order} != broker's {orders}")
-                elif abs(volume_by_token[token] - float(executed_lots)) > 1e-6:
-                    problems.append(
-                        f"{key}: row says {executed_lots} lots, broker {volume_by_token[token]}"
-                    )
+                problems += _fill_problems(
+                    key,
+                    state,
+                    body,
+                    broker_order,
+                    executed_lots,
+                    orders,
+                    deals_by_magic.get(magic, []),
+                )
             elif (state in NO_ORDER_STATES or state == PROVISIONAL_STATE) and orders:
                 problems.append(f"{key}: {state} but the broker has orders {orders}")
-        strays = {t: o for t, o in orders_by_token.items() if t not in tokens}
+        strays = {m: o for m, o in orders_by_magic.items() if m not in magics}
         if strays:
             tally.duplicates += sum(len(o) for o in strays.values())
-            problems.append(f"orders with tokens of no published approval: {strays}")
+            problems.append(f"orders with the magic of no published approval: {strays}")
         tally.by_state = dict(sorted(states.items()))
         published = set(keys)
         for message_id, reason in dead_reasons.items():
@@ -438,6 +464,36 @@ class FaultEnv:
                 problems.append(f"{message_id}: dead-lettered ({reason})")
         assert not problems, f"{scenario}: " + "; ".join(problems[:20])
         return tally
+
+
+def _fill_problems(
+    key: str,
+    state: str,
+    body: dict[str, Any],
+    broker_order: int | None,
+    executed_lots: Any,
+    orders: set[tuple[str, int]],
+    deals: list[dict[str, Any]],
+) -> list[str]:
+    """A filled approval: one broker order, and the row's and the confirmation's lots and
+    VWAP are those of that order's deals on the broker's books."""
+    if len(orders) != 1:
+        return [f"{key}: {state} with {len(orders)} broker orders"]
+    ((_, order),) = orders
+    if broker_order != order:
+        return [f"{key}: row order {broker_order} != broker's {order}"]
+    lots = sum(float(deal["volume"]) for deal in deals)
+    vwap = sum(float(deal["volume"]) * float(deal["price"]) for deal in deals) / lots
+    problems = []
+    if abs(lots - float(executed_lots)) > 1e-6 or abs(lots - body["executed_lots"]) > 1e-6:
+        problems.append(
+            f"{key}: row {executed_lots} / confirmation {body['executed_lots']} lots, broker {lots}"
+        )
+    if body["fill_price"] is None or abs(vwap - body["fill_price"]) > 1e-9 * max(1.0, vwap):
+        problems.append(f"{key}: confirmation fill price {body['fill_price']}, broker {vwap}")
+    if sorted(body["broker_deals"]) != sorted(int(deal["ticket"]) for deal in deals):
+        problems.append(f"{key}: confirmation deals {body['broker_deals']} != broker's {deals}")
+    return problems
 
 
 def _versions(received: dict[str, list[bytes]], execution_id: str) -> dict[int, list[bytes]]:

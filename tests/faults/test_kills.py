@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import pytest
 
-from schemas.identity import comment_token_for, execution_id_for
 from tests.faults.conftest import MakeEnv
 from tests.faults.harness import FaultEnv, Tally, approvals, sim_toml
 from tests.faults.launcher import KILL_EXIT_CODE, POINTS
@@ -26,26 +25,26 @@ KILL_AT = 3  # two messages go through untouched first
 WAIT_SECONDS = 90.0
 
 
-def _tokens_in_books(env: FaultEnv) -> set[str]:
-    return {deal["comment"] for deal in env.deals()}
+def _magics_in_books(env: FaultEnv) -> set[int]:
+    return {int(deal["magic"]) for deal in env.deals()}
 
 
 def _evidence(env: FaultEnv, point: str, keys: list[str]) -> None:
     """What the dead worker left behind proves it died where it was told to."""
     states = {key: rows[0][0] for key, rows in env.rows().items()}
     in_flight = [k for k, s in states.items() if s in ("SUBMITTING", "SUBMITTED")]
-    books = _tokens_in_books(env)
+    books = _magics_in_books(env)
     unpublished = env.query("SELECT count(*) FROM execution.outbox WHERE published_at IS NULL")
     confirmed = env.broker_side.confirmed_keys()
     if point == "after_receive":
         assert len(states) == KILL_AT - 1 and not in_flight, states
     elif point == "after_intent":
         assert len(in_flight) == 1, states
-        assert comment_token_for(execution_id_for(in_flight[0])) not in books
+        assert env.magic_of(in_flight[0]) not in books
     elif point in ("during_order_send", "after_fill"):
         assert len(in_flight) == 1, states
         # the order is on the broker's books, the audit row does not know it yet
-        assert comment_token_for(execution_id_for(in_flight[0])) in books
+        assert env.magic_of(in_flight[0]) in books
     elif point == "after_commit":
         assert not in_flight and len(states) == KILL_AT and unpublished[0][0] >= 1, states
         assert len(confirmed) == KILL_AT - 1, confirmed

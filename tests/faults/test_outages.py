@@ -11,7 +11,7 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 import pytest
 
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import execution_id_for
 from tests.containers import Broker, Service
 from tests.faults.conftest import MakeEnv
 from tests.faults.harness import FaultEnv, Tally, approvals, sim_toml
@@ -107,7 +107,7 @@ def test_postgresql_unavailable_for_10_seconds(
         )
     time.sleep(PG_DOWN_SECONDS)
     assert worker.alive(), worker.tail()
-    books = {deal["comment"] for deal in env.deals()}
+    books = {int(deal["magic"]) for deal in env.deals()}
     confirmed = env.broker_side.confirmed_keys()
     back()
 
@@ -116,13 +116,13 @@ def test_postgresql_unavailable_for_10_seconds(
     assert len(env.workers) == 1  # it recovered by itself
     how = "container stopped" if postgres_server.backend == "container" else "connections refused"
     tally = env.check("PostgreSQL down 10 s", keys, notes=f"{how} 10 s mid-stream")
-    by_token = {comment_token_for(execution_id_for(k)): k for k in keys}
+    by_magic = {env.magic_of(k): k for k in keys}
     rows = env.rows()
     by_execution_id = {str(execution_id_for(k)): k for k in keys}
     # every order on the books when the outage ended had its intent committed before it began
-    for token in books:
-        submitted_at = rows[by_token[token]][0][3]
-        assert submitted_at is not None and submitted_at < down_at, (token, submitted_at)
+    for magic in books:
+        submitted_at = rows[by_magic[magic]][0][3]
+        assert submitted_at is not None and submitted_at < down_at, (magic, submitted_at)
     # nothing was confirmed (hence acked) that had not been committed before the outage
     for execution_id in confirmed:
         completed_at = rows[by_execution_id[execution_id]][0][4]

@@ -18,8 +18,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.identity import order_magic_for
 from schemas.request import MessageProperties
 from tests.integration.pipeline_env import always_open, approval
+from tests.simbooks import broker_deals
 from worker.config import Settings, load_settings
 from worker.execution.outcome import Delivery, Outcome
 from worker.execution.pipeline import Pipeline
@@ -98,10 +100,14 @@ class AccountsEnv:
         )
         return self.pipeline.handle(delivery)
 
-    def comments(self, terminal: SimTerminal | Gate) -> list[str]:
-        """The comment of every deal on that account's trade server."""
-        deals = terminal.history_deals_get(0, 2**31 - 1) or ()
-        return [deal.comment for deal in deals]
+    def magics(self, terminal: SimTerminal | Gate) -> list[int]:
+        """The magic of every deal on that account's trade server, from its books (lagging
+        deals too; comments are cut by the hardened server, the magic names the execution)."""
+        sim = terminal.sim if isinstance(terminal, Gate) else terminal
+        return [deal.magic for deal in broker_deals(sim)]
+
+    def magic_of(self, execution_id: str) -> int:
+        return order_magic_for(uuid.UUID(execution_id), self.settings.magic)
 
     def row(self, execution_id: str) -> dict[str, Any]:
         with self.store.connection() as conn:

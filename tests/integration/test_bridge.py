@@ -47,9 +47,14 @@ from worker.mt5.sim.terminal import SimTerminal
 SECRET = new_secret()
 
 
+# The bridge must answer what the terminal answers: comparing two reads needs both to
+# answer (no random None), and on a fixed clock a lagging deal would never show.
+STEADY = "[faults]\nquery_none_rate = 0.0\ndeal_lag_ms = 0.0\ndeal_lag_jitter_ms = 0.0\n"
+
+
 @pytest.fixture
 def sim() -> SimTerminal:
-    terminal = SimTerminal(open_config(), clock=lambda: FIXED_NOW)
+    terminal = SimTerminal(open_config(STEADY), clock=lambda: FIXED_NOW)
     assert terminal.initialize()
     return terminal
 
@@ -112,7 +117,7 @@ def test_bridge_results_equal_the_in_process_terminal(
     until = datetime.fromtimestamp(FIXED_NOW) + timedelta(hours=6)
     deals = client.history_deals_get(since, until)
     assert deals == sim.history_deals_get(since, until)
-    assert deals is not None and [d.comment for d in deals] == [token]
+    assert deals is not None and [d.comment for d in deals] == [token[:16]]  # cut by the server
     assert client.history_deals_get(ticket=result.order) == sim.history_deals_get(
         ticket=result.order
     )

@@ -10,11 +10,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from tests.ports import restartable_port
 from worker.mt5 import api
@@ -49,6 +50,20 @@ def eventually(check: Callable[[], bool], attempts: int = 200) -> bool:
             return True
         threading.Event().wait(0.025)
     return False
+
+
+T = TypeVar("T")
+
+
+def answered(query: Callable[[], T | None], seconds: float = 10.0) -> T | None:
+    """Ask again until the answer is there: the (hardened) server answers None now and then
+    and shows a deal only some hundreds of ms after its 10009."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = query()
+        if answer or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
 
 
 def address_of(server: BridgeServer) -> str:

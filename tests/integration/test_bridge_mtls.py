@@ -23,6 +23,7 @@ from tests.integration.bridge_pki import Material, Pair, build
 from tests.integration.test_bridge_helpers import (
     ROOT,
     SimProcess,
+    answered,
     cli_env,
     eventually,
     market_order,
@@ -308,9 +309,10 @@ def test_a_replayed_order_record_is_refused_and_trades_once(
     assert value(scrape(bridge), sent, function="order_send", outcome="ok") == value(
         before, sent, function="order_send", outcome="ok"
     )
-    deals = terminal.history_deals_get(ticket=result.order)  # reconnects
-    assert deals is not None and [deal.comment for deal in deals] == [token]
-    mine = [p for p in terminal.positions_get(symbol="EURUSD") or () if p.comment == token]
+    deals = answered(lambda: terminal.history_deals_get(ticket=result.order))  # reconnects
+    assert deals is not None and [deal.comment for deal in deals] == [token[:16]]  # cut
+    positions = answered(lambda: terminal.positions_get(symbol="EURUSD"))
+    mine = [p for p in positions or () if p.comment == token[:16]]
     assert len(mine) == 1
 
 

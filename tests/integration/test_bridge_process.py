@@ -25,7 +25,7 @@ from tests.integration.test_bridge_helpers import (
 )
 from worker.mt5 import api
 from worker.mt5.bridge.client import BridgeTerminal
-from worker.mt5.gateway import Gateway
+from worker.mt5.gateway import Gateway, QueryFailed, Reconciliation
 
 SLOW_SEND = OPEN_MARKETS_TOML + "\n[faults]\nlatency_by_function = { order_send = 2500 }\n"
 DUMP_KEYS = [
@@ -85,6 +85,23 @@ def _killed_mid_send(tmp_path: Path, signum: int, token: str) -> tuple[Path, str
     return state, secret, restarted
 
 
+def _reconciled(
+    gateway: Gateway, token: str, since: datetime, *, until_deals: bool = False
+) -> Reconciliation:
+    """Reconcile as the pipeline does on a hardened server: a failed query (QueryFailed) is
+    asked again, and with ``until_deals`` until the order's deal shows (it lags the order)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            found = gateway.reconcile(token, "EURUSD", since)
+            if found.deals or not until_deals or time.monotonic() > deadline:
+                return found
+        except QueryFailed:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
 def test_terminal_stopped_mid_order_send_reconciles_to_exactly_one_deal(tmp_path: Path) -> None:
     token = "xw" + "a1" * 10
     since = datetime.now(UTC) - timedelta(seconds=5)
@@ -93,15 +110,15 @@ def test_terminal_stopped_mid_order_send_reconciles_to_exactly_one_deal(tmp_path
         # the same address as before: the client of the worker would simply reconnect
         terminal = BridgeTerminal(restarted.address, secret)
         assert terminal.initialize()
-        found = _gateway(terminal).reconcile(token, "EURUSD", since)
+        found = _reconciled(_gateway(terminal), token, since, until_deals=True)
         assert found.found
         assert len(found.deals) == 1
-        assert found.deals[0].comment == token and found.deals[0].magic == MAGIC
+        assert found.deals[0].comment == token[:16] and found.deals[0].magic == MAGIC
         assert found.filled_volume == pytest.approx(0.1)
     finally:
         restarted.signal(signal.SIGTERM)
         assert restarted.wait() == 0
-    assert [deal["comment"] for deal in _dump(state)] == [token]
+    assert [deal["comment"] for deal in _dump(state)] == [token[:16]]  # cut by the server
 
 
 def test_terminal_killed_mid_order_send_reconciles_to_what_the_broker_has(
@@ -116,13 +133,13 @@ def test_terminal_killed_mid_order_send_reconciles_to_what_the_broker_has(
         terminal = BridgeTerminal(restarted.address, secret, timeout=30)
         assert terminal.initialize()
         gateway = _gateway(terminal)
-        assert not gateway.reconcile(token, "EURUSD", since).found
+        assert not _reconciled(gateway, token, since).found
         result = terminal.order_send(market_order(terminal, token))
         assert result is not None and result.retcode == api.TRADE_RETCODE_DONE
-        assert len(gateway.reconcile(token, "EURUSD", since).deals) == 1
+        assert len(_reconciled(gateway, token, since, until_deals=True).deals) == 1
     finally:
         restarted.kill()
-    assert [deal["comment"] for deal in _dump(state)] == [token]
+    assert [deal["comment"] for deal in _dump(state)] == [token[:16]]  # cut by the server
 
 
 def test_dump_prints_every_deal_as_one_json_object_per_line(tmp_path: Path) -> None:
@@ -143,7 +160,7 @@ def test_dump_prints_every_deal_as_one_json_object_per_line(tmp_path: Path) -> N
     assert [list(line) for line in lines] == [DUMP_KEYS, DUMP_KEYS]
     for line, result, symbol in zip(lines, results, ("EURUSD", "USDJPY"), strict=True):
         assert result is not None
-        assert line["ticket"] == result.deal
+        assert result.deal in (0, line["ticket"])  # a 10009 may say deal 0
         assert line["order"] == result.order
         assert line["symbol"] == symbol
         assert line["type"] == api.DEAL_TYPE_BUY
@@ -151,7 +168,7 @@ def test_dump_prints_every_deal_as_one_json_object_per_line(tmp_path: Path) -> N
         assert line["price"] == pytest.approx(result.price)
         assert line["magic"] == MAGIC
         assert isinstance(line["time_msc"], int) and isinstance(line["position_id"], int)
-    assert [line["comment"] for line in lines] == ["xw" + "0" * 20, "xw" + "0" * 19 + "1"]
+    assert [line["comment"] for line in lines] == ["xw" + "0" * 14] * 2  # cut to 16
 
 
 def test_sim_terminal_refuses_to_start_without_a_secret(tmp_path: Path) -> None:

@@ -15,15 +15,15 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import psycopg
 import pytest
 
-from schemas.identity import comment_token_for, execution_id_for
+from schemas.identity import execution_id_for, order_magic_for
 from tests.integration.test_amqp_support import Broker, Received, Running, ready_count, wait_until
 from tests.integration.test_runtime_e2e import e2e_settings
+from tests.simbooks import broker_deals
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import DEAD_QUEUE
 from worker.execution.outcome import Delivery, Outcome
@@ -64,12 +64,9 @@ class Desk:
             return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
 
     def deals_of(self, key: str) -> float:
-        token = comment_token_for(uuid.UUID(key))
+        magic = order_magic_for(uuid.UUID(key), self.service.settings.magic)  # comments are cut
         with self.service.pool.claim(10.0) as lease:
-            deals = lease.session.terminal.history_deals_get(
-                datetime(2000, 1, 1), datetime(2100, 1, 1)
-            )
-        return sum(deal.volume for deal in deals or () if deal.comment == token)
+            return sum(deal.volume for deal in broker_deals(lease.session.terminal, magic))
 
     def dead(self) -> int:
         return ready_count(self.url, DEAD_QUEUE)

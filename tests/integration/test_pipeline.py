@@ -42,7 +42,7 @@ def test_an_approval_becomes_one_filled_order(env: PipelineEnv) -> None:
     assert confirmation["status"] == "FILLED" and confirmation["rejection_reason"] is None
     assert confirmation["executed_lots"] == 1.0 and confirmation["executed_units"] == 100_000.0
     assert confirmation["intended_lots"] == 1.0 and confirmation["session_id"] == "sim-0"
-    deals = env.deals(token)
+    deals = env.deals(execution_id_for(_key(message)))
     magic = order_magic_for(execution_id_for(_key(message)), env.settings.magic)
     assert len(deals) == 1 and deals[0].magic == magic  # this execution's own magic
     assert deployment_of(magic) == env.settings.magic
@@ -73,7 +73,7 @@ def test_a_redelivery_gets_the_same_confirmation_and_no_second_order(env: Pipeli
     first = env.deliver(message)
     second = env.deliver(message, redelivered=True)
     assert isinstance(first, Publish) and second == first
-    assert len(env.deals(comment_token_for(first.execution_id))) == 1
+    assert len(env.deals(first.execution_id)) == 1
 
 
 def _all_at_once(call: Callable[[], object], count: int) -> list[object]:
@@ -107,8 +107,7 @@ def test_simultaneous_first_deliveries_of_one_key_send_one_order(
             assert len(outcomes) == 3 and published, outcomes
             assert all(outcome == published[0] for outcome in published), "one confirmation"
             assert all(isinstance(o, Publish | Requeue) for o in outcomes), outcomes
-            token = comment_token_for(published[0].execution_id)
-            assert len(env.deals(token)) == 1, "exactly one order for the key"
+            assert len(env.deals(published[0].execution_id)) == 1, "exactly one order for the key"
             assert json.loads(published[0].payload)["status"] == "FILLED"
 
 
@@ -245,8 +244,15 @@ def test_requote_is_retried_with_a_fresh_price(env: PipelineEnv) -> None:
     assert len(env.deals()) == 1
 
 
+def _market_execution_gbpusd(env: PipelineEnv) -> None:
+    """GBPUSD is an instant-execution symbol, where a real server fills market orders FOK
+    only (never partially); under market execution its IOC-only bitmask does apply."""
+    env.sim.update_symbol("GBPUSD", trade_exemode=api.SYMBOL_TRADE_EXECUTION_MARKET)
+
+
 def test_partial_fill_under_ioc(env: PipelineEnv) -> None:
     # GBPUSD fills IOC only, 30 lots of liquidity per order: 32 lots -> 93.75 %
+    _market_execution_gbpusd(env)
     confirmation = env.confirm(approval("GBPUSD", 1, 3_200_000.0))
     assert confirmation["status"] == "PARTIALLY_FILLED"
     assert confirmation["executed_lots"] == 30.0 and confirmation["intended_lots"] == 32.0
@@ -254,6 +260,7 @@ def test_partial_fill_under_ioc(env: PipelineEnv) -> None:
 
 
 def test_insufficient_fill(env: PipelineEnv) -> None:
+    _market_execution_gbpusd(env)
     confirmation = env.confirm(approval("GBPUSD", 1, 4_000_000.0))
     assert confirmation["status"] == "PARTIALLY_FILLED"
     assert confirmation["rejection_reason"] == "INSUFFICIENT_FILL"

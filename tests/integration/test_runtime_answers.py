@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,6 +196,7 @@ def test_a_late_execution_goes_out_as_version_2(world: World) -> None:
             deviation=50,
         )
         assert reply.status == "done", reply
+    time.sleep(1.0)  # "later": past the hardened server's deal lag (< 1 s)
     wait_until(lambda: bool(world.service.recheck_unknown()), "a due UNKNOWN row")
 
     (second,) = world.side.take("observer", 1, 30.0)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import TypeVar
 
 import pytest
 
@@ -12,12 +13,24 @@ from tests.native import core_double
 from tests.native.package import over
 from worker.mt5.sim.terminal import SimTerminal
 
+T = TypeVar("T")
 # a Tuesday morning with the FX market open, whatever day the tests run
 OPEN_CLOCK_BASE = 1764064800.0
 
 
 def open_clock() -> float:
     return OPEN_CLOCK_BASE + (time.time() % 3600)
+
+
+def until(query: Callable[[], T], seconds: float = 10.0, done: Callable[[T], bool] = bool) -> T:
+    """Ask again until ``done``: the hardened simulator shows a deal some hundreds of ms
+    after its 10009 and answers None to some queries, as real servers do."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = query()
+        if done(answer) or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.05)
 
 
 @pytest.fixture

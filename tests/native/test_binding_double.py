@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from tests.native import core_double
+from tests.native.conftest import until
 from tests.native.package import over
+from tests.simbooks import broker_deals
 from worker.mt5 import api
 from worker.mt5.sim.terminal import SimTerminal
 
@@ -41,8 +43,8 @@ def test_the_wheels_helpers_trade_through_the_double(mt5: ModuleType, sim: SimTe
     assert position.volume == 0.2 and mt5.positions_total() == 1
     assert mt5.Close("EURUSD") is True
     assert mt5.positions_get(symbol="EURUSD") == ()
-    deals = sim.history_deals_get(0, 2**31 - 1) or ()
-    assert [d.volume for d in deals] == [0.2, 0.2] and mt5.history_deals_total(0, 2**31 - 1) == 2
+    assert [d.volume for d in broker_deals(sim)] == [0.2, 0.2]
+    assert until(lambda: mt5.history_deals_total(0, 2**31 - 1), done=lambda n: n == 2) == 2
 
 
 @pytest.mark.parametrize(

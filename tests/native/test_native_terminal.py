@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from tests.native import core_double
+from tests.native.conftest import until
+from tests.simbooks import broker_deals
 from worker.mt5 import api
 from worker.mt5.native import NativeTerminal, binding_request
 from worker.mt5.sim.terminal import SimTerminal
@@ -57,7 +59,7 @@ def test_requests_reach_the_binding_with_its_c_types(
     assert result.retcode == api.TRADE_RETCODE_DONE
     assert isinstance(result.request, api.TradeRequest)
     assert result.request.volume == float(changes.get("volume", 0.1))
-    [deal] = sim.history_deals_get(ticket=result.order) or ()
+    [deal] = [d for d in broker_deals(sim) if d.order == result.order]
     assert deal.volume == result.volume and deal.magic == 26112599
 
 
@@ -95,12 +97,12 @@ def test_results_become_api_tuples_by_field_name(native: NativeTerminal, mt5: Mo
 def test_history_queries_use_the_bindings_calling_forms(native: NativeTerminal) -> None:
     result = native.order_send(_order(native))
     assert result is not None and result.retcode == api.TRADE_RETCODE_DONE
-    [deal] = native.history_deals_get(ticket=result.order) or ()
-    assert type(deal) is api.TradeDeal and deal.ticket == result.deal
+    [deal] = until(lambda: native.history_deals_get(ticket=result.order)) or ()  # deals lag
+    assert type(deal) is api.TradeDeal and result.deal in (0, deal.ticket)
     # a window and a position together: the binding takes one form, ticket/position first
-    by_position = native.history_deals_get(0, 2**31 - 1, position=deal.position_id)
+    by_position = until(lambda: native.history_deals_get(0, 2**31 - 1, position=deal.position_id))
     assert by_position and by_position[0].ticket == deal.ticket
-    window = native.history_orders_get(deal.time - 60, deal.time + 60, group="EUR*")
+    window = until(lambda: native.history_orders_get(deal.time - 60, deal.time + 60, group="EUR*"))
     assert window and window[0].ticket == result.order
     assert native.history_deals_get(0) is None, "one date is refused, not widened"
     assert native.last_error()[0] == api.RES_E_INVALID_PARAMS

@@ -220,6 +220,7 @@ def test_legacy_rows_reconcile_by_the_old_rule_with_a_cut_comment() -> None:
     assert legacy == OrderIdentity(DEPLOYMENT, TOKEN) and legacy.legacy
     h.gateway.send(spec, Side.BUY, 0.1, comment=TOKEN, deviation=20)  # the old call
     h.send(lots=0.3)  # the same execution under the new magic: not the legacy order
+    h.clock.now += 2  # past the hardened simulator's deal lag
     found = h.gateway.reconcile(TOKEN, "EURUSD", since)  # a bare token: legacy
     assert found.filled_volume == pytest.approx(0.1)
     assert h.gateway.reconcile(legacy, "EURUSD", since).filled_volume == pytest.approx(0.1)
@@ -237,7 +238,7 @@ def test_hedging_sees_the_deployments_positions_under_both_schemes() -> None:
     stranger = h.gateway_for(h.sim, 999)
     stranger.send(spec, Side.SELL, 0.3, comment=TOKEN, deviation=20)
     opposite = h.gateway.opposite_positions(spec, Side.BUY)
-    assert [p.ticket for p in opposite] == [legacy.order, new.order]
+    assert [p.identifier for p in opposite] == [legacy.order, new.order]
     assert all(h.gateway.is_ours(p.magic) for p in opposite)
     assert not h.gateway.is_ours(0) and not h.gateway.is_ours(999)
 
@@ -270,6 +271,43 @@ def test_a_failed_query_raises_instead_of_reading_as_nothing(function: str) -> N
     h.sim.failing = set()
     assert h.gateway.reconcile(IDENTITY, "EURUSD", since).found
     assert h.gateway.deals_for_order(10**9) == ()  # empty is still empty
+
+
+class FailsTwice(HardSim):
+    """Each listed query answers None twice in a row, then answers again (transient)."""
+
+    def __init__(self, config: SimConfig, clock: Clock, code: int) -> None:
+        super().__init__(config, clock)
+        self.left: dict[str, int] = {}
+        self.code = code
+
+    def _cut(self, items: tuple[T, ...] | None, function: str) -> tuple[T, ...] | None:
+        if self.left.get(function, 0) > 0:
+            self.left[function] -= 1
+            self._fail(self.code, "Terminal: transient")
+            return None
+        return super()._cut(items, function)
+
+
+@pytest.mark.parametrize("code", [api.RES_E_INVALID_PARAMS, api.RES_E_INTERNAL_FAIL_TIMEOUT])
+def test_a_transient_none_is_asked_again_before_the_query_fails(code: int) -> None:
+    """A real server's None is usually transient (-2, or -10005 with the connection up):
+    re-asking the read (safe) keeps a 5 % None rate from requeueing one handling in five,
+    dropping the session on -10005, and burning the queue's delivery limit."""
+    clock = Clock()
+    functions = {"orders_get", "positions_get", "history_orders_get", "history_deals_get"}
+    h = Harness(sim=FailsTwice(SimConfig(faults=FaultConfig()), clock, code))
+    h.clock = clock
+    since = h.since()
+    h.send()
+    h.clock.now += 2  # past the deal lag
+    h.sim.left = dict.fromkeys(functions, 2)
+    h.gateway.drain_calls()
+    found = h.gateway.reconcile(IDENTITY, "EURUSD", since)  # no QueryFailed
+    assert found.found and found.filled_volume == pytest.approx(0.1)
+    calls = h.gateway.drain_calls()
+    failed = [c for c in calls if c.error is not None and c.function in functions]
+    assert len(failed) >= 2 and all(c.error[0] == code for c in failed)
 
 
 # ---------------------------------------------------------------- 3. one clock

@@ -33,6 +33,7 @@ from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
 from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
 from worker.errors import ExitCode
+from worker.mt5 import api
 from worker.mt5.sim.config import default_symbols
 from worker.tools.publish import (
     OutgoingMessage,
@@ -47,7 +48,8 @@ from worker.tools.publish import (
 DEMO_SESSIONS = "2"  # when MT5_SESSIONS is a file (of real sessions)
 RUN_HEADER = "x-demo-run"
 SYMBOLS = ("EURUSD", "USDJPY", "XAUUSD", "GBPUSD")
-# GBPUSD is IOC-only in the simulator and fills at most 30 lots per order
+# GBPUSD is IOC-only in the simulator (market execution in the demo, see demo_settings)
+# and fills at most 30 lots per order;
 # 40 lots against 30 lots of liquidity per order: a partial fill even after the hedging
 # account first closes an opposite GBPUSD position left by the ordinary trades
 PARTIAL_SYMBOL, PARTIAL_UNITS = "GBPUSD", 4_000_000.0
@@ -248,7 +250,11 @@ def demo_settings(settings: Settings, directory: str) -> Settings:
     with the simulated market open around the clock so that the demo fills on weekends too."""
     count = int(settings.mt5_sessions) if settings.mt5_sessions.isdigit() else int(DEMO_SESSIONS)
     sim = Path(directory) / "sim.toml"
-    sim.write_text("".join(f"[symbols.{name}]\nclosed_weekly = []\n" for name in default_symbols()))
+    tables = {name: "closed_weekly = []\n" for name in default_symbols()}
+    # the (hardened) simulator fills instant-execution symbols FOK only, as real servers do:
+    # GBPUSD runs under market execution here, so its IOC bitmask applies and 40 lots fill 30
+    tables[PARTIAL_SYMBOL] += f"trade_exemode = {api.SYMBOL_TRADE_EXECUTION_MARKET}\n"
+    sim.write_text("".join(f"[symbols.{name}]\n{table}" for name, table in tables.items()))
     sessions = Path(directory) / "sessions.toml"
     sessions.write_text(
         "".join(

@@ -17,6 +17,7 @@ from worker.mt5.gateway.errors import QueryFailed, SessionLost
 from worker.mt5.gateway.model import BrokerCall
 
 T = TypeVar("T")
+QUERY_RETRIES = 2  # a history/position query answering None is asked up to 3 times in all
 
 
 def _is_none(result: object) -> bool:
@@ -92,8 +93,21 @@ class Calls:
         return result, error
 
     def require(self, function: str, call: Callable[[], T | None]) -> T:
-        """A query whose None means failure (never "nothing"): raises QueryFailed."""
-        result, error = self.query(function, call)
-        if result is None:
-            raise QueryFailed(function, error)
-        return result
+        """A query whose None means failure (never "nothing"): raises QueryFailed, or
+        SessionLost when the last answer's error says the connection is gone.
+
+        A None is asked again up to ``QUERY_RETRIES`` times first: a read is safe to repeat,
+        and a real server's None (-2, or -10005 IPC timeout with the connection up) is
+        usually transient. Without the retries each one requeued the delivery (and a
+        -10005 dropped the session), burning the queue's delivery limit."""
+        error: tuple[int, str] | None = None
+        for _ in range(1 + QUERY_RETRIES):
+            try:
+                result, error = self.call(function, call)
+            except api.TransportError as exc:
+                raise SessionLost(f"{function}: transport error ({type(exc).__name__})") from exc
+            if result is not None:
+                return result
+        if error is not None and error[0] in api.CONNECTION_LOST_ERRORS:
+            raise SessionLost(f"{function}: connection lost ({error[0]}, {error[1]})")
+        raise QueryFailed(function, error)

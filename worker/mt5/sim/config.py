@@ -7,13 +7,15 @@ Server hardening (issue 17, DOMAIN.md sections 2 and 6)
 -------------------------------------------------------
 Real trade servers are less kind than the simulator once was. Each behaviour below is a
 ``FaultConfig`` field (so ``set_faults`` changes it at run time and the ``[faults]`` TOML
-table sets it). Every field defaults to the friendly value; ``HARDENED`` holds the values of a
-hard server and is the ONE place to turn them all on:
+table sets it). ``HARDENED`` holds the values of a hard server and ``FRIENDLY`` those of the
+kind simulator of old. Every field defaults to its hardened value (``HARDENED_BY_DEFAULT =
+True``): the demo, ``sim-terminal``, the compose stack and every test meet a hard server
+unless they opt out:
 
-- ``FaultConfig.hardened(**overrides)`` / ``SimConfig.hardened()`` in code,
-- ``preset = "hardened"`` in the ``[faults]`` TOML table,
-- ``HARDENED_BY_DEFAULT = True`` below makes every ``FaultConfig()`` hardened (the switch the
-  lead flips once the worker is right against these behaviours).
+- ``FaultConfig.friendly(**overrides)`` in code (a test of the friendly path says why),
+- ``preset = "friendly"`` in the ``[faults]`` TOML table (``preset = "hardened"`` says the
+  default out loud; ``FaultConfig.hardened()`` / ``SimConfig.hardened()`` in code),
+- single fields, e.g. ``query_none_rate = 0.0``.
 
 ``comment_keep_chars`` (friendly None, hardened 16)
     Orders, deals and positions keep only the first N characters of the request comment
@@ -216,8 +218,8 @@ SCRIPTED_OUTCOMES = frozenset(
 )
 
 
-# Flip to True to make every FaultConfig() (and so every SimConfig()) a hardened server.
-HARDENED_BY_DEFAULT = False
+# Every FaultConfig() (and so every SimConfig()) is a hardened server; False: friendly.
+HARDENED_BY_DEFAULT = True
 
 # The friendly value of every server-hardening field (see the module docstring) ...
 FRIENDLY: Mapping[str, Any] = {
