@@ -428,10 +428,17 @@ def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path) -> 
 
 
 def sim_config_toml(order_send_latency_ms: float) -> str:
-    """Simulator settings for the bench: open all week, netting, ample balance."""
+    """Simulator settings for the bench: open all week, netting, ample balance, friendly.
+
+    The bench measures what the worker adds to the broker's own latency, against a floor that
+    has no broker at all: a hardened server's deal lag (hundreds of ms per fill, which the
+    worker rightly waits for) would be the server's time, not the worker's. Correctness
+    against the hardened server is the fault suite's and the tests' job.
+    """
     text = (
         "[account]\nbalance = 1000000000000.0\nmargin_mode = 0\n\n"
-        f"[symbols.{SIM_SYMBOL}]\nclosed_weekly = []\n"
+        f"[symbols.{SIM_SYMBOL}]\nclosed_weekly = []\n\n"
+        '[faults]\npreset = "friendly"\n'
     )
     if order_send_latency_ms > 0:
         text += f"\n[faults.latency_by_function]\norder_send = {order_send_latency_ms}\n"
