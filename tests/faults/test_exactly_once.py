@@ -178,7 +178,7 @@ def test_unknown_outcomes_that_execute_later_are_corrected(
                 "deviation": 100,
                 "magic": magic,
                 "comment": token,
-                "type_filling": api.ORDER_FILLING_IOC,
+                "type_filling": api.ORDER_FILLING_FOK,  # allowed under every execution mode
             }
         )
         assert result is not None and result.retcode == api.TRADE_RETCODE_DONE, result
