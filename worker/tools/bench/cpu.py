@@ -8,11 +8,18 @@ run beside the bench, so their CPU cannot be put down to the bench. With ``synch
 on, the committing backend writes and flushes its own WAL, so the backends' CPU holds the cost
 of the commits. The worker and the floor use the same database but never at the same time
 (a drained run starts its consumer, drains and stops it), so the backends of a run are its own.
+
+The backends are found by their process titles (``postgres: USER DATABASE HOST(PORT) ...``,
+PostgreSQL's ``update_process_title``), not by ``pg_stat_activity.pid``: a server in a
+container reports the pids of its own pid namespace, which name other processes here. The
+monitoring connection's own backend is left out by its client port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +27,6 @@ from typing import Any
 import psycopg
 
 from worker.tools.bench.report import process_metrics
-
-BACKENDS_SQL = (
-    "SELECT pid, extract(epoch FROM backend_start) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-)
 
 
 def _seconds(times: Any) -> float:
@@ -68,15 +70,37 @@ class Backends:
 
     def __init__(self, database_url: str) -> None:
         self._conn = psycopg.connect(database_url, autocommit=True, connect_timeout=10)
+        row = self._conn.execute("SELECT current_database()").fetchone()
+        self._database = str(row[0]) if row else ""
+        sock = socket.socket(fileno=os.dup(self._conn.pgconn.socket))
+        try:
+            address = sock.getsockname()
+        finally:
+            sock.close()
+        # TCP: the backend's title names our port; a Unix socket has none (title "[local]")
+        self._own = f"({address[1]})" if isinstance(address, tuple) else None
+
+    def _serves_bench(self, title: str) -> bool:
+        words = title.split()
+        return (
+            len(words) >= 3
+            and words[0] == "postgres:"
+            and words[2] == self._database
+            and (self._own is None or self._own not in title)
+        )
 
     def seconds(self) -> dict[tuple[int, float], float]:
         """CPU seconds per backend, keyed by (pid, start) so a reused pid is a new backend."""
         psutil = process_metrics()
-        rows = self._conn.execute(BACKENDS_SQL).fetchall()
         found: dict[tuple[int, float], float] = {}
-        for pid, started in rows:
+        for process in psutil.process_iter(["cmdline", "create_time"]):
+            title = " ".join(process.info.get("cmdline") or ())
+            if not self._serves_bench(title):
+                continue
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, OSError):
-                found[(int(pid), float(started))] = process_seconds(int(pid))
+                found[(process.pid, float(process.info["create_time"]))] = process_seconds(
+                    process.pid
+                )
         return found
 
     def close(self) -> None:
