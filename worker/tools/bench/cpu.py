@@ -81,11 +81,15 @@ class Backends:
         self._own = f"({address[1]})" if isinstance(address, tuple) else None
 
     def _serves_bench(self, title: str) -> bool:
+        """``postgres: [CLUSTER: ]USER DATABASE HOST(PORT) ...`` (a ``cluster_name`` such
+        as Debian's ``15/main:`` comes first when set)."""
         words = title.split()
+        if not words or words[0] != "postgres:":
+            return False
+        words = words[2:] if len(words) > 1 and words[1].endswith(":") else words[1:]
         return (
-            len(words) >= 3
-            and words[0] == "postgres:"
-            and words[2] == self._database
+            len(words) >= 2
+            and words[1] == self._database
             and (self._own is None or self._own not in title)
         )
 
