@@ -91,7 +91,8 @@ def confirmation_for(message_id: str, reply_to: str | None) -> Publish:
 
 class FakePipeline:
     """Actions come from the ``test-action`` header: publish (default), dead, requeue-once,
-    raise, block (waits for ``release``), block-first (only the first delivery waits)."""
+    raise, block (waits for ``release``), block-first (only the first delivery waits).
+    A first delivery with a ``test-gate`` header waits for ``open_gate`` of that name first."""
 
     def __init__(self, outbox: MemoryOutbox) -> None:
         self.outbox = outbox
@@ -99,15 +100,30 @@ class FakePipeline:
         self.orders: Counter[uuid.UUID] = Counter()
         self.seen: list[Delivery] = []
         self.release = threading.Event()
+        self.gates: dict[str, threading.Event] = {}
 
     def started(self) -> int:
         with self.lock:
             return len(self.seen)
 
+    def deliveries_of(self, message_id: str) -> int:
+        with self.lock:
+            return sum(d.properties.message_id == message_id for d in self.seen)
+
+    def gate(self, name: str) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(name, threading.Event())
+
+    def open_gate(self, name: str) -> None:
+        self.gate(name).set()
+
     def __call__(self, delivery: Delivery) -> Outcome:
         with self.lock:
             self.seen.append(delivery)
             first = len(self.seen) == 1
+        gate = delivery.properties.headers.get("test-gate")
+        if isinstance(gate, str) and not delivery.redelivered:
+            self.gate(gate).wait(30)
         action = delivery.properties.headers.get("test-action", "publish")
         message_id = delivery.properties.message_id or ""
         if action == "raise":
@@ -156,6 +172,8 @@ def make_runtime(vhost_url: str) -> Iterator[Factory]:
     yield make
     for runtime, pipeline in made:  # a failed test must not leave a runtime reconnecting
         pipeline.release.set()
+        for gate in list(pipeline.gates.values()):
+            gate.set()
         runtime.stop()
 
 
@@ -386,6 +404,71 @@ def test_a_result_from_a_dead_channel_is_not_acked_on_the_new_one(
     assert running.stop() == ExitCode.OK
     assert runtime.stats.acked == 1
     assert pipeline.seen[1].redelivered
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_acks_settled_together_never_cover_an_older_delivery_still_in_flight(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    """Issue 19: B, C and D settle in one go while A (delivered first) is still with its
+    handler. Their acks may be coalesced, but a multiple ack would settle A too: the broker
+    would then not hand A back when the connection is lost."""
+    runtime, pipeline, _ = make_runtime()
+    running = Running(runtime).start()
+    later = ["order-b", "order-c", "order-d"]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.publish(b"{}", message_id="order-a", headers={"test-gate": "a"})
+        wait_until(lambda: pipeline.started() == 1, "A with its handler")
+        for mid in later:
+            side.publish(b"{}", message_id=mid, headers={"test-gate": "later"})
+        wait_until(lambda: pipeline.started() == 4, "B, C, D with their handlers")
+        pipeline.open_gate("later")  # their outcomes reach the IO thread together
+        wait_until(lambda: runtime.stats.acked == 3, "the acks of B, C, D")
+    close_connections(vhost_url)
+    # A was never acked: redelivered on the new channel (its first call is still held)
+    wait_until(lambda: pipeline.deliveries_of("order-a") == 2, "A redelivered")
+    wait_until(lambda: pipeline.orders[execution_id("order-a")] == 1, "A executed")
+    pipeline.open_gate("a")
+    wait_until(lambda: runtime.stats.stale_results == 1, "the first call's stale result")
+    with broker(vhost_url) as side:
+        wait_until(lambda: str(execution_id("order-a")) in ids_of(side.drain("observer")), "A")
+    assert running.stop() == ExitCode.OK
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+    assert set(pipeline.orders.values()) == {1}
+
+
+def test_a_requeue_waiting_below_later_acks_is_not_swallowed(
+    vhost_url: str, make_runtime: Factory
+) -> None:
+    """Issue 19: A's nack waits out the requeue delay while B, C and D, delivered after it,
+    are acked. A multiple ack over them would ack A as well (its nack then names an unknown
+    tag and A is gone, unexecuted); A must come back and be confirmed."""
+    runtime, pipeline, _ = make_runtime(requeue_delay_seconds=2.0)
+    running = Running(runtime).start()
+    later = ["order-b", "order-c", "order-d"]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        side.publish(b"{}", message_id="order-a", headers={"test-action": "requeue-once"})
+        for mid in later:
+            side.publish(b"{}", message_id=mid, headers={"test-gate": "later"})
+        wait_until(lambda: pipeline.started() == 4, "four deliveries with their handlers")
+        pipeline.open_gate("later")
+        # the sweep may publish a copy of a confirmation not marked yet (same message_id)
+        expected = {str(execution_id(m)) for m in ["order-a", *later]}
+        seen: set[str] = set()
+
+        def all_confirmed() -> bool:
+            seen.update(ids_of(side.drain("observer")))
+            return seen == expected
+
+        wait_until(all_confirmed, "every confirmation")
+        wait_until(lambda: runtime.stats.acked == 4, "the acks")
+    assert pipeline.deliveries_of("order-a") == 2
+    assert running.stop() == ExitCode.OK
+    assert runtime.stats.requeued == 1
+    assert runtime.stats.acked == 4
+    assert runtime.stats.connections == 1  # no channel error from an unknown delivery tag
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
 
 

@@ -5,10 +5,18 @@ A delivery can only be settled on the channel it arrived on. Every lost channel 
 redelivers those requests, and the pipeline answers them from its store without a second
 order). A request whose confirmation the broker returned or nacked is *parked* (kept
 unacked) until the outbox sweep gets the confirmation confirmed.
+
+Acks settled in one IO-loop turn (one ``Basic.Ack`` from the broker often confirms several
+confirmations) go out together at the end of the turn: the tags below every delivery
+still unsettled on the channel as one ``basic_ack(multiple=True)``, the others one by one.
+A multiple ack covers every unsettled tag up to its own, so it never reaches past a
+delivery still in flight, parked, being dead-lettered or waiting for its requeue; nacks
+are sent at once, before any later multiple ack.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,8 +137,11 @@ class Deliveries:
         self.epoch = 0
         self._channel: Any = None
         self._publisher: ConfirmingPublisher | None = None
+        # ascending tags: the broker numbers deliveries in order, and they only leave
         self._inflight: dict[int, InFlight] = {}
         self._parked: dict[UUID, list[InFlight]] = {}
+        self._to_ack: list[int] = []  # settled this turn, sent by flush_acks
+        self._flush_due = False
 
     def __len__(self) -> int:
         return len(self._inflight)
@@ -148,6 +159,7 @@ class Deliveries:
         metrics.in_flight(-len(self._inflight))
         self._inflight.clear()
         self._parked.clear()
+        self._to_ack.clear()  # redelivered; an ack on another channel would be an error
 
     def receive(self, channel: Any, method: Any, properties: Any, body: bytes) -> InFlight | None:
         """A new delivery, now in flight; None if it was handed back (we are stopping)."""
@@ -274,11 +286,36 @@ class Deliveries:
         del self._inflight[item.tag]
         metrics.in_flight(-1)
         if ack:
-            self._channel.basic_ack(item.tag)
-            self._stats.acked += 1
+            self._to_ack.append(item.tag)
+            if not self._flush_due:
+                self._flush_due = True
+                # a zero delay runs in this very loop turn, after the frames just read
+                self._loop.call_later(0, self.flush_acks)
             elapsed = datetime.now(UTC) - item.delivery.received_at
             metrics.observe_end_to_end(elapsed.total_seconds())
         else:
             self._channel.basic_nack(item.tag, requeue=True)
             self._stats.requeued += 1
         self._on_settled()
+
+    def flush_acks(self) -> None:
+        """Send the acks settled since the last flush (IO thread; also before closing)."""
+        self._flush_due = False
+        tags, self._to_ack = self._to_ack, []
+        channel = self._channel
+        if not tags or channel is None or not channel.is_open:
+            return  # a closed channel's deliveries are redelivered
+        tags.sort()
+        # the oldest delivery still unsettled: a multiple ack must stay below it
+        floor = next(iter(self._inflight), None)
+        run = len(tags) if floor is None else bisect.bisect_left(tags, floor)
+        if run > 1:
+            channel.basic_ack(tags[run - 1], multiple=True)
+            self._stats.ack_frames += 1
+            alone = tags[run:]
+        else:
+            alone = tags
+        for tag in alone:
+            channel.basic_ack(tag)
+        self._stats.ack_frames += len(alone)
+        self._stats.acked += len(tags)

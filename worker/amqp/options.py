@@ -39,6 +39,7 @@ class RuntimeStats:
 
     consumed: int = 0
     acked: int = 0
+    ack_frames: int = 0  # basic_ack frames sent (one multiple ack settles several)
     confirmations_published: int = 0
     dead_lettered: int = 0
     requeued: int = 0

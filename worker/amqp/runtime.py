@@ -285,6 +285,7 @@ class AmqpRuntime:
         if self._drain_timer is not None:
             self._loop.remove_timeout(self._drain_timer)
             self._drain_timer = None
+        self._deliveries.flush_acks()  # before the close: they are settled, the broker must know
         self._confirmations.flush_marks()
         self._connection.close()
 
