@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +57,37 @@ class IoLoop:
 
     def remove_timeout(self, handle: Any) -> None:
         self.pika.remove_timeout(handle)
+
+
+class Mailbox:
+    """Callbacks from other threads, run on the IO thread in the order they came: one
+    wake-up of the loop for all those that arrive before it gets to them."""
+
+    def __init__(self, loop: IoLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._jobs: deque[Callable[[], None]] = deque()
+
+    def put(self, job: Callable[[], None]) -> None:
+        """From any thread."""
+        with self._lock:
+            self._jobs.append(job)
+            first = len(self._jobs) == 1
+        if first:
+            self._loop.post(self._run)
+
+    def _run(self) -> None:
+        with self._lock:
+            jobs, self._jobs = self._jobs, deque()
+        try:
+            while jobs:
+                jobs.popleft()()
+        finally:
+            if jobs:  # one raised: the rest still run, after it has propagated
+                with self._lock:
+                    jobs.extend(self._jobs)
+                    self._jobs = jobs
+                self._loop.post(self._run)
 
 
 class Threads:

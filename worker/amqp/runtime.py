@@ -49,7 +49,7 @@ from worker.amqp.deliveries import (
     delivery_count_of,
     to_message_properties,
 )
-from worker.amqp.loop import IoLoop, Threads
+from worker.amqp.loop import IoLoop, Mailbox, Threads
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.outbox import Confirmations, confirmation_properties
 from worker.amqp.publisher import ConfirmingPublisher
@@ -93,6 +93,7 @@ class AmqpRuntime:
         self.consuming = threading.Event()  # set while a consumer is active (tests, readiness)
 
         self._loop = IoLoop()
+        self._outcomes = Mailbox(self._loop)  # handler threads -> IO thread
         self._stop_requested = False
         self._stopping = False
         self._drain_timer: Any = None
@@ -228,8 +229,8 @@ class AmqpRuntime:
         except Exception as exc:
             log.exception("handler raised; requeueing the delivery")
             outcome = Requeue(f"handler raised {type(exc).__name__}")
-            self._loop.post(self._count_handler_error)
-        self._loop.post(lambda: self._on_outcome(item, outcome))
+            self._outcomes.put(self._count_handler_error)
+        self._outcomes.put(lambda: self._on_outcome(item, outcome))
 
     def _count_handler_error(self) -> None:
         self.stats.handler_errors += 1
