@@ -58,6 +58,8 @@ from worker.pool.leases import (
 
 _log = logging.getLogger("worker.pool")
 
+# the linger thread's wait while nothing is parked (a park wakes it at once)
+_LINGER_IDLE_WAIT_SECONDS = 5.0
 _LOCK_SQL = "SELECT pg_try_advisory_lock(%s::integer, %s::integer)"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock_all()"
 
@@ -93,6 +95,7 @@ class SessionPool:
         self._max_hold = max_hold_seconds
         self._cond = threading.Condition()
         self._closing = threading.Event()
+        self._lease_parked = threading.Event()  # wakes the linger thread from its idle wait
         self._slots: list[_Slot] = [_Slot(spec) for spec in specs]
         _configure_account_labels(self.accounts)
         for slot in self._slots:
@@ -329,6 +332,8 @@ class SessionPool:
                 slot.parked = _Parked(conn, autocommit, locked_at, now)
                 slot.in_use = False
                 self._cond.notify_all()
+            if not self._lease_parked.is_set():
+                self._lease_parked.set()
             return
         if self._linger > 0 and now - locked_at >= self._max_hold:
             slot.yield_until = now + 3 * self._poll_interval  # others poll this often
@@ -353,9 +358,24 @@ class SessionPool:
         self._db_pool.putconn(conn)
 
     def _expire_parked_loop(self) -> None:
-        interval = min(self._linger / 2, 0.1)
-        while not self._closing.wait(interval):
-            self._release_parked(older_than=self._linger)
+        """Wake when the oldest parked lease has lingered its time, not on a fixed tick: an
+        idle pool has nothing parked, and this thread then sleeps until a lease is parked."""
+        while not self._closing.is_set():
+            with self._cond:
+                parked_at = [
+                    slot.parked.parked_at
+                    for slot in self._slots
+                    if slot.parked is not None and not slot.in_use
+                ]
+            if parked_at:
+                delay = min(parked_at) + self._linger - time.monotonic()
+                if self._closing.wait(max(delay, 0.0)):
+                    return
+                self._release_parked(older_than=self._linger)
+            else:
+                # a lease parked after the look above has set the event: no lost wake-up
+                self._lease_parked.wait(_LINGER_IDLE_WAIT_SECONDS)
+                self._lease_parked.clear()
 
     def _release_parked(self, older_than: float) -> None:
         """Really release parked leases idle for ``older_than`` seconds (0: all of them)."""
@@ -471,6 +491,7 @@ class SessionPool:
     def close(self, timeout: float = 5.0) -> None:
         """Stop recovery and shut the terminals down (release leases first)."""
         self._closing.set()
+        self._lease_parked.set()
         self._release_parked(older_than=0.0)
         with self._cond:
             self._cond.notify_all()
