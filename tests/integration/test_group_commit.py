@@ -72,7 +72,7 @@ def group_and_admin(
     new_database: Callable[[], str],
 ) -> Iterator[tuple[GroupCommit, psycopg.Connection[Any]]]:
     url = new_database()
-    group = GroupCommit(url, TCP_KEEPALIVES)
+    group = GroupCommit(url, TCP_KEEPALIVES, lanes=1)
     with psycopg.connect(url, autocommit=True) as admin:
         admin.execute("CREATE TABLE t (n int PRIMARY KEY)")
         yield group, admin
@@ -134,6 +134,25 @@ def test_a_failing_write_fails_alone(
     assert isinstance(writers.results["bad"], psycopg.errors.DivisionByZero)
     assert admin.execute("SELECT n FROM t ORDER BY n").fetchall() == [(1,), (2,)]
     assert group.stats.retried_alone == 3
+
+
+def test_a_busy_lane_does_not_hold_up_the_others(new_database: Callable[[], str]) -> None:
+    """Grouping must not serialise PostgreSQL's work onto one backend: with a batch stuck
+    on one lane, a write commits on the other."""
+    url = new_database()
+    group = GroupCommit(url, TCP_KEEPALIVES, lanes=2)
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE t (n int PRIMARY KEY)")
+            writers = _Writers(group)
+            _leader_blocked(writers, admin)
+            assert group.execute("INSERT INTO t VALUES (1) RETURNING n", {}) == (1,)
+            assert "blocker" not in writers.results, "the first lane is still busy"
+            admin.execute("SELECT pg_advisory_unlock(%s)", (BLOCKER,))
+            writers.join()
+            assert not isinstance(writers.results["blocker"], Exception)
+    finally:
+        group.close()
 
 
 def test_a_lost_connection_is_replaced(

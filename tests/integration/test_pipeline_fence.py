@@ -29,8 +29,9 @@ _HOLDERS = (
 )
 
 
-def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str) -> None:
-    with pipeline_env(database_url) as env:
+@pytest.mark.parametrize("group_commit", [False, True], ids=["own", "grouped"])
+def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str, group_commit: bool) -> None:
+    with pipeline_env(database_url, group_commit=group_commit) as env:
         message = approval("EURUSD", 1, 100_000.0)
         other = psycopg.connect(database_url, autocommit=True)
         original: Callable[[str], api.Tick | None] = env.sim.symbol_info_tick
@@ -67,7 +68,7 @@ def test_a_lease_lost_after_the_send_commits_no_final(database_url: str) -> None
     """Issue 19: finals are group-committed on a connection other than the lease's; the lock
     lost after the order (another process holds the session now) must leave the row in
     flight for its holder, not commit this handling's answer beside the holder's."""
-    with pipeline_env(database_url) as env:
+    with pipeline_env(database_url, group_commit=True) as env:
         message = approval("EURUSD", 1, 100_000.0)
         other = psycopg.connect(database_url, autocommit=True)
         original: Callable[..., Any] = env.sim.history_deals_get

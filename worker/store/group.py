@@ -32,6 +32,7 @@ from psycopg import sql
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
+LANES = 2
 
 Query = str | sql.Composed | sql.SQL
 Row = tuple[Any, ...]
@@ -41,14 +42,15 @@ Row = tuple[Any, ...]
 class _Write:
     query: Query
     params: Mapping[str, Any]
-    done: bool = False
+    taken: bool = False  # a leader has it
+    done: threading.Event = field(default_factory=threading.Event)
     row: Row | None = None
     error: Exception | None = None
 
 
 @dataclass
 class GroupStats:
-    """How writes were grouped (tests and the bench read these)."""
+    """How writes were grouped (tests read these)."""
 
     writes: int = 0
     batches: int = 0
@@ -64,19 +66,53 @@ class GroupStats:
         del self.sizes[:-32]
 
 
+class _Lane:
+    """One connection and its leader: at most one batch in flight on it."""
+
+    def __init__(self, conninfo: str, connect_kwargs: Mapping[str, Any]) -> None:
+        self.lock = threading.Lock()
+        self._conninfo = conninfo
+        self._connect_kwargs = connect_kwargs
+        self._conn: psycopg.Connection[Any] | None = None
+        self.closed = False
+
+    def connection(self) -> psycopg.Connection[Any]:
+        if self.closed:
+            raise psycopg.OperationalError("the store is closed")
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = psycopg.Connection.connect(self._conninfo, **self._connect_kwargs)
+        return self._conn
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
 class GroupCommit:
-    """Commits queued statements in batches on one connection of its own (thread-safe)."""
+    """Commits queued statements in batches, on connections of its own (thread-safe).
+
+    ``lanes``: how many batches may be in flight at once, each on its own connection, so
+    that grouping never serialises PostgreSQL's work onto one backend (one per core is
+    plenty: a batch is as long as its slowest statement)."""
 
     def __init__(
-        self, conninfo: str, connect_kwargs: Mapping[str, Any], *, max_batch: int = MAX_BATCH
+        self,
+        conninfo: str,
+        connect_kwargs: Mapping[str, Any],
+        *,
+        lanes: int = LANES,
+        max_batch: int = MAX_BATCH,
     ) -> None:
-        self._conninfo = conninfo
-        self._connect_kwargs = {**connect_kwargs, "autocommit": True}
+        kwargs = {**connect_kwargs, "autocommit": True}
+        self._lanes = [_Lane(conninfo, kwargs) for _ in range(max(1, lanes))]
         self._max_batch = max_batch
         self._queue: deque[_Write] = deque()
-        self._leader = threading.Lock()
-        self._conn: psycopg.Connection[Any] | None = None
-        self._closed = False
+        self._taking = threading.Lock()
         self.stats = GroupStats()
 
     @property
@@ -90,48 +126,54 @@ class GroupCommit:
         committed, or harmlessly committed by a COMMIT whose reply was lost: see above)."""
         write = _Write(query, params)
         self._queue.append(write)
-        while not write.done:
-            with self._leader:
-                if not write.done:
-                    self._commit(self._take())
+        while not write.done.is_set():
+            if write.taken:  # in a batch another leader is committing
+                write.done.wait()
+                break
+            lane = self._free_lane()
+            try:
+                if not write.taken:
+                    self._commit(lane, self._take())
+            finally:
+                lane.lock.release()
         if write.error is not None:
             raise write.error
         return write.row
 
     def close(self) -> None:
-        with self._leader:
-            self._closed = True
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        for lane in self._lanes:
+            lane.close()
 
-    # --- the leader (holds self._leader) ---------------------------------------------------
+    # --- leaders ---------------------------------------------------------------------------
+
+    def _free_lane(self) -> _Lane:
+        """A lane whose lock this thread now holds: a free one, else wait for the first."""
+        for lane in self._lanes:
+            if lane.lock.acquire(blocking=False):
+                return lane
+        lane = self._lanes[threading.get_ident() % len(self._lanes)]
+        lane.lock.acquire()
+        return lane
 
     def _take(self) -> list[_Write]:
         batch: list[_Write] = []
-        while self._queue and len(batch) < self._max_batch:
-            batch.append(self._queue.popleft())
+        with self._taking:
+            while self._queue and len(batch) < self._max_batch:
+                write = self._queue.popleft()
+                write.taken = True
+                batch.append(write)
         return batch
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._closed:
-            raise psycopg.OperationalError("the store is closed")
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = psycopg.Connection.connect(self._conninfo, **self._connect_kwargs)
-        return self._conn
-
-    def _commit(self, batch: list[_Write]) -> None:
+    def _commit(self, lane: _Lane, batch: list[_Write]) -> None:
         if not batch:
             return
         self.stats.count(len(batch))
         try:
             if len(batch) == 1:
-                self._alone(batch[0])
+                self._alone(lane, batch[0])
                 return
             try:
-                self._together(batch)
+                self._together(lane, batch)
             except Exception as exc:
                 log.warning(
                     "a group commit of %d writes failed (%s); each is retried alone",
@@ -140,13 +182,14 @@ class GroupCommit:
                 )
                 self.stats.retried_alone += len(batch)
                 for write in batch:
-                    self._alone(write)
+                    self._alone(lane, write)
         finally:
             for write in batch:
-                write.done = True
+                write.done.set()
 
-    def _together(self, batch: list[_Write]) -> None:
-        conn = self._connection()
+    @staticmethod
+    def _together(lane: _Lane, batch: list[_Write]) -> None:
+        conn = lane.connection()
         with conn.pipeline():
             with conn.transaction():
                 cursors = [conn.execute(write.query, write.params) for write in batch]
@@ -154,8 +197,9 @@ class GroupCommit:
         for write, row in zip(batch, rows, strict=True):
             write.row = row
 
-    def _alone(self, write: _Write) -> None:
+    @staticmethod
+    def _alone(lane: _Lane, write: _Write) -> None:
         try:
-            write.row = self._connection().execute(write.query, write.params).fetchone()
+            write.row = lane.connection().execute(write.query, write.params).fetchone()
         except Exception as exc:  # handed to its writer, whatever it is
             write.error = exc

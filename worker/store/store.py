@@ -260,7 +260,7 @@ class Store:
         self.group = group
 
     @classmethod
-    def open(cls, url: str, *, max_size: int = 10, group_commit: bool = True) -> Store:
+    def open(cls, url: str, *, max_size: int = 10, group_commit: bool = False) -> Store:
         """``group_commit``: lease-fenced intents and finals share transactions (see
         :mod:`worker.store.group`), on a connection of their own beside the pool."""
         pool = ConnectionPool(
