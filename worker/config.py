@@ -165,6 +165,11 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     parse_timeout_seconds: float = Field(default=1.0, gt=0)
     db_pool_size: int = Field(default=10, ge=1)
+    group_commit: bool = Field(
+        default=False,
+        description="intents and finals in flight together share one transaction (pays where"
+        " commits are slow: a remote database, network storage); see worker/store/group.py",
+    )
 
     @model_validator(mode="after")
     def _one_server_clock(self) -> Settings:

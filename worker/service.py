@@ -58,6 +58,7 @@ class Service:
         store = Store.open(
             settings.database_url.get_secret_value(),
             max_size=max(settings.db_pool_size, 2 * len(specs) + 4),
+            group_commit=settings.group_commit,
         )
         try:
             store.migrate()

@@ -111,7 +111,7 @@ def pipeline_env(
     base = load_settings(environ)
     values = {"reconcile_grace_seconds": 0.05, "order_timeout_seconds": 2.0, **settings}
     config = base.model_copy(update=values)
-    store = Store.open(database_url, max_size=6)
+    store = Store.open(database_url, max_size=6, group_commit=config.group_commit)
     store.migrate()
     sim = SimTerminal(always_open(sim_config or SimConfig()))
     assert sim.initialize()

@@ -29,8 +29,9 @@ _HOLDERS = (
 )
 
 
-def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str) -> None:
-    with pipeline_env(database_url) as env:
+@pytest.mark.parametrize("group_commit", [False, True], ids=["own", "grouped"])
+def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str, group_commit: bool) -> None:
+    with pipeline_env(database_url, group_commit=group_commit) as env:
         message = approval("EURUSD", 1, 100_000.0)
         other = psycopg.connect(database_url, autocommit=True)
         original: Callable[[str], api.Tick | None] = env.sim.symbol_info_tick
@@ -61,3 +62,39 @@ def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str) -> None:
         again = env.deliver(message, redelivered=True)
         assert isinstance(again, Publish)
         assert len(env.deals()) == 1, "settled by the redelivery with exactly one order"
+
+
+def test_a_lease_lost_after_the_send_commits_no_final(database_url: str) -> None:
+    """Issue 19: finals are group-committed on a connection other than the lease's; the lock
+    lost after the order (another process holds the session now) must leave the row in
+    flight for its holder, not commit this handling's answer beside the holder's."""
+    with pipeline_env(database_url, group_commit=True) as env:
+        message = approval("EURUSD", 1, 100_000.0)
+        other = psycopg.connect(database_url, autocommit=True)
+        original: Callable[..., Any] = env.sim.history_deals_get
+        armed = {"on": True}
+
+        def deals_then_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
+            """The fill's deals are read after the send: the lock is lost right now."""
+            if armed["on"] and env.deals():
+                armed["on"] = False
+                with psycopg.connect(database_url, autocommit=True) as admin:
+                    for (pid,) in admin.execute(_HOLDERS, (LOCK_CLASS,)).fetchall():
+                        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                lock_key = env.pool._slots[0].spec.lock_key
+                other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, lock_key))
+            return original(*args, **kwargs)
+
+        env.sim.history_deals_get = deals_then_lose_the_lease  # type: ignore[method-assign]
+        try:
+            outcome = env.deliver(message)
+            assert not armed["on"], "the lease was lost between the send and the final"
+            assert isinstance(outcome, Requeue) and "lease" in outcome.reason
+            row = env.row(str(execution_id_for(message["decision"]["order_id"])))
+            assert row["state"] in ("SUBMITTING", "SUBMITTED"), "no final without the lock"
+            assert len(env.deals()) == 1
+        finally:
+            other.close()
+        again = env.deliver(message, redelivered=True)
+        assert isinstance(again, Publish)
+        assert len(env.deals()) == 1, "settled from the broker's truth: no second order"

@@ -191,9 +191,10 @@ class Pipeline:
                 log.warning("database unavailable, requeued: %s", type(exc).__name__)
                 return Requeue(f"database: {type(exc).__name__}")
             except LeaseLost as exc:
-                # fenced before an order_send: nothing was sent by this handling since the
-                # lock was lost; the row stays as it is and its holder settles it
-                log.warning("session lease lost before a send, requeued: %s", exc)
+                # fenced before an order_send or a commit (the intent's and the final's
+                # statements name the lock): nothing was sent or committed by this handling
+                # since the lock was lost; the row stays as it is and its holder settles it
+                log.warning("session lease lost, requeued: %s", exc)
                 return Requeue("session lease lost")
             except api.TransportError as exc:
                 # the terminal failed mid-way (SessionLost, a dropped bridge, an unconfirmed

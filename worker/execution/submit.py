@@ -30,8 +30,8 @@ from worker.execution.settle import (
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, QueryFailed, SendOutcome, SymbolSpec
 from worker.observability import metrics
-from worker.pool.leases import Lease
-from worker.store.store import Event, Store
+from worker.pool.leases import Lease, LeaseLost
+from worker.store.store import Event, LockHeld, LockNotHeld, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -56,6 +56,11 @@ class Sent:
     stopped_at: int | None = None
     refused: GatewayRejection | None = None
     rejected: SendOutcome | None = None
+
+
+def held_by(lease: Lease) -> LockHeld:
+    """The lease's lock, named by a write that must commit only while the lease holds it."""
+    return LockHeld(*lease.lock_holder())
 
 
 def intent_fields(
@@ -112,7 +117,12 @@ class Sender:
         with run.stage("intent"):
             run.event("intent", "SUBMITTING", legs=len(plan.legs), lots=plan.intended_lots)
             fields = intent_fields(plan, request, lease, run, plan.magic)
-            return self.store.insert_intent(lease.conn, fields, run.take_events())
+            try:
+                return self.store.insert_intent(
+                    lease.conn, fields, run.take_events(), lock=held_by(lease)
+                )
+            except LockNotHeld as lost:
+                raise LeaseLost(str(lost)) from None
 
     def send(
         self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run, *, first_leg: int = 0

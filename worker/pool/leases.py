@@ -167,6 +167,13 @@ class Lease:
         if not (row and row[0]):
             raise LeaseLost(f"session {self.session.id}: the session's lock is no longer held")
 
+    def lock_holder(self) -> tuple[int, int, int]:
+        """(backend pid of :attr:`conn`, lock class, lock key): the lock a write can name so
+        that it commits only while this lease holds it (``worker.store.store.LockHeld``).
+        libpq knows the pid: no round trip."""
+        self.fence_check()
+        return self.conn.info.backend_pid, LOCK_CLASS, self.session.spec.lock_key
+
     def release(self, *, broken: bool = False) -> None:
         """Unlock and give the session back; ``broken`` discards the database connection."""
         if self._released:

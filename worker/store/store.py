@@ -29,6 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from worker.errors import WorkerError
 from worker.execution.outcome import Publish
+from worker.store.group import GroupCommit
 from worker.store.migrate import apply_migrations
 
 TERMINAL_STATES = frozenset(
@@ -144,6 +145,10 @@ class StoreError(WorkerError):
     """The database refused or could not be reached; the message is requeued."""
 
 
+class LockNotHeld(StoreError):
+    """A write named a session lock its lease no longer holds: nothing was committed."""
+
+
 _EVENT_COLUMNS = "execution_id, at, stage, kind, state, function, retcode, latency_ms, detail"
 _EVENT_RECORD = (
     "at timestamptz, stage text, kind text, state text, function text, retcode int,"
@@ -152,7 +157,7 @@ _EVENT_RECORD = (
 _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
-def _events_insert(source: str) -> str:
+def _events_insert(source: str, placeholder: str = "%s") -> str:
     """An INSERT of many events in one statement, for ``execution_id`` rows of ``source``.
 
     The events arrive as ONE jsonb parameter (see ``_events_json``): encoding a list of
@@ -161,7 +166,7 @@ def _events_insert(source: str) -> str:
     return (
         f"INSERT INTO execution.execution_events ({_EVENT_COLUMNS})"
         f" SELECT {source}.execution_id, e.* FROM {source},"
-        f" jsonb_to_recordset(%s::jsonb) AS e({_EVENT_RECORD})"
+        f" jsonb_to_recordset({placeholder}::jsonb) AS e({_EVENT_RECORD})"
     )
 
 
@@ -205,6 +210,29 @@ def _row_json(fields: dict[str, Any]) -> str:
 
 # A one-row CTE ``r``: the row parameter, every column typed by the table's own record type.
 _ROW = "r AS (SELECT * FROM jsonb_populate_record(NULL::execution.executions, %s::jsonb))"
+_ROW_NAMED = (
+    "r AS (SELECT * FROM jsonb_populate_record(NULL::execution.executions, %(row)s::jsonb))"
+)
+# A one-row CTE ``held``: does the session lease a write depends on still hold its lock? A
+# two-int advisory lock shows in pg_locks as classid = key1, objid = key2 (as an unsigned
+# 32-bit oid), objsubid = 2 (PostgreSQL docs, "pg_locks"). Without a lease: true.
+_HELD = (
+    "held AS (SELECT CASE WHEN %(pid)s::int IS NULL THEN true ELSE EXISTS (SELECT 1 FROM"
+    " pg_locks WHERE locktype = 'advisory' AND granted AND pid = %(pid)s::int"
+    " AND objsubid = 2 AND classid = %(lock_class)s::oid"
+    " AND objid = (%(lock_key)s::bigint & 4294967295)::oid) END AS ok)"
+)
+
+
+@dataclass(frozen=True)
+class LockHeld:
+    """The session lock a write depends on: held by the backend ``pid`` (a lease's
+    connection) as the two-int advisory lock (``lock_class``, ``lock_key``). A write that
+    names it commits only while that backend still holds the lock (its fence)."""
+
+    pid: int
+    lock_class: int
+    lock_key: int
 
 
 @contextmanager
@@ -227,11 +255,14 @@ def _checked(fields: dict[str, Any]) -> dict[str, Any]:
 class Store:
     """Executions, events and the outbox. Thread-safe (a connection pool inside)."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: ConnectionPool, group: GroupCommit | None = None) -> None:
         self.pool = pool
+        self.group = group
 
     @classmethod
-    def open(cls, url: str, *, max_size: int = 10) -> Store:
+    def open(cls, url: str, *, max_size: int = 10, group_commit: bool = False) -> Store:
+        """``group_commit``: lease-fenced intents and finals share transactions (see
+        :mod:`worker.store.group`), on a connection of their own beside the pool."""
         pool = ConnectionPool(
             url,
             min_size=1,
@@ -241,9 +272,12 @@ class Store:
             timeout=OPEN_TIMEOUT_SECONDS,
             name="execution-store",
         )
-        return cls(pool)
+        group = GroupCommit(url, TCP_KEEPALIVES) if group_commit else None
+        return cls(pool, group)
 
     def close(self) -> None:
+        if self.group is not None:
+            self.group.close()
         self.pool.close()
 
     @contextmanager
@@ -292,23 +326,33 @@ class Store:
     # --- per-execution writes ---------------------------------------------------------
 
     def insert_intent(
-        self, conn: psycopg.Connection[Any], fields: dict[str, Any], events: Sequence[Event]
+        self,
+        conn: psycopg.Connection[Any],
+        fields: dict[str, Any],
+        events: Sequence[Event],
+        *,
+        lock: LockHeld | None = None,
     ) -> bool:
         """Commit a new in-flight row with its events. False if the key already has a row.
 
-        One statement (data-modifying CTEs): one round trip, one commit, atomic.
+        One statement (data-modifying CTEs). ``lock``: the session lease the intent depends
+        on; the row is committed only while its backend holds the lock (else LockNotHeld),
+        and the statement is group-committed with the writes in flight beside it.
         """
         columns = ", ".join(_checked(fields))
-        with _atomic(conn):
-            row = conn.execute(
-                f"WITH {_ROW},"
-                f" intent AS (INSERT INTO execution.executions ({columns})"
-                f" SELECT {columns} FROM r ON CONFLICT DO NOTHING RETURNING execution_id),"
-                f" events AS ({_events_insert('intent')})"
-                " SELECT count(*) FROM intent",
-                (_row_json(fields), _events_json(events)),
-            ).fetchone()
-        return bool(row and row[0] == 1)
+        query = (
+            f"WITH {_HELD}, {_ROW_NAMED},"
+            f" intent AS (INSERT INTO execution.executions ({columns})"
+            f" SELECT {columns} FROM r, held WHERE held.ok"
+            " ON CONFLICT DO NOTHING RETURNING execution_id),"
+            f" events AS ({_events_insert('intent', '%(events)s')})"
+            " SELECT (SELECT count(*) FROM intent), (SELECT ok FROM held)"
+        )
+        params = {**_lock_params(lock), "row": _row_json(fields), "events": _events_json(events)}
+        inserted, held = self._write(conn, query, params, lock)
+        if not held:
+            raise LockNotHeld(f"execution {fields['execution_id']}: the session lock is lost")
+        return inserted == 1
 
     def update_in_flight(
         self,
@@ -340,6 +384,7 @@ class Store:
         confirmation: Publish,
         *,
         insert_only: bool = False,
+        lock: LockHeld | None = None,
     ) -> Publish:
         """Commit the terminal row, its events and the outbox row in ONE statement.
 
@@ -348,50 +393,73 @@ class Store:
         execution's in-flight row is settled (an UPDATE). Returns the confirmation that is
         on record: when the key already had a terminal row (a concurrent or earlier
         outcome), that one, unchanged. A row still in flight under ``insert_only``, or no
-        row at all otherwise, raises StoreError (the delivery is requeued).
+        row at all otherwise, raises StoreError (the delivery is requeued). ``lock``: as for
+        :meth:`insert_intent` (fenced and group-committed).
         """
         columns = list(_checked(fields))
         execution_id: UUID = fields["execution_id"]
         if insert_only:
             listed = ", ".join(columns)
             write = (
-                f"INSERT INTO execution.executions ({listed}) SELECT {listed} FROM r"
-                " ON CONFLICT DO NOTHING RETURNING execution_id"
+                f"INSERT INTO execution.executions ({listed}) SELECT {listed} FROM r, held"
+                " WHERE held.ok ON CONFLICT DO NOTHING RETURNING execution_id"
             )
         else:
             assignments = ", ".join(
                 f"{column} = r.{column}" for column in columns if column != "execution_id"
             )
             write = (
-                f"UPDATE execution.executions e SET {assignments}, updated_at = now() FROM r"
-                " WHERE e.execution_id = r.execution_id AND e.state NOT IN ('FILLED',"
-                " 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED', 'CANCELLED', 'FAILED', 'UNKNOWN')"
-                " RETURNING e.execution_id"
+                f"UPDATE execution.executions e SET {assignments}, updated_at = now()"
+                " FROM r, held WHERE held.ok AND e.execution_id = r.execution_id"
+                " AND e.state NOT IN ('FILLED', 'PARTIALLY_FILLED', 'REJECTED', 'EXPIRED',"
+                " 'CANCELLED', 'FAILED', 'UNKNOWN') RETURNING e.execution_id"
             )
-        with _atomic(conn):
-            row = conn.execute(
-                f"WITH {_ROW}, final AS ({write}),"
-                f" events AS ({_events_insert('final')}),"
-                " outbox AS (INSERT INTO execution.outbox"
-                " (execution_id, routing_key, payload, correlation_id, reply_to)"
-                " SELECT final.execution_id, %s, %s, %s, %s FROM final)"
-                " SELECT count(*) FROM final",
-                (
-                    _row_json(fields),
-                    _events_json(events),
-                    confirmation.routing_key,
-                    confirmation.payload.decode("utf-8"),
-                    confirmation.correlation_id,
-                    confirmation.reply_to,
-                ),
-            ).fetchone()
-        if not row or row[0] != 1:
+        query = (
+            f"WITH {_HELD}, {_ROW_NAMED}, final AS ({write}),"
+            f" events AS ({_events_insert('final', '%(events)s')}),"
+            " outbox AS (INSERT INTO execution.outbox"
+            " (execution_id, routing_key, payload, correlation_id, reply_to)"
+            " SELECT final.execution_id, %(routing_key)s, %(payload)s, %(correlation_id)s,"
+            " %(reply_to)s FROM final)"
+            " SELECT (SELECT count(*) FROM final), (SELECT ok FROM held)"
+        )
+        params = {
+            **_lock_params(lock),
+            "row": _row_json(fields),
+            "events": _events_json(events),
+            "routing_key": confirmation.routing_key,
+            "payload": confirmation.payload.decode("utf-8"),
+            "correlation_id": confirmation.correlation_id,
+            "reply_to": confirmation.reply_to,
+        }
+        written, held = self._write(conn, query, params, lock)
+        if not held:
+            raise LockNotHeld(f"execution {execution_id}: the session lock is lost")
+        if written != 1:
             existing = self.confirmation_of(conn, execution_id)
             if existing is None:
                 state = "a row still in flight" if insert_only else "no row in flight"
                 raise StoreError(f"execution {execution_id} has {state}")
             return existing
         return confirmation
+
+    def _write(
+        self,
+        conn: psycopg.Connection[Any],
+        query: str,
+        params: dict[str, Any],
+        lock: LockHeld | None,
+    ) -> tuple[int, bool]:
+        """Run one write statement returning ``(count, held)``: group-committed when it
+        depends on a lease (its fence is in the statement), else on ``conn``."""
+        if lock is not None and self.group is not None:
+            row = self.group.execute(query, params)
+        else:
+            with _atomic(conn):
+                row = conn.execute(query, params).fetchone()
+        if row is None:
+            raise StoreError("a write returned no row")
+        return int(row[0]), bool(row[1])
 
     # --- provisional (UNKNOWN) rows: the background reconciler --------------------------
 
@@ -566,6 +634,12 @@ class Store:
                 (execution_id,),
             )
             return [dict(row) for row in cur.fetchall()]
+
+
+def _lock_params(lock: LockHeld | None) -> dict[str, Any]:
+    if lock is None:
+        return {"pid": None, "lock_class": None, "lock_key": None}
+    return {"pid": lock.pid, "lock_class": lock.lock_class, "lock_key": lock.lock_key}
 
 
 OutboxKey = UUID | tuple[UUID, int]  # an execution (all its versions) or one version

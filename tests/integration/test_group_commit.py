@@ -1,0 +1,243 @@
+"""Group commit (issue 19) against a real PostgreSQL: writes queued together share one
+transaction; a failing write fails alone; a write that names a session lock commits only while
+that lock is held (the fence travels with the statement, whichever connection runs it)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import pytest
+
+from schemas.identity import comment_token_for
+from worker.execution.outcome import Publish
+from worker.store.group import GroupCommit
+from worker.store.store import TCP_KEEPALIVES, Event, LockHeld, LockNotHeld, Store
+
+pytestmark = pytest.mark.integration
+
+BLOCKER = 4242  # an advisory lock the test holds to keep a batch's leader busy
+LOCK_CLASS = 1
+
+
+@pytest.fixture
+def store(new_database: Callable[[], str]) -> Iterator[Store]:
+    opened = Store.open(new_database(), max_size=4)
+    opened.migrate()
+    yield opened
+    opened.close()
+
+
+def _wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Synchronisation, not a timing assertion: the deadline only bounds a broken run."""
+    deadline = time.monotonic() + 30.0
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.005)
+
+
+class _Writers:
+    """Threads each committing one statement through the group; results by name."""
+
+    def __init__(self, group: GroupCommit) -> None:
+        self.group = group
+        self.results: dict[str, Any] = {}
+        self.threads: list[threading.Thread] = []
+
+    def start(self, name: str, query: str, params: dict[str, Any] | None = None) -> None:
+        def run() -> None:
+            try:
+                self.results[name] = self.group.execute(query, params or {})
+            except Exception as exc:
+                self.results[name] = exc
+
+        thread = threading.Thread(target=run, name=name)
+        thread.start()
+        self.threads.append(thread)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(30.0)
+            assert not thread.is_alive()
+
+
+@pytest.fixture
+def group_and_admin(
+    new_database: Callable[[], str],
+) -> Iterator[tuple[GroupCommit, psycopg.Connection[Any]]]:
+    url = new_database()
+    group = GroupCommit(url, TCP_KEEPALIVES, lanes=1)
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute("CREATE TABLE t (n int PRIMARY KEY)")
+        yield group, admin
+    group.close()
+
+
+def _leader_blocked(writers: _Writers, admin: psycopg.Connection[Any]) -> None:
+    """A first write that waits on a lock the test holds: the writes queued meanwhile are
+    taken together by the next leader."""
+    admin.execute("SELECT pg_advisory_lock(%s)", (BLOCKER,))
+    writers.start("blocker", "SELECT pg_advisory_xact_lock(%(k)s)", {"k": BLOCKER})
+    _wait_until(
+        lambda: (
+            admin.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()
+            == (1,)
+        ),
+        "the first write waits on the test's lock",
+    )
+
+
+def test_writes_queued_together_commit_in_one_transaction(
+    group_and_admin: tuple[GroupCommit, psycopg.Connection[Any]],
+) -> None:
+    group, admin = group_and_admin
+    writers = _Writers(group)
+    _leader_blocked(writers, admin)
+    for n in range(5):
+        writers.start(f"w{n}", "INSERT INTO t VALUES (%(n)s) RETURNING txid_current(), n", {"n": n})
+    _wait_until(lambda: group.queued == 5, "five writes queued behind the busy leader")
+    admin.execute("SELECT pg_advisory_unlock(%s)", (BLOCKER,))
+    writers.join()
+
+    rows = [writers.results[f"w{n}"] for n in range(5)]
+    assert [row[1] for row in rows] == list(range(5)), "each writer gets its own row"
+    assert len({row[0] for row in rows}) == 1, "one transaction for the five writes"
+    assert admin.execute("SELECT count(*) FROM t").fetchone() == (5,)
+    assert group.stats.sizes[-2:] == [1, 5]
+
+
+def test_a_failing_write_fails_alone(
+    group_and_admin: tuple[GroupCommit, psycopg.Connection[Any]],
+) -> None:
+    group, admin = group_and_admin
+    writers = _Writers(group)
+    _leader_blocked(writers, admin)
+    writers.start("good-1", "INSERT INTO t VALUES (1) RETURNING n")
+    _wait_until(lambda: group.queued == 1, "first write queued")
+    writers.start("bad", "SELECT 1 / (n - n) FROM (SELECT 7 AS n) AS s")
+    _wait_until(lambda: group.queued == 2, "bad write queued")
+    writers.start("good-2", "INSERT INTO t VALUES (2) RETURNING n")
+    _wait_until(lambda: group.queued == 3, "three writes queued")
+    admin.execute("SELECT pg_advisory_unlock(%s)", (BLOCKER,))
+    writers.join()
+
+    assert writers.results["good-1"] == (1,)
+    assert writers.results["good-2"] == (2,)
+    assert isinstance(writers.results["bad"], psycopg.errors.DivisionByZero)
+    assert admin.execute("SELECT n FROM t ORDER BY n").fetchall() == [(1,), (2,)]
+    assert group.stats.retried_alone == 3
+
+
+def test_a_busy_lane_does_not_hold_up_the_others(new_database: Callable[[], str]) -> None:
+    """Grouping must not serialise PostgreSQL's work onto one backend: with a batch stuck
+    on one lane, a write commits on the other."""
+    url = new_database()
+    group = GroupCommit(url, TCP_KEEPALIVES, lanes=2)
+    try:
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("CREATE TABLE t (n int PRIMARY KEY)")
+            writers = _Writers(group)
+            _leader_blocked(writers, admin)
+            assert group.execute("INSERT INTO t VALUES (1) RETURNING n", {}) == (1,)
+            assert "blocker" not in writers.results, "the first lane is still busy"
+            admin.execute("SELECT pg_advisory_unlock(%s)", (BLOCKER,))
+            writers.join()
+            assert not isinstance(writers.results["blocker"], Exception)
+    finally:
+        group.close()
+
+
+def test_a_lost_connection_is_replaced(
+    group_and_admin: tuple[GroupCommit, psycopg.Connection[Any]],
+) -> None:
+    group, admin = group_and_admin
+    (pid,) = group.execute("SELECT pg_backend_pid()", {}) or (None,)
+    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        group.execute("INSERT INTO t VALUES (1) RETURNING n", {})
+    assert group.execute("INSERT INTO t VALUES (2) RETURNING n", {}) == (2,)
+    assert admin.execute("SELECT n FROM t").fetchall() == [(2,)]
+
+
+# --- the fence in the statement -------------------------------------------------------------
+
+
+def _intent(execution_id: uuid.UUID) -> dict[str, Any]:
+    return {
+        "execution_id": execution_id,
+        "idempotency_key": f"key-{execution_id}",
+        "state": "SUBMITTING",
+        "comment_token": comment_token_for(execution_id),
+        "received_at": datetime.now(UTC),
+        "symbol": "EURUSD",
+        "request": {"symbol": "EURUSD"},
+    }
+
+
+def _holder(store: Store, key: int) -> tuple[psycopg.Connection[Any], LockHeld]:
+    conn = psycopg.connect(store.pool.conninfo, autocommit=True)
+    conn.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, key))
+    return conn, LockHeld(conn.info.backend_pid, LOCK_CLASS, key)
+
+
+def _state(store: Store, execution_id: uuid.UUID) -> str | None:
+    with store.connection() as conn:
+        found = store.load(conn, execution_id)
+    return found.state if found is not None else None
+
+
+def test_an_intent_commits_only_while_its_lease_holds_the_lock(store: Store) -> None:
+    holder, lock = _holder(store, 77)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    with store.connection() as conn:
+        assert store.insert_intent(conn, _intent(first), [Event("intent")], lock=lock)
+        holder.close()  # the lease's connection, and with it the lock, is gone
+        with pytest.raises(LockNotHeld):
+            store.insert_intent(conn, _intent(second), [Event("intent")], lock=lock)
+    assert _state(store, first) == "SUBMITTING"
+    assert _state(store, second) is None, "no intent without the lock"
+
+
+def test_a_lock_held_by_another_backend_is_no_fence_for_this_lease(store: Store) -> None:
+    """The lock is held, but not by the lease's backend (another process took the session)."""
+    holder, lock = _holder(store, 78)
+    holder.close()
+    other, _ = _holder(store, 78)
+    try:
+        execution_id = uuid.uuid4()
+        with store.connection() as conn, pytest.raises(LockNotHeld):
+            store.insert_intent(conn, _intent(execution_id), [], lock=lock)
+        assert _state(store, execution_id) is None
+    finally:
+        other.close()
+
+
+def test_a_final_commits_only_while_its_lease_holds_the_lock(store: Store) -> None:
+    holder, lock = _holder(store, 79)
+    execution_id = uuid.uuid4()
+    confirmation = Publish(execution_id, "confirmation.filled.EURUSD", b"{}", None, None)
+    final = {**_intent(execution_id), "state": "FILLED"}
+    with store.connection() as conn:
+        assert store.insert_intent(conn, _intent(execution_id), [], lock=lock)
+        holder.close()
+        with pytest.raises(LockNotHeld):
+            store.finish(conn, final, [Event("commit")], confirmation, lock=lock)
+        assert store.confirmation_of(conn, execution_id) is None, "no outbox row either"
+    assert _state(store, execution_id) == "SUBMITTING", "left in flight for its holder"
+
+    holder, lock = _holder(store, 79)
+    try:
+        with store.connection() as conn:
+            kept = store.finish(conn, final, [Event("commit")], confirmation, lock=lock)
+        assert kept is confirmation
+        assert _state(store, execution_id) == "FILLED"
+    finally:
+        holder.close()
