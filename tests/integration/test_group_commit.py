@@ -27,7 +27,7 @@ LOCK_CLASS = 1
 
 @pytest.fixture
 def store(new_database: Callable[[], str]) -> Iterator[Store]:
-    opened = Store.open(new_database(), max_size=4)
+    opened = Store.open(new_database(), max_size=4, group_commit=True)
     opened.migrate()
     yield opened
     opened.close()
@@ -218,6 +218,24 @@ def test_a_lock_held_by_another_backend_is_no_fence_for_this_lease(store: Store)
         assert _state(store, execution_id) is None
     finally:
         other.close()
+
+
+def test_without_group_commit_the_lease_connection_is_the_fence(
+    new_database: Callable[[], str],
+) -> None:
+    """Ungrouped, a write runs on the lease's own connection: no pg_locks read is asked for
+    (the connection's commit is the fence), so a lock named on it is not looked up."""
+    plain = Store.open(new_database(), max_size=2)
+    try:
+        plain.migrate()
+        holder, lock = _holder(plain, 80)
+        holder.close()  # a lock no backend holds: a grouped write would refuse it
+        execution_id = uuid.uuid4()
+        with plain.connection() as conn:
+            assert plain.insert_intent(conn, _intent(execution_id), [], lock=lock)
+        assert _state(plain, execution_id) == "SUBMITTING"
+    finally:
+        plain.close()
 
 
 def test_a_final_commits_only_while_its_lease_holds_the_lock(store: Store) -> None:

@@ -62,6 +62,7 @@ import os
 import tomllib
 import uuid
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,7 +106,7 @@ class SessionSpec(BaseModel):
                 return {**data, "account": f"{server}:{login}"}
         return data
 
-    @property
+    @cached_property  # read on every claim, fence and write of a message
     def identity(self) -> str:
         """What makes this session the same terminal/account in every process."""
         if self.backend == "bridge":
@@ -114,7 +115,7 @@ class SessionSpec(BaseModel):
             return f"native:{self.server or ''}:{self.login or ''}"
         return f"sim:{_PROCESS_TOKEN}:{self.id}"
 
-    @property
+    @cached_property
     def lock_key(self) -> int:
         """Signed 32-bit key for ``pg_try_advisory_lock(1, key)``."""
         digest = hashlib.blake2b(self.identity.encode("utf-8"), digest_size=4).digest()

@@ -97,6 +97,7 @@ class SessionPool:
         self._closing = threading.Event()
         self._lease_parked = threading.Event()  # wakes the linger thread from its idle wait
         self._slots: list[_Slot] = [_Slot(spec) for spec in specs]
+        self._accounts = accounts_of(specs)  # read on every claim
         _configure_account_labels(self.accounts)
         for slot in self._slots:
             try:
@@ -119,7 +120,7 @@ class SessionPool:
     @property
     def accounts(self) -> tuple[str | None, ...]:
         """The configured accounts of this pool's sessions (``(None,)``: one, unnamed)."""
-        return accounts_of([slot.spec for slot in self._slots])
+        return self._accounts
 
     def _build_session(self, spec: SessionSpec, terminal: api.Terminal) -> Session:
         login, server = spec.login, spec.server

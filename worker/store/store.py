@@ -348,6 +348,7 @@ class Store:
             f" events AS ({_events_insert('intent', '%(events)s')})"
             " SELECT (SELECT count(*) FROM intent), (SELECT ok FROM held)"
         )
+        lock = self._fenced(lock)
         params = {**_lock_params(lock), "row": _row_json(fields), "events": _events_json(events)}
         inserted, held = self._write(conn, query, params, lock)
         if not held:
@@ -423,6 +424,7 @@ class Store:
             " %(reply_to)s FROM final)"
             " SELECT (SELECT count(*) FROM final), (SELECT ok FROM held)"
         )
+        lock = self._fenced(lock)
         params = {
             **_lock_params(lock),
             "row": _row_json(fields),
@@ -442,6 +444,12 @@ class Store:
                 raise StoreError(f"execution {execution_id} has {state}")
             return existing
         return confirmation
+
+    def _fenced(self, lock: LockHeld | None) -> LockHeld | None:
+        """The lock a write must check: only a grouped write needs to. Without group commit
+        the write runs on the lease's own connection, whose commit is its fence (the lock
+        lives and dies with that connection), so no pg_locks read is paid."""
+        return lock if self.group is not None else None
 
     def _write(
         self,
