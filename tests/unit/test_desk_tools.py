@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from worker.observability import metrics
 from worker.observability.logs import forget_secrets, register_secret
 from worker.tools.dead_letters_queue import DeadLetter, dead_letter_id, key_of, preview
-from worker.tools.report import build_report, measure, percentile, render_text
+from worker.tools.report import build_report, group_key, measure, percentile, render_text
 from worker.tools.report_time import parse_time
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -201,3 +201,15 @@ def test_the_shortfall_metric_is_observed_per_symbol() -> None:
         "execution_worker_shortfall_pips_bucket", {"symbol": "EURUSD", "le": "2.0"}
     )
     assert le_2 is not None and le_2 >= 1
+
+
+def test_the_report_groups_by_the_accounts_name_and_by_login_for_older_rows() -> None:
+    """Two sessions of one named account are one group; a row from before account names
+    existed (no ``account``) is grouped by the login it traded on."""
+    key = group_key("account")
+    named_a = {"account": "live-eu", "account_login": 1001}
+    named_b = {"account": "live-eu", "account_login": 1002}
+    older = {"account": None, "account_login": 1003}
+    assert key(named_a) == key(named_b) == "live-eu"
+    assert key(older) == "1003"
+    assert key({}) == "-"

@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 # What the execution-quality report needs of each execution received in the window. ``pip``
 # and ``contract_size`` are the symbol's, as the intent recorded them in its request snapshot.
 _REPORT_ROWS = """
-SELECT execution_id, state, rejection_reason, symbol, direction, session_id, account_login,
+SELECT execution_id, state, rejection_reason, symbol, direction, session_id, account_login, account,
        intended_lots, executed_lots, requested_price, fill_price, spread_pips, slippage_pips,
        arrival_bid, arrival_ask,
        (request ->> 'pip')::float8 AS pip,

@@ -231,8 +231,8 @@ def group_key(by: str) -> Callable[[dict[str, Any]], str]:
         return lambda row: str(row.get("symbol") or "-")
     if by == "session":
         return lambda row: str(row.get("session_id") or "-")
-    if by == "account":  # no account column yet: the login the session traded on
-        return lambda row: str(row.get("account_login") or "-")
+    if by == "account":  # the account's name; rows from before accounts had names: the login
+        return lambda row: str(row.get("account") or row.get("account_login") or "-")
     if by == "hour":
         return lambda row: row["received_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
     raise ValueError(f"--by must be one of {', '.join(GROUPINGS)}")
