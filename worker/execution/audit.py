@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 from uuid import UUID
 
