@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from datetime import UTC, datetime
 
+import pytest
+
 from schemas import ExecutionConfirmation, ExecutionStatus, RejectionReason
 from schemas.export import EXPORTED, SCHEMA_DIR, render
+from schemas.identity import EXECUTION_NAMESPACE, execution_id_for
 
 
 def _confirmation(**changes: object) -> ExecutionConfirmation:
@@ -60,3 +64,17 @@ def test_a_correction_is_a_new_version_with_its_own_message_id() -> None:
     assert corrected.message_id() == f"{corrected.execution_id}:v2"
     document = json.loads(corrected.to_json_bytes())
     assert (document["version"], document["correction"]) == (2, "version 1 was provisional")
+
+
+def test_execution_id_is_uuid5_of_the_key_in_the_execution_namespace() -> None:
+    rng = random.Random(5)
+    keys = ["", "p-abc-1", "é€😀", "x" * 1000]
+    keys += [
+        "".join(chr(rng.randint(1, 0x2FFF)) for _ in range(rng.randint(1, 40))) for _ in range(2000)
+    ]
+    for key in keys:
+        expected = uuid.uuid5(EXECUTION_NAMESPACE, key)
+        assert execution_id_for(key) == expected and str(execution_id_for(key)) == str(expected)
+        assert execution_id_for(key).version == 5
+    with pytest.raises(UnicodeEncodeError):  # as uuid5: a lone surrogate cannot be hashed
+        execution_id_for("\ud800")
