@@ -78,3 +78,38 @@ def test_execution_id_is_uuid5_of_the_key_in_the_execution_namespace() -> None:
         assert execution_id_for(key).version == 5
     with pytest.raises(UnicodeEncodeError):  # as uuid5: a lone surrogate cannot be hashed
         execution_id_for("\ud800")
+
+
+def test_confirmation_bytes_are_model_dump_json_in_utf8() -> None:
+    now = datetime(2026, 11, 25, 10, 0, 0, 123456, tzinfo=UTC)
+    samples = [
+        ExecutionConfirmation(
+            execution_id=uuid.uuid4(),
+            idempotency_key="k-é€",
+            status=ExecutionStatus.REJECTED,
+            rejection_reason=RejectionReason.INVALID_REQUEST,
+            rejection_details='quote " \\ \n \u2028 😀',
+            received_at=now,
+            completed_at=now,
+        ),
+        ExecutionConfirmation(
+            execution_id=uuid.uuid4(),
+            order_id="o-1",
+            idempotency_key="o-1",
+            status=ExecutionStatus.FILLED,
+            symbol="EURUSD",
+            direction=-1,
+            executed_lots=0.1,
+            fill_price=1.0849999999999999,
+            broker_deals=[2**40, 7],
+            timings_ms={"total": 3.25},
+            received_at=now,
+            submitted_at=now,
+            completed_at=now,
+            version=2,
+            provisional=True,
+            correction="c",
+        ),
+    ]
+    for confirmation in samples:
+        assert confirmation.to_json_bytes() == confirmation.model_dump_json().encode("utf-8")
