@@ -93,6 +93,8 @@ SAMPLES = [
     '{"a": [1, 2, 3], "b": {"c": {"d": {}}}}',
     '{"a": "\\u00e9\\ud800"}',
     "{} x",
+    "[" + '"a", ' * 29 + '"a"]',  # more quotes than the counting shortcut takes
+    '{"a": [[[[[["x"]]]]]]}',
 ]
 
 
@@ -102,8 +104,10 @@ def test_samples_decode_as_before(text: str) -> None:
         assert _outcome(_ours, text, limits) == _outcome(_reference_decode, text, limits)
 
 
-def test_random_texts_decode_as_before() -> None:
-    alphabet = ['"', "\\", "[", "]", "{", "}", ",", ":", "a", "1", " ", "\n", "null", '"k"']
+@pytest.mark.parametrize("escapes", [True, False])
+def test_random_texts_decode_as_before(escapes: bool) -> None:
+    alphabet = ['"', "[", "]", "{", "}", ",", ":", "a", "1", " ", "\n", "null", '"k"']
+    alphabet += ["\\"] if escapes else []
     rng = random.Random(19)
     limits = ParseLimits(max_depth=4, max_elements=10)
     for _ in range(30_000):
