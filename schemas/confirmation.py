@@ -79,8 +79,9 @@ class ExecutionConfirmation(BaseModel):
         return message_id_for(self.execution_id, self.version)
 
     def to_json_bytes(self) -> bytes:
-        """Stable JSON (field order as declared), UTF-8."""
-        return self.model_dump_json().encode("utf-8")
+        """Stable JSON (field order as declared), UTF-8: ``model_dump_json()``'s text, as
+        the serializer's bytes (without the round trip through ``str``)."""
+        return self.__pydantic_serializer__.to_json(self)
 
 
 def message_id_for(execution_id: UUID, version: int = 1) -> str:

@@ -7,6 +7,7 @@ A redelivered approval must map to the same execution id, the same confirmation
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 
@@ -15,11 +16,16 @@ COMMENT_PREFIX = "xw"
 # MT5 accepts at most 26 ASCII characters in a comment; ours are 2 + 20 = 22.
 COMMENT_TOKEN_HEX_CHARS = 20
 COMMENT_TOKEN_PATTERN = re.compile(r"^xw[0-9a-f]{20}$")
+# uuid5 hashes the namespace's bytes and then the name: the namespace part is hashed once.
+_NAMESPACE_SHA1 = hashlib.sha1(EXECUTION_NAMESPACE.bytes, usedforsecurity=False)
 
 
 def execution_id_for(idempotency_key: str) -> uuid.UUID:
-    """The execution id of an idempotency key (uuid5, stable across processes)."""
-    return uuid.uuid5(EXECUTION_NAMESPACE, idempotency_key)
+    """The execution id of an idempotency key (``uuid.uuid5(EXECUTION_NAMESPACE, key)``,
+    stable across processes)."""
+    digest = _NAMESPACE_SHA1.copy()
+    digest.update(idempotency_key.encode("utf-8"))
+    return uuid.UUID(bytes=digest.digest()[:16], version=5)
 
 
 def comment_token_for(execution_id: uuid.UUID) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -109,8 +110,9 @@ class ExecutionRequest(BaseModel):
 
 
 # A JSON string (closing quote optional, so an unterminated one ends the scan in one pass;
-# possessive quantifiers: no backtracking, linear in the body).
-_JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+# possessive quantifiers: no backtracking, linear in the body; "unrolled": runs of plain
+# characters between escapes, which matches the same spans as an alternation, faster).
+_JSON_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
 _BRACKETS = re.compile(r"[\[\]{}]")
 
 
@@ -120,11 +122,27 @@ def _check_structure(text: str, max_depth: int, max_elements: int) -> None:
     ``json.loads`` recurses per nesting level and allocates per value; the size limit alone
     lets 1 MB of ``[[[[`` or of ``0,0,0,`` through. Strings are blanked first (brackets in
     them do not count), then separators and brackets are counted with ``str.count`` (C
-    speed); the depth loop stops after ``2 * max_elements`` brackets.
+    speed); the depth loop stops after ``2 * max_elements`` brackets, and is skipped when
+    there are no more opening brackets than ``max_depth`` (they cannot nest deeper).
+
+    Without a backslash (no escapes) a string runs from a quote to the next one, or to the
+    end: the text outside strings is every other piece between quotes, which is cheaper to
+    count than to rebuild (taken only when it cannot be deep, and with a bounded number of
+    pieces).
     """
+    if "\\" not in text and text.count('"') <= 4 * max_elements:
+        outside = "".join(text.split('"')[0::2])
+        opened = outside.count("[") + outside.count("{")
+        if opened <= max_depth:
+            if opened + outside.count(",") + outside.count(":") > max_elements:
+                raise InvalidMessage(
+                    "too_many_elements", "body", f"more than {max_elements} JSON values and keys"
+                )
+            return
     skeleton = _JSON_STRING.sub('""', text)
+    opened = skeleton.count("[") + skeleton.count("{")
     depth = deepest = 0
-    for seen, bracket in enumerate(_BRACKETS.finditer(skeleton)):
+    for seen, bracket in enumerate(_BRACKETS.finditer(skeleton) if opened > max_depth else ()):
         if seen >= 2 * max_elements:
             break  # more brackets than that fail the element bound below
         depth += 1 if bracket.group() in "[{" else -1
@@ -134,7 +152,6 @@ def _check_structure(text: str, max_depth: int, max_elements: int) -> None:
                 raise InvalidMessage(
                     "too_deep", "body", f"JSON nesting deeper than {max_depth} levels"
                 )
-    opened = skeleton.count("[") + skeleton.count("{")
     elements = opened + skeleton.count(",") + skeleton.count(":")
     if elements > max_elements:
         raise InvalidMessage(
@@ -147,12 +164,27 @@ def _reject_constant(name: str) -> Any:
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = dict(pairs)
+    if len(result) == len(pairs):
+        return result
+    result = {}
     for key, value in pairs:
         if key in result:
             raise ValueError(f"duplicate key {key!r}")
         result[key] = value
     return result
+
+
+class _Decoders(threading.local):
+    """One decoder per thread (``json.loads`` with hooks builds a new one per call)."""
+
+    def __init__(self) -> None:
+        self.decoder = json.JSONDecoder(
+            parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
+        )
+
+
+_decoders = _Decoders()
 
 
 @dataclass(frozen=True)
@@ -200,9 +232,9 @@ def _decode_json(body: bytes, props: MessageProperties, limits: ParseLimits) -> 
         raise InvalidMessage("not_utf8", "body", f"not UTF-8 at byte {exc.start}") from None
     _check_structure(text, limits.max_depth, limits.max_elements)
     try:
-        document = json.loads(
-            text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-        )
+        if text.startswith("\ufeff"):  # what json.loads refuses before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        document = _decoders.decoder.decode(text)
     except RecursionError:
         raise InvalidMessage("too_deep", "body", "JSON nesting is too deep") from None
     except ValueError as exc:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -14,7 +15,15 @@ import pytest
 from schemas.identity import comment_token_for
 from worker.execution.outcome import Publish
 from worker.store.migrate import migrations
-from worker.store.store import Event, Store, StoreError
+from worker.store.store import (
+    Event,
+    Store,
+    StoreError,
+    _events_json,
+    _fast_json,
+    _row_json,
+    json_default,
+)
 
 
 @pytest.fixture
@@ -192,3 +201,92 @@ def test_insert_only_finish_never_touches_an_existing_row(store: Store) -> None:
             )
         row = store.load(conn, execution_id)
         assert row is not None and row.state == "SUBMITTING"
+
+
+def _reference_json(value: Any, *, allow_nan: bool = True) -> str:
+    """What the parameters were before pydantic-core encoded them (``json.dumps``)."""
+    return json.dumps(value, default=json_default, allow_nan=allow_nan)
+
+
+def test_the_json_parameters_mean_what_json_dumps_meant_to_postgresql(store: Store) -> None:
+    """Row and events as PostgreSQL reads them: the same record from the fast encoder's text
+    as from ``json.dumps``'s (timestamps with any offset, naive ones, UUIDs, big integers,
+    floats, non-ASCII), and the fast encoder's text is what is sent (no fallback)."""
+    execution_id = uuid.uuid4()
+    at = datetime(2026, 11, 25, 12, 0, 0, 123456, tzinfo=UTC)
+    fields = _fields(
+        execution_id,
+        "FILLED",
+        broker_deals=[2**40 + 1, 7],
+        magic=(2**25 - 1) << 38 | 5,
+        fill_price=1.0849999999999999,
+        slippage_pips=-0.0,
+        intended_units=1e16,
+        spread_pips=1e-7,
+        rejection_details='quote "x" \\ \u00e9 \n \u2028',
+        completed_at=at.astimezone(timezone(timedelta(hours=-5, minutes=-30))),
+        submitted_at=at,
+        received_at=datetime(2026, 11, 25, 12, 0, 0),
+        request={"nested": {"list": [1, 2.5, None, True]}, "text": "\u00e9", "at": None},
+    )
+    events = [
+        Event("commit", "broker_call", "FILLED", function="f", retcode=1, latency_ms=0.25, at=at),
+        Event("intent", detail={"id": execution_id, "x": [1e300, -1]}, at=at),
+    ]
+    assert _fast_json(fields) == _row_json(fields)
+    assert _fast_json(json.loads(_events_json(events))) is not None
+    with store.connection() as conn:
+        same_row = conn.execute(
+            "SELECT jsonb_populate_record(NULL::execution.executions, %s::jsonb)"
+            " IS NOT DISTINCT FROM jsonb_populate_record(NULL::execution.executions, %s::jsonb)",
+            (_row_json(fields), _reference_json(fields)),
+        ).fetchone()
+        assert same_row == (True,)
+        records = (
+            "SELECT array_agg(e) FROM jsonb_to_recordset(%s::jsonb) AS e(at timestamptz,"
+            " stage text, kind text, state text, function text, retcode int,"
+            " latency_ms float8, detail jsonb)"
+        )
+        fast = conn.execute(records, (_events_json(events),)).fetchone()
+        reference_rows = [
+            {
+                "at": e.at,
+                "stage": e.stage,
+                "kind": e.kind,
+                "state": e.state,
+                "function": e.function,
+                "retcode": e.retcode,
+                "latency_ms": e.latency_ms,
+                "detail": e.detail,
+            }
+            for e in events
+        ]
+        reference = conn.execute(records, (_reference_json(reference_rows),)).fetchone()
+        assert fast is not None and fast == reference
+
+
+def test_a_non_finite_float_keeps_its_json_dumps_handling() -> None:
+    """A NaN or an infinity never takes the fast path: the row's top-level ones are spelled
+    for float8 as before, and one nested in an event or the request snapshot is written as
+    json.dumps wrote it (the bare constant, which PostgreSQL refuses: the write fails
+    instead of storing a null)."""
+    execution_id = uuid.uuid4()
+    fields = _fields(execution_id, "FILLED", slippage_pips=float("nan"), spread_pips=1.5)
+    assert _row_json(fields) == _reference_json({**fields, "slippage_pips": "NaN"}, allow_nan=False)
+    nested = _fields(execution_id, "FILLED", request={"x": [float("inf")]})
+    assert _row_json(nested) == _reference_json({**nested, "request": {"x": [float("inf")]}})
+    assert "Infinity" in _row_json(nested)
+    event = Event("validate", detail={"spread_pips": float("-inf")})
+    assert "-Infinity" in _events_json([event])
+
+
+def test_a_nested_non_finite_float_fails_the_write(store: Store) -> None:
+    execution_id = uuid.uuid4()
+    with store.connection() as conn:
+        with pytest.raises(psycopg.Error):
+            store.insert_intent(
+                conn,
+                _fields(execution_id, "SUBMITTING"),
+                [Event("validate", "VALIDATED", detail={"spread_pips": float("nan")})],
+            )
+        assert store.load(conn, execution_id) is None

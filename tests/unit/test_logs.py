@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -145,3 +146,14 @@ def test_redact_leaves_ordinary_text_alone() -> None:
         assert redact("abc") == "abc"
     finally:
         forget_secrets()
+
+
+def test_log_context_nests_skips_none_and_restores_after_an_error() -> None:
+    assert current_context() == {}
+    with log_context(execution_id=uuid.UUID(int=1), symbol=None):
+        assert current_context() == {"execution_id": str(uuid.UUID(int=1))}
+        with pytest.raises(RuntimeError), log_context(session="sim-0", execution_id="x"):
+            assert current_context() == {"execution_id": "x", "session": "sim-0"}
+            raise RuntimeError
+        assert current_context() == {"execution_id": str(uuid.UUID(int=1))}
+    assert current_context() == {}

@@ -386,7 +386,7 @@ def record_shortfall(
     mid = (arrival_bid + arrival_ask) / 2
     pips = (fill_price - mid if int(side) > 0 else mid - fill_price) / pip
     if _finite(pips):
-        SHORTFALL_PIPS.labels(symbol=symbol_label(symbol)).observe(pips)
+        _labelled(SHORTFALL_PIPS, symbol_label(symbol)).observe(pips)
 
 
 def record_slippage_breach(symbol: str) -> None:

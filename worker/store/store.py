@@ -26,6 +26,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from pydantic_core import PydanticSerializationError, to_json
 
 from worker.errors import WorkerError
 from worker.execution.outcome import Publish
@@ -170,23 +171,43 @@ def _events_insert(source: str, placeholder: str = "%s") -> str:
     )
 
 
+def _fast_json(value: Any) -> str | None:
+    """``value`` as JSON by pydantic-core's encoder (datetimes and UUIDs natively, a tenth of
+    the cost of ``json.dumps`` with ``json_default``), or None where its text could differ in
+    meaning from ``json.dumps``'s: a NaN or an infinity (the callers then take the ``json``
+    path, which refuses them or spells them for PostgreSQL) or a value it cannot encode.
+
+    With ``inf_nan_mode="constants"`` a non-finite float is written as the bare ``NaN`` /
+    ``Infinity`` / ``-Infinity``; those bytes found anywhere (also inside a string: a false
+    alarm only costs the slow path) send the value to the ``json`` path. Datetimes: aware
+    UTC is written with ``Z`` (``json_default``: ``+00:00``), naive without an offset: the
+    same instant in a timestamptz column (a datetime nested in a jsonb ``detail`` would keep
+    that spelling; none is written there).
+    """
+    try:
+        encoded = to_json(value, inf_nan_mode="constants")
+    except (PydanticSerializationError, ValueError, TypeError):
+        return None
+    if b"NaN" in encoded or b"Infinity" in encoded:
+        return None
+    return encoded.decode("utf-8")
+
+
 def _events_json(events: Sequence[Event]) -> str:
-    return json.dumps(
-        [
-            {
-                "at": event.at,
-                "stage": event.stage,
-                "kind": event.kind,
-                "state": event.state,
-                "function": event.function,
-                "retcode": event.retcode,
-                "latency_ms": event.latency_ms,
-                "detail": event.detail,
-            }
-            for event in events
-        ],
-        default=json_default,
-    )
+    rows = [
+        {
+            "at": event.at,
+            "stage": event.stage,
+            "kind": event.kind,
+            "state": event.state,
+            "function": event.function,
+            "retcode": event.retcode,
+            "latency_ms": event.latency_ms,
+            "detail": event.detail,
+        }
+        for event in events
+    ]
+    return _fast_json(rows) or json.dumps(rows, default=json_default)
 
 
 def _row_json(fields: dict[str, Any]) -> str:
@@ -195,6 +216,9 @@ def _row_json(fields: dict[str, Any]) -> str:
     A non-finite float (which JSON cannot carry) goes as the text PostgreSQL's float8
     input reads back: 'NaN', 'Infinity', '-Infinity'. (Callers have ``_checked`` the names.)
     """
+    fast = _fast_json(fields)
+    if fast is not None:
+        return fast
     try:
         return json.dumps(fields, default=json_default, allow_nan=False)
     except ValueError:  # rare: a NaN or an infinity somewhere
