@@ -134,6 +134,19 @@ def test_cpu_per_message(results: dict[str, Any]) -> None:
     assert all(0 < counted[side] <= drained for side in ("worker", "floor")), counted
 
 
+def test_group_commit_beside_the_default(results: dict[str, Any]) -> None:
+    grouped = results["group_commit"]
+    assert set(grouped) == {
+        "worker",
+        "ratio_to_default",
+        "cpu_ms_per_message",
+        "postgres_ms_per_message",
+    }
+    assert all(_positive(value) for value in grouped.values()), grouped
+    default = results["throughput_inflight"][str(bench.QUICK.prefetch)]["worker"]
+    assert grouped["ratio_to_default"] == pytest.approx(grouped["worker"] / default, rel=0.01)
+
+
 def test_memory(results: dict[str, Any]) -> None:
     rss = results["rss_mb"]
     assert set(rss) == {"1k", "50k"}
@@ -154,7 +167,8 @@ def test_every_message_filled(results: dict[str, Any]) -> None:
     per_target += counts.throughput * len({counts.prefetch, *bench.INFLIGHT})
     scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
     split = counts.throughput  # the worker's backlog again, over two processes
-    expected = 2 * per_target + split + scaling + counts.memory_total
+    grouped = counts.throughput  # and with GROUP_COMMIT=true
+    expected = 2 * per_target + split + grouped + scaling + counts.memory_total
     assert results["statuses"] == {"FILLED": expected}
 
 

@@ -63,14 +63,21 @@ def _log_count(workers: list[WorkerProcess], message: str) -> int:
     return sum(worker.log_path.read_text(errors="replace").count(message) for worker in workers)
 
 
+@pytest.mark.parametrize("group_commit", [False, True], ids=["own", "grouped"])
 def test_parked_lock_backend_killed(
-    make_env: MakeEnv, record: Callable[[Tally], None], note: Callable[[str], None]
+    make_env: MakeEnv,
+    record: Callable[[Tally], None],
+    note: Callable[[str], None],
+    group_commit: bool,
 ) -> None:
+    """``grouped``: GROUP_COMMIT=true, the intents and finals commit on the group's own
+    connections, fenced by the lock check in their statements."""
     rng = random.Random(SEED)
+    settings = {**SETTINGS, "GROUP_COMMIT": "true" if group_commit else "false"}
     env = make_env(
         [sim_toml(181, SLOW_SEND), sim_toml(182, SLOW_SEND)],
         delivery_limit=int(SETTINGS["DELIVERY_LIMIT"]),
-        settings=SETTINGS,
+        settings=settings,
     )
     keys = env.publish(approvals(MESSAGES, rng))
     wanted = {str(execution_id_for(key)) for key in keys}
@@ -94,17 +101,19 @@ def test_parked_lock_backend_killed(
 
     for worker in workers:
         assert worker.stop() == 0, worker.tail()
-    # a killed lock connection is noticed at its next statement: the fence before a send
-    # (LeaseLost) or a commit through the lease's connection (requeued as a database error)
-    fenced = _log_count(workers, "session lease lost before a send")
+    # a killed lock connection is noticed at its next statement: the fence before a send or
+    # a grouped commit's lock check (LeaseLost), or a commit through the lease's connection
+    # (requeued as a database error)
+    fenced = _log_count(workers, "session lease lost, requeued")
     database = _log_count(workers, "database unavailable, requeued")
     tally = env.check(
-        "parked lock backend killed",
+        "parked lock backend killed" + (" (GROUP_COMMIT=true)" if group_commit else ""),
         keys,
         runs=1,
         notes=f"2 worker processes on the same 2 sessions, SESSION_LINGER_SECONDS=3,"
-        f" order_send 400 ms; {kills} lock-holding backends terminated in {rounds} rounds;"
-        f" {fenced} sends refused by the fence, {database} handlings requeued on a lost"
+        f" order_send 400 ms{', GROUP_COMMIT=true' if group_commit else ''};"
+        f" {kills} lock-holding backends terminated in {rounds} rounds;"
+        f" {fenced} handlings refused by the fence, {database} requeued on a lost"
         " lock connection",
     )
     # the scenario proves something only if locks were really taken away under the workers

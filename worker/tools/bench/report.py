@@ -219,6 +219,14 @@ def table(results: Mapping[str, Any]) -> str:
             f"{_fmt(figures['postgres_worker'], 3)}, floor {_fmt(figures['floor'], 3)} + "
             f"{_fmt(figures['postgres_floor'], 3)}"
         )
+    grouped = results.get("group_commit")
+    if grouped:
+        lines.append(
+            f"GROUP_COMMIT=true: worker {_fmt(grouped['worker'], 1)} msg/s"
+            f" ({_fmt(grouped['ratio_to_default'])}x the default), CPU/msg"
+            f" {_fmt(grouped['cpu_ms_per_message'], 3)} +"
+            f" PostgreSQL {_fmt(grouped['postgres_ms_per_message'], 3)}"
+        )
     split = results.get("throughput_processes")
     if split:
         lines.append(

@@ -545,9 +545,11 @@ class Bench:
         latency_ms: float = 0.0,
         bridge: tuple[int, str] | None = None,
         processes: int = 1,
+        group_commit: bool = False,
     ) -> Child:
         """``execution-worker run`` with ``sessions`` in all (``sessions // processes`` each)."""
         env = self._base_env()
+        env["GROUP_COMMIT"] = "true" if group_commit else "false"
         if bridge is None:
             config = self.workdir / f"sim-{latency_ms:g}.toml"
             config.write_text(sim_config_toml(latency_ms))
@@ -796,6 +798,7 @@ class Bench:
                 for n in INFLIGHT
             },
             "cpu_ms_per_message": _cpu_figures(inflight[prefetch]),
+            "group_commit": _group_commit_figures(inflight[min(prefetch, *INFLIGHT)]),
             "cpu_ms_per_message_inflight": {str(n): _cpu_figures(inflight[n]) for n in INFLIGHT},
             # the confirmations the CPU figures are divided by (after the first reading)
             "cpu_messages": {
@@ -818,11 +821,18 @@ class Bench:
             starts.append(
                 (f"worker {n} sessions", REQUESTS_QUEUE, functools.partial(self.start_worker, n))
             )
+        # GROUP_COMMIT=true at the first level, in the same rounds: what grouping the
+        # intents and finals costs or saves on this machine
+        grouped = f"worker {levels[0]} sessions, group commit"
+        start = functools.partial(self.start_worker, levels[0], group_commit=True)
+        starts.insert(2, (grouped, REQUESTS_QUEUE, start))
         drained = self.drain_in_rounds("throughput", starts, count)
-        return {
+        figures = {
             n: {"floor": drained[f"floor x{n}"], "worker": drained[f"worker {n} sessions"]}
             for n in levels
         }
+        figures[levels[0]]["group_commit"] = drained[grouped]
+        return figures
 
     def scaling(self) -> dict[str, Any]:
         """1, 2, 4, 8 sessions at ``scaling_latency_ms``, in two alternating rounds."""
@@ -885,6 +895,17 @@ class Bench:
                 delivery_limit=self.settings.delivery_limit,
                 timeout=max(60.0, len(messages) / 50.0),
             )
+
+
+def _group_commit_figures(sides: dict[str, Drained]) -> dict[str, float]:
+    """The worker with GROUP_COMMIT=true beside the default (same level, same rounds)."""
+    grouped, plain = sides["group_commit"], sides["worker"]
+    return {
+        "worker": round(grouped.rate, 1),
+        "ratio_to_default": round(grouped.rate / plain.rate, 3),
+        "cpu_ms_per_message": round(grouped.cpu.process_ms, 4),
+        "postgres_ms_per_message": round(grouped.cpu.postgres_ms, 4),
+    }
 
 
 def _cpu_figures(sides: dict[str, Drained]) -> dict[str, float]:
