@@ -233,10 +233,13 @@ def _row_json(fields: dict[str, Any]) -> str:
 
 
 # A one-row CTE ``r``: the row parameter, every column typed by the table's own record type.
-_ROW = "r AS (SELECT * FROM jsonb_populate_record(NULL::execution.executions, %s::jsonb))"
-_ROW_NAMED = (
-    "r AS (SELECT * FROM jsonb_populate_record(NULL::execution.executions, %(row)s::jsonb))"
-)
+def _row_cte(placeholder: str) -> str:
+    record = f"jsonb_populate_record(NULL::execution.executions, {placeholder}::jsonb)"
+    return f"r AS (SELECT * FROM {record})"
+
+
+_ROW = _row_cte("%s")
+_ROW_NAMED = _row_cte("%(row)s")
 # A one-row CTE ``held``: does the session lease a write depends on still hold its lock? A
 # two-int advisory lock shows in pg_locks as classid = key1, objid = key2 (as an unsigned
 # 32-bit oid), objsubid = 2 (PostgreSQL docs, "pg_locks"). Without a lease: true.
@@ -372,12 +375,8 @@ class Store:
             f" events AS ({_events_insert('intent', '%(events)s')})"
             " SELECT (SELECT count(*) FROM intent), (SELECT ok FROM held)"
         )
-        lock = self._fenced(lock)
-        params = {**_lock_params(lock), "row": _row_json(fields), "events": _events_json(events)}
-        inserted, held = self._write(conn, query, params, lock)
-        if not held:
-            raise LockNotHeld(f"execution {fields['execution_id']}: the session lock is lost")
-        return inserted == 1
+        params = {"row": _row_json(fields), "events": _events_json(events)}
+        return self._write(conn, query, params, lock, fields["execution_id"]) == 1
 
     def update_in_flight(
         self,
@@ -448,9 +447,7 @@ class Store:
             " %(reply_to)s FROM final)"
             " SELECT (SELECT count(*) FROM final), (SELECT ok FROM held)"
         )
-        lock = self._fenced(lock)
         params = {
-            **_lock_params(lock),
             "row": _row_json(fields),
             "events": _events_json(events),
             "routing_key": confirmation.routing_key,
@@ -458,10 +455,7 @@ class Store:
             "correlation_id": confirmation.correlation_id,
             "reply_to": confirmation.reply_to,
         }
-        written, held = self._write(conn, query, params, lock)
-        if not held:
-            raise LockNotHeld(f"execution {execution_id}: the session lock is lost")
-        if written != 1:
+        if self._write(conn, query, params, lock, execution_id) != 1:
             existing = self.confirmation_of(conn, execution_id)
             if existing is None:
                 state = "a row still in flight" if insert_only else "no row in flight"
@@ -469,29 +463,31 @@ class Store:
             return existing
         return confirmation
 
-    def _fenced(self, lock: LockHeld | None) -> LockHeld | None:
-        """The lock a write must check: only a grouped write needs to. Without group commit
-        the write runs on the lease's own connection, whose commit is its fence (the lock
-        lives and dies with that connection), so no pg_locks read is paid."""
-        return lock if self.group is not None else None
-
     def _write(
         self,
         conn: psycopg.Connection[Any],
         query: str,
         params: dict[str, Any],
         lock: LockHeld | None,
-    ) -> tuple[int, bool]:
-        """Run one write statement returning ``(count, held)``: group-committed when it
-        depends on a lease (its fence is in the statement), else on ``conn``."""
-        if lock is not None and self.group is not None:
+        execution_id: UUID,
+    ) -> int:
+        """Run a write whose statement has the ``held`` CTE and returns ``(count, held)``;
+        the count. With group commit and a ``lock``, the write is group-committed and its
+        statement checks the lock (LockNotHeld if the lease lost it). Otherwise it runs on
+        ``conn``, the lease's own connection, whose commit is its fence (the lock lives and
+        dies with that connection): no pg_locks read is paid."""
+        grouped = lock if self.group is not None else None
+        params = {**params, **_lock_params(grouped)}
+        if self.group is not None and grouped is not None:
             row = self.group.execute(query, params)
         else:
             with _atomic(conn):
                 row = conn.execute(query, params).fetchone()
         if row is None:
             raise StoreError("a write returned no row")
-        return int(row[0]), bool(row[1])
+        if not row[1]:
+            raise LockNotHeld(f"execution {execution_id}: the session lock is lost")
+        return int(row[0])
 
     # --- provisional (UNKNOWN) rows: the background reconciler --------------------------
 
