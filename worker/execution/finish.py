@@ -18,10 +18,10 @@ from worker.execution.audit import Run
 from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
 from worker.execution.plan import Plan, request_snapshot
 from worker.execution.settle import Fill, Tally, Verdict
-from worker.execution.submit import held_by
+from worker.execution.submit import fenced_by
 from worker.observability import metrics
-from worker.pool.leases import Lease, LeaseLost
-from worker.store.store import UNKNOWN_STATE, ExecutionRow, LockNotHeld, Store, StoreError
+from worker.pool.leases import Lease
+from worker.store.store import UNKNOWN_STATE, ExecutionRow, Store, StoreError
 
 
 class Finisher:
@@ -106,13 +106,8 @@ class Finisher:
                     metrics.record_correction(status.value)
                     return mine
             return self.recorded(lease.conn, self._row(lease, plan))
-        with run.stage("commit"):
-            try:
-                kept = self.store.finish(
-                    lease.conn, fields, run.take_events(), mine, lock=held_by(lease)
-                )
-            except LockNotHeld as lost:  # the row stays in flight; its holder settles it
-                raise LeaseLost(str(lost)) from None
+        with run.stage("commit"), fenced_by(lease) as lock:
+            kept = self.store.finish(lease.conn, fields, run.take_events(), mine, lock=lock)
         return counted_outcome(
             kept, mine, status.value, reason.value if reason else None, confirmation.account
         )

@@ -7,7 +7,8 @@ Every terminal call is drained into the run's audit after its stage.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -58,9 +59,15 @@ class Sent:
     rejected: SendOutcome | None = None
 
 
-def held_by(lease: Lease) -> LockHeld:
-    """The lease's lock, named by a write that must commit only while the lease holds it."""
-    return LockHeld(*lease.lock_holder())
+@contextmanager
+def fenced_by(lease: Lease) -> Iterator[LockHeld]:
+    """The lease's lock, for a write that must commit only while the lease holds it; the
+    store's LockNotHeld becomes LeaseLost inside the lease's ``with`` (its connection is
+    then discarded, and the delivery requeued: the row stays as it was for its holder)."""
+    try:
+        yield LockHeld(*lease.lock_holder())
+    except LockNotHeld as lost:
+        raise LeaseLost(str(lost)) from None
 
 
 def intent_fields(
@@ -117,12 +124,8 @@ class Sender:
         with run.stage("intent"):
             run.event("intent", "SUBMITTING", legs=len(plan.legs), lots=plan.intended_lots)
             fields = intent_fields(plan, request, lease, run, plan.magic)
-            try:
-                return self.store.insert_intent(
-                    lease.conn, fields, run.take_events(), lock=held_by(lease)
-                )
-            except LockNotHeld as lost:
-                raise LeaseLost(str(lost)) from None
+            with fenced_by(lease) as lock:
+                return self.store.insert_intent(lease.conn, fields, run.take_events(), lock=lock)
 
     def send(
         self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run, *, first_leg: int = 0
