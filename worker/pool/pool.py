@@ -333,8 +333,7 @@ class SessionPool:
                 slot.parked = _Parked(conn, autocommit, locked_at, now)
                 slot.in_use = False
                 self._cond.notify_all()
-            if not self._lease_parked.is_set():
-                self._lease_parked.set()
+            self._lease_parked.set()
             return
         if self._linger > 0 and now - locked_at >= self._max_hold:
             slot.yield_until = now + 3 * self._poll_interval  # others poll this often
