@@ -142,6 +142,9 @@ class Settings(BaseModel):
 
     # runtime
     prefetch: int | None = Field(default=None, ge=1)
+    # deliveries beyond the handlers': approvals that wait, unacked, on the settler (their
+    # orders are out, their fills not shown yet) while the sessions take the next ones
+    settling_prefetch: int = Field(default=64, ge=0, le=10_000)
     claim_timeout_seconds: float = Field(default=5.0, gt=0)
     session_linger_seconds: float = Field(
         default=0.5,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from worker.config import Settings
-from worker.execution.outcome import Handler, Outbox, Outcome, Publish
+from worker.execution.outcome import Handler, Outbox, Outcome, Publish, Settling
 from worker.execution.pipeline import Pipeline
 from worker.mt5.api import Terminal
 from worker.mt5.gateway import Gateway
@@ -74,6 +74,7 @@ class Service:
         service = cls(settings, store, pool, Pipeline(settings, store, pool))
         service.register_metrics()
         if recover:
+            service.pipeline.settler.start()
             service.recover()
             service._start_sweeper()
         return service
@@ -128,18 +129,33 @@ class Service:
     def sessions(self) -> int:
         return self.settings.prefetch or self.pool.health().size
 
-    def recover(self, *, idle_seconds: float = 0.0) -> list[tuple[ExecutionRow, Outcome]]:
-        """Settle in-flight rows left by an earlier run (or abandoned: ``idle_seconds``).
+    def recover(
+        self, *, idle_seconds: float = 0.0, wait_seconds: float = 0.0
+    ) -> list[tuple[ExecutionRow, Outcome]]:
+        """Hand the in-flight rows left by an earlier run (or abandoned: ``idle_seconds``)
+        to the settler, and the rows it still had (a killed worker's) too; with
+        ``wait_seconds``, wait that long for each one's confirmation (``reconcile``).
 
         A row whose execution is still being worked on is skipped: ``Pipeline.resume``
-        cannot take its execution lock and answers Requeue.
+        cannot take its session's lease and answers Requeue.
         """
         with self.store.connection() as conn:
             rows = self.store.in_flight(conn, idle_seconds=idle_seconds)
+            if wait_seconds:
+                rows += self.store.settling(conn, idle_seconds=idle_seconds)
+        settler = self.pipeline.settler
         results = []
         for row in rows:
             outcome = self.pipeline.resume(row)
-            kind = "settled" if isinstance(outcome, Publish) else "still in flight"
+            if isinstance(outcome, Settling) and wait_seconds:
+                outcome = settler.wait_for(row.execution_id, wait_seconds) or outcome
+            kind = (
+                "settled"
+                if isinstance(outcome, Publish)
+                else "handed to the settler"
+                if isinstance(outcome, Settling)
+                else "still in flight"
+            )
             metrics.record_recovery(settled=isinstance(outcome, Publish))
             log.warning("recovery: execution %s %s", row.execution_id, kind)
             results.append((row, outcome))
@@ -173,5 +189,6 @@ class Service:
 
     def close(self) -> None:
         self._stopping.set()
+        self.pipeline.settler.stop()
         self.pool.close()
         self.store.close()

@@ -16,7 +16,7 @@ from schemas.request import MessageProperties
 from tests import samples
 from tests.simbooks import broker_deals
 from worker.config import Settings, load_settings
-from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
+from worker.execution.outcome import Delivery, Outcome, Publish, Requeue, Settling
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.sessions import SessionSpec
@@ -25,6 +25,7 @@ from worker.pool.pool import SessionPool
 from worker.service import gateway_factory
 from worker.store.store import Store
 
+SETTLE_SECONDS = 10.0  # the settler's answer: order timeout (2 s here) + grace, with room
 REDELIVERIES = 5  # after a failed query; 5 % each: 5 in a row is a bug, not bad luck
 
 
@@ -58,7 +59,11 @@ class PipelineEnv:
             delivery_count=delivery_count,
             received_at=datetime.now(UTC),
         )
-        return self.pipeline.handle(delivery)
+        outcome = self.pipeline.handle(delivery)
+        if isinstance(outcome, Settling):
+            # as the runtime does: the delivery waits (unacked) for the settler's confirmation
+            return self.pipeline.settler.wait_for(outcome.execution_id, SETTLE_SECONDS) or outcome
+        return outcome
 
     def confirm(self, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
         """Deliver until published. A broker query answering None (``query_none_rate`` of

@@ -16,7 +16,7 @@ from schemas.identity import comment_token_for, deployment_of, execution_id_for,
 from schemas.request import MessageProperties
 from tests import samples
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.execution.outcome import DeadLetter, Publish, Requeue
+from worker.execution.outcome import DeadLetter, Publish, Requeue, Settling
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
@@ -271,7 +271,7 @@ def test_exchange_execution_placed_then_filled(env: PipelineEnv) -> None:
     env.sim.update_symbol("US500", exchange_fill_delay_seconds=0.05)
     confirmation = env.confirm(approval("US500", 1, 5.0))
     assert confirmation["status"] == "FILLED" and confirmation["executed_lots"] == 5.0
-    assert "monitor" in confirmation["timings_ms"]
+    assert "settle" in confirmation["timings_ms"]  # watched off its session, by the settler
 
 
 def test_exchange_order_expires_and_is_cancelled(new_database: Callable[[], str]) -> None:
@@ -291,14 +291,22 @@ def test_lost_reply_is_reconciled_without_a_second_order(env: PipelineEnv) -> No
     assert len(env.deals()) == 1
     notes = [e["detail"] for e in env.events(confirmation["execution_id"]) if e["kind"] == "note"]
     assert {"outcome": "unknown", "retcode": None} in notes
-    assert any(note.get("found") is True for note in notes)
+    assert any(note.get("off_session") is True for note in notes)  # found by the settler
 
 
-def test_no_result_without_execution_is_sent_again_once(env: PipelineEnv) -> None:
+def test_no_result_is_never_sent_again(env: PipelineEnv) -> None:
+    """None from order_send is an unknown outcome (DOMAIN.md 2): even when the server did
+    not take the order, nothing proves it, so nothing is sent again (issue 26)."""
     env.sim.set_faults(scripted=("no_result",))
     confirmation = env.confirm(approval())
-    assert confirmation["status"] == "FILLED"
-    assert len(env.deals()) == 1
+    assert (confirmation["status"], confirmation["rejection_reason"]) == (
+        "FAILED",
+        "UNKNOWN_OUTCOME",
+    )
+    assert confirmation["provisional"] is True
+    assert env.deals() == [] and env.sim.orders_get() == ()
+    sends = [e for e in env.events(confirmation["execution_id"]) if e["function"] == "order_send"]
+    assert len(sends) == 1
 
 
 class Crash(BaseException):
@@ -314,7 +322,7 @@ def test_a_crash_then_a_redelivery_gives_exactly_one_order(
     if point == "before_send":
         monkeypatch.setattr(crashing, "_submit", _raise)
     elif point == "after_fill":
-        monkeypatch.setattr(crashing, "_finish", _raise)
+        monkeypatch.setattr(crashing, "conclude", _raise)
     else:
         monkeypatch.setattr(crashing.store, "finish", _raise)
     with pytest.raises(Crash):
@@ -323,6 +331,12 @@ def test_a_crash_then_a_redelivery_gives_exactly_one_order(
     execution_id = str(execution_id_for(_key(message)))
     assert env.row(execution_id)["state"] == "SUBMITTING"
     confirmation = env.confirm(message, redelivered=True)
+    if point == "before_send":
+        # no reply proves the order never left: it is never sent again (issue 26)
+        assert (confirmation["status"], confirmation["provisional"]) == ("FAILED", True)
+        assert confirmation["rejection_reason"] == "UNKNOWN_OUTCOME"
+        assert env.deals() == [] and env.row(execution_id)["state"] == "UNKNOWN"
+        return
     assert confirmation["status"] == "FILLED" and confirmation["executed_lots"] == 2.0
     assert confirmation["executed_units"] == 200.0  # XAUUSD: contract 100 per lot
     assert confirmation["slippage_pips"] is not None
@@ -335,13 +349,15 @@ def test_restart_recovery_settles_in_flight_rows(
 ) -> None:
     message = approval("EURUSD", 1, 100_000.0)
     crashing = Pipeline(env.settings, env.store, env.pool)
-    monkeypatch.setattr(crashing, "_finish", _raise)
+    monkeypatch.setattr(crashing, "conclude", _raise)
     with pytest.raises(Crash):
         crashing.handle(_delivery(message))
     monkeypatch.undo()
     with env.store.connection() as conn:
         (row,) = env.store.in_flight(conn)
-    outcome = env.pipeline.resume(row)
+    handed = env.pipeline.resume(row)  # to the settler, off the session
+    assert isinstance(handed, Settling) and handed.execution_id == row.execution_id
+    outcome = env.pipeline.settler.wait_for(row.execution_id, 10.0)
     assert isinstance(outcome, Publish)
     assert json.loads(outcome.payload)["status"] == "FILLED"
     assert env.store.unpublished(10) == [outcome]

@@ -29,6 +29,7 @@ from prometheus_client import REGISTRY
 
 from schemas.identity import execution_id_for
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
+from tests.simbooks import broker_positions
 from worker.execution.outcome import DeadLetter, Publish, Requeue
 from worker.mt5 import api
 from worker.mt5.gateway import OrderIdentity, Side
@@ -120,7 +121,7 @@ def test_netting_close_reply_lost_is_not_closed_again(netting: PipelineEnv) -> N
     ]  # BUY 1, SELL 1: no second close
     assert confirmation["status"] == "CANCELLED"
     assert sorted(confirmation["broker_deals"]) == sorted(d.ticket for d in deals)
-    (position,) = env.sim.positions_get(symbol="EURUSD")
+    (position,) = broker_positions(env.sim, "EURUSD")
     assert position.volume == pytest.approx(1.0)  # the desk's own position is untouched
 
 
@@ -136,7 +137,7 @@ def test_hedging_close_reply_lost_is_reported_closed(hedging: PipelineEnv) -> No
     assert confirmation["status"] == "CANCELLED"
     assert "FAILED" not in (confirmation["rejection_details"] or "")
     assert sorted(confirmation["broker_deals"]) == sorted(d.ticket for d in deals)
-    assert env.sim.positions_get() == ()
+    assert broker_positions(env.sim) == []
 
 
 def _fail_the_first_final_commit(env: PipelineEnv, state: str = "CANCELLED") -> None:
@@ -176,7 +177,7 @@ def test_a_failed_final_commit_after_the_close_is_not_closed_again(
         assert confirmation["status"] == "CANCELLED"
         assert sorted(confirmation["broker_deals"]) == sorted(d.ticket for d in deals)
         desk = 1.0 if account == "netting" else 0.0
-        assert sum(p.volume for p in env.sim.positions_get()) == pytest.approx(desk)
+        assert sum(p.volume for p in broker_positions(env.sim)) == pytest.approx(desk)
 
 
 # --- item 3: an unknown outcome is never final on a guess ---------------------------------

@@ -8,6 +8,7 @@ session is free again, settles the row and sends exactly one order.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -60,8 +61,11 @@ def test_a_lease_lost_after_the_intent_sends_nothing(database_url: str, group_co
         finally:
             other.close()  # the other holder goes: the session is free again
         again = env.deliver(message, redelivered=True)
+        # the row cannot tell a fenced send from a lost reply: never sent again (issue 26)
         assert isinstance(again, Publish)
-        assert len(env.deals()) == 1, "settled by the redelivery with exactly one order"
+        document = json.loads(again.payload)
+        assert (document["status"], document["provisional"]) == ("FAILED", True)
+        assert env.deals() == [], "no order for a send that may have left"
 
 
 def test_a_lease_lost_after_the_send_commits_no_final(database_url: str) -> None:
@@ -71,21 +75,23 @@ def test_a_lease_lost_after_the_send_commits_no_final(database_url: str) -> None
     with pipeline_env(database_url, group_commit=True) as env:
         message = approval("EURUSD", 1, 100_000.0)
         other = psycopg.connect(database_url, autocommit=True)
-        original: Callable[..., Any] = env.sim.history_deals_get
+        original: Callable[..., Any] = env.sim.order_send
         armed = {"on": True}
 
-        def deals_then_lose_the_lease(*args: Any, **kwargs: Any) -> Any:
-            """The fill's deals are read after the send: the lock is lost right now."""
-            if armed["on"] and env.deals():
+        def send_then_lose_the_lease(request: Any) -> Any:
+            """The order is filled (its reply names its deal): the lock is lost right now."""
+            result = original(request)
+            if armed["on"]:
                 armed["on"] = False
                 with psycopg.connect(database_url, autocommit=True) as admin:
                     for (pid,) in admin.execute(_HOLDERS, (LOCK_CLASS,)).fetchall():
                         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 lock_key = env.pool._slots[0].spec.lock_key
                 other.execute("SELECT pg_advisory_lock(%s, %s)", (LOCK_CLASS, lock_key))
-            return original(*args, **kwargs)
+            return result
 
-        env.sim.history_deals_get = deals_then_lose_the_lease  # type: ignore[method-assign]
+        env.sim.set_faults(deal_zero_rate=0.0)  # settled from the reply, at once
+        env.sim.order_send = send_then_lose_the_lease  # type: ignore[method-assign]
         try:
             outcome = env.deliver(message)
             assert not armed["on"], "the lease was lost between the send and the final"

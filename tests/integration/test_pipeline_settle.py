@@ -1,9 +1,11 @@
 """Settling from the broker's truth.
 
 - What this handling already knows is kept (issue 18, item 5): a later leg's unknown
-  outcome never forgets earlier legs' fills, and a resend never sends a leg that filled.
-- Fills come from the order's deals (issue 17, item 3): a done reply is confirmed from
-  them, and an order whose deals do not show yet stays in flight.
+  outcome never forgets earlier legs' fills; nothing is ever sent again after an unknown
+  outcome (issue 26), and the answer stays provisional while a leg is unaccounted for.
+- Fills come from the reply that names its deal, else from the order's deals (issue 17,
+  item 3; issue 26): a done reply without its deal is settled by the settler once they
+  show, off the session, and an order whose deals do not show is answered provisionally.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pytest
 from schemas.identity import execution_id_for
 from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.execution.outcome import Delivery, Requeue
+from worker.execution.outcome import Delivery, Publish
 from worker.execution.pipeline import Pipeline
 from worker.mt5 import api
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
@@ -72,18 +74,28 @@ class ListsLagOnFirstFill:
         return bool(item.ticket in self.hidden)
 
 
-def test_an_unknown_later_leg_does_not_resend_the_filled_first_leg(env: PipelineEnv) -> None:
+def test_an_unknown_later_leg_is_never_sent_again_and_stays_provisional(
+    env: PipelineEnv,
+) -> None:
+    """Issue 26 (a): leg 2's outcome is unknown (no result; it was not executed, but
+    nothing proves it): no second order for it, whatever MAX_SEND_ATTEMPTS says, and the
+    answer from leg 1 alone is provisional, never final."""
+    assert env.settings.max_send_attempts > 1
     lag = ListsLagOnFirstFill(env)
-    # leg 1 fills; leg 2 gets no result and was not executed
     env.sim.set_faults(scripted=("ok", "no_result"))
-    confirmation = env.confirm(approval("EURUSD", 1, 100_000.0))
+    message = approval("EURUSD", 1, 100_000.0)
+    confirmation = env.confirm(message)
     lag.hidden.clear()
-    deals = env.deals()
-    assert sum(deal.volume for deal in deals) == pytest.approx(1.0)  # not 1.5
-    assert len(deals) == 2
-    assert confirmation["status"] == "FILLED"
-    assert confirmation["executed_lots"] == pytest.approx(1.0)
-    assert sorted(confirmation["broker_deals"]) == sorted(deal.ticket for deal in deals)
+    (deal,) = env.deals()  # leg 1 only: leg 2 was not sent again
+    assert deal.volume == pytest.approx(0.5)
+    assert confirmation["provisional"] is True
+    assert confirmation["status"] == "PARTIALLY_FILLED"
+    assert confirmation["executed_lots"] == pytest.approx(0.5)
+    assert confirmation["broker_deals"] == [deal.ticket]
+    execution_id = str(execution_id_for(message["decision"]["order_id"]))
+    assert env.row(execution_id)["state"] == "UNKNOWN"
+    sends = [e for e in env.events(execution_id) if e["function"] == "order_send"]
+    assert len(sends) == 2
 
 
 def test_a_give_up_after_an_unknown_later_leg_reports_the_known_fill(
@@ -100,6 +112,7 @@ def test_a_give_up_after_an_unknown_later_leg_reports_the_known_fill(
         assert confirmation["broker_deals"] == [deal.ticket]
         assert confirmation["status"] == "PARTIALLY_FILLED"
         assert confirmation["rejection_reason"] == "INSUFFICIENT_FILL"
+        assert confirmation["provisional"] is True
 
 
 # --- fills come from deals (issue 17, item 3) ------------------------------------------
@@ -155,19 +168,28 @@ def test_a_done_reply_is_confirmed_from_the_orders_deals(env: PipelineEnv) -> No
     assert lag.calls > 3  # the deals were asked for until they showed
 
 
-def test_a_done_order_whose_deals_never_show_stays_in_flight(env: PipelineEnv) -> None:
+def test_a_done_order_whose_deals_never_show_is_answered_provisionally(
+    env: PipelineEnv,
+) -> None:
     reply_without_fill(env)
     lag = LaggingDeals(env, hidden=None)
     message = approval("EURUSD", 1, 50_000.0)
-    outcome = env.deliver(message)
+    document = env.confirm(message)
     assert len(lag.truth()) == 1
-    assert isinstance(outcome, Requeue)  # never settled REJECTED with 0 lots
+    # never settled REJECTED with 0 lots: provisional, after the order timeout
+    assert (document["status"], document["provisional"]) == ("FAILED", True)
+    assert "not its deals" in document["rejection_details"]
     execution_id = str(execution_id_for(message["decision"]["order_id"]))
-    assert env.row(execution_id)["state"] == "SUBMITTING"
+    assert env.row(execution_id)["state"] == "UNKNOWN"
     lag.release()
-    confirmation = env.confirm(message, redelivered=True)
-    (deal,) = env.deals()  # the redelivery reconciled, no second order
-    assert confirmation["status"] == "FILLED"
+    with env.store.connection() as conn:
+        conn.execute("UPDATE execution.executions SET next_reconcile_at = now()")
+        (row,) = env.store.unknown_due(conn)
+    corrected = env.pipeline.recheck(row)
+    assert isinstance(corrected, Publish) and corrected.version == 2
+    confirmation = json.loads(corrected.payload)
+    (deal,) = env.deals()  # the recheck reconciled, no second order
+    assert (confirmation["status"], confirmation["provisional"]) == ("FILLED", False)
     assert confirmation["broker_deals"] == [deal.ticket]
     assert confirmation["fill_price"] == pytest.approx(deal.price)
 
@@ -203,8 +225,9 @@ def test_a_redelivery_asks_for_the_deals_the_history_window_misses(
     env: PipelineEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     message = approval("EURUSD", 1, 100_000.0)  # two legs of 0.5
+    env.sim.set_faults(deal_zero_rate=0.0)  # both replies name their deals: no settler yet
     crashing = Pipeline(env.settings, env.store, env.pool)
-    monkeypatch.setattr(crashing, "_finish", _crash)  # both legs filled, then the crash
+    monkeypatch.setattr(crashing, "conclude", _crash)  # both legs filled, then the crash
     with pytest.raises(Crash):
         crashing.handle(_delivery(message))
     monkeypatch.undo()
@@ -271,11 +294,14 @@ def test_a_lost_reply_whose_deal_lags_is_settled_once_the_deal_shows(
 
 
 def test_a_failed_deals_query_is_asked_again_not_taken_as_no_deal(env: PipelineEnv) -> None:
+    """The settler's window of deals answers None once (the connection stays up): it is
+    asked again, never read as "no deal"."""
+    reply_without_fill(env)
     read = env.sim.history_deals_get
-    failures = [None]  # the first query by ticket answers None (the connection stays up)
+    failures = [None]
 
     def history_deals_get(*args: Any, **kwargs: Any) -> Any:
-        if "ticket" in kwargs and failures:
+        if args and failures:  # the date-range query of the settler's window
             return failures.pop()
         return read(*args, **kwargs)
 
@@ -283,7 +309,7 @@ def test_a_failed_deals_query_is_asked_again_not_taken_as_no_deal(env: PipelineE
     confirmation = env.confirm(approval("EURUSD", 1, 50_000.0))
     (deal,) = env.deals()
     assert not failures  # the failing answer was met
-    assert confirmation["status"] == "FILLED"
+    assert confirmation["status"] == "FILLED" and confirmation["provisional"] is False
     assert confirmation["broker_deals"] == [deal.ticket]
 
 

@@ -14,9 +14,7 @@ from worker.execution.settle import (
     Fill,
     FillRule,
     Found,
-    GiveUp,
     Order,
-    Resend,
     Verdict,
 )
 from worker.mt5 import api
@@ -265,24 +263,94 @@ def test_a_monitored_order_replaces_what_the_window_showed_of_it() -> None:
     assert settle.with_monitored(earlier, 100, None) == [earlier[1]]
 
 
-# --- nothing found ---------------------------------------------------------------------
+# --- a reply that names its deal is the fill; how far the broker's view has got ----------
 
 
-def test_nothing_found_resends_while_fresh_and_attempts_remain() -> None:
-    assert settle.when_not_found(None, 2, 3) == Resend()
+def order(ticket: int, state: int, initial: float, current: float = 0.0, side: Side = Side.BUY):  # type: ignore[no-untyped-def]
+    return Order(ticket, state, 1.1, api.ORDER_FILLING_FOK, initial, current, side)
 
 
-def test_nothing_found_fails_exactly_at_the_attempt_limit() -> None:
-    decision = settle.when_not_found(None, 3, 3)
-    assert isinstance(decision, GiveUp)
-    assert decision.status is ExecutionStatus.FAILED
-    assert decision.reason is RejectionReason.UNKNOWN_OUTCOME
-    assert decision.details == "no order reached the broker after 3 submissions"
+FILLED, PLACED = api.ORDER_STATE_FILLED, api.ORDER_STATE_PLACED
 
 
-def test_nothing_found_for_a_stale_approval_is_refused_not_resent() -> None:
-    stale = (RejectionReason.STALE_APPROVAL, "approval is 31.0 s old (TTL 30 s)")
-    assert settle.when_not_found(stale, 0, 3) == GiveUp(None, *stale)
+def test_a_done_reply_naming_its_deal_is_the_fill() -> None:
+    fill = settle.fill_of_reply(reply("done", volume=0.7, order=5, deal=9), position=3)
+    assert fill == Fill(5, (9,), 0.7, 1.1, 1.1, 3)
+
+
+@pytest.mark.parametrize(
+    ("status", "deal", "volume"),
+    [("done", 0, 1.0), ("done", 9, 0.0), ("placed", 9, 1.0), ("rejected", 9, 1.0)],
+)
+def test_a_reply_without_deal_volume_or_price_is_no_fill(
+    status: str, deal: int, volume: float
+) -> None:
+    assert settle.fill_of_reply(reply(status, deal=deal, volume=volume)) is None
+
+
+def test_deal_zero_waits_until_the_order_and_its_deals_show() -> None:
+    awaited = settle.Awaited(legs_sent=1, orders=(5,))
+    nothing = settle.progress(awaited, Found(), Side.BUY, 1.1)
+    assert isinstance(nothing, settle.Waiting) and nothing.open_orders == ()
+    order_only = Found(history_orders=(order(5, FILLED, 1.0),))
+    assert isinstance(settle.progress(awaited, order_only, Side.BUY, 1.1), settle.Waiting)
+    shown = Found(history_orders=(order(5, FILLED, 1.0),), deals=(buy(9, 5, 1.0, 1.1001),))
+    settled = settle.progress(awaited, shown, Side.BUY, 1.1)
+    assert settled == settle.Settled([Fill(5, (9,), 1.0, 1.1001, 1.1, 7)], timed_out=False)
+
+
+def test_a_placed_order_still_working_is_named_for_the_cancel() -> None:
+    awaited = settle.Awaited(legs_sent=1, orders=(5,))
+    working = Found(open_orders=(order(5, PLACED, 1.0, 1.0),))
+    assert settle.progress(awaited, working, Side.BUY, 1.1) == settle.Waiting((5,), [])
+    cancelled = Found(history_orders=(order(5, api.ORDER_STATE_CANCELED, 1.0, 1.0),))
+    assert settle.progress(awaited, cancelled, Side.BUY, 1.1) == settle.Settled([], True)
+
+
+def test_an_unknown_leg_is_unaccounted_until_an_order_no_reply_named_shows() -> None:
+    """Issue 26 (a): a split plan whose later leg is unknown is never settled from the
+    earlier legs alone."""
+    leg_1 = Fill(5, (9,), 50.0, 1.1, 1.1)
+    awaited = settle.Awaited(legs_sent=2, known=(leg_1,), unknown=True)
+    first_only = Found(history_orders=(order(5, FILLED, 50.0),), deals=(buy(9, 5, 50.0, 1.1),))
+    state = settle.progress(awaited, first_only, Side.BUY, 1.1)
+    assert isinstance(state, settle.Unaccounted) and [f.order for f in state.fills] == [5]
+    both = Found(
+        history_orders=(order(5, FILLED, 50.0), order(6, FILLED, 50.0)),
+        deals=(buy(9, 5, 50.0, 1.1), buy(10, 6, 50.0, 1.1)),
+    )
+    settled = settle.progress(awaited, both, Side.BUY, 1.1)
+    assert isinstance(settled, settle.Settled)
+    assert sum(f.volume for f in settled.fills) == 100.0
+
+
+def test_a_reply_fill_counts_until_the_broker_shows_its_own_account() -> None:
+    leg = Fill(5, (9,), 1.0, 1.1, 1.1)
+    awaited = settle.Awaited(legs_sent=1, known=(leg,))
+    assert settle.progress(awaited, Found(), Side.BUY, 1.1) == settle.Settled([leg], False)
+
+
+def test_checking_a_reply_fill_decides_by_the_deals_alone() -> None:
+    leg = Fill(5, (9,), 1.0, 1.1, 1.1)
+    check = settle.Awaited(legs_sent=1, known=(leg,)).checking().by_deals_alone()
+    assert isinstance(settle.progress(check, Found(), Side.BUY, 1.1), settle.Waiting)
+    other = Found(history_orders=(order(5, FILLED, 1.0),), deals=(buy(11, 5, 1.0, 1.2),))
+    shown = settle.progress(check, other, Side.BUY, 1.1)
+    assert isinstance(shown, settle.Settled)
+    assert settle.disagrees(shown.fills, [leg])
+    same = Found(history_orders=(order(5, FILLED, 1.0),), deals=(buy(9, 5, 1.0, 1.1),))
+    agreed = settle.progress(check, same, Side.BUY, 1.1)
+    assert isinstance(agreed, settle.Settled) and not settle.disagrees(agreed.fills, [leg])
+
+
+def test_awaited_survives_its_json_and_a_missing_document_is_an_unknown_outcome() -> None:
+    awaited = settle.Awaited(
+        legs_sent=2, orders=(6,), known=(Fill(5, (9,), 1.0, 1.1, 1.1, 3),), unknown=True, since=5.0
+    )
+    assert settle.Awaited.from_json(awaited.to_json(), legs=9, since=0.0) == awaited
+    assert settle.Awaited.from_json(None, legs=3, since=7.0) == settle.Awaited(
+        legs_sent=3, unknown=True, since=7.0
+    )
 
 
 def test_found_is_empty_only_without_orders_deals_and_positions() -> None:
@@ -371,11 +439,6 @@ def test_known_fills_the_broker_does_not_show_are_kept_in_leg_order() -> None:
     fuller = Fill(100, (1, 3), 0.7, 1.1, 1.1)  # the broker's account of an order wins
     assert settle.with_known([leg_1], [leg_2, fuller]) == [fuller, leg_2]
     assert settle.with_known([], [leg_2]) == [leg_2]
-
-
-def test_giving_up_with_a_known_fill_is_classified_not_failed() -> None:
-    decision = settle.when_not_found(None, 3, 3, filled=True)
-    assert isinstance(decision, GiveUp) and decision.status is None
 
 
 # --- the slippage close never sent twice (issue 18 item 1) --------------------------------

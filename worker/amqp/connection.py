@@ -169,7 +169,9 @@ class Connection:
 
     def _on_declared(self) -> None:
         self._declaring = False
-        self._channel.basic_qos(prefetch_count=self._options.prefetch, callback=self._on_qos)
+        self._channel.basic_qos(
+            prefetch_count=self._options.channel_prefetch, callback=self._on_qos
+        )
 
     def _on_qos(self, _frame: Any) -> None:
         assert self._publisher is not None
@@ -178,7 +180,13 @@ class Connection:
     def _on_consuming(self) -> None:
         self._reconnect_delay = self._options.reconnect_min_delay_seconds
         self._consuming.set()
-        log.info("consuming %s (prefetch %d)", REQUESTS_QUEUE, self._options.prefetch)
+        log.info(
+            "consuming %s (prefetch %d: %d handlers, %d waiting on the settler)",
+            REQUESTS_QUEUE,
+            self._options.channel_prefetch,
+            self._options.prefetch,
+            self._options.settling_prefetch,
+        )
 
     def _on_cancelled_by_broker(self, _frame: Any) -> None:
         """Basic.Cancel from the broker (queue deleted, failover): nothing arrives any more.

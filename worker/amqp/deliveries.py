@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -107,6 +108,9 @@ def back_of_queue_properties(original: Any) -> pika.BasicProperties:
     return properties
 
 
+ANSWERED_REMEMBERED = 4096
+
+
 @dataclass(eq=False)
 class InFlight:
     epoch: int
@@ -140,6 +144,9 @@ class Deliveries:
         # ascending tags: the broker numbers deliveries in order, and they only leave
         self._inflight: dict[int, InFlight] = {}
         self._parked: dict[UUID, list[InFlight]] = {}
+        # executions whose confirmation was confirmed with no delivery parked on it yet: the
+        # settler can publish before its handler's Settling outcome reaches this thread
+        self._answered: OrderedDict[UUID, None] = OrderedDict()
         self._to_ack: list[int] = []  # settled this turn, sent by flush_acks
         self._flush_due = False
 
@@ -188,18 +195,26 @@ class Deliveries:
         )
 
     def park(self, execution_id: UUID, item: InFlight) -> None:
-        """Its confirmation was refused: keep it unacked until the outbox gets it confirmed."""
+        """Keep it unacked until a confirmation of ``execution_id`` is confirmed: its own was
+        refused (the outbox retries it), or the execution waits on the settler."""
         if not self.current(item):
             return
-        if self._stopping():
+        if self._answered.pop(execution_id, False) is None:
+            self.settle(item, ack=True)  # confirmed already, before it was parked
+        elif self._stopping():
             self.settle(item, ack=False)
         else:
             self._parked.setdefault(execution_id, []).append(item)
 
     def confirmed(self, execution_id: UUID) -> None:
         """The confirmation of ``execution_id`` is confirmed: ack the requests parked on it."""
-        for parked in self._parked.pop(execution_id, []):
-            self.settle(parked, ack=True)
+        parked = self._parked.pop(execution_id, [])
+        if not parked:
+            self._answered[execution_id] = None
+            while len(self._answered) > ANSWERED_REMEMBERED:
+                self._answered.popitem(last=False)
+        for item in parked:
+            self.settle(item, ack=True)
 
     def requeue_parked(self) -> None:
         """Hand back the parked requests now (a route may never come)."""

@@ -10,7 +10,8 @@ from worker.config import Settings
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    prefetch: int
+    prefetch: int  # handler threads
+    settling_prefetch: int = 0  # more unacked deliveries: those waiting on the settler
     delivery_limit: int = 20
     drain_timeout_seconds: float = 30.0
     requeue_delay_seconds: float = 1.0
@@ -25,12 +26,19 @@ class RuntimeOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings, sessions: int) -> RuntimeOptions:
-        """prefetch = the sessions of this process, unless ``PREFETCH`` overrides it."""
+        """prefetch = the sessions of this process, unless ``PREFETCH`` overrides it; the
+        channel's prefetch adds ``SETTLING_PREFETCH`` for the deliveries parked on the
+        settler (they hold no handler and no session)."""
         return cls(
             prefetch=settings.prefetch or max(1, sessions),
+            settling_prefetch=settings.settling_prefetch,
             delivery_limit=settings.delivery_limit,
             drain_timeout_seconds=settings.drain_timeout_seconds,
         )
+
+    @property
+    def channel_prefetch(self) -> int:
+        return self.prefetch + self.settling_prefetch
 
 
 @dataclass

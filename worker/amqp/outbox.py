@@ -102,6 +102,10 @@ class Confirmations:
         self._publisher = None
 
     @property
+    def attached(self) -> bool:
+        return self._publisher is not None
+
+    @property
     def in_flight(self) -> int:
         """Publishes (confirmations, reply copies, dead letters) waiting for their confirm."""
         return self._publisher.in_flight if self._publisher is not None else 0

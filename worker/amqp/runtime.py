@@ -54,7 +54,15 @@ from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.outbox import Confirmations, confirmation_properties
 from worker.amqp.publisher import ConfirmingPublisher
 from worker.config import Settings
-from worker.execution.outcome import DeadLetter, Handler, Outbox, Outcome, Publish, Requeue
+from worker.execution.outcome import (
+    DeadLetter,
+    Handler,
+    Outbox,
+    Outcome,
+    Publish,
+    Requeue,
+    Settling,
+)
 from worker.observability import metrics
 
 __all__ = [
@@ -156,6 +164,16 @@ class AmqpRuntime:
             self._confirmations.close()
         return self._connection.exit_code
 
+    def publish_settled(self, publish: Publish) -> None:
+        """Any thread: a confirmation committed off the handler path (the settler). It is
+        published now, and acks the delivery parked on its execution once confirmed; with
+        no channel, the outbox sweep publishes it later."""
+        self._outcomes.put(lambda: self._publish_settled(publish))
+
+    def _publish_settled(self, publish: Publish) -> None:
+        if self._confirmations.attached:
+            self._confirmations.publish(publish, on_confirmed=None, on_failed=None)
+
     def stop(self) -> None:
         """Stop consuming, finish in-flight messages within the drain timeout, then return."""
         self._stop_requested = True
@@ -249,6 +267,10 @@ class AmqpRuntime:
             )
         elif isinstance(outcome, DeadLetter):
             self._deliveries.dead_letter(item, outcome)
+        elif isinstance(outcome, Settling):
+            # unacked until a confirmation of the execution is confirmed (publish_settled)
+            self._deliveries.park(outcome.execution_id, item)
+            self._check_drained()
         else:
             self._deliveries.requeue(item, outcome.reason, to_back=outcome.to_back)
 

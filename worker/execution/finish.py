@@ -44,12 +44,16 @@ class Finisher:
         provisional: bool = False,
         version: int = 1,
         correction: str | None = None,
+        settling: dict[str, Any] | None = None,
+        corrects: str = UNKNOWN_STATE,
     ) -> Outcome:
         """The final row of an execution that reached the intent.
 
         ``provisional``: the outcome is unknown; the row is left UNKNOWN (answered, and
-        reconciled in the background). ``version`` > 1: a corrected confirmation of an
-        UNKNOWN row (``correction`` says what changed), replacing its outbox row.
+        reconciled in the background). ``version`` > 1: a corrected confirmation of a row in
+        state ``corrects`` (UNKNOWN, or a final row whose deals contradict its replies;
+        ``correction`` says what changed), replacing its outbox row. ``settling``: what is
+        left for the settler or the recheck (the row's ``settling``; None: nothing).
         """
         status, reason = verdict.status, verdict.reason
         executed_lots = counted.executed_lots
@@ -94,7 +98,9 @@ class Finisher:
             provisional=provisional,
             correction=correction,
         )
-        fields = terminal_fields(confirmation, plan.token, filling_mode=run.filling_mode)
+        fields = terminal_fields(
+            confirmation, plan.token, filling_mode=run.filling_mode, settling=settling
+        )
         if provisional:
             first = self.settings.unknown_reconcile_first_seconds
             fields["state"] = UNKNOWN_STATE
@@ -102,7 +108,8 @@ class Finisher:
         mine = publish_of(confirmation, plan.correlation_id, plan.reply_to)
         if version > 1:
             with run.stage("commit"):
-                if self.store.correct(lease.conn, fields, run.take_events(), mine):
+                events = run.take_events()
+                if self.store.correct(lease.conn, fields, events, mine, from_state=corrects):
                     metrics.record_correction(status.value)
                     return mine
             return self.recorded(lease.conn, self._row(lease, plan))

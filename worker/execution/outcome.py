@@ -13,6 +13,11 @@ worker thread, and carries out the :class:`Outcome` it gets back:
   accounts): published again at the back of ``execution.requests`` (confirmed), then acked,
   so the approvals queued behind it, for other accounts, are delivered first.
 
+- :class:`Settling`: the broker took the order but its fills do not show yet, or its outcome
+  is unknown: the execution waits on the settler, off its terminal session. The delivery is
+  kept unacked (parked on the execution id) and acked once a confirmation of that execution
+  is confirmed, which the settler publishes as soon as it commits it.
+
 Confirmations committed but never confirmed (a crash between commit and publish) are found in
 the :class:`Outbox` and published again; all copies are byte-identical with the same
 ``message_id``, so consumers deduplicate.
@@ -62,7 +67,12 @@ class Requeue:
     to_back: bool = False
 
 
-Outcome = Publish | DeadLetter | Requeue
+@dataclass(frozen=True)
+class Settling:
+    execution_id: UUID
+
+
+Outcome = Publish | DeadLetter | Requeue | Settling
 Handler = Callable[[Delivery], Outcome]
 
 

@@ -5,8 +5,17 @@ The exactly-once protocol (DOMAIN.md 3):
   from the idempotency key, so a redelivery is recognised by the store and by the broker;
 - a terminal row answers a redelivery with the same confirmation, no broker call;
 - the intent row (SUBMITTING) is committed through the session lease's connection BEFORE
-  ``order_send``; an in-flight row found later is settled from what the broker says
-  (reconcile by comment token + magic), never by a blind resend;
+  ``order_send``; an order is sent again only after a reply that proves the server did not
+  take it (the gateway's requote / price changed / off quotes / too many requests / locked /
+  frozen / invalid filling retries, before any other reply): an outcome that may have
+  reached the server (None, 10011, 10012, 10031, a transport error, a handling that died
+  between its intent and its reply) is never followed by a second order, whatever the
+  settings; it is reconciled (magic, comment as a hint) until the broker shows the truth;
+- a 10009/10010 reply that names its deal, volume and price is the fill (MqlTradeResult:
+  "confirmed by broker"): settled at once, its deals checked later by the settler; any other
+  order the server took (deal 0, placed) or an unknown outcome leaves its session at once
+  (``settling`` on the row, ``Settling`` outcome: the delivery waits unacked) and the
+  settler finishes it from the account's history, off the terminal;
 - who may act on an execution: before its row exists, whoever inserts the intent (the
   primary key decides; a refusal never overwrites a row); once it exists, whoever holds the
   lease of the session named in the row, which is exclusive across threads and processes.
@@ -17,21 +26,24 @@ The exactly-once protocol (DOMAIN.md 3):
 - the slippage close's stage (``closing_sent_at``) is committed before its first order; a
   later handling counts our closing deals (the deals against the execution's direction) and
   closes only what they leave open;
-- the broker showing nothing after an intent is no proof: the answer is provisional (row
-  UNKNOWN, confirmation ``provisional``), rechecked in the background with backoff, and a
-  corrected confirmation (same execution id, next ``version``) is committed when the broker
-  shows otherwise or the window ends;
+- the broker showing nothing of an unknown outcome within the reconcile grace is no proof:
+  the answer is provisional (row UNKNOWN, confirmation ``provisional``), rechecked in the
+  background with backoff, and a corrected confirmation (same execution id, next
+  ``version``) is committed when the broker shows every order of the execution, or a
+  provisional one when it shows more fills than answered, or a final one when the window
+  ends;
 - a stale approval is refused before a session is claimed; on its last deliveries before the
   queue's limit an approval that would be requeued is answered (REJECTED, or its recorded
   answer) or dead-lettered with a reason, never left to the queue's silent dead letter.
 
 Database trouble at any point requeues the delivery: before the intent commit no order was
-sent, after it the in-flight row makes the redelivery reconcile.
+sent, after it the in-flight row makes the redelivery hand it to the settler.
 
 This module only orchestrates; the parts: ``checks`` (refusals before any send), ``plan``
-(legs; a plan rebuilt from its row), ``submit`` (intent, send, monitor), ``inquiry`` (what
-the broker knows, gathered), ``settle`` (pure: broker truth -> fills and final status),
-``finish`` (final row + outbox), ``audit`` (events, stage timings, broker calls).
+(legs; a plan rebuilt from its row), ``submit`` (intent, send), ``settler`` (executions
+waiting on the broker's history), ``inquiry`` (what the broker knows of one execution,
+gathered), ``settle`` (pure: broker truth -> fills and final status), ``finish`` (final row
++ outbox), ``audit`` (events, stage timings, broker calls).
 """
 
 from __future__ import annotations
@@ -40,8 +52,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 
@@ -51,18 +64,19 @@ from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
 from worker.execution import checks, inquiry, settle
-from worker.execution.audit import Run, save_events
+from worker.execution.audit import Run
 from worker.execution.finish import Finisher
-from worker.execution.outcome import DeadLetter, Delivery, Outcome, Requeue
+from worker.execution.outcome import DeadLetter, Delivery, Outcome, Requeue, Settling
 from worker.execution.plan import Plan, plan_for, plan_from_row
-from worker.execution.settle import Fill, FillRule, Resend
+from worker.execution.settle import Awaited, Fill, FillRule, Settled
+from worker.execution.settler import Settler, Waiter
 from worker.execution.submit import Sender
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
 from worker.observability import metrics
 from worker.observability.logs import log_context
 from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
-from worker.store.store import UNKNOWN_STATE, ExecutionRow, Store, StoreError
+from worker.store.store import UNKNOWN_STATE, Event, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +86,8 @@ class SessionSource(Protocol):
 
     @property
     def accounts(self) -> tuple[str | None, ...]: ...
+
+    def has_session(self, session_key: str | None) -> bool: ...
 
     def claim(
         self,
@@ -107,6 +123,7 @@ class Pipeline:
             partial=settings.fill_ratio_partial,
             order_timeout_seconds=settings.order_timeout_seconds,
         )
+        self.settler = Settler(self, clock=clock)
 
     # --- entry points ------------------------------------------------------------------
 
@@ -237,17 +254,35 @@ class Pipeline:
                 return Requeue("row vanished")
             if current.answered:
                 return self.finisher.recorded(lease.conn, current)
-            run = Run(self.clock, self.clock())
-            return self._settle(
-                plan_from_row(current, self.settings.magic), lease, run, resumed=True
+            return self._hand_over(current, lease)
+
+    def _hand_over(self, row: ExecutionRow, lease: Lease) -> Outcome:
+        """An in-flight row to the settler. A row the settler has not had yet (its handling
+        stopped between the intent and the reply: the order may be out) is read as an
+        unknown outcome of every leg: reconciled, never sent again. Its session's lease
+        proves that no handling still works on it (a handling releases the lease only
+        after the row is final or the settler's)."""
+        if row.get("settling") is None:
+            plan = plan_from_row(row, self.settings.magic)
+            awaited = Awaited.from_json(None, legs=len(plan.legs), since=self.clock())
+            self.store.update_in_flight(
+                lease.conn,
+                row.execution_id,
+                {"settling": awaited.to_json()},
+                [Event("settle", "transition", "SETTLING", detail={"resumed": True})],
             )
+            row = replace(row, values={**row.values, "settling": awaited.to_json()})
+        if not self.settler.add(Waiter.of_row(row, self.settings.magic, self.clock())):
+            return Requeue("in flight on an account this process has no session of")
+        return Settling(row.execution_id)
 
     def recheck(self, row: ExecutionRow) -> Outcome:
         """Ask the broker again about an UNKNOWN row (the background reconciler).
 
-        Publish: a corrected confirmation (a new version) is committed in the outbox: the
-        broker now shows fills that differ from the provisional answer, or the window
-        (``unknown_reconcile_hours``) ended and the provisional answer became final.
+        Publish: a new version is committed in the outbox: final when the broker shows every
+        order of the execution (and the deals of what they executed) or the window
+        (``unknown_reconcile_hours``) ended; provisional when it shows other fills than
+        answered while an order is still unaccounted for (a split plan's unknown leg).
         Requeue: still unknown (asked again after a backoff) or nothing could be asked.
         """
         return self._guarded(lambda context: self._recheck(row, context))
@@ -265,43 +300,63 @@ class Pipeline:
                 raise StoreError(f"unknown execution {current.execution_id} has no outbox row")
             previous = ExecutionConfirmation.model_validate_json(published.payload)
             plan = plan_from_row(current, self.settings.magic)
+            awaited = Awaited.from_json(current.get("settling"), legs=len(plan.legs), since=0.0)
             run = Run(self.clock, self.clock())
             run.attempts, run.submitted_at = plan.attempts, plan.submitted_at
             gateway: Gateway = lease.session.gateway
             with run.stage("reconcile"):
                 found = inquiry.reconcile(gateway, plan, 0.0, self.sleep)
             run.broker_calls("reconcile", gateway.drain_calls())
-            fills: list[Fill] | None = []
-            if found.found:
-                fills = (
-                    None if found.open_orders else inquiry.shown_fills(gateway, plan, found, run)
-                )
+            state = settle.progress(awaited, found, plan.side, plan.requested_price)
             version = previous.version + 1
-            if fills is not None and settle.differs(fills, previous):
-                run.note("recheck", corrected=True, deals=[d for f in fills for d in f.deals])
-                correction = (
-                    f"version {previous.version} was provisional ({previous.status.value},"
-                    f" {previous.rejection_reason.value if previous.rejection_reason else '-'});"
-                    " the broker now shows this execution's deals"
+            was = (
+                f"version {previous.version} was provisional ({previous.status.value},"
+                f" {previous.rejection_reason.value if previous.rejection_reason else '-'})"
+            )
+            if isinstance(state, Settled):
+                run.note("recheck", corrected=True, deals=[d for f in state.fills for d in f.deals])
+                return self.conclude(
+                    plan,
+                    lease,
+                    run,
+                    state.fills,
+                    timed_out=state.timed_out,
+                    version=version,
+                    correction=f"{was}; the broker now shows every order of this execution",
                 )
-                return self._finish(plan, lease, run, fills, version=version, correction=correction)
             window = timedelta(hours=self.settings.unknown_reconcile_hours)
-            if fills is not None and datetime.now(UTC) >= previous.completed_at + window:
+            working = isinstance(state, settle.Waiting) and bool(state.open_orders)
+            if not working and datetime.now(UTC) >= previous.completed_at + window:
                 run.note("recheck", final=True)
                 correction = (
                     f"final: the broker showed nothing more of this execution within"
                     f" {self.settings.unknown_reconcile_hours:g} h"
                 )
-                return self._finish(
+                return self.conclude(
                     plan,
                     lease,
                     run,
-                    fills,
+                    state.fills,
                     status=previous.status,
                     reason=previous.rejection_reason,
                     details=previous.rejection_details,
                     version=version,
                     correction=correction,
+                )
+            if settle.differs(state.fills, previous):
+                # more is known, but an order is still unaccounted for: still provisional
+                run.note("recheck", corrected=True, provisional=True)
+                return self.conclude(
+                    plan,
+                    lease,
+                    run,
+                    state.fills,
+                    reason=RejectionReason.UNKNOWN_OUTCOME,
+                    details="an order of this execution has an unknown outcome",
+                    provisional=True,
+                    version=version,
+                    correction=f"{was}; the broker now shows more of this execution",
+                    settling=awaited.to_json(),
                 )
             attempts = int(current.get("reconcile_attempts") or 0)
             delay = min(
@@ -387,11 +442,11 @@ class Pipeline:
                     return Requeue("the execution's row vanished")
             if row.answered:
                 return self.finisher.recorded(lease.conn, row)
-            if row.get("session_key") == lease.session.spec.identity:
-                return self._settle(
-                    plan_from_row(row, self.settings.magic), lease, run, resumed=True
-                )
-        # in flight on another session: it is settled on the account it was sent to
+            if row.get("settling") is not None or row.get("session_key") == (
+                lease.session.spec.identity
+            ):
+                return self._hand_over(row, lease)
+        # in flight on another session without the settler: handed over under its lease
         return self.resume(row)
 
     def _reject_stale(
@@ -470,158 +525,61 @@ class Pipeline:
 
     # --- submit, settle, finish --------------------------------------------------------
 
-    def _submit(
-        self,
-        plan: Plan,
-        spec: SymbolSpec,
-        lease: Lease,
-        run: Run,
-        *,
-        known: Sequence[Fill] = (),
-        first_leg: int = 0,
-    ) -> Outcome:
-        """Send the legs from ``first_leg`` on; ``known``: fills of the legs before it."""
-        sent = self.sender.send(plan, spec, lease, run, first_leg=first_leg)
-        fills = [*known, *sent.fills]
-        if sent.unknown:
-            assert sent.stopped_at is not None
-            return self._settle(
-                plan, lease, run, resumed=False, spec=spec, known=fills, first_leg=sent.stopped_at
+    def _submit(self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run) -> Outcome:
+        """Send the legs; settle at once from replies that name their deals, else wait."""
+        sent = self.sender.send(plan, spec, lease, run)
+        if sent.waits:
+            awaited = Awaited(
+                legs_sent=sent.legs_sent,
+                orders=tuple(sent.orders),
+                known=tuple(sent.fills),
+                unknown=sent.unknown,
+                since=self.clock(),
             )
-        if not fills and sent.refused is not None:
+            return self._wait(plan, lease, run, awaited)
+        if not sent.fills and sent.refused is not None:
             refused = sent.refused
-            return self._finish(
+            return self.conclude(
                 plan, lease, run, [], reason=refused.reason, details=refused.details, spec=spec
             )
-        if not fills and sent.rejected is not None:
+        if not sent.fills and sent.rejected is not None:
             reason, details = settle.rejection_of(sent.rejected)
-            return self._finish(plan, lease, run, [], reason=reason, details=details, spec=spec)
-        return self._finish(plan, lease, run, fills, timed_out=sent.timed_out, spec=spec)
+            return self.conclude(plan, lease, run, [], reason=reason, details=details, spec=spec)
+        check = Awaited(legs_sent=sent.legs_sent, known=tuple(sent.fills), since=self.clock())
+        settling = check.checking().to_json() if sent.fills else None
+        return self.conclude(plan, lease, run, sent.fills, spec=spec, settling=settling)
 
-    def _settle(
-        self,
-        plan: Plan,
-        lease: Lease,
-        run: Run,
-        *,
-        resumed: bool,
-        spec: SymbolSpec | None = None,
-        known: Sequence[Fill] = (),
-        first_leg: int = 0,
-    ) -> Outcome:
-        """The outcome is unknown (lost reply, crash, redelivery): ask the broker.
-
-        Found -> finish from the broker's deals (monitoring a still-pending order). Not found,
-        even after a grace period for a terminal still processing -> the order never reached
-        the broker; it is sent again with the same comment token, if the approval is still
-        fresh and attempts remain. A terminal that cannot answer leaves the row in flight.
-
-        ``known``: fills of this handling's earlier legs, which the broker's answer may not
-        show yet; they are kept, and a resend starts at ``first_leg`` (never a filled leg).
-        """
-        gateway: Gateway = lease.session.gateway
-        if resumed:  # the audit keeps what earlier deliveries did
-            run.attempts = max(run.attempts, plan.attempts)
-            run.submitted_at = run.submitted_at or plan.submitted_at
-        try:
-            with run.stage("reconcile"):
-                found = inquiry.reconcile(
-                    gateway, plan, self.settings.reconcile_grace_seconds, self.sleep
-                )
-        except (GatewayRejection, api.TransportError) as exc:
-            run.broker_calls("reconcile", gateway.drain_calls())
-            run.note("reconcile", error=str(exc)[:200])
-            save_events(self.store, lease.conn, plan.execution_id, run)
-            return Requeue("outcome unknown and the terminal cannot be asked")
-        run.broker_calls("reconcile", gateway.drain_calls())
-        run.note("reconcile", found=found.found, resumed=resumed, deals=len(found.deals))
-        if found.found:
-            return self._settle_found(plan, found, lease, run, known)
-
-        decision = settle.when_not_found(
-            self._staleness(plan),
-            run.submissions,
-            self.settings.max_send_attempts,
-            filled=bool(known),
+    def _wait(self, plan: Plan, lease: Lease, run: Run, awaited: Awaited) -> Outcome:
+        """Leave the execution to the settler and release the session: the row (SUBMITTED,
+        ``settling``) is committed first, through the lease's connection."""
+        named = [*awaited.orders, *(fill.order for fill in awaited.known)]
+        run.event(
+            "submit", "SETTLING", orders=list(awaited.orders), unknown=awaited.unknown or None
         )
-        if not isinstance(decision, Resend):
-            # an order may be out (the intent is on record): the broker showing nothing is
-            # no proof, so the answer is provisional and the row is reconciled in the
-            # background until a fill appears or the window ends (issue 18 item 3)
-            return self._finish(
-                plan,
-                lease,
-                run,
-                known,
-                reason=decision.reason,
-                details=decision.details,
-                status=decision.status,
-                provisional=True,
-            )
-        run.note("reconcile", resend=True, first_leg=first_leg)
-        try:
-            spec = spec or gateway.symbol_spec(plan.broker_symbol)
-        except GatewayRejection as rejection:
-            run.broker_calls("reconcile", gateway.drain_calls())
-            return self._finish(
-                plan, lease, run, known, reason=rejection.reason, details=rejection.details
-            )
-        return self._submit(plan, spec, lease, run, known=known, first_leg=first_leg)
-
-    def _settle_found(
-        self, plan: Plan, found: settle.Found, lease: Lease, run: Run, known: Sequence[Fill]
-    ) -> Outcome:
-        """The broker knows the execution: finish from its deals, monitoring pending orders."""
-        gateway: Gateway = lease.session.gateway
-        found, shown = inquiry.until_deals_show(
-            gateway,
+        document = {**awaited.to_json(), "timings": dict(run.timings_ms)}
+        fields = {
+            "state": "SUBMITTED",
+            "broker_order": named[0] if named else None,
+            "settling": document,
+            "attempts": run.attempts,
+            "retcode": run.retcode,
+            "broker_comment": run.broker_comment,
+            "filling_mode": run.filling_mode,
+        }
+        self.store.update_in_flight(lease.conn, plan.execution_id, fields, run.take_events())
+        plan.attempts = run.attempts
+        waiter = Waiter(
             plan,
-            found,
-            run,
-            timeout=self.settings.order_timeout_seconds,
-            clock=self.clock,
-            sleep=self.sleep,
+            awaited,
+            account=lease.session.spec.account,
+            session_key=lease.session.spec.identity,
+            carried={**fields, "timings": dict(run.timings_ms), "submitted_at": run.submitted_at},
         )
-        fills = settle.with_known(known, shown)
-        closed = self._closed(plan, found, lease, run)
-        timed_out = False
-        for order in found.open_orders:
-            requested = plan.requested_price or order.price_open
-            fill, leg_timed_out = self.sender.monitor(gateway, order.ticket, requested, run, lease)
-            timed_out = timed_out or leg_timed_out
-            fills = settle.with_monitored(fills, order.ticket, fill)
-        return self._finish(plan, lease, run, fills, timed_out=timed_out, closed=closed)
+        if not self.settler.add(waiter):  # pragma: no cover - the lease's own account
+            return Requeue("no session of the execution's account")
+        return Settling(plan.execution_id)
 
-    def _closed(self, plan: Plan, found: settle.Found, lease: Lease, run: Run) -> list[Fill]:
-        """Our slippage close's fills the broker shows (an earlier handling sent them).
-
-        A close on record (``closing_sent``) that shows nothing yet is asked again after the
-        grace period, like an order; a closing order pending or without its deals keeps the
-        execution in flight (TransportError), so the close is never sent twice."""
-        if not plan.closing_sent:
-            return settle.closing_fills(found.deals, plan.side)
-        gateway: Gateway = lease.session.gateway
-        opposite = plan.side.opposite
-        if not any(order.side is opposite for order in found.history_orders):
-            if any(order.side is opposite for order in found.open_orders):
-                raise api.TransportError("the slippage close is still pending")
-            self.sleep(self.settings.reconcile_grace_seconds)
-            with run.stage("reconcile"):
-                found = inquiry.reconcile(gateway, plan, 0.0, self.sleep)
-            run.broker_calls("reconcile", gateway.drain_calls())
-        if any(order.side is opposite for order in found.open_orders):
-            raise api.TransportError("the slippage close is still pending")
-        closed = settle.closing_fills(found.deals, plan.side)
-        missing = settle.uncovered(found, closed, opposite)
-        if missing:
-            asked = inquiry.deals_of_orders(gateway, missing, run)
-            closed = settle.with_known(closed, settle.closing_fills(asked, plan.side))
-            if settle.uncovered(found, closed, opposite):
-                raise api.TransportError("the slippage close's deals are not visible yet")
-        run.note("slippage", closed_before=[fill.order for fill in closed])
-        return closed
-
-    def _finish(
+    def conclude(
         self,
         plan: Plan,
         lease: Lease,
@@ -637,9 +595,11 @@ class Pipeline:
         provisional: bool = False,
         version: int = 1,
         correction: str | None = None,
+        settling: dict[str, Any] | None = None,
+        corrects: str = UNKNOWN_STATE,
     ) -> Outcome:
         """``closed``: our slippage close's fills already done; ``provisional``: the outcome
-        is unknown (see ``_settle``)."""
+        is unknown; ``settling``: what the row keeps for the settler or the recheck."""
         gateway: Gateway = lease.session.gateway
         if plan.contract_size <= 0 or plan.pip <= 0:  # a row from before these were kept
             spec = spec or gateway.symbol_spec(plan.broker_symbol)
@@ -690,4 +650,6 @@ class Pipeline:
             provisional=provisional,
             version=version,
             correction=correction,
+            settling=settling,
+            corrects=corrects,
         )

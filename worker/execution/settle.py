@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import ExecutionStatus, RejectionReason
@@ -229,7 +230,7 @@ def fills_with_asked(
     return fills
 
 
-def with_known(known: Sequence[Fill], shown: Sequence[Fill]) -> list[Fill]:
+def with_known(known: Iterable[Fill], shown: Sequence[Fill]) -> list[Fill]:
     """The broker's fills (``shown``) together with the fills of this handling it did not
     show (``known``: earlier legs of a plan whose later leg has an unknown outcome, when
     the history lags). The broker's account of an order wins; known legs come first."""
@@ -257,40 +258,166 @@ def differs(fills: Sequence[Fill], confirmed: ExecutionConfirmation) -> bool:
     )
 
 
-# --- what to do when the broker knows nothing of the execution --------------------------
+# --- what a handling leaves for the settler, and how far the broker has got ---------------
 
 
 @dataclass(frozen=True)
-class Resend:
-    """The order never reached the broker: send it again, same comment token."""
+class Awaited:
+    """What a handling left for the settler (the row's ``settling`` column).
 
+    ``orders``: tickets the server took whose fills are not known yet (a 10009/10010 reply
+    without its deal, a 10008 placed order). ``known``: fills confirmed by replies that
+    named their deal (MqlTradeResult: deal, volume and price "confirmed by broker").
+    ``unknown``: the last leg sent has an unknown outcome (None, 10011, 10012, transport
+    error, or a handling that stopped between its intent and its reply): its order may show
+    at any time and is never sent again. ``since``: epoch seconds when the handling left it
+    (the order timeout and the reconcile grace count from there). ``verify``: a final row
+    settled from its replies, whose deals are still to be checked against them.
+    """
 
-@dataclass(frozen=True)
-class GiveUp:
-    status: ExecutionStatus | None  # None: classified as nothing filled
-    reason: RejectionReason
-    details: str
+    legs_sent: int
+    orders: tuple[int, ...] = ()
+    known: tuple[Fill, ...] = ()
+    unknown: bool = False
+    since: float = 0.0
+    verify: bool = False
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "legs_sent": self.legs_sent,
+            "orders": list(self.orders),
+            "known": [
+                [f.order, list(f.deals), f.volume, f.price, f.requested_price, f.position]
+                for f in self.known
+            ],
+            "unknown": self.unknown,
+            "since": self.since,
+            "verify": self.verify,
+        }
 
-def when_not_found(
-    stale: tuple[RejectionReason, str] | None,
-    submissions: int,
-    max_send_attempts: int,
-    *,
-    filled: bool = False,
-) -> Resend | GiveUp:
-    """The broker shows nothing of the execution. ``filled``: earlier legs of this handling
-    are known filled; a give-up then settles them by the partial-fill rule, not FAILED.
-    A resend sends only the legs without a known outcome."""
-    if stale is not None:
-        return GiveUp(None, *stale)
-    if submissions >= max_send_attempts:
-        return GiveUp(
-            None if filled else ExecutionStatus.FAILED,
-            RejectionReason.UNKNOWN_OUTCOME,
-            f"no order reached the broker after {submissions} submissions",
+    @classmethod
+    def from_json(cls, document: dict[str, Any] | None, *, legs: int, since: float) -> Awaited:
+        """The row's document; a row without one (a handling that stopped before its reply,
+        a row from before the settler) is an unknown outcome of every leg."""
+        if not document:
+            return cls(legs_sent=legs, unknown=True, since=since)
+        return cls(
+            legs_sent=int(document.get("legs_sent", legs)),
+            orders=tuple(int(ticket) for ticket in document.get("orders", ())),
+            known=tuple(
+                Fill(int(o), tuple(int(d) for d in deals), float(v), float(p), float(r), pos)
+                for o, deals, v, p, r, pos in document.get("known", ())
+            ),
+            unknown=bool(document.get("unknown", False)),
+            since=float(document.get("since", since)),
+            verify=bool(document.get("verify", False)),
         )
-    return Resend()
+
+    def checking(self) -> Awaited:
+        """The check of a final row settled from replies (``known``): its deals later."""
+        return replace(self, orders=(), unknown=False, verify=True)
+
+    def by_deals_alone(self) -> Awaited:
+        """What the deals must show for the check: the replies' orders, final and covered."""
+        return replace(self, orders=tuple(fill.order for fill in self.known), known=())
+
+
+@dataclass(frozen=True)
+class Settled:
+    """Every order of the execution is final and its deals account for what it executed."""
+
+    fills: list[Fill]
+    timed_out: bool  # an order ended cancelled or expired (the order timeout's cancel)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """An order of ours is still working (``open_orders``) or its deals do not show yet."""
+
+    open_orders: tuple[int, ...]
+    fills: list[Fill]
+
+
+@dataclass(frozen=True)
+class Unaccounted:
+    """An order whose outcome is unknown shows nothing yet: no proof either way."""
+
+    fills: list[Fill]
+
+
+Progress = Settled | Waiting | Unaccounted
+
+
+def progress(awaited: Awaited, found: Found, side: Side, requested_price: float | None) -> Progress:
+    """How far the broker's view (``found``: this execution's orders and deals) has got.
+
+    Fills come from the deals, completed by the replies that named their deal (the broker's
+    account of an order wins). An order the server took must show final in history with
+    deals covering what it executed; an unknown leg is accounted for only by an order of
+    ours that no reply named.
+    """
+    shown = fills_from_deals(found.deals, side, requested_price)
+    fills = with_known(awaited.known, shown)
+    working = tuple(order.ticket for order in found.open_orders if order.side is side)
+    history = {order.ticket: order for order in found.history_orders if order.side is side}
+    if working or any(ticket not in history for ticket in awaited.orders):
+        return Waiting(working, fills)
+    if uncovered(found, fills, side):
+        return Waiting((), fills)
+    named = set(awaited.orders) | {fill.order for fill in awaited.known}
+    if awaited.unknown and not any(ticket not in named for ticket in history):
+        return Unaccounted(fills)
+    timed_out = any(
+        order.state in (api.ORDER_STATE_CANCELED, api.ORDER_STATE_EXPIRED)
+        for order in history.values()
+    )
+    return Settled(fills, timed_out)
+
+
+def closing_state(closing_sent: bool, side: Side, found: Found) -> list[Fill] | None:
+    """Our slippage close's fills the broker shows (an earlier handling sent them). None: a
+    close is on record (``closing_sent``) but does not show, or shows without all its
+    deals: the execution waits (a close is never sent twice for the same lots)."""
+    closed = closing_fills(found.deals, side)
+    if not closing_sent:
+        return closed
+    opposite = side.opposite
+    if any(order.side is opposite for order in found.open_orders):
+        return None
+    if not any(order.side is opposite for order in found.history_orders):
+        return None
+    if uncovered(found, closed, opposite):
+        return None
+    return closed
+
+
+def disagrees(shown: Sequence[Fill], confirmed: Sequence[Fill]) -> bool:
+    """Whether the broker's deals (``shown``) tell another story than the replies a
+    confirmation was settled from: other deals, or other executed lots or price."""
+    deals = sorted(deal for fill in shown for deal in fill.deals)
+    if deals != sorted(deal for fill in confirmed for deal in fill.deals):
+        return True
+    executed = sum(fill.volume for fill in shown)
+    if abs(executed - sum(fill.volume for fill in confirmed)) > _VOLUME_EPSILON:
+        return True
+    value = sum(fill.volume * fill.price for fill in shown)
+    return abs(value - sum(fill.volume * fill.price for fill in confirmed)) > 1e-6 * max(
+        abs(value), 1.0
+    )
+
+
+def fill_of_reply(reply: SendOutcome, position: int | None = None) -> Fill | None:
+    """The fill a 10009/10010 reply confirms when it names its deal, with volume and price
+    (MqlTradeResult: ``deal`` "if it is performed", ``volume`` and ``price`` "confirmed by
+    broker"). None: settle from the order's deals (``deal`` may be 0 and the deal recorded
+    after the reply, ``order_send`` reference)."""
+    if reply.status not in ("done", "partial") or not reply.deal:
+        return None
+    if reply.volume <= 0 or reply.price <= 0:
+        return None
+    return Fill(
+        reply.order, (reply.deal,), reply.volume, reply.price, reply.requested_price, position
+    )
 
 
 def rejection_of(reply: SendOutcome) -> tuple[RejectionReason, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from worker.execution.settle import (
     deals_visible,
     executed_by,
     fill_of_order,
+    fill_of_reply,
 )
 from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, QueryFailed, SendOutcome, SymbolSpec
@@ -41,22 +42,28 @@ MONITOR_FIRST_POLL_SECONDS = 0.01
 MONITOR_MAX_POLL_SECONDS = 0.5
 
 
-@dataclass(frozen=True)
+@dataclass
 class Sent:
     """What sending a plan's legs came to.
 
-    ``unknown``: a leg's outcome is unknown (settle from the broker's truth). ``refused``:
-    the gateway sent nothing for a leg (no quote, no filling mode). ``rejected``: the broker
-    refused a leg for good. Either stops the remaining legs. ``stopped_at``: the index of
-    the leg that stopped them (the legs before it have a known outcome).
+    ``fills``: confirmed by replies that named their deal. ``orders``: taken by the server
+    (a done reply without its deal, a placed order) with fills still to read from the
+    deals. ``unknown``: the last leg's outcome is unknown. ``refused``: the gateway sent
+    nothing for a leg (no quote, no filling mode). ``rejected``: the broker refused a leg
+    for good. An unknown, refused or rejected leg stops the remaining legs.
     """
 
-    fills: list[Fill]
-    timed_out: bool = False
+    fills: list[Fill] = field(default_factory=list)
+    orders: list[int] = field(default_factory=list)
+    legs_sent: int = 0
     unknown: bool = False
-    stopped_at: int | None = None
     refused: GatewayRejection | None = None
     rejected: SendOutcome | None = None
+
+    @property
+    def waits(self) -> bool:
+        """The fills are not all known: the settler finishes the execution."""
+        return bool(self.orders) or self.unknown
 
 
 @contextmanager
@@ -127,16 +134,14 @@ class Sender:
             with fenced_by(lease) as lock:
                 return self.store.insert_intent(lease.conn, fields, run.take_events(), lock=lock)
 
-    def send(
-        self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run, *, first_leg: int = 0
-    ) -> Sent:
-        """Send the legs from ``first_leg`` on, in order; a placed order is monitored before
-        the next leg."""
+    def send(self, plan: Plan, spec: SymbolSpec, lease: Lease, run: Run) -> Sent:
+        """Send the legs in order. Nothing waits on the broker's history here: a reply that
+        names its deal is the fill; any other order the server took is left to the settler.
+        An order whose outcome may have reached the server is never sent again."""
         gateway: Gateway = lease.session.gateway
         run.submissions += 1
-        fills: list[Fill] = []
-        timed_out = False
-        for index, leg in enumerate(plan.legs[first_leg:], start=first_leg):
+        sent = Sent()
+        for leg in plan.legs:
             try:
                 with run.stage("submit"):
                     reply = gateway.send(
@@ -151,8 +156,10 @@ class Sender:
             except GatewayRejection as refused:
                 # nothing was sent for this leg (no quote, no filling mode)
                 run.broker_calls("submit", gateway.drain_calls())
-                return Sent(fills, timed_out, refused=refused, stopped_at=index)
+                sent.refused = refused
+                return sent
             run.broker_calls("submit", gateway.drain_calls())
+            sent.legs_sent += 1
             run.attempts += reply.attempts
             run.retcode = reply.retcode
             run.broker_comment = reply.comment
@@ -162,25 +169,18 @@ class Sender:
             if reply.status == "unknown":
                 metrics.record_unknown_outcome(lease.session.id)
                 run.note("submit", outcome="unknown", retcode=reply.retcode)
-                return Sent(fills, timed_out, unknown=True, stopped_at=index)
+                sent.unknown = True
+                return sent
             if reply.status == "rejected":
-                return Sent(fills, timed_out, rejected=reply, stopped_at=index)
-            if reply.status == "placed":
-                self.store.update_in_flight(
-                    lease.conn,
-                    plan.execution_id,
-                    {"state": "SUBMITTED", "broker_order": reply.order},
-                    [*run.take_events(), Event("submit", "transition", "SUBMITTED")],
-                )
-                fill, leg_timed_out = self.monitor(
-                    gateway, reply.order, reply.requested_price, run, lease
-                )
-                timed_out = timed_out or leg_timed_out
-                if fill is not None:
-                    fills.append(fill)
-                continue
-            fills.append(self.confirm(gateway, reply, leg.position, run))
-        return Sent(fills, timed_out)
+                sent.rejected = reply
+                return sent
+            fill = fill_of_reply(reply, leg.position)
+            if fill is not None:
+                sent.fills.append(fill)
+            else:  # placed (10008), or done without its deal: the settler reads its deals
+                run.note("submit", outcome=reply.status, order=reply.order, deal=reply.deal)
+                sent.orders.append(reply.order)
+        return sent
 
     def monitor(
         self, gateway: Gateway, order: int, requested_price: float, run: Run, lease: Lease
@@ -217,9 +217,13 @@ class Sender:
         return fill, timed_out
 
     def confirm(self, gateway: Gateway, reply: SendOutcome, position: int | None, run: Run) -> Fill:
-        """The fill of a done (10009/10010) reply, from the order's deals: the reply's
-        ``deal`` may be 0 and its deal recorded later (``order_send`` reference). Until the
-        deals show (within the order timeout) the execution stays in flight."""
+        """The fill of a done (10009/10010) reply: the reply's own when it names its deal,
+        else from the order's deals (``deal`` may be 0 and its deal recorded later,
+        ``order_send`` reference). Until they show (within the order timeout) the
+        execution stays in flight. Used by the slippage close only."""
+        confirmed = fill_of_reply(reply, position)
+        if confirmed is not None:
+            return confirmed
         deadline = self.clock() + self.settings.order_timeout_seconds
         with run.stage("monitor"):
             fill = self._deals_of(
@@ -270,8 +274,13 @@ class Sender:
         positioned: list[Fill] = []
         for fill in fills:
             if fill.position is None:
-                deals = gateway.deals_for_order(fill.order)
-                fill = replace(fill, position=deals[0].position_id if deals else None)
+                # a reply names no position: its deals do, once they show (rare path: it
+                # holds the session, within the order timeout)
+                deadline = self.clock() + self.settings.order_timeout_seconds
+                shown = self._deals_of(
+                    gateway, fill.order, fill.requested_price, fill.volume, deadline
+                )
+                fill = replace(fill, position=shown.position if shown is not None else None)
             positioned.append(fill)
         closing: list[Fill] = list(closed)
         closed_all = True
@@ -306,7 +315,8 @@ class Sender:
 
     def _record_closing(self, plan: Plan, lease: Lease, run: Run, close: Close) -> None:
         """Commit the closing stage through the lease's connection before the first close
-        is sent (a failed commit sends nothing: the delivery is requeued)."""
+        is sent (a failed commit sends nothing: the delivery is requeued). A test-and-set:
+        a close already on record (another handling's) refuses, and nothing is sent."""
         if plan.closing_sent:
             return
         self.store.update_in_flight(
@@ -317,6 +327,7 @@ class Sender:
                 *run.take_events(),
                 Event("slippage", "transition", "CLOSING", detail={"lots": close.volume}),
             ],
+            unset="closing_sent_at",
         )
         plan.closing_sent = True
 

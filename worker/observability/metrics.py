@@ -216,6 +216,19 @@ CORRECTIONS = Counter(
     "Corrected confirmations (a new version) of provisional answers, by the new status.",
     ["status"],
 )
+DEAL_CHECKS = Counter(
+    PREFIX + "deal_checks_total",
+    "Fills settled from a reply that named its deal, checked later against the deals:"
+    " agreed, corrected (a new version was published) or unverified (no deals in time).",
+    ["result"],
+)
+SETTLING = Counter(
+    PREFIX + "settled_off_session_total",
+    "Executions the settler finished off their terminal session, by how: final (the"
+    " broker's history caught up) or provisional (an unknown outcome past its grace, or"
+    " deals missing past the order timeout).",
+    ["result"],
+)
 RECOVERIES = Counter(
     PREFIX + "recoveries_total",
     "In-flight rows the recovery sweep (or reconcile) tried to settle, by result.",
@@ -426,6 +439,15 @@ def record_correction(status: str) -> None:
     """A provisional (unknown outcome) confirmation corrected by a new version."""
     label = status.lower() if status.lower() in STATUSES else OTHER
     _labelled(CORRECTIONS, label).inc()
+
+
+def record_deal_check(result: str) -> None:
+    """``agreed``, ``corrected`` or ``unverified``: the deals of a reply-settled fill."""
+    DEAL_CHECKS.labels(result=result).inc()
+
+
+def record_settled_off_session(*, provisional: bool) -> None:
+    SETTLING.labels(result="provisional" if provisional else "final").inc()
 
 
 def record_recovery(*, settled: bool) -> None:

@@ -122,6 +122,10 @@ class SessionPool:
         """The configured accounts of this pool's sessions (``(None,)``: one, unnamed)."""
         return self._accounts
 
+    def has_session(self, session_key: str | None) -> bool:
+        """Whether a session of that identity (an execution row's ``session_key``) is here."""
+        return any(slot.spec.identity == session_key for slot in self._slots)
+
     def _build_session(self, spec: SessionSpec, terminal: api.Terminal) -> Session:
         login, server = spec.login, spec.server
         account = terminal.account_info()

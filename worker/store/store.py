@@ -95,6 +95,7 @@ EXECUTION_COLUMNS = (
     "reconcile_attempts",
     "next_reconcile_at",
     "account",
+    "settling",
 )
 _COLUMN_SET = frozenset(EXECUTION_COLUMNS)
 
@@ -339,11 +340,13 @@ class Store:
     def in_flight(
         self, conn: psycopg.Connection[Any], *, idle_seconds: float = 0.0
     ) -> list[ExecutionRow]:
-        """Rows not yet terminal, oldest first; ``idle_seconds``: untouched for that long."""
+        """Rows not yet terminal and not the settler's (``settling`` NULL), oldest first;
+        ``idle_seconds``: untouched for that long."""
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT * FROM execution.executions"
                 " WHERE state IN ('RECEIVED', 'VALIDATED', 'SUBMITTING', 'SUBMITTED')"
+                " AND settling IS NULL"
                 " AND updated_at <= now() - make_interval(secs => %s)"
                 " ORDER BY received_at",
                 (idle_seconds,),
@@ -384,21 +387,28 @@ class Store:
         execution_id: UUID,
         fields: dict[str, Any],
         events: Sequence[Event],
+        *,
+        unset: str | None = None,
     ) -> None:
-        """Commit progress of an in-flight row (e.g. SUBMITTED with the broker's ticket)."""
+        """Commit progress of an in-flight row (e.g. SUBMITTED with the broker's ticket).
+
+        ``unset``: a column that must still be NULL (a test-and-set: of two settlers, only
+        the one whose write sets ``closing_sent_at`` sends the slippage close)."""
         assignments = ", ".join(f"{column} = r.{column}" for column in _checked(fields))
+        guard = f" AND e.{unset} IS NULL" if unset and _checked({unset: None}) else ""
         with _atomic(conn):
             row = conn.execute(
                 f"WITH {_ROW},"
                 f" moved AS (UPDATE execution.executions e SET {assignments}, updated_at = now()"
                 " FROM r WHERE e.execution_id = %s"
-                " AND e.state IN ('SUBMITTING', 'SUBMITTED') RETURNING e.execution_id),"
+                f" AND e.state IN ('SUBMITTING', 'SUBMITTED'){guard} RETURNING e.execution_id),"
                 f" events AS ({_events_insert('moved')})"
                 " SELECT count(*) FROM moved",
                 (_row_json(fields), execution_id, _events_json(events)),
             ).fetchone()
         if not row or row[0] != 1:
-            raise StoreError(f"execution {execution_id} is not in flight")
+            which = f" with {unset} unset" if unset else ""
+            raise StoreError(f"execution {execution_id} is not in flight{which}")
 
     def finish(
         self,
@@ -526,8 +536,11 @@ class Store:
         fields: dict[str, Any],
         events: Sequence[Event],
         confirmation: Publish,
+        *,
+        from_state: str = UNKNOWN_STATE,
     ) -> bool:
-        """Settle an UNKNOWN row with a new version of its confirmation, in ONE statement:
+        """Settle an UNKNOWN row (``from_state``: or a final row whose deals contradict the
+        reply it was settled from) with a new version of its confirmation, in ONE statement:
         the row, its events, and a NEW outbox row for the new version (payloads are never
         rewritten); an earlier version still unpublished is superseded (marked published:
         the new one carries the truth). False: the row is no longer UNKNOWN at the version
@@ -538,7 +551,7 @@ class Store:
             row = conn.execute(
                 f"WITH {_ROW}, final AS (UPDATE execution.executions e SET {assignments},"
                 " confirmation_version = %s, updated_at = now() FROM r"
-                " WHERE e.execution_id = r.execution_id AND e.state = 'UNKNOWN'"
+                " WHERE e.execution_id = r.execution_id AND e.state = %s"
                 " AND e.confirmation_version = %s RETURNING e.execution_id),"
                 f" events AS ({_events_insert('final')}),"
                 " superseded AS (UPDATE execution.outbox o SET published_at = now()"
@@ -551,6 +564,7 @@ class Store:
                 (
                     _row_json(fields),
                     confirmation.version,
+                    from_state,
                     confirmation.version - 1,
                     _events_json(events),
                     confirmation.version,
@@ -561,6 +575,35 @@ class Store:
                 ),
             ).fetchone()
         return bool(row and row[0] == 1)
+
+    # --- the settler ------------------------------------------------------------------------
+
+    def settling(
+        self, conn: psycopg.Connection[Any], *, idle_seconds: float, limit: int = 500
+    ) -> list[ExecutionRow]:
+        """Rows left for the settler (in flight, or final with deals to check) untouched for
+        ``idle_seconds``: a killed worker's, found by whoever is alive."""
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT * FROM execution.executions WHERE settling IS NOT NULL"
+                " AND state <> 'UNKNOWN' AND updated_at <= now() - make_interval(secs => %s)"
+                " ORDER BY updated_at LIMIT %s",
+                (idle_seconds, limit),
+            )
+            return [ExecutionRow(dict(row)) for row in cur.fetchall()]
+
+    def checked(self, conn: psycopg.Connection[Any], execution_ids: Sequence[UUID]) -> None:
+        """Final rows whose deals agreed with their replies (or were given up on): nothing
+        left to check. One statement for a settler round."""
+        if not execution_ids:
+            return
+        with _atomic(conn):
+            conn.execute(
+                "UPDATE execution.executions SET settling = NULL"
+                " WHERE execution_id = ANY(%s) AND settling IS NOT NULL"
+                " AND state NOT IN ('SUBMITTING', 'SUBMITTED', 'UNKNOWN')",
+                (list(execution_ids),),
+            )
 
     def append_events(
         self, conn: psycopg.Connection[Any], execution_id: UUID, events: Sequence[Event]

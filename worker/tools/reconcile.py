@@ -15,7 +15,9 @@ def main(args: argparse.Namespace) -> int:
     service = Service.start(load_settings(), recover=False)
     unresolved = 0
     try:
-        for row, outcome in service.recover():
+        settings = service.settings
+        wait = settings.order_timeout_seconds + settings.reconcile_grace_seconds + 5.0
+        for row, outcome in service.recover(wait_seconds=wait):
             settled = isinstance(outcome, Publish)
             unresolved += 0 if settled else 1
             record = {

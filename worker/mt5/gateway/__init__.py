@@ -34,6 +34,7 @@ from worker.mt5.gateway.model import (
     signed_slippage_pips,
     vwap,
 )
+from worker.mt5.gateway.reconcile import HistoryWindow
 from worker.mt5.gateway.retcodes import (
     REJECTION_REASONS,
     RetcodeClass,
@@ -47,6 +48,7 @@ __all__ = [
     "BrokerCall",
     "Gateway",
     "GatewayRejection",
+    "HistoryWindow",
     "LotPlan",
     "MarketSnapshot",
     "OrderIdentity",

@@ -40,7 +40,7 @@ from worker.mt5.gateway.model import (
     Side,
     SymbolSpec,
 )
-from worker.mt5.gateway.reconcile import History
+from worker.mt5.gateway.reconcile import History, HistoryWindow
 from worker.mt5.gateway.retcodes import Status
 from worker.mt5.gateway.send import Fence, Sender
 
@@ -435,6 +435,17 @@ class Gateway:
             identity,
             broker_symbol,
             since,
+            now_utc=datetime.fromtimestamp(self._clock(), UTC),
+            offset_ms=self._server_clock.offset_ms(),
+        )
+
+    def window(self, since: datetime) -> HistoryWindow:
+        """This deployment's open orders, history orders and deals on the account since
+        ``since`` (UTC), in one window for every execution waiting on it. Raises QueryFailed
+        or SessionLost like ``reconcile``."""
+        return self._history.window(
+            since,
+            self._magic,
             now_utc=datetime.fromtimestamp(self._clock(), UTC),
             offset_ms=self._server_clock.offset_ms(),
         )

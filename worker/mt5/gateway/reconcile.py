@@ -7,6 +7,7 @@ instead of closing, would follow).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from worker.mt5 import api
@@ -18,6 +19,36 @@ from worker.mt5.gateway.model import Reconciliation, Side, SymbolSpec
 # by a day on both sides (the magic/comment filter keeps a wide window cheap).
 RECONCILE_PAD = timedelta(days=1)
 UNKNOWN_OFFSET_PAD = timedelta(hours=14)  # extra, when the server's offset is not known
+
+
+def _window(since: datetime, now_utc: datetime, offset_ms: int | None) -> tuple[int, int]:
+    """The history window in server time, padded (see RECONCILE_PAD)."""
+    pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
+    since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+    shift = timedelta(milliseconds=offset_ms or 0)
+    return int((since_utc + shift - pad).timestamp()), int((now_utc + shift + pad).timestamp())
+
+
+@dataclass(frozen=True)
+class HistoryWindow:
+    """One account's orders and deals of this deployment over a window (see ``window``)."""
+
+    open_orders: tuple[api.TradeOrder, ...]
+    history_orders: tuple[api.TradeOrder, ...]
+    deals: tuple[api.TradeDeal, ...]
+
+    def of(self, identity: OrderIdentity, broker_symbol: str) -> Reconciliation:
+        """One execution's part of the window (no positions: the window has none)."""
+
+        def ours(item: api.TradeOrder | api.TradeDeal) -> bool:
+            return item.symbol == broker_symbol and identity.matches(item.magic, item.comment)
+
+        return Reconciliation(
+            open_orders=tuple(o for o in self.open_orders if ours(o)),
+            history_orders=tuple(o for o in self.history_orders if ours(o)),
+            deals=tuple(d for d in self.deals if ours(d)),
+            positions=(),
+        )
 
 
 class History:
@@ -55,11 +86,7 @@ class History:
         offset_ms: int | None,
     ) -> Reconciliation:
         """Everything of ``identity`` on ``broker_symbol`` since ``since`` (UTC)."""
-        pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
-        since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
-        shift = timedelta(milliseconds=offset_ms or 0)
-        date_from = int((since_utc + shift - pad).timestamp())
-        date_to = int((now_utc + shift + pad).timestamp())
+        date_from, date_to = _window(since, now_utc, offset_ms)
 
         def ours(item: api.TradeOrder | api.TradeDeal | api.TradePosition) -> bool:
             return item.symbol == broker_symbol and identity.matches(item.magic, item.comment)
@@ -82,6 +109,36 @@ class History:
             history_orders=tuple(o for o in history_orders if ours(o)),
             deals=tuple(d for d in deals if ours(d)),
             positions=tuple(p for p in positions if ours(p)),
+        )
+
+    def window(
+        self,
+        since: datetime,
+        deployment_magic: int,
+        *,
+        now_utc: datetime,
+        offset_ms: int | None,
+    ) -> HistoryWindow:
+        """The account's open orders and its history orders and deals since ``since`` (UTC),
+        this deployment's only: three queries, whatever the number of executions they serve
+        (the settler asks once per account and round)."""
+        date_from, date_to = _window(since, now_utc, offset_ms)
+
+        def ours(item: api.TradeOrder | api.TradeDeal) -> bool:
+            return is_deployment_magic(item.magic, deployment_magic)
+
+        open_orders = self._calls.require("orders_get", self._terminal.orders_get)
+        history_orders = self._calls.require(
+            "history_orders_get",
+            lambda: self._terminal.history_orders_get(date_from, date_to),
+        )
+        deals = self._calls.require(
+            "history_deals_get", lambda: self._terminal.history_deals_get(date_from, date_to)
+        )
+        return HistoryWindow(
+            open_orders=tuple(o for o in open_orders if ours(o)),
+            history_orders=tuple(o for o in history_orders if ours(o)),
+            deals=tuple(d for d in deals if ours(d)),
         )
 
     def positions(self, symbol: str) -> tuple[api.TradePosition, ...]:

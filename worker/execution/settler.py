@@ -1,0 +1,451 @@
+"""The settler: executions whose fills the broker's history has not shown yet, finished off
+their terminal session.
+
+A handling sends its orders and lets go of its session at once: a reply that names its deal
+is the fill (checked here later against the deals), and anything else the server took (a
+reply with ``deal`` 0, a placed order) or an unknown outcome is left here, on the row
+(``settling``) and in memory. One thread per worker process works in rounds: per account,
+it borrows any free session of that account for ONE window of the account's history (open
+orders, history orders, deals: three queries, however many executions wait on it), lets it
+go, and decides each execution from that window with :func:`settle.progress`:
+
+- settled: every order final and its deals visible -> the final row and confirmation;
+- an order still working past the order timeout -> cancelled (its final state settles it);
+- deals still missing past the order timeout, or an unknown outcome that shows nothing
+  within the reconcile grace -> a provisional answer (UNKNOWN), which the background recheck
+  corrects when the broker shows the truth. Nothing is ever sent again for an order whose
+  outcome may have reached the server;
+- a final row settled from replies -> its deals checked; a contradiction publishes a
+  corrected version (counted, alerted on).
+
+Each confirmation committed here is handed to the listeners (the AMQP runtime publishes it
+at once and acks the delivery parked on it). Rows a killed worker left are found by a scan
+of the database (``settling`` set, untouched for a while) and settled the same way. Two
+settlers on one row are harmless: finals are conditional updates (the first wins, the other
+answers the recorded confirmation), and the slippage close's stage is a test-and-set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import psycopg
+
+from schemas.confirmation import ExecutionConfirmation
+from schemas.enums import ExecutionStatus, RejectionReason
+from worker.execution import inquiry, settle
+from worker.execution.audit import Run, save_events
+from worker.execution.outcome import Outcome, Publish
+from worker.execution.plan import Plan, plan_from_row
+from worker.execution.settle import Awaited, Fill, Found, Settled, Unaccounted, Waiting
+from worker.mt5 import api
+from worker.mt5.gateway import Gateway, GatewayRejection, HistoryWindow
+from worker.observability import metrics
+from worker.observability.logs import log_context
+from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
+from worker.store.store import ExecutionRow, StoreError
+
+if TYPE_CHECKING:
+    from worker.execution.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+FIRST_LOOK_SECONDS = 0.02  # a waiting execution is looked at again after this ...
+MAX_LOOK_SECONDS = 0.5  # ... doubling up to this
+FIRST_CHECK_SECONDS = 0.25  # a reply-settled fill's deals are first looked for after this
+MAX_CHECK_SECONDS = 5.0
+CHECK_WINDOW_SECONDS = 600.0  # then a fill whose deals never showed is left unverified
+SCAN_SECONDS = 5.0  # the database is scanned for rows nobody here settles this often
+CLAIM_SECONDS = 1.0  # how long a round waits for a session of an account
+RECENT_REMEMBERED = 4096
+
+
+@dataclass
+class Waiter:
+    """One execution waiting on the broker's history."""
+
+    plan: Plan
+    awaited: Awaited
+    account: str | None
+    session_key: str | None
+    carried: dict[str, Any] = field(default_factory=dict)  # retcode, timings, final state...
+    due: float = 0.0
+    delay: float = FIRST_LOOK_SECONDS
+    looks: int = 0
+
+    @property
+    def looked_twice(self) -> bool:
+        return self.looks >= 2
+
+    @property
+    def execution_id(self) -> UUID:
+        return self.plan.execution_id
+
+    @classmethod
+    def of_row(cls, row: ExecutionRow, deployment_magic: int, now: float) -> Waiter:
+        plan = plan_from_row(row, deployment_magic)
+        document = row.get("settling") or {}
+        awaited = Awaited.from_json(document, legs=len(plan.legs), since=now)
+        carried = {
+            name: row.get(name)
+            for name in ("retcode", "broker_comment", "filling_mode", "state", "submitted_at")
+        }
+        carried["timings"] = document.get("timings") or {}
+        waiter = cls(plan, awaited, row.get("account"), row.get("session_key"), carried)
+        if awaited.verify:
+            waiter.delay = FIRST_CHECK_SECONDS
+        return waiter
+
+    def later(self, now: float) -> None:
+        """Look again after a backoff."""
+        cap = MAX_CHECK_SECONDS if self.awaited.verify else MAX_LOOK_SECONDS
+        self.due = now + self.delay
+        self.delay = min(self.delay * 2, cap)
+        self.looks += 1
+
+
+class Settler:
+    """Finishes waiting executions in rounds, one history window per account and round."""
+
+    def __init__(self, pipeline: Pipeline, *, clock: Callable[[], float] = time.time) -> None:
+        self._pipeline = pipeline
+        self._settings = pipeline.settings
+        self._store = pipeline.store
+        self._sessions = pipeline.sessions
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._waiting: dict[UUID, Waiter] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[Publish], None]] = []
+        self._next_scan = 0.0
+        self._published = threading.Condition()
+        self._recent: OrderedDict[UUID, Publish] = OrderedDict()  # for wait_for
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Publish], None]) -> None:
+        """``listener`` gets every confirmation committed here (any thread may call it)."""
+        self._listeners.append(listener)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def add(self, waiter: Waiter) -> bool:
+        """Take an execution over. False: this process has no session of its account."""
+        if not self._can_settle(waiter):
+            return False
+        with self._lock:
+            known = self._waiting.get(waiter.execution_id)
+            if known is None or waiter.awaited != known.awaited:
+                waiter.due = self._clock() + (waiter.delay if waiter.awaited.verify else 0.0)
+                self._waiting[waiter.execution_id] = waiter
+        self._wake.set()
+        return True
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def _can_settle(self, waiter: Waiter) -> bool:
+        if waiter.account is not None and waiter.account in self._sessions.accounts:
+            return True
+        return self._sessions.has_session(waiter.session_key)
+
+    # --- the rounds -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if self._clock() >= self._next_scan:
+                    self._next_scan = self._clock() + SCAN_SECONDS
+                    self.scan()
+                pause = self.round()
+            except Exception:
+                log.exception("settler round failed; trying again")
+                pause = MAX_LOOK_SECONDS
+            self._wake.wait(min(pause, SCAN_SECONDS))
+            self._wake.clear()
+
+    def scan(self) -> int:
+        """Take over the rows nobody settles (a killed worker's): ``settling`` set and
+        untouched for longer than this process would leave its own."""
+        idle = self._settings.order_timeout_seconds + self._settings.reconcile_grace_seconds
+        try:
+            with self._store.connection() as conn:
+                rows = self._store.settling(conn, idle_seconds=idle + SCAN_SECONDS)
+        except (psycopg.Error, StoreError) as exc:
+            log.warning("settler: cannot scan the database: %s", type(exc).__name__)
+            return 0
+        taken = 0
+        now = self._clock()
+        for row in rows:
+            with self._lock:
+                if row.execution_id in self._waiting:
+                    continue
+            if self.add(Waiter.of_row(row, self._settings.magic, now)):
+                taken += 1
+        if taken:
+            log.warning("settler: took over %d execution(s) left by another worker", taken)
+        return taken
+
+    def round(self) -> float:
+        """Look at every waiting execution that is due; the seconds until the next is."""
+        now = self._clock()
+        with self._lock:
+            due = [w for w in self._waiting.values() if w.due <= now]
+        by_account: dict[tuple[str | None, str | None], list[Waiter]] = {}
+        for waiter in due:
+            key = (waiter.account, None if waiter.account else waiter.session_key)
+            by_account.setdefault(key, []).append(waiter)
+        for (account, session_key), waiters in by_account.items():
+            self._round_for(account, session_key, waiters)
+        with self._lock:
+            pending = [w.due for w in self._waiting.values()]
+        soonest = min(pending, default=now + SCAN_SECONDS)
+        return max(soonest - self._clock(), 0.0)
+
+    def _round_for(
+        self, account: str | None, session_key: str | None, waiters: list[Waiter]
+    ) -> None:
+        now = self._clock()
+        try:
+            lease = self._sessions.claim(CLAIM_SECONDS, account=account, session_key=session_key)
+        except ClaimTimeout:
+            for waiter in waiters:
+                waiter.later(now)
+            return
+        checked: list[UUID] = []
+        with lease:
+            gateway: Gateway = lease.session.gateway
+            since = min(w.plan.received_at for w in waiters) - timedelta(minutes=5)
+            try:
+                window = gateway.window(since)
+            except (GatewayRejection, api.TransportError) as exc:
+                gateway.drain_calls()
+                log.debug("settler: the history cannot be read now: %s", exc)
+                for waiter in waiters:
+                    waiter.later(now)
+                return
+            calls = gateway.drain_calls()
+            for waiter in waiters:
+                with log_context(execution_id=waiter.execution_id, symbol=waiter.plan.symbol):
+                    try:
+                        done = self._advance(waiter, window, lease, calls)
+                    except (LeaseLost, api.TransportError, psycopg.Error, StoreError) as exc:
+                        log.warning("settler: not settled yet: %s", type(exc).__name__)
+                        done = None
+                    except Exception:
+                        log.exception("settler: unexpected error; trying again")
+                        done = None
+                if done is None:
+                    waiter.later(self._clock())
+                    continue
+                self._forget(waiter)
+                if done == "checked":
+                    checked.append(waiter.execution_id)
+                elif isinstance(done, Publish):
+                    self._publish(done)
+            if checked:
+                try:
+                    self._store.checked(lease.conn, checked)
+                except (psycopg.Error, StoreError) as exc:  # checked again after a restart
+                    log.warning("settler: checks not recorded: %s", type(exc).__name__)
+
+    def _forget(self, waiter: Waiter) -> None:
+        with self._lock:
+            if self._waiting.get(waiter.execution_id) is waiter:
+                del self._waiting[waiter.execution_id]
+
+    def wait_for(self, execution_id: UUID, timeout: float) -> Publish | None:
+        """The confirmation committed here for the execution (tools, tests), waited for up to
+        ``timeout`` s; without the settler's thread, the caller's thread runs the rounds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._published:
+                if execution_id in self._recent:
+                    return self._recent[execution_id]
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                if self._thread is not None:
+                    self._published.wait(min(remaining, MAX_LOOK_SECONDS))
+                    continue
+            time.sleep(min(self.round(), remaining, MAX_LOOK_SECONDS))
+
+    def _publish(self, publish: Publish) -> None:
+        with self._published:
+            self._recent[publish.execution_id] = publish
+            while len(self._recent) > RECENT_REMEMBERED:
+                self._recent.popitem(last=False)
+            self._published.notify_all()
+        for listener in self._listeners:
+            try:
+                listener(publish)
+            except Exception:
+                log.exception("settler: a confirmation listener failed")
+
+    # --- one execution --------------------------------------------------------------------
+
+    def _advance(
+        self, waiter: Waiter, window: HistoryWindow, lease: Lease, calls: list[Any]
+    ) -> Outcome | str | None:
+        """Publish: committed; "checked": nothing left to check; None: look again later."""
+        plan, awaited = waiter.plan, waiter.awaited
+        found = Found.of(window.of(plan.identity, plan.broker_symbol))
+        if awaited.verify:
+            return self._check(waiter, found, lease)
+        state = settle.progress(awaited, found, plan.side, plan.requested_price)
+        now = self._clock()
+        overdue = now >= awaited.since + self._settings.order_timeout_seconds
+        run = self._run_of(waiter, calls)
+        if isinstance(state, Waiting) and not state.open_orders and waiter.looked_twice:
+            # the window may miss deals its orders show (history lag): ask by ticket
+            missing = settle.uncovered(found, state.fills, plan.side)
+            if missing:
+                found = replace(
+                    found,
+                    deals=(
+                        *found.deals,
+                        *inquiry.deals_of_orders(lease.session.gateway, missing, run),
+                    ),
+                )
+                state = settle.progress(awaited, found, plan.side, plan.requested_price)
+        if isinstance(state, Settled):
+            return self._settled(waiter, state, found, lease, run, overdue)
+        if isinstance(state, Waiting):
+            if not overdue:
+                return None
+            if state.open_orders:
+                self._cancel(waiter, state.open_orders, lease, run)
+                return None
+            return self._give_up(waiter, lease, run, state.fills, "deals")
+        assert isinstance(state, Unaccounted)
+        if now < awaited.since + self._settings.reconcile_grace_seconds:
+            return None
+        return self._give_up(waiter, lease, run, state.fills, "order")
+
+    def _settled(
+        self, waiter: Waiter, state: Settled, found: Found, lease: Lease, run: Run, overdue: bool
+    ) -> Outcome | None:
+        plan = waiter.plan
+        closed = settle.closing_state(plan.closing_sent, plan.side, found)
+        if closed is None:  # our slippage close is on record but does not show (all) yet
+            if not overdue:
+                return None
+            return self._give_up(waiter, lease, run, state.fills, "the slippage close")
+        metrics.record_settled_off_session(provisional=False)
+        run.note("settle", deals=[d for f in state.fills for d in f.deals], off_session=True)
+        return self._pipeline.conclude(
+            plan, lease, run, state.fills, timed_out=state.timed_out, closed=closed
+        )
+
+    def _run_of(self, waiter: Waiter, calls: list[Any]) -> Run:
+        """The handling's bookkeeping carried over (for the confirmation and the audit)."""
+        carried = waiter.carried
+        run = Run(self._clock, self._clock())
+        run.attempts = waiter.plan.attempts
+        run.submitted_at = carried.get("submitted_at") or waiter.plan.submitted_at
+        run.retcode = carried.get("retcode")
+        run.broker_comment = carried.get("broker_comment")
+        run.filling_mode = carried.get("filling_mode")
+        run.timings_ms.update(carried.get("timings") or {})
+        run.timings_ms["settle"] = round(max(self._clock() - waiter.awaited.since, 0.0) * 1000.0, 3)
+        run.broker_calls("settle", calls)
+        return run
+
+    def _cancel(self, waiter: Waiter, tickets: tuple[int, ...], lease: Lease, run: Run) -> None:
+        """The order timeout: cancel what still works (its final state then settles it).
+        A cancel is no order: sent again it fails harmlessly."""
+        gateway: Gateway = lease.session.gateway
+        for ticket in tickets:
+            reply = gateway.cancel(ticket, fence=lease.fence)
+            run.note("monitor", cancelled=ticket, retcode=reply.retcode)
+        run.broker_calls("monitor", gateway.drain_calls())
+        save_events(self._store, lease.conn, waiter.execution_id, run)
+
+    def _give_up(
+        self, waiter: Waiter, lease: Lease, run: Run, fills: list[Fill], missing: str
+    ) -> Outcome:
+        """No proof either way within the time allowed: a provisional answer, corrected by
+        the background recheck when the broker shows the truth (never a second order)."""
+        plan, awaited = waiter.plan, waiter.awaited
+        waited = self._clock() - awaited.since
+        details = {
+            "order": f"an order's outcome is unknown and the broker showed nothing of it"
+            f" in {waited:.1f} s",
+            "deals": f"the broker shows our order but not its deals after {waited:.1f} s",
+            "the slippage close": f"the slippage close does not show after {waited:.1f} s",
+        }[missing]
+        metrics.record_settled_off_session(provisional=True)
+        run.note("settle", provisional=True, missing=missing)
+        document = awaited.to_json()
+        return self._pipeline.conclude(
+            plan,
+            lease,
+            run,
+            fills,
+            reason=RejectionReason.UNKNOWN_OUTCOME,
+            details=details,
+            status=None if fills else ExecutionStatus.FAILED,
+            provisional=True,
+            settling=document,
+        )
+
+    def _check(self, waiter: Waiter, found: Found, lease: Lease) -> Outcome | str | None:
+        """A final row settled from its replies: do the deals agree?"""
+        plan, awaited = waiter.plan, waiter.awaited
+        state = settle.progress(awaited.by_deals_alone(), found, plan.side, plan.requested_price)
+        if not isinstance(state, Settled):
+            if self._clock() < awaited.since + CHECK_WINDOW_SECONDS:
+                return None
+            metrics.record_deal_check("unverified")
+            log.warning("settler: the deals of a reply-settled fill never showed")
+            return "checked"
+        if not settle.disagrees(state.fills, awaited.known):
+            metrics.record_deal_check("agreed")
+            return "checked"
+        metrics.record_deal_check("corrected")
+        published = self._store.confirmation_of(lease.conn, plan.execution_id)
+        if published is None:
+            raise StoreError(f"execution {plan.execution_id} has no outbox row")
+        previous = ExecutionConfirmation.model_validate_json(published.payload)
+        log.error(
+            "settler: the deals contradict the reply this execution was settled from"
+            " (reply deals %s, broker deals %s): publishing a corrected version",
+            [d for f in awaited.known for d in f.deals],
+            [d for f in state.fills for d in f.deals],
+        )
+        run = self._run_of(waiter, [])
+        run.note("check", corrected=True, deals=[d for f in state.fills for d in f.deals])
+        return self._pipeline.conclude(
+            plan,
+            lease,
+            run,
+            state.fills,
+            timed_out=state.timed_out,
+            version=previous.version + 1,
+            correction=(
+                f"version {previous.version} was settled from the broker's reply; the"
+                " account's deals say otherwise"
+            ),
+            corrects=previous.status.value,
+        )
