@@ -4,6 +4,7 @@ that lock is held (the fence travels with the statement, whichever connection ru
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -259,3 +260,184 @@ def test_a_final_commits_only_while_its_lease_holds_the_lock(store: Store) -> No
         assert _state(store, execution_id) == "FILLED"
     finally:
         holder.close()
+
+
+# --- the fence must hold once the write holds its row, not only when its statement began ----
+
+
+def _waiting_on_a_row_lock(admin: psycopg.Connection[Any]) -> bool:
+    """One backend waits for another transaction to end (a locked row, a key being
+    inserted), not on an advisory lock."""
+    row = admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND wait_event = 'transactionid'"
+    ).fetchone()
+    return row == (1,)
+
+
+def _lose_the_lease(admin: psycopg.Connection[Any], store: Store, lock: LockHeld) -> Any:
+    """The lease's backend dies (its session lock goes with it) and another process takes
+    the lock: the session now belongs to someone else. Returns that process's connection."""
+    admin.execute("SELECT pg_terminate_backend(%s, 10000)", (lock.pid,))
+    taker = psycopg.connect(store.pool.conninfo, autocommit=True)
+    taker.execute("SELECT pg_advisory_lock(%s, %s)", (lock.lock_class, lock.lock_key))
+    return taker
+
+
+def _in_thread(run: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = run()
+        except Exception as exc:
+            result["value"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def test_a_final_waiting_on_its_row_does_not_commit_after_its_lease_is_lost(
+    store: Store,
+) -> None:
+    """The fence is read when the statement starts; the UPDATE then waits on the row lock
+    another transaction holds. If the lease is lost during that wait, the final must not
+    commit when the row is released (READ COMMITTED re-checks the row, not the fence)."""
+    holder, lock = _holder(store, 81)
+    execution_id = uuid.uuid4()
+    confirmation = Publish(execution_id, "confirmation.filled.EURUSD", b"{}", None, None)
+    final = {**_intent(execution_id), "state": "FILLED"}
+    with store.connection() as conn:
+        assert store.insert_intent(conn, _intent(execution_id), [], lock=lock)
+    with (
+        psycopg.connect(store.pool.conninfo, autocommit=True) as admin,
+        psycopg.connect(store.pool.conninfo) as row_locker,
+    ):
+        row_locker.execute(
+            "SELECT 1 FROM execution.executions WHERE execution_id = %s FOR UPDATE",
+            (execution_id,),
+        )
+
+        def finish() -> Publish:
+            with store.connection() as conn:
+                return store.finish(conn, final, [Event("commit")], confirmation, lock=lock)
+
+        thread, result = _in_thread(finish)
+        _wait_until(lambda: _waiting_on_a_row_lock(admin), "the final waits on the row lock")
+        taker = _lose_the_lease(admin, store, lock)
+        try:
+            row_locker.commit()  # the row is free: the waiting final goes on
+            thread.join(30.0)
+            assert not thread.is_alive()
+        finally:
+            taker.close()
+            holder.close()
+    assert isinstance(result["value"], LockNotHeld), result["value"]
+    assert _state(store, execution_id) == "SUBMITTING", "left in flight for the lock's holder"
+    with store.connection() as conn:
+        assert store.confirmation_of(conn, execution_id) is None, "no outbox row"
+
+
+def test_an_intent_waiting_on_its_key_does_not_commit_after_its_lease_is_lost(
+    store: Store,
+) -> None:
+    """The same for an intent: its INSERT waits on a rival's uncommitted row of the same
+    key; the rival rolls back after the lease was lost: the intent must not commit."""
+    holder, lock = _holder(store, 82)
+    execution_id = uuid.uuid4()
+    with (
+        psycopg.connect(store.pool.conninfo, autocommit=True) as admin,
+        psycopg.connect(store.pool.conninfo) as rival,
+    ):
+        rival.execute(
+            "INSERT INTO execution.executions"
+            " (execution_id, idempotency_key, state, comment_token, received_at, symbol, request)"
+            " SELECT execution_id, idempotency_key, state, comment_token, received_at, symbol,"
+            " request FROM jsonb_populate_record(NULL::execution.executions, %s::jsonb)",
+            (json.dumps(_intent(execution_id), default=str),),
+        )
+
+        def intent() -> bool:
+            with store.connection() as conn:
+                return store.insert_intent(conn, _intent(execution_id), [], lock=lock)
+
+        thread, result = _in_thread(intent)
+        _wait_until(lambda: _waiting_on_a_row_lock(admin), "the intent waits on the key")
+        taker = _lose_the_lease(admin, store, lock)
+        try:
+            rival.rollback()  # the key is free: the waiting intent goes on
+            thread.join(30.0)
+            assert not thread.is_alive()
+        finally:
+            taker.close()
+            holder.close()
+    assert isinstance(result["value"], LockNotHeld), result["value"]
+    assert _state(store, execution_id) is None, "no intent without the lock"
+
+
+def test_a_batch_with_a_lost_fence_rolls_back_and_its_good_writes_commit_alone(
+    new_database: Callable[[], str],
+) -> None:
+    """Two finals in one batch: the first waits on its row while its lease is lost. The
+    batch's check before COMMIT fails it; retried alone, the other final commits."""
+    store = Store.open(new_database(), max_size=4)
+    store.group = GroupCommit(store.pool.conninfo, TCP_KEEPALIVES, lanes=1)
+    try:
+        store.migrate()
+        lost_holder, lost_lock = _holder(store, 83)
+        kept_holder, kept_lock = _holder(store, 84)
+        lost_id, kept_id = uuid.uuid4(), uuid.uuid4()
+        with store.connection() as conn:
+            assert store.insert_intent(conn, _intent(lost_id), [], lock=lost_lock)
+            assert store.insert_intent(conn, _intent(kept_id), [], lock=kept_lock)
+
+        def finish(execution_id: uuid.UUID, lock: LockHeld) -> Callable[[], Publish]:
+            confirmation = Publish(execution_id, "confirmation.filled.EURUSD", b"{}", None, None)
+            final = {**_intent(execution_id), "state": "FILLED"}
+
+            def run() -> Publish:
+                with store.connection() as conn:
+                    return store.finish(conn, final, [Event("commit")], confirmation, lock=lock)
+
+            return run
+
+        with (
+            psycopg.connect(store.pool.conninfo, autocommit=True) as admin,
+            psycopg.connect(store.pool.conninfo) as row_locker,
+        ):
+            row_locker.execute(
+                "SELECT 1 FROM execution.executions WHERE execution_id = %s FOR UPDATE",
+                (lost_id,),
+            )
+            assert store.group is not None
+            writers = _Writers(store.group)
+            _leader_blocked(writers, admin)
+            lost_thread, lost = _in_thread(finish(lost_id, lost_lock))
+            _wait_until(lambda: store.group is not None and store.group.queued == 1, "queued")
+            kept_thread, kept = _in_thread(finish(kept_id, kept_lock))
+            _wait_until(lambda: store.group is not None and store.group.queued == 2, "queued")
+            admin.execute("SELECT pg_advisory_unlock(%s)", (BLOCKER,))
+            writers.join()
+            _wait_until(lambda: _waiting_on_a_row_lock(admin), "the batch waits on the row")
+            taker = _lose_the_lease(admin, store, lost_lock)
+            try:
+                row_locker.commit()
+                for thread in (lost_thread, kept_thread):
+                    thread.join(30.0)
+                    assert not thread.is_alive()
+            finally:
+                taker.close()
+                lost_holder.close()
+                kept_holder.close()
+        assert isinstance(lost["value"], LockNotHeld), lost["value"]
+        assert isinstance(kept["value"], Publish), kept["value"]
+        assert _state(store, lost_id) == "SUBMITTING"
+        assert _state(store, kept_id) == "FILLED"
+        with store.connection() as conn:
+            assert store.confirmation_of(conn, lost_id) is None
+            assert store.confirmation_of(conn, kept_id) is not None
+        assert store.group.stats.sizes[-1] == 2, "the two finals were one batch"
+        assert store.group.stats.retried_alone == 2
+    finally:
+        store.close()

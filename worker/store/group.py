@@ -5,16 +5,19 @@ becomes the leader of a batch: it takes every statement queued *now* (no timer: 
 goes out at once, so an idle worker pays no latency for batching), sends them pipelined
 (psycopg pipeline mode) inside one BEGIN ... COMMIT on the committer's own connection, and hands
 each writer its statement's first row. N writers in flight together cost one commit, one WAL
-flush and one network round trip instead of N.
+flush and two network round trips (the second once their fences are read, see below) instead
+of N.
 
 One bad statement must not fail its neighbours: if a batch fails, each of its statements is run
 again alone, in its own transaction. The statements given here are written to be harmless when
 run again after an outcome that is not known (an intent insert conflicts with itself, a final
 update finds its row already settled), so a COMMIT lost with the connection is safe to retry.
 
-Statements that depend on a session lease carry their own fence (``Store``'s ``held`` CTE: the
-lease's backend still holds the session's advisory lock), checked inside the batch's
-transaction: a writer whose lease was lost commits nothing.
+A write that depends on a session lease names its ``Fence`` (the lease's backend and the
+session's advisory lock). The fences are read once more at the end of the write's transaction,
+after all its writes, and its COMMIT is sent only if they all hold, else it rolls back (see
+``_fenced``): a writer whose lease was lost commits nothing, even when its statement began
+while the lease still held the lock and then waited on a row.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -38,10 +41,53 @@ Query = str | sql.Composed | sql.SQL
 Row = tuple[Any, ...]
 
 
+class Fence(Protocol):
+    """The session lock a write depends on: the backend ``pid`` (a lease's connection) holds
+    the two-int advisory lock (``lock_class``, ``lock_key``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def lock_class(self) -> int: ...
+
+    @property
+    def lock_key(self) -> int: ...
+
+
+class FenceLost(Exception):
+    """The write's fence was lost before its COMMIT: the write is not committed."""
+
+
+def held_by(pid: str, lock_class: str, lock_key: str) -> str:
+    """SQL that is true while the backend ``pid`` holds the advisory lock (``lock_class``,
+    ``lock_key``) (the three are SQL expressions). A two-int advisory lock shows in pg_locks
+    as classid = key1, objid = key2 (as an unsigned 32-bit oid), objsubid = 2 (PostgreSQL
+    docs, "pg_locks"); the view shows the lock manager's state when it is read, not a
+    transaction's snapshot."""
+    return (
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        f" AND pid = {pid} AND objsubid = 2 AND classid = {lock_class}"
+        f" AND objid = ({lock_key} & 4294967295)::oid)"
+    )
+
+
+# The fences of a transaction's writes that are lost, read after its writes and before its
+# COMMIT, which is sent only if there are none (see ``GroupCommit._fenced``). One statement,
+# with parameters, so it is planned once per connection (psycopg prepares a statement it
+# has run a few times); planning a
+# pg_locks query costs more than running it.
+_LOST_FENCES = (
+    "SELECT count(*) FROM unnest(%(pids)s::int[], %(classes)s::oid[], %(keys)s::bigint[])"
+    f" AS f(pid, lock_class, lock_key) WHERE NOT {held_by('f.pid', 'f.lock_class', 'f.lock_key')}"
+)
+
+
 @dataclass(eq=False)
 class _Write:
     query: Query
     params: Mapping[str, Any]
+    fence: Fence | None = None
     taken: bool = False  # a leader has it
     done: threading.Event = field(default_factory=threading.Event)
     row: Row | None = None
@@ -119,12 +165,15 @@ class GroupCommit:
     def queued(self) -> int:
         return len(self._queue)
 
-    def execute(self, query: Query, params: Mapping[str, Any]) -> Row | None:
+    def execute(
+        self, query: Query, params: Mapping[str, Any], *, fence: Fence | None = None
+    ) -> Row | None:
         """Commit ``query`` (with the statements queued beside it); its first row.
 
+        ``fence``: commit only if it still holds at the end of the transaction (FenceLost).
         Raises the statement's own error, e.g. a ``psycopg.Error`` (the write is then not
         committed, or harmlessly committed by a COMMIT whose reply was lost: see above)."""
-        write = _Write(query, params)
+        write = _Write(query, params, fence)
         self._queue.append(write)
         while not write.done.is_set():
             if write.taken:  # in a batch another leader is committing
@@ -189,17 +238,57 @@ class GroupCommit:
 
     @staticmethod
     def _together(lane: _Lane, batch: list[_Write]) -> None:
+        """One transaction; a lost fence fails it (each write is then retried alone)."""
         conn = lane.connection()
+        fences = [write.fence for write in batch if write.fence is not None]
         with conn.pipeline():
             with conn.transaction():
                 cursors = [conn.execute(write.query, write.params) for write in batch]
+                if fences:
+                    GroupCommit._fenced(conn, fences)
             rows = [cursor.fetchone() for cursor in cursors]
         for write, row in zip(batch, rows, strict=True):
             write.row = row
 
     @staticmethod
+    def _fenced(conn: psycopg.Connection[Any], fences: Sequence[Fence]) -> None:
+        """In a transaction, after its writes: raise FenceLost (the transaction then rolls
+        back) unless every fence still holds, so that its COMMIT is sent only then.
+
+        The writes' statements read their fence (``Store``'s ``held`` CTE) when they begin,
+        and that is not enough: an UPDATE that finds its row locked by another transaction
+        waits for it, then re-checks only that row (PostgreSQL docs, 13.2.1 "Read Committed
+        Isolation Level": the WHERE clause "is re-evaluated to see if the updated version of
+        the row still matches the search condition", the EvalPlanQual recheck; the rest of
+        the statement, the fence with it, keeps what it read before the wait: the command
+        "does not see effects of those commands on other rows"). An INSERT ... ON CONFLICT
+        likewise waits on a concurrent insert of its key. The lease can be lost during such a
+        wait, and the session taken by another process.
+
+        Here every write of the transaction holds its row: an UPDATE's row lock, an INSERT's
+        new row (and key), each kept until the transaction ends (13.3.2 "Row-Level Locks").
+        So if the fence still holds now, a process that takes the session after this reads
+        waits on those rows until this transaction has ended, and then sees its outcome.
+        (Withholding the COMMIT until the series is known good is one of the ways the
+        PostgreSQL docs give to use a pipeline, 55.2.4 "Pipelining"; it costs one more round
+        trip.)"""
+        row = conn.execute(
+            _LOST_FENCES,
+            {
+                "pids": [fence.pid for fence in fences],
+                "classes": [fence.lock_class for fence in fences],
+                "keys": [fence.lock_key for fence in fences],
+            },
+        ).fetchone()
+        if row is None or row[0] != 0:
+            raise FenceLost("a session lock a write depends on is lost")
+
+    @staticmethod
     def _alone(lane: _Lane, write: _Write) -> None:
         try:
-            write.row = lane.connection().execute(write.query, write.params).fetchone()
+            if write.fence is None:  # one statement: its own transaction (autocommit)
+                write.row = lane.connection().execute(write.query, write.params).fetchone()
+            else:
+                GroupCommit._together(lane, [write])
         except Exception as exc:  # handed to its writer, whatever it is
             write.error = exc

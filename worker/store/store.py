@@ -30,7 +30,7 @@ from pydantic_core import PydanticSerializationError, to_json
 
 from worker.errors import WorkerError
 from worker.execution.outcome import Publish
-from worker.store.group import GroupCommit
+from worker.store.group import FenceLost, GroupCommit, held_by
 from worker.store.migrate import apply_migrations
 
 TERMINAL_STATES = frozenset(
@@ -241,14 +241,12 @@ def _row_cte(placeholder: str) -> str:
 
 _ROW = _row_cte("%s")
 _ROW_NAMED = _row_cte("%(row)s")
-# A one-row CTE ``held``: does the session lease a write depends on still hold its lock? A
-# two-int advisory lock shows in pg_locks as classid = key1, objid = key2 (as an unsigned
-# 32-bit oid), objsubid = 2 (PostgreSQL docs, "pg_locks"). Without a lease: true.
+# A one-row CTE ``held``: does the session lease a write depends on still hold its lock, when
+# the statement begins? (A refusal that writes nothing; the group checks the lock again before
+# COMMIT, see worker.store.group.GroupCommit._fenced.) Without a lease: true.
 _HELD = (
-    "held AS (SELECT CASE WHEN %(pid)s::int IS NULL THEN true ELSE EXISTS (SELECT 1 FROM"
-    " pg_locks WHERE locktype = 'advisory' AND granted AND pid = %(pid)s::int"
-    " AND objsubid = 2 AND classid = %(lock_class)s::oid"
-    " AND objid = (%(lock_key)s::bigint & 4294967295)::oid) END AS ok)"
+    "held AS (SELECT CASE WHEN %(pid)s::int IS NULL THEN true ELSE"
+    f" {held_by('%(pid)s::int', '%(lock_class)s::oid', '%(lock_key)s::bigint')} END AS ok)"
 )
 
 
@@ -256,7 +254,9 @@ _HELD = (
 class LockHeld:
     """The session lock a write depends on: held by the backend ``pid`` (a lease's
     connection) as the two-int advisory lock (``lock_class``, ``lock_key``). A write that
-    names it commits only while that backend still holds the lock (its fence)."""
+    names it commits only while that backend still holds the lock (its fence): on the
+    lease's connection, whose lock dies with it; group-committed, if the lock is still held
+    once the write holds its row, just before COMMIT (a ``worker.store.group.Fence``)."""
 
     pid: int
     lock_class: int
@@ -482,14 +482,17 @@ class Store:
         execution_id: UUID,
     ) -> int:
         """Run a write whose statement has the ``held`` CTE and returns ``(count, held)``;
-        the count. With group commit and a ``lock``, the write is group-committed and its
-        statement checks the lock (LockNotHeld if the lease lost it). Otherwise it runs on
-        ``conn``, the lease's own connection, whose commit is its fence (the lock lives and
-        dies with that connection): no pg_locks read is paid."""
+        the count. With group commit and a ``lock``, the write is group-committed, and its
+        statement and its transaction's end check the lock (LockNotHeld if the lease lost it
+        at either). Otherwise it runs on ``conn``, the lease's own connection, whose commit is
+        its fence (the lock lives and dies with that connection): no pg_locks read is paid."""
         grouped = lock if self.group is not None else None
         params = {**params, **_lock_params(grouped)}
         if self.group is not None and grouped is not None:
-            row = self.group.execute(query, params)
+            try:
+                row = self.group.execute(query, params, fence=grouped)
+            except FenceLost as exc:
+                raise LockNotHeld(f"execution {execution_id}: the session lock is lost") from exc
         else:
             with _atomic(conn):
                 row = conn.execute(query, params).fetchone()
