@@ -92,19 +92,29 @@ class Arrivals:
             self._cond.notify_all()
 
     def wait(self, keys: Sequence[str], timeout: float, on_progress: Progressed) -> None:
-        """Until every key arrived; raises BenchError after ``timeout`` seconds."""
+        """Until every key arrived; raises BenchError once none arrived for ``timeout`` seconds.
+
+        The deadline moves with each arrival: a slow consumer that keeps answering (the worker
+        on a hard server, waiting for each fill's deal) is waited for; a stuck one is not.
+        """
         deadline = time.monotonic() + timeout
+        last = 0
         with self._cond:
             while True:
                 done = sum(1 for key in keys if key in self.times)
                 on_progress(done, len(keys))
                 if done == len(keys):
                     return
+                if done > last:
+                    last, deadline = done, time.monotonic() + timeout
                 if self._error is not None:
                     raise BenchError(f"observer failed: {type(self._error).__name__}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BenchError(f"timed out: {done} of {len(keys)} confirmations arrived")
+                    raise BenchError(
+                        f"timed out: {done} of {len(keys)} confirmations arrived,"
+                        f" none in the last {timeout:g} s"
+                    )
                 self._cond.wait(min(left, 0.5))
 
     def wait_first(self, keys: Sequence[str], timeout: float) -> None:
