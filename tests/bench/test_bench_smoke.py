@@ -152,6 +152,31 @@ def test_group_commit_beside_the_default(results: dict[str, Any]) -> None:
     assert grouped["ratio_to_default"] == pytest.approx(grouped["worker"] / default, rel=0.01)
 
 
+def test_hardened_beside_the_friendly_simulator(results: dict[str, Any]) -> None:
+    """Shape and consistency only: the goals (ratio >= 0.8, p50 + 50 ms) are reported."""
+    hardened = results["hardened"]
+    assert set(hardened) == {
+        "worker",
+        "ratio_to_friendly",
+        "p50_ms",
+        "friendly_p50_ms",
+        "p50_delta_ms",
+    }
+    assert all(_positive(hardened[key]) for key in ("worker", "p50_ms", "friendly_p50_ms"))
+    # beside the friendly drain at the same level, in the same rounds: worker / friendly, each
+    # rounded to 0.1 msg/s and the ratio to 0.001
+    friendly = results["throughput_inflight"][str(bench_counts.QUICK.prefetch)]["worker"]
+    ratio = hardened["ratio_to_friendly"]
+    rounding = 0.0005 + 0.05 * (1 + ratio) / friendly
+    assert _positive(ratio)
+    assert ratio == pytest.approx(hardened["worker"] / friendly, rel=0.01, abs=rounding)
+    # the friendly p50 is the worker's at the offered rate, whose rounds the hardened took part in
+    assert hardened["friendly_p50_ms"] == results["overhead_100_ms"]["p50"]
+    delta = hardened["p50_ms"] - hardened["friendly_p50_ms"]
+    assert hardened["p50_delta_ms"] == pytest.approx(delta, abs=0.002)
+    assert "hardened simulator" in bench_report.table(results)
+
+
 def test_memory(results: dict[str, Any]) -> None:
     rss = results["rss_mb"]
     assert set(rss) == {"1k", "50k"}
@@ -173,7 +198,9 @@ def test_every_message_filled(results: dict[str, Any]) -> None:
     scaling = counts.scaling_per_session * (1 + 2 + 4 + 8)
     split = counts.throughput  # the worker's backlog again, over two processes
     grouped = counts.throughput  # and with GROUP_COMMIT=true
-    expected = 2 * per_target + split + grouped + scaling + counts.memory_total
+    # and on the hardened simulator: the offered rate's rounds and the drain at prefetch
+    hardened = counts.warmup * rated_rounds + counts.rated + counts.throughput
+    expected = 2 * per_target + split + grouped + hardened + scaling + counts.memory_total
     assert results["statuses"] == {"FILLED": expected}
 
 
@@ -269,3 +296,10 @@ def test_the_bench_measures_the_worker_on_a_friendly_server(tmp_path: Path) -> N
     faults = SimConfig.from_toml(path).faults
     assert faults == FaultConfig.friendly(latency_by_function=faults.latency_by_function)
     assert faults.latency_by_function == {"order_send": 20.0}
+
+
+def test_the_hardened_figures_meet_the_simulators_default_hard_server(tmp_path: Path) -> None:
+    path = tmp_path / "sim.toml"
+    path.write_text(bench_children.sim_config_toml(0.0, hardened=True), encoding="utf-8")
+    faults = SimConfig.from_toml(path).faults
+    assert faults == FaultConfig.hardened() == FaultConfig()

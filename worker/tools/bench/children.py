@@ -67,18 +67,23 @@ def spawn(name: str, command: list[str], env: dict[str, str], workdir: Path) -> 
     return Child(name, process, log_path)
 
 
-def sim_config_toml(order_send_latency_ms: float) -> str:
+def sim_config_toml(order_send_latency_ms: float, hardened: bool = False) -> str:
     """Simulator settings for the bench: open all week, netting, ample balance, friendly.
 
     The bench measures what the worker adds to the broker's own latency, against a floor that
     has no broker at all: a hardened server's deal lag (hundreds of ms per fill, which the
     worker rightly waits for) would be the server's time, not the worker's. Correctness
     against the hardened server is the fault suite's and the tests' job.
+
+    ``hardened``: the simulator's default hard server instead (``preset = "hardened"``: deal
+    lag, deal 0 in replies, None from history queries, cut comments, ...), for the ``hardened``
+    figures, which show what a hard server costs the worker beside the friendly one.
     """
+    preset = "hardened" if hardened else "friendly"
     text = (
         "[account]\nbalance = 1000000000000.0\nmargin_mode = 0\n\n"
         f"[symbols.{SIM_SYMBOL}]\nclosed_weekly = []\n\n"
-        '[faults]\npreset = "friendly"\n'
+        f'[faults]\npreset = "{preset}"\n'
     )
     if order_send_latency_ms > 0:
         text += f"\n[faults.latency_by_function]\norder_send = {order_send_latency_ms}\n"

@@ -96,13 +96,17 @@ class Bench:
         bridge: tuple[int, str] | None = None,
         processes: int = 1,
         group_commit: bool = False,
+        hardened: bool = False,
     ) -> Child:
-        """``execution-worker run`` with ``sessions`` in all (``sessions // processes`` each)."""
+        """``execution-worker run`` with ``sessions`` in all (``sessions // processes`` each);
+        its in-process simulated terminals friendly, or ``hardened`` (the simulator's default
+        hard server)."""
         env = self._base_env()
         env["GROUP_COMMIT"] = "true" if group_commit else "false"
         if bridge is None:
-            config = self.workdir / f"sim-{latency_ms:g}.toml"
-            config.write_text(sim_config_toml(latency_ms))
+            preset = "hardened" if hardened else "friendly"
+            config = self.workdir / f"sim-{preset}-{latency_ms:g}.toml"
+            config.write_text(sim_config_toml(latency_ms, hardened=hardened))
             env.update(
                 MT5_BACKEND="sim", MT5_SESSIONS=str(sessions // processes), SIM_CONFIG=str(config)
             )
@@ -117,7 +121,8 @@ class Bench:
         command = [sys.executable, "-m", "worker.cli", "run"]
         if processes > 1:
             command += ["--processes", str(processes)]
-        child = self._start(f"worker {sessions} sessions", command, env)
+        name = ("hardened " if hardened else "") + f"worker {sessions} sessions"
+        child = self._start(name, command, env)
         self._wait_consumers(REQUESTS_QUEUE, processes, child)
         return child
 

@@ -15,7 +15,9 @@ process is only the client: it publishes RPM approvals and times their confirmat
    (n consumers, each with prefetch 1: the same messages in flight) for n = ``prefetch``, 4,
    8 and 16, all in alternating rounds, with the CPU per message of the worker or floor
    process and of PostgreSQL's backends (worker/tools/bench/cpu.py); and the worker's
-   ``prefetch`` sessions split over two processes;
+   ``prefetch`` sessions split over two processes. Beside the worker on the friendly
+   simulator, at ``prefetch`` in flight and in the same rounds (offered rate and drains), the
+   worker on the simulator's default hardened server (``hardened``);
 3. scaling: worker throughput with 1, 2, 4, 8 sessions at 20 ms ``order_send`` latency, in
    two rounds of 1, 2, 4, 8;
 4. memory: worker RSS after 1k and after 50k messages. The simulated terminals run in their

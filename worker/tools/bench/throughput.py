@@ -1,6 +1,11 @@
 """The throughput phase: latency at the offered rate with ``prefetch`` in flight, then backlogs
 drained by the worker and by the floor at 4, 8 and 16 in flight (GROUP_COMMIT=true beside the
-default), and the worker's sessions over two processes."""
+default), and the worker's sessions over two processes.
+
+The worker on the simulator's default, hardened server (``hardened``) runs beside the friendly
+one at ``prefetch`` in flight, in the same rounds of both the offered rate and the drains: its
+throughput, its ratio to the friendly worker's, and the p50 latency of both. The figures only
+time confirmations: how the worker settles a fill on a hard server is its own business."""
 
 from __future__ import annotations
 
@@ -17,28 +22,36 @@ from worker.tools.bench.drains import Drained, drain, drain_in_rounds
 from worker.tools.bench.floor import FLOOR_QUEUE
 from worker.tools.bench.rig import Bench
 
+HARD_WORKER = "hardened worker"  # the label of the worker on the hardened simulator
+
 
 def throughput(bench: Bench) -> dict[str, Any]:
     """At ``prefetch`` in flight: latency at the offered rate, then a backlog drained.
 
-    The worker and the floor take turns: two rounds each of the offered rate (both
-    running, one of them idle), then alternating rounds of the backlog.
+    The worker and the floor take turns: two rounds of the offered rate (the floor running
+    throughout; in each round the worker on the friendly simulator, then on the hardened one,
+    each started for its turn since both consume the requests queue), then alternating rounds
+    of the backlogs.
     """
     prefetch, count, rate = bench.counts.prefetch, bench.counts.throughput, bench.counts.rate
     floor = bench.start_floor(prefetch)
-    worker = bench.start_worker(prefetch)
-    rated: dict[str, list[float]] = {"floor": [], "worker": []}
+    workers = {
+        "worker": functools.partial(bench.start_worker, prefetch),
+        HARD_WORKER: functools.partial(bench.start_worker, prefetch, hardened=True),
+    }
+    rated: dict[str, list[float]] = {"floor": [], "worker": [], HARD_WORKER: []}
     for index, share in enumerate(shares(bench.counts.rated)):
-        for label, queue, child in (
-            ("floor", FLOOR_QUEUE, floor),
-            ("worker", REQUESTS_QUEUE, worker),
-        ):
+        rated["floor"] += latency.rated(
+            bench, f"floor x{prefetch} #{index + 1}", FLOOR_QUEUE, floor, share
+        )
+        for label, start in workers.items():
+            child = start()
             rated[label] += latency.rated(
-                bench, f"{label} x{prefetch} #{index + 1}", queue, child, share
+                bench, f"{label} x{prefetch} #{index + 1}", REQUESTS_QUEUE, child, share
             )
-    bench.stop(worker)
+            bench.stop(child)
     bench.stop(floor)
-    inflight = _drain_inflight(bench, sorted({prefetch, *INFLIGHT}), count)
+    inflight = _drain_inflight(bench, sorted({prefetch, *INFLIGHT}), count, prefetch)
     floor_rate, worker_rate = (
         inflight[prefetch]["floor"].rate,
         inflight[prefetch]["worker"].rate,
@@ -52,6 +65,7 @@ def throughput(bench: Bench) -> dict[str, Any]:
     bench.stop(child)
     bench.samples[f"worker, {rate:g} msg/s"] = rated["worker"]
     bench.samples[f"floor, {rate:g} msg/s"] = rated["floor"]
+    bench.samples[f"{HARD_WORKER}, {rate:g} msg/s"] = rated[HARD_WORKER]
     return {
         "overhead_100_ms": bench_report.summary_ms(rated["worker"]),
         "floor_100_ms": bench_report.summary_ms(rated["floor"]),
@@ -67,6 +81,7 @@ def throughput(bench: Bench) -> dict[str, Any]:
         },
         "cpu_ms_per_message": _cpu_figures(inflight[prefetch]),
         "group_commit": _group_commit_figures(inflight[min(prefetch, *INFLIGHT)]),
+        "hardened": _hardened_figures(inflight[prefetch], rated["worker"], rated[HARD_WORKER]),
         "cpu_ms_per_message_inflight": {str(n): _cpu_figures(inflight[n]) for n in INFLIGHT},
         # the confirmations the CPU figures are divided by (after the first reading)
         "cpu_messages": {
@@ -82,10 +97,12 @@ def throughput(bench: Bench) -> dict[str, Any]:
 
 
 def _drain_inflight(
-    bench: Bench, levels: Sequence[int], count: int
+    bench: Bench, levels: Sequence[int], count: int, hardened_at: int
 ) -> dict[int, dict[str, Drained]]:
     """A backlog of ``count`` drained by the floor (n consumers, prefetch 1 each) and by
-    the worker (n sessions, prefetch n) at each level n, all of them taking turns."""
+    the worker (n sessions, prefetch n) at each level n, all of them taking turns; at the
+    first level the worker with GROUP_COMMIT=true as well, and at ``hardened_at`` the worker
+    on the hardened simulator."""
     starts: list[tuple[str, str, Callable[[], Child]]] = []
     for n in levels:
         starts.append((f"floor x{n}", FLOOR_QUEUE, functools.partial(bench.start_floor, n)))
@@ -97,12 +114,19 @@ def _drain_inflight(
     grouped = f"worker {levels[0]} sessions, group commit"
     start = functools.partial(bench.start_worker, levels[0], group_commit=True)
     starts.insert(2, (grouped, REQUESTS_QUEUE, start))
+    # the hardened simulator right after the friendly one, in the same rounds: what a hard
+    # server (deal lag, deal 0, None from history queries, ...) costs the worker
+    hard = f"{HARD_WORKER} {hardened_at} sessions"
+    friendly = [label for label, _, _ in starts].index(f"worker {hardened_at} sessions")
+    start = functools.partial(bench.start_worker, hardened_at, hardened=True)
+    starts.insert(friendly + 1, (hard, REQUESTS_QUEUE, start))
     drained = drain_in_rounds(bench, "throughput", starts, count)
     figures = {
         n: {"floor": drained[f"floor x{n}"], "worker": drained[f"worker {n} sessions"]}
         for n in levels
     }
     figures[levels[0]]["group_commit"] = drained[grouped]
+    figures[hardened_at][HARD_WORKER] = drained[hard]
     return figures
 
 
@@ -125,4 +149,22 @@ def _cpu_figures(sides: dict[str, Drained]) -> dict[str, float]:
         "floor": round(floor.process_ms, 4),
         "postgres_worker": round(worker.postgres_ms, 4),
         "postgres_floor": round(floor.postgres_ms, 4),
+    }
+
+
+def _hardened_figures(
+    sides: dict[str, Drained], friendly_s: Sequence[float], hardened_s: Sequence[float]
+) -> dict[str, float]:
+    """The worker on the hardened simulator beside the friendly one: drained at the same
+    level in the same rounds, and its latency at the offered rate in the same rounds (p50,
+    from each message's intended send time, as ``overhead_100_ms``)."""
+    hard, friendly = sides[HARD_WORKER], sides["worker"]
+    hard_p50 = bench_report.summary_ms(hardened_s)["p50"]
+    friendly_p50 = bench_report.summary_ms(friendly_s)["p50"]
+    return {
+        "worker": round(hard.rate, 1),
+        "ratio_to_friendly": round(hard.rate / friendly.rate, 3),
+        "p50_ms": hard_p50,
+        "friendly_p50_ms": friendly_p50,
+        "p50_delta_ms": round(hard_p50 - friendly_p50, 3),
     }
