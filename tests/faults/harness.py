@@ -10,6 +10,12 @@ The checker proves the promise on what the outside world can see:
   order for a filled approval and none for one that was refused, and no order at all whose
   magic is not one of ours; and a FILLED/PARTIALLY_FILLED confirmation's lots and VWAP equal
   those of the broker's deals of that order.
+
+Corrections: an approval may have several confirmations, one per ``version`` (message id
+``<id>`` then ``<id>:vN``); the checker judges the newest one it received. With
+``check(latest=True)`` it also requires versions 1..N without gaps, each body naming its own
+version, every version before the newest provisional, and the newest received version to be
+the row's ``confirmation_version`` and the newest outbox row (``wait_caught_up`` first).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ TERMINAL_STATES = frozenset(
 # answered provisionally (an unknown outcome the broker shows nothing of): the confirmation
 # says FAILED/REJECTED with provisional=true; a correction would be a new version
 PROVISIONAL_STATE = "UNKNOWN"
+# rows not settled for good: in flight, or answered provisionally and still reconciled
+UNSETTLED_STATES = ("RECEIVED", "VALIDATED", "SUBMITTING", "SUBMITTED", PROVISIONAL_STATE)
 SYMBOLS = ("EURUSD", "USDJPY", "GBPUSD")
 
 SIM_TOML = """
@@ -343,6 +351,65 @@ class FaultEnv:
     def deals(self) -> list[dict[str, Any]]:
         return [deal for terminal in self.terminals for deal in terminal.deals()]
 
+    def confirmation_versions(self) -> dict[str, tuple[int, int]]:
+        """idempotency key -> (its row's ``confirmation_version``, its newest outbox version)."""
+        found: dict[str, tuple[int, int]] = {}
+        for key, row_version, outbox_version in self.query(
+            "SELECT e.idempotency_key, e.confirmation_version, max(o.version)"
+            " FROM execution.executions e LEFT JOIN execution.outbox o USING (execution_id)"
+            " GROUP BY e.idempotency_key, e.confirmation_version"
+        ):
+            found[key] = (int(row_version), int(outbox_version or 0))
+        return found
+
+    def behind(self, keys: list[str]) -> list[str]:
+        """What has not caught up yet (empty: everything has): orders a terminal still holds
+        to execute late, rows in flight or provisional, unpublished outbox rows, approvals
+        whose newest confirmation received is older than their row's version."""
+        reasons: list[str] = []
+        late = sum(terminal.late_pending() for terminal in self.terminals)
+        if late:
+            reasons.append(f"{late} late orders not executed yet")
+        rows = self.rows()
+        unsettled = [k for k in keys if any(r[0] in UNSETTLED_STATES for r in rows.get(k, []))]
+        if unsettled:
+            reasons.append(f"{len(unsettled)} rows in flight or provisional")
+        [(unpublished,)] = self.query(
+            "SELECT count(*) FROM execution.outbox WHERE published_at IS NULL"
+        )
+        if unpublished:
+            reasons.append(f"{unpublished} outbox rows unpublished")
+        received = self.broker_side.collect()
+        versions = self.confirmation_versions()
+        stale = [
+            key
+            for key in keys
+            if key in versions
+            and max(_versions(received, str(execution_id_for(key))), default=0) < versions[key][0]
+        ]
+        if stale:
+            reasons.append(f"{len(stale)} approvals without their newest confirmation")
+        return reasons
+
+    def wait_caught_up(
+        self, keys: list[str], seconds: float, worker: WorkerProcess | None = None
+    ) -> None:
+        """Until nothing is ``behind``: late orders executed, background reconciles and
+        settling done, every newest confirmation published and received."""
+        deadline = time.monotonic() + seconds
+        while reasons := self.behind(keys):
+            if worker is not None and not worker.alive():
+                raise AssertionError(
+                    f"worker exited {worker.process.returncode} before catching up"
+                    f" ({'; '.join(reasons)}):\n{worker.tail()}"
+                )
+            if time.monotonic() > deadline:
+                tail = worker.tail() if worker is not None else ""
+                raise AssertionError(
+                    f"not caught up after {seconds:.0f} s: {'; '.join(reasons)}\n{tail}"
+                )
+            time.sleep(0.5)
+
     def bitten(self) -> tuple[int, int]:
         """From the audit trail: (order_send calls with an unknown outcome: no reply or
         10011/10012/10031, failed broker queries): proof that the faults happened."""
@@ -373,9 +440,13 @@ class FaultEnv:
         keys: list[str],
         *,
         dead_letters_with_reason: bool = False,
+        latest: bool = False,
         **extra: Any,
     ) -> Tally:
         """Assert the promise for every published key; return the scenario's numbers.
+
+        ``latest``: the versions of each approval's confirmations are checked too (see the
+        module docstring); the newest one received is judged in every case.
 
         An execution's deals (by magic) against its first deal's direction are the slippage close of
         SLIPPAGE_POLICY=close (same magic and comment): one closing order per approval at
@@ -406,6 +477,7 @@ class FaultEnv:
         problems: list[str] = []
         magics = set()
         states: dict[str, int] = defaultdict(int)
+        on_record = self.confirmation_versions() if latest else {}
         for key in keys:
             execution_id = execution_id_for(key)
             magic = self.magic_of(key)
@@ -432,6 +504,8 @@ class FaultEnv:
             for version, copies in versions.items():
                 if len(set(copies)) != 1:
                     problems.append(f"{key}: v{version}: {len(set(copies))} different bodies")
+            if latest:
+                problems += _version_problems(key, str(execution_id), versions, on_record)
             body = json.loads(versions[max(versions)][0])
             said = PROVISIONAL_STATE if body.get("provisional") else body["status"]
             if said != state or body["idempotency_key"] != key:
@@ -462,7 +536,10 @@ class FaultEnv:
                 problems.append(f"{message_id}: dead-lettered with no reason")
             elif not dead_letters_with_reason or message_id not in published:
                 problems.append(f"{message_id}: dead-lettered ({reason})")
-        assert not problems, f"{scenario}: " + "; ".join(problems[:20])
+        assert not problems, (
+            f"{scenario}: {tally.duplicates} duplicated, {tally.lost} lost of {len(keys)}"
+            f" ({tally.orders} orders); {len(problems)} problems: " + "; ".join(problems[:20])
+        )
         return tally
 
 
@@ -493,6 +570,36 @@ def _fill_problems(
         problems.append(f"{key}: confirmation fill price {body['fill_price']}, broker {vwap}")
     if sorted(body["broker_deals"]) != sorted(int(deal["ticket"]) for deal in deals):
         problems.append(f"{key}: confirmation deals {body['broker_deals']} != broker's {deals}")
+    return problems
+
+
+def _version_problems(
+    key: str,
+    execution_id: str,
+    versions: dict[int, list[bytes]],
+    on_record: dict[str, tuple[int, int]],
+) -> list[str]:
+    """Versions 1..N without gaps, each body naming its execution and version, every one
+    before the newest provisional, and the newest being the row's and the outbox's."""
+    newest = max(versions)
+    problems = []
+    if sorted(versions) != list(range(1, newest + 1)):
+        problems.append(f"{key}: confirmation versions {sorted(versions)}")
+    for version, copies in sorted(versions.items()):
+        body = json.loads(copies[0])
+        if body.get("version", 1) != version or body.get("execution_id") != execution_id:
+            problems.append(
+                f"{key}: message v{version} carries version {body.get('version')}"
+                f" of {body.get('execution_id')}"
+            )
+        if version < newest and not body.get("provisional"):
+            problems.append(f"{key}: v{version} was final yet v{newest} followed")
+    row_version, outbox_version = on_record.get(key, (0, 0))
+    if not newest == row_version == outbox_version:
+        problems.append(
+            f"{key}: newest confirmation received v{newest}, row at v{row_version},"
+            f" outbox at v{outbox_version}"
+        )
     return problems
 
 

@@ -103,6 +103,13 @@ class SimTerminalProcess:
         assert done.returncode == 0, f"--dump of {self.name} failed: {done.stderr[-500:]}"
         return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
+    def late_pending(self) -> int:
+        """Orders this terminal took with an unknown outcome that have not executed yet
+        (``timeout_late``/``lost_reply_late``), from its state file."""
+        from worker.mt5.sim.state import late_pending
+
+        return late_pending(self.state) if self.state.exists() else 0
+
     def tail(self, size: int = 2000) -> str:
         try:
             return self.log_path.read_text(errors="replace")[-size:]
@@ -146,6 +153,13 @@ class WorkerProcess:
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
         return self.wait(seconds)
+
+    def kill(self) -> int:
+        """``kill -9`` now, from outside (the worker and any child it supervises: no drain,
+        no finally blocks); returns the exit status (-9)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        return self.process.wait(30)
 
     def kill_group(self) -> None:
         """Cleanup after a failed test: the worker and any children it supervises."""

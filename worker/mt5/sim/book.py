@@ -13,7 +13,14 @@ from typing import Any
 
 from worker.mt5 import api
 from worker.mt5.sim.clock import server_seconds
-from worker.mt5.sim.state import DealRecord, LoadedState, OrderRecord, PositionRecord, SimStore
+from worker.mt5.sim.state import (
+    DealRecord,
+    LateOrder,
+    LoadedState,
+    OrderRecord,
+    PositionRecord,
+    SimStore,
+)
 
 OPEN_STATES = (api.ORDER_STATE_STARTED, api.ORDER_STATE_PLACED, api.ORDER_STATE_PARTIAL)
 
@@ -55,6 +62,8 @@ class Book:
         self.orders: dict[int, OrderRecord] = {}
         self.open_orders: dict[int, OrderRecord] = {}
         self.pending_fills: dict[int, float] = {}  # RETURN orders on exchange: ticket -> due
+        # orders taken with an unknown outcome that execute later: request id -> order
+        self.late_orders: dict[int, LateOrder] = {}
         self.history_orders: list[OrderRecord] = []
         self.history_order_times: list[int] = []
         self.orders_by_position: dict[int, list[OrderRecord]] = {}
@@ -104,6 +113,18 @@ class Book:
         self.open_orders[order.ticket] = order
         self.pending_fills[order.ticket] = due
         self.save_order(order)
+
+    def hold_late(self, late: LateOrder) -> None:
+        """An order that executes at ``late.due``; nothing of it shows until then."""
+        self.late_orders[late.request_id] = late
+        if self.store is not None:
+            self.store.put_late(late)
+
+    def drop_late(self, request_id: int) -> None:
+        """A late order executed (or refused at its execution): no longer waiting."""
+        self.late_orders.pop(request_id, None)
+        if self.store is not None:
+            self.store.delete_late(request_id)
 
     def finish_order(self, order: OrderRecord, state: int | None, now: int) -> None:
         """Move a filled/cancelled order into history."""
@@ -179,6 +200,8 @@ class Book:
             self.add_position(position)
             if not hedging:
                 self.netting[position.symbol] = position.ticket
+        for late in loaded.late:  # they execute when due, on this run's clock
+            self.late_orders[late.request_id] = late
         return state
 
     # ------------------------------------------------------------------ lookups

@@ -68,6 +68,32 @@ unless they opt out:
     from its ``identifier`` (the opening order's ticket), as after a broker's service
     re-opening: a close must name the ticket; naming the identifier answers 10036.
 
+Late executions (DOMAIN.md section 3)
+-------------------------------------
+An ``order_send`` whose outcome the client cannot know may execute long after the call: the
+order waits in a dealer's queue, or a terminal sends it again when it reconnects. These
+knobs are not part of the hardening presets (both leave them off):
+
+``scripted`` outcomes ``"timeout_late"`` and ``"lost_reply_late"``
+    The server accepts the order and answers 10012 (``timeout_late``), or ``order_send``
+    returns None with ``last_error()`` -10005 (``lost_reply_late``). Nothing of the order is
+    visible (``orders_get``, ``history_orders_get``, ``history_deals_get`` by window or by
+    ticket, ``positions_get``) until it executes ``late_execution_seconds`` later, on the
+    terminal's clock: then it is a normal market order at the then-current price (ticket,
+    deal, order in history, position, the request's magic and the served comment; the deal
+    honours ``deal_lag_ms``). The server's checks run again at that moment (without the
+    requote check of instant symbols): an order they refuse then (the position it closes is
+    gone, no margin) vanishes without a trace; a closed market delays it until the open.
+    A waiting order is kept in the ``--state`` file, so it survives a restart of the
+    simulator and executes after it once due. The simulator executes due orders at the
+    start of any terminal call (``sim-terminal`` makes one every few seconds on its own).
+``late_timeout_rate`` / ``late_lost_reply_rate`` (0 / 0)
+    Share of ``order_send`` calls drawn as ``timeout_late`` / ``lost_reply_late`` (after the
+    classic fault rates, from the same seeded generator).
+``late_execution_seconds`` ((10.0, 30.0))
+    The (min, max) delay of a late execution, drawn uniformly from the seeded fault
+    generator; TOML ``late_execution_seconds = [10.0, 30.0]``.
+
 FIFO and the hedging prohibition are account rules of some brokers only, so the hardened
 preset leaves them off; turn them on per test. A symbol's ``refused_fillings`` (ORDER_FILLING_*
 values the server answers 10030 although the bitmask advertises them, as some brokers do) is
@@ -212,6 +238,8 @@ SCRIPTED_OUTCOMES = frozenset(
         "timeout",  # 10012, not executed
         "timeout_executed",  # 10012, executed
         "lost_reply",  # executed, None + last_error (-10005)
+        "timeout_late",  # 10012, executed late_execution_seconds later, invisible until then
+        "lost_reply_late",  # None + last_error (-10005), executed late, invisible until then
         "no_result",  # not executed, None + last_error (-1)
         "ok",  # no fault
     }
@@ -279,6 +307,10 @@ class FaultConfig:
     requote_rate: float = 0.0  # 10004 on instant-execution symbols
     # signed slippage in points (positive = adverse) of market executions, with weights
     slippage_points: tuple[tuple[int, float], ...] = ((0, 0.85), (1, 0.08), (-1, 0.05), (4, 0.02))
+    # late executions (module docstring): 10012 / None, executed later, invisible until then
+    late_timeout_rate: float = 0.0
+    late_lost_reply_rate: float = 0.0
+    late_execution_seconds: tuple[float, float] = (10.0, 30.0)  # (min, max), uniform
     # forced outcomes of the next order_send calls, consumed one per call (SCRIPTED_OUTCOMES)
     scripted: tuple[str, ...] = ()
     fault_seed: int | None = None  # default: derived from SimConfig.seed
@@ -306,6 +338,13 @@ class FaultConfig:
             raise ValueError(f"unknown scripted outcomes: {sorted(unknown)}")
         if self.comment_keep_chars is not None and self.comment_keep_chars < 0:
             raise ValueError("comment_keep_chars must be >= 0 (None keeps the comment whole)")
+        try:
+            low, high = (float(value) for value in self.late_execution_seconds)
+        except (TypeError, ValueError):
+            raise ValueError("late_execution_seconds must be a (min, max) pair") from None
+        if not 0.0 <= low <= high:
+            raise ValueError("late_execution_seconds must be (min, max) with 0 <= min <= max")
+        object.__setattr__(self, "late_execution_seconds", (low, high))  # TOML gives a list
 
     @classmethod
     def hardened(cls, **changes: Any) -> FaultConfig:

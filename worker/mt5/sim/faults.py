@@ -1,6 +1,7 @@
 """Injected faults of the simulated terminal: latency, dropped connections, scripted and
-random outcomes of ``order_send``, and slippage. Each draws from its own seeded generator, so
-a run is reproducible from ``SimConfig.seed`` (or ``FaultConfig.fault_seed``).
+random outcomes of ``order_send`` (late executions among them), and slippage. Each draws from
+its own seeded generator, so a run is reproducible from ``SimConfig.seed`` (or
+``FaultConfig.fault_seed``).
 """
 
 from __future__ import annotations
@@ -84,11 +85,19 @@ class FaultInjector:
             ("timeout_executed" if faults.timeout_executes else "timeout", faults.timeout_rate),
             ("no_result", faults.no_result_rate),
             ("lost_reply", faults.lost_reply_rate),
+            # last, and drawn only when set: the sequence of the faults above is unchanged
+            ("timeout_late", faults.late_timeout_rate),
+            ("lost_reply_late", faults.late_lost_reply_rate),
         )
         for name, rate in draws:
             if rate and self._rng.random() < rate:
                 return name
         return "ok"
+
+    def late_delay_seconds(self) -> float:
+        """How long after the call a late order (``timeout_late``/``lost_reply_late``) executes."""
+        low, high = self.config.late_execution_seconds
+        return self._rng.uniform(low, high)
 
     def deal_lag_seconds(self) -> float:
         """How long a new deal stays out of ``history_deals_get``."""

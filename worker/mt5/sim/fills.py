@@ -1,5 +1,6 @@
 """Execution of the simulated broker: market orders fill with slippage and limited liquidity,
-RETURN orders on exchange execution are placed and fill later, and every fill becomes a deal
+RETURN orders on exchange execution are placed and fill later, orders taken with an unknown
+outcome (``timeout_late``, ``lost_reply_late``) execute late, and every fill becomes a deal
 that opens, adds to, reduces, closes or (netting) reverses a position.
 """
 
@@ -17,9 +18,11 @@ from worker.mt5.sim.margin import Ledger
 from worker.mt5.sim.market import Market
 from worker.mt5.sim.retcodes import RETCODE_COMMENTS, reply_comment
 from worker.mt5.sim.rules import EPS, Rules, is_instant
-from worker.mt5.sim.state import DealRecord, OrderRecord, PositionRecord
+from worker.mt5.sim.state import DealRecord, LateOrder, OrderRecord, PositionRecord
 
 _EXECUTED = (api.TRADE_RETCODE_DONE, api.TRADE_RETCODE_DONE_PARTIAL, api.TRADE_RETCODE_PLACED)
+# taken by the server, answered as unknown, executed late_execution_seconds later
+LATE_OUTCOMES = frozenset({"timeout_late", "lost_reply_late"})
 
 
 def floor_step(volume: float, step: float) -> float:
@@ -85,6 +88,8 @@ class Dealer:
             raise CallFailed(api.RES_E_FAIL, "Terminal: Call failed")
         if fault in SCRIPTED_RETCODES:
             return self._result(SCRIPTED_RETCODES[fault], req)
+        if fault in LATE_OUTCOMES:
+            return self._hold_late(req, fault)
         result = self._execute(req, symbol, instant)
         if fault == "lost_reply" and result.retcode in _EXECUTED:
             raise CallFailed(api.RES_E_INTERNAL_FAIL_TIMEOUT, "IPC timeout")
@@ -94,6 +99,25 @@ class Dealer:
                 comment=RETCODE_COMMENTS[api.TRADE_RETCODE_TIMEOUT],
             )
         return result
+
+    def _hold_late(self, req: Request, fault: str) -> api.OrderSendResult:
+        """The server takes the order and executes it later; the client learns nothing."""
+        due = self._clock.now() + self._faults.late_delay_seconds()
+        self._book.hold_late(LateOrder(req.request_id, due, req.echo._asdict()))
+        self._save()
+        if fault == "lost_reply_late":
+            raise CallFailed(api.RES_E_INTERNAL_FAIL_TIMEOUT, "IPC timeout")
+        return self._result(api.TRADE_RETCODE_TIMEOUT, req)
+
+    def _execute_late(self, late: LateOrder) -> None:
+        """A late order's turn: the server's checks again (not the requote check: it fills
+        at the price of the moment), then a market execution; refused, it leaves no trace."""
+        echo = late.echo()
+        retcode, _ = self._rules.check(echo, at_market=True)
+        if retcode:
+            return
+        symbol = self._market.symbols[echo.symbol]
+        self._execute(Request(echo, late.request_id), symbol, instant=False)
 
     def _execute(self, req: Request, symbol: SimSymbol, instant: bool) -> api.OrderSendResult:
         echo = req.echo
@@ -260,9 +284,16 @@ class Dealer:
         return self._result(api.TRADE_RETCODE_DONE, req, order=order.ticket)
 
     def pump(self) -> None:
-        """Fill RETURN orders on exchange-execution symbols whose delay has elapsed."""
+        """Execute the late orders that are due, and fill RETURN orders on exchange-execution
+        symbols whose delay has elapsed (while their market is open)."""
         book, market = self._book, self._market
         now = self._clock.now()
+        for late in sorted(book.late_orders.values(), key=lambda o: (o.due, o.request_id)):
+            name = str(late.request.get("symbol", ""))
+            if now < late.due or (name in market.symbols and not market.is_open(name)):
+                continue
+            book.drop_late(late.request_id)
+            self._execute_late(late)
         for ticket, due in list(book.pending_fills.items()):
             order = book.open_orders.get(ticket)
             if order is None:

@@ -54,8 +54,9 @@ class Rules:
     def _server(self) -> FaultConfig:
         return self._faults.config
 
-    def check(self, echo: api.TradeRequest) -> tuple[int, float]:
-        """(retcode or 0, margin the order needs)."""
+    def check(self, echo: api.TradeRequest, *, at_market: bool = False) -> tuple[int, float]:
+        """(retcode or 0, margin the order needs). ``at_market``: the order fills at the
+        price of the moment whatever it named (a late execution): no requote check."""
         if echo.action != api.TRADE_ACTION_DEAL:
             return 0, 0.0
         ledger = self._ledger
@@ -93,7 +94,7 @@ class Rules:
             return api.TRADE_RETCODE_INVALID_FILL, 0.0
         tick = self._market.tick(echo.symbol)
         price = tick.ask if is_buy else tick.bid
-        if is_instant(symbol):
+        if is_instant(symbol) and not at_market:
             if echo.price <= 0:
                 return api.TRADE_RETCODE_INVALID_PRICE, 0.0
             if abs(echo.price - price) > echo.deviation * symbol.point + EPS:

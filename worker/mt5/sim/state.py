@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -140,12 +140,26 @@ class PositionRecord:
         )
 
 
+@dataclass(slots=True)
+class LateOrder:
+    """An order the server took although the client saw 10012 or no reply (``timeout_late``,
+    ``lost_reply_late``): it executes at ``due`` (UTC seconds); nothing shows until then."""
+
+    request_id: int
+    due: float
+    request: dict[str, Any]  # the ``api.TradeRequest`` fields
+
+    def echo(self) -> api.TradeRequest:
+        return api.TradeRequest(**self.request)
+
+
 @dataclass
 class LoadedState:
     meta: dict[str, Any]
     orders: list[OrderRecord]
     deals: list[DealRecord]
     positions: list[PositionRecord]
+    late: list[LateOrder] = field(default_factory=list)
 
 
 _SCHEMA = (
@@ -153,6 +167,8 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS orders (ticket INTEGER PRIMARY KEY, data TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS deals (ticket INTEGER PRIMARY KEY, data TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS positions (ticket INTEGER PRIMARY KEY, data TEXT NOT NULL)",
+    # orders that execute late (LateOrder), by request id
+    "CREATE TABLE IF NOT EXISTS late_orders (ticket INTEGER PRIMARY KEY, data TEXT NOT NULL)",
 )
 
 
@@ -183,6 +199,7 @@ class SimStore:
             positions=_rows(
                 PositionRecord, self._db.execute("SELECT data FROM positions ORDER BY ticket")
             ),
+            late=_rows(LateOrder, self._db.execute("SELECT data FROM late_orders ORDER BY ticket")),
         )
 
     def put_meta(self, key: str, value: Any) -> None:
@@ -201,6 +218,12 @@ class SimStore:
 
     def delete_position(self, ticket: int) -> None:
         self._db.execute("DELETE FROM positions WHERE ticket = ?", (ticket,))
+
+    def put_late(self, late: LateOrder) -> None:
+        self._put("late_orders", late.request_id, asdict(late))
+
+    def delete_late(self, request_id: int) -> None:
+        self._db.execute("DELETE FROM late_orders WHERE ticket = ?", (request_id,))
 
     def _put(self, table: str, ticket: int, data: dict[str, Any]) -> None:
         self._db.execute(
@@ -228,6 +251,19 @@ DUMP_FIELDS = (
     "magic",
     "time_msc",
 )
+
+
+def late_pending(state_path: str | Path) -> int:
+    """How many late orders in a state file still wait to execute (read-only)."""
+    uri = f"{Path(state_path).resolve().as_uri()}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        (count,) = db.execute("SELECT count(*) FROM late_orders").fetchone()
+        return int(count)
+    except sqlite3.OperationalError:  # a state file from before late orders
+        return 0
+    finally:
+        db.close()
 
 
 def iter_deals(state_path: str | Path) -> Iterator[dict[str, Any]]:

@@ -5,7 +5,8 @@ real trade server (retcodes of DOMAIN.md section 2), keeps server time in the br
 (not UTC), follows a weekly market schedule, fills market orders with slippage and limited
 liquidity, keeps netting or hedging positions and the order/deal history with the real field
 names, and can inject the faults the worker must survive (latency, disconnects, lost replies,
-timeouts, requotes...). With ``state_path`` the broker state persists in SQLite.
+timeouts, requotes, orders that execute long after an unknown outcome...). With
+``state_path`` the broker state persists in SQLite.
 
 It can also be as hard as a real server (cut comments, lagging deals, failing queries, a DST
 clock, filling by execution mode, the rarer retcodes...): every such behaviour is a switch of
@@ -152,6 +153,13 @@ class SimTerminal:
         with self._lock:
             return self._clock.offset_ms(self._clock.now()) // 1000
 
+    @property
+    def late_pending(self) -> int:
+        """Orders taken with an unknown outcome that have not executed yet (``timeout_late``,
+        ``lost_reply_late``); they execute at the first call after they are due."""
+        with self._lock:
+            return len(self._book.late_orders)
+
     def disconnect(self) -> None:
         """Drop the connection: every call fails until ``initialize()`` succeeds again."""
         with self._lock:
@@ -201,7 +209,7 @@ class SimTerminal:
             self._fail(api.RES_E_INTERNAL_FAIL_SEND, "IPC send failed")
             return False
         self._error = (api.RES_S_OK, "Success")
-        if self._book.pending_fills:
+        if self._book.pending_fills or self._book.late_orders:
             self._dealer.pump()
         return True
 
