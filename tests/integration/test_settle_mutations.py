@@ -9,8 +9,8 @@ the suite let through).
   as unfilled on it.
 
 The last two enter through ``Pipeline.resume`` of an in-flight row (the recovery sweep's
-entry), the terminal being the simulator with a thin wrapper that scripts what each
-reconcile shows.
+entry, which hands it to the settler), the terminal being the simulator with a thin wrapper
+that scripts what each view of the account's history shows.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 
 from schemas.identity import execution_id_for
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.execution.outcome import DeadLetter, Publish
+from worker.execution.outcome import DeadLetter, Publish, Settling
 from worker.mt5 import api
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig, SimTerminal
 from worker.store.store import ExecutionRow
@@ -134,7 +134,7 @@ class ScriptedViews:
 
     def _wrapped(self, name: str, read: Callable[..., Any]) -> Callable[..., Any]:
         def query(*args: Any, **kwargs: Any) -> Any:
-            if name == "orders_get" and "symbol" in kwargs:  # a reconcile begins
+            if name == "orders_get" and "ticket" not in kwargs:  # a view (window) begins
                 if self.script:
                     self.mode = self.script.pop(0)
                 self.shown.append(self.mode)
@@ -179,6 +179,13 @@ def _executed_in_flight(env: PipelineEnv, views: ScriptedViews) -> tuple[str, Ex
     return execution_id, row
 
 
+def _resumed(env: PipelineEnv, row: ExecutionRow) -> Any:
+    """The recovery sweep's entry: the row goes to the settler, whose answer is awaited."""
+    outcome = env.pipeline.resume(row)
+    assert isinstance(outcome, Settling), outcome
+    return env.pipeline.settler.wait_for(row.execution_id, 10.0) or outcome
+
+
 def _not_settled_unfilled(
     env: PipelineEnv, execution_id: str, outcome: Any
 ) -> dict[str, Any] | None:
@@ -210,7 +217,7 @@ def test_a_view_that_loses_the_execution_again_is_not_settled_on(env: PipelineEn
     # nothing of the execution at all; then everything
     views.play("lagging", "lost", "full")
 
-    outcome = env.pipeline.resume(row)
+    outcome = _resumed(env, row)
 
     assert "lost" in views.shown  # the flap was met ...
     document = _not_settled_unfilled(env, execution_id, outcome)  # ... and not settled on
@@ -223,9 +230,9 @@ def test_a_failed_deals_query_by_ticket_is_not_read_as_no_fills(env: PipelineEnv
     execution_id, row = _executed_in_flight(env, views)
     # our order and position show, the deal does not by date range, and the deals query
     # by the order's ticket fails (every retry); the next reconcile shows everything
-    views.play("ticket_fails", "full")
+    views.play("ticket_fails", "ticket_fails", "ticket_fails", "full")
 
-    outcome = env.pipeline.resume(row)
+    outcome = _resumed(env, row)
 
     assert views.ticket_failures > 0  # the failing query was met ...
     document = _not_settled_unfilled(env, execution_id, outcome)  # ... and not read as none

@@ -374,6 +374,23 @@ def progress(awaited: Awaited, found: Found, side: Side, requested_price: float 
     return Settled(fills, timed_out)
 
 
+def seen(awaited: Awaited, found: Found, side: Side) -> Awaited:
+    """An unknown outcome whose order the broker showed once is unknown no more: that order
+    must end final with its deals visible, even if a later view loses it (a flapping
+    history is no proof that nothing filled)."""
+    if not awaited.unknown:
+        return awaited
+    named = set(awaited.orders) | {fill.order for fill in awaited.known}
+    shown = [
+        order.ticket
+        for order in (*found.open_orders, *found.history_orders)
+        if order.side is side and order.ticket not in named
+    ]
+    if not shown:
+        return awaited
+    return replace(awaited, orders=(*awaited.orders, *shown), unknown=False)
+
+
 def closing_state(closing_sent: bool, side: Side, found: Found) -> list[Fill] | None:
     """Our slippage close's fills the broker shows (an earlier handling sent them). None: a
     close is on record (``closing_sent``) but does not show, or shows without all its

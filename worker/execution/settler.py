@@ -93,7 +93,9 @@ class Waiter:
     def of_row(cls, row: ExecutionRow, deployment_magic: int, now: float) -> Waiter:
         plan = plan_from_row(row, deployment_magic)
         document = row.get("settling") or {}
-        awaited = Awaited.from_json(document, legs=len(plan.legs), since=now)
+        # this process's deadlines count from now: the grace and the order timeout of a
+        # handling that died are not this one's to have spent
+        awaited = replace(Awaited.from_json(document, legs=len(plan.legs), since=now), since=now)
         carried = {
             name: row.get(name)
             for name in ("retcode", "broker_comment", "filling_mode", "state", "submitted_at")
@@ -152,11 +154,9 @@ class Settler:
         """Take an execution over. False: this process has no session of its account."""
         if not self._can_settle(waiter):
             return False
-        with self._lock:
-            known = self._waiting.get(waiter.execution_id)
-            if known is None or waiter.awaited != known.awaited:
-                waiter.due = self._clock() + (waiter.delay if waiter.awaited.verify else 0.0)
-                self._waiting[waiter.execution_id] = waiter
+        with self._lock:  # a hand-over again (a redelivery) starts it anew
+            waiter.due = self._clock() + (waiter.delay if waiter.awaited.verify else 0.0)
+            self._waiting[waiter.execution_id] = waiter
         self._wake.set()
         return True
 
@@ -313,6 +313,7 @@ class Settler:
         found = Found.of(window.of(plan.identity, plan.broker_symbol))
         if awaited.verify:
             return self._check(waiter, found, lease)
+        awaited = waiter.awaited = settle.seen(awaited, found, plan.side)
         state = settle.progress(awaited, found, plan.side, plan.requested_price)
         now = self._clock()
         overdue = now >= awaited.since + self._settings.order_timeout_seconds
