@@ -80,7 +80,6 @@ def run_worker(settings: Settings) -> int:
             service.sessions,
             beat=health.beat if health is not None else None,
         )
-        service.pipeline.settler.subscribe(runtime.publish_settled)
         if health is not None:
             health.add_check("rabbitmq", runtime.consuming.is_set)
             health.add_check_group(service.readiness)

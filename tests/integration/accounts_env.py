@@ -20,7 +20,7 @@ from typing import Any
 
 from schemas.identity import order_magic_for
 from schemas.request import MessageProperties
-from tests.integration.pipeline_env import always_open, approval
+from tests.integration.pipeline_env import always_open, answered, approval
 from tests.simbooks import broker_deals
 from worker.config import Settings, load_settings
 from worker.execution.outcome import Delivery, Outcome
@@ -98,7 +98,7 @@ class AccountsEnv:
             delivery_count=None,
             received_at=datetime.now(UTC),
         )
-        return self.pipeline.handle(delivery)
+        return answered(self.pipeline, self.pipeline.handle(delivery))
 
     def magics(self, terminal: SimTerminal | Gate) -> list[int]:
         """The magic of every deal on that account's trade server, from its books (lagging

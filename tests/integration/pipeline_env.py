@@ -59,11 +59,7 @@ class PipelineEnv:
             delivery_count=delivery_count,
             received_at=datetime.now(UTC),
         )
-        outcome = self.pipeline.handle(delivery)
-        if isinstance(outcome, Settling):
-            # as the runtime does: the delivery waits (unacked) for the settler's confirmation
-            return self.pipeline.settler.wait_for(outcome.execution_id, SETTLE_SECONDS) or outcome
-        return outcome
+        return answered(self.pipeline, self.pipeline.handle(delivery))
 
     def confirm(self, message: dict[str, Any], **kw: Any) -> dict[str, Any]:
         """Deliver until published. A broker query answering None (``query_none_rate`` of
@@ -105,6 +101,14 @@ class PipelineEnv:
     def events(self, execution_id: str) -> list[dict[str, Any]]:
         with self.store.connection() as conn:
             return self.store.events_of(conn, uuid.UUID(execution_id))
+
+
+def answered(pipeline: Pipeline, outcome: Outcome) -> Outcome:
+    """As the runtime does: a delivery whose execution waits on the settler is answered by
+    the settler's confirmation (the Settling outcome itself if none came in time)."""
+    if isinstance(outcome, Settling):
+        return pipeline.settler.wait_for(outcome.execution_id, SETTLE_SECONDS) or outcome
+    return outcome
 
 
 @contextmanager

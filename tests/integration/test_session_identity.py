@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from schemas.request import MessageProperties
-from tests.integration.pipeline_env import always_open, approval
+from tests.integration.pipeline_env import always_open, answered, approval
 from tests.simbooks import broker_deals
 from worker.config import load_settings
 from worker.execution.outcome import Delivery, Publish, Requeue
@@ -50,14 +50,17 @@ class Process:
         self.pipeline = Pipeline(self.settings, store, self.pool)
 
     def deliver(self, message: dict[str, Any], *, redelivered: bool = False) -> Any:
-        return self.pipeline.handle(
-            Delivery(
-                body=json.dumps(message).encode(),
-                properties=MessageProperties(content_type="application/json"),
-                redelivered=redelivered,
-                delivery_count=None,
-                received_at=datetime.now(UTC),
-            )
+        return answered(
+            self.pipeline,
+            self.pipeline.handle(
+                Delivery(
+                    body=json.dumps(message).encode(),
+                    properties=MessageProperties(content_type="application/json"),
+                    redelivered=redelivered,
+                    delivery_count=None,
+                    received_at=datetime.now(UTC),
+                )
+            ),
         )
 
 
@@ -134,7 +137,7 @@ def test_another_process_naming_the_bridge_differently_settles_the_row(
             with store.connection() as conn:
                 row = store.load(conn, execution_id)
             assert row is not None
-            outcome = second.pipeline.resume(row)
+            outcome = answered(second.pipeline, second.pipeline.resume(row))
         else:  # the broker redelivers the approval to the second process
             outcome = second.deliver(message, redelivered=True)
         assert isinstance(outcome, Publish), outcome

@@ -29,7 +29,7 @@ import pytest
 
 from schemas.request import MessageProperties
 from tests.containers import Broker, Service
-from tests.integration.pipeline_env import always_open, approval
+from tests.integration.pipeline_env import always_open, answered, approval
 from tests.integration.test_amqp_support import Running, wait_until
 from worker.amqp.runtime import REJECTION_REASON_HEADER, AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import (
@@ -140,6 +140,10 @@ def pipeline_as_worker(roles: Roles) -> Iterator[tuple[Pipeline, Store, SimTermi
 
 
 def _deliver(pipeline: Pipeline, body: bytes, message_id: str | None = None) -> Outcome:
+    return answered(pipeline, _handle(pipeline, body, message_id))
+
+
+def _handle(pipeline: Pipeline, body: bytes, message_id: str | None = None) -> Outcome:
     return pipeline.handle(
         Delivery(
             body=body,

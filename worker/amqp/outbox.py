@@ -46,6 +46,13 @@ class BackoffOutbox(Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class AnnouncingOutbox(Protocol):
+    """An outbox that tells of confirmations committed off the handler path (``Store``)."""
+
+    def watch(self, watcher: Callable[[Publish], None]) -> Callable[[], None]: ...
+
+
 def confirmation_properties(publish: Publish) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type="application/json",

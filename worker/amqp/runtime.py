@@ -51,7 +51,7 @@ from worker.amqp.deliveries import (
 )
 from worker.amqp.loop import IoLoop, Mailbox, Threads
 from worker.amqp.options import RuntimeOptions, RuntimeStats
-from worker.amqp.outbox import Confirmations, confirmation_properties
+from worker.amqp.outbox import AnnouncingOutbox, Confirmations, confirmation_properties
 from worker.amqp.publisher import ConfirmingPublisher
 from worker.config import Settings
 from worker.execution.outcome import (
@@ -124,6 +124,10 @@ class AmqpRuntime:
             self.stats,
             on_result=self._check_drained,
         )
+        # the settler's confirmations: published at once, they ack the deliveries parked on them
+        self._unwatch = (
+            outbox.watch(self.publish_settled) if isinstance(outbox, AnnouncingOutbox) else None
+        )
         self._connection = Connection(
             url,
             self._loop,
@@ -158,6 +162,8 @@ class AmqpRuntime:
         try:
             self._loop.start()
         finally:
+            if self._unwatch is not None:
+                self._unwatch()
             self._loop.close()
             self._workers.close()
             self._metrics.close()

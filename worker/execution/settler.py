@@ -18,9 +18,10 @@ go, and decides each execution from that window with :func:`settle.progress`:
 - a final row settled from replies -> its deals checked; a contradiction publishes a
   corrected version (counted, alerted on).
 
-Each confirmation committed here is handed to the listeners (the AMQP runtime publishes it
-at once and acks the delivery parked on it). Rows a killed worker left are found by a scan
-of the database (``settling`` set, untouched for a while) and settled the same way. Two
+Each confirmation committed here is announced by the store to its watchers (the AMQP runtime
+publishes it at once and acks the delivery parked on it; else the outbox sweep does). Rows
+a killed worker left are found by a scan of the database (``settling`` set, untouched for a
+while) and settled the same way. Two
 settlers on one row are harmless: finals are conditional updates (the first wins, the other
 answers the recorded confirmation), and the slippage close's stage is a test-and-set.
 """
@@ -128,16 +129,11 @@ class Settler:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._listeners: list[Callable[[Publish], None]] = []
         self._next_scan = 0.0
         self._published = threading.Condition()
         self._recent: OrderedDict[UUID, Publish] = OrderedDict()  # for wait_for
 
     # --- wiring ---------------------------------------------------------------------------
-
-    def subscribe(self, listener: Callable[[Publish], None]) -> None:
-        """``listener`` gets every confirmation committed here (any thread may call it)."""
-        self._listeners.append(listener)
 
     def start(self) -> None:
         if self._thread is None:
@@ -297,11 +293,10 @@ class Settler:
             while len(self._recent) > RECENT_REMEMBERED:
                 self._recent.popitem(last=False)
             self._published.notify_all()
-        for listener in self._listeners:
-            try:
-                listener(publish)
-            except Exception:
-                log.exception("settler: a confirmation listener failed")
+        try:
+            self._store.announce(publish)
+        except Exception:
+            log.exception("settler: a confirmation watcher failed")
 
     # --- one execution --------------------------------------------------------------------
 

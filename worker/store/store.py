@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -286,6 +286,7 @@ class Store:
     def __init__(self, pool: ConnectionPool, group: GroupCommit | None = None) -> None:
         self.pool = pool
         self.group = group
+        self._watchers: list[Callable[[Publish], None]] = []
 
     @classmethod
     def open(cls, url: str, *, max_size: int = 10, group_commit: bool = False) -> Store:
@@ -620,6 +621,18 @@ class Store:
             )
 
     # --- outbox (worker.execution.outcome.Outbox) ------------------------------------------------
+
+    def watch(self, watcher: Callable[[Publish], None]) -> Callable[[], None]:
+        """``watcher`` is told of each confirmation committed off the handler path (the
+        settler's); returns the call that stops it."""
+        self._watchers.append(watcher)
+        return lambda: self._watchers.remove(watcher) if watcher in self._watchers else None
+
+    def announce(self, confirmation: Publish) -> None:
+        """A confirmation just committed off the handler path: publish it now, not at the
+        next sweep (each watcher must be quick and thread-safe)."""
+        for watcher in list(self._watchers):
+            watcher(confirmation)
 
     def unpublished(self, limit: int) -> list[Publish]:
         with self.connection() as conn:
