@@ -66,7 +66,7 @@ from worker.config import Settings
 from worker.execution import checks, inquiry, settle
 from worker.execution.audit import Run
 from worker.execution.finish import Finisher
-from worker.execution.outcome import DeadLetter, Delivery, Outcome, Requeue, Settling
+from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue, Settling
 from worker.execution.plan import Plan, plan_for, plan_from_row
 from worker.execution.settle import Awaited, Fill, FillRule, Settled
 from worker.execution.settler import Settler, Waiter
@@ -545,9 +545,24 @@ class Pipeline:
         if not sent.fills and sent.rejected is not None:
             reason, details = settle.rejection_of(sent.rejected)
             return self.conclude(plan, lease, run, [], reason=reason, details=details, spec=spec)
-        check = Awaited(legs_sent=sent.legs_sent, known=tuple(sent.fills), since=self.clock())
-        settling = check.checking().to_json() if sent.fills else None
-        return self.conclude(plan, lease, run, sent.fills, spec=spec, settling=settling)
+        # the replies' fills are checked against the deals later (the slippage close's own
+        # fills are on the record beside them: that path is settled from its deals instead)
+        check = Awaited(
+            legs_sent=sent.legs_sent, known=tuple(sent.fills), since=self.clock()
+        ).checking()
+        checks = bool(sent.fills) and self.settings.slippage_policy != "close"
+        settling = check.to_json() if checks else None
+        outcome = self.conclude(plan, lease, run, sent.fills, spec=spec, settling=settling)
+        if checks and isinstance(outcome, Publish) and outcome.version == 1:
+            self.settler.add(
+                Waiter(
+                    plan,
+                    check,
+                    account=lease.session.spec.account,
+                    session_key=lease.session.spec.identity,
+                )
+            )
+        return outcome
 
     def _wait(self, plan: Plan, lease: Lease, run: Run, awaited: Awaited) -> Outcome:
         """Leave the execution to the settler and release the session: the row (SUBMITTED,

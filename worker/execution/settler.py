@@ -102,10 +102,11 @@ class Waiter:
             for name in ("retcode", "broker_comment", "filling_mode", "state", "submitted_at")
         }
         carried["timings"] = document.get("timings") or {}
-        waiter = cls(plan, awaited, row.get("account"), row.get("session_key"), carried)
-        if awaited.verify:
-            waiter.delay = FIRST_CHECK_SECONDS
-        return waiter
+        return cls(plan, awaited, row.get("account"), row.get("session_key"), carried)
+
+    def __post_init__(self) -> None:
+        if self.awaited.verify and self.delay == FIRST_LOOK_SECONDS:
+            self.delay = FIRST_CHECK_SECONDS  # its deals lag the reply: look a little later
 
     def later(self, now: float) -> None:
         """Look again after a backoff."""
