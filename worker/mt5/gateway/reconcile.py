@@ -97,13 +97,7 @@ class History:
         positions = self._calls.require(
             "positions_get", lambda: self._terminal.positions_get(symbol=broker_symbol)
         )
-        history_orders = self._calls.require(
-            "history_orders_get",
-            lambda: self._terminal.history_orders_get(date_from, date_to),
-        )
-        deals = self._calls.require(
-            "history_deals_get", lambda: self._terminal.history_deals_get(date_from, date_to)
-        )
+        history_orders, deals = self._between(date_from, date_to)
         return Reconciliation(
             open_orders=tuple(o for o in open_orders if ours(o)),
             history_orders=tuple(o for o in history_orders if ours(o)),
@@ -128,6 +122,17 @@ class History:
             return is_deployment_magic(item.magic, deployment_magic)
 
         open_orders = self._calls.require("orders_get", self._terminal.orders_get)
+        history_orders, deals = self._between(date_from, date_to)
+        return HistoryWindow(
+            open_orders=tuple(o for o in open_orders if ours(o)),
+            history_orders=tuple(o for o in history_orders if ours(o)),
+            deals=tuple(d for d in deals if ours(d)),
+        )
+
+    def _between(
+        self, date_from: int, date_to: int
+    ) -> tuple[tuple[api.TradeOrder, ...], tuple[api.TradeDeal, ...]]:
+        """History orders and deals of the window (server time, seconds)."""
         history_orders = self._calls.require(
             "history_orders_get",
             lambda: self._terminal.history_orders_get(date_from, date_to),
@@ -135,11 +140,7 @@ class History:
         deals = self._calls.require(
             "history_deals_get", lambda: self._terminal.history_deals_get(date_from, date_to)
         )
-        return HistoryWindow(
-            open_orders=tuple(o for o in open_orders if ours(o)),
-            history_orders=tuple(o for o in history_orders if ours(o)),
-            deals=tuple(d for d in deals if ours(d)),
-        )
+        return tuple(history_orders), tuple(deals)
 
     def positions(self, symbol: str) -> tuple[api.TradePosition, ...]:
         return tuple(
