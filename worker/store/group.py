@@ -32,6 +32,8 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from worker.errors import WorkerError
+
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 64
@@ -55,7 +57,7 @@ class Fence(Protocol):
     def lock_key(self) -> int: ...
 
 
-class FenceLost(Exception):
+class FenceLost(WorkerError):
     """The write's fence was lost before its COMMIT: the write is not committed."""
 
 
