@@ -14,6 +14,7 @@ from schemas.identity import order_magic_for
 from tests.integration.pipeline_env import PipelineEnv, always_open, approval
 from tests.native import core_double
 from tests.native.package import over
+from tests.simbooks import broker_deals
 from worker.config import load_settings
 from worker.execution.outcome import Publish, Requeue
 from worker.execution.pipeline import Pipeline
@@ -75,11 +76,9 @@ def env(new_database: Callable[[], str], password: str) -> Iterator[PipelineEnv]
 
 
 def _deals_of_order(sim: SimTerminal, order: int) -> tuple[api.TradeDeal, ...]:
-    for _ in range(20):  # a simulator that fails some queries on purpose answers None
-        deals = sim.history_deals_get(ticket=order)
-        if deals is not None:
-            return deals
-    raise AssertionError(f"history_deals_get(ticket={order}) kept failing: {sim.last_error()}")
+    """From the simulator's books: its queries fail some answers and show deals late on
+    purpose, and a reply that names its deal is confirmed before they show."""
+    return tuple(deal for deal in broker_deals(sim) if deal.order == order)
 
 
 def _recorded_sends(monkeypatch: pytest.MonkeyPatch, mt5: ModuleType) -> list[dict[str, Any]]:
