@@ -73,8 +73,8 @@ class Service:
             raise
         service = cls(settings, store, pool, Pipeline(settings, store, pool))
         service.register_metrics()
+        service.pipeline.settler.start()  # handlers hand it the executions that wait
         if recover:
-            service.pipeline.settler.start()
             service.recover()
             service._start_sweeper()
         return service

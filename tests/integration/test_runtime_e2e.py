@@ -163,12 +163,21 @@ def approval(symbol: str, direction: int, units: float, **kwargs: Any) -> dict[s
     return rpm_output(approved_trade(symbol, direction, units), order_id=uuid.uuid4().hex, **kwargs)
 
 
-def test_no_order_reaching_the_broker_is_failed(e2e: E2E) -> None:
+def test_no_result_is_answered_provisionally_and_never_sent_again(e2e: E2E) -> None:
     with e2e.service.pool.claim(5.0) as lease:
-        lease.session.terminal.set_faults(scripted=("no_result",) * 3)
+        lease.session.terminal.set_faults(scripted=("no_result", "ok"))
     key = e2e.publish(approval("EURUSD", 1, 10_000.0))
     body = json.loads(e2e.confirmations([key])[key].body)
     assert (body["status"], body["rejection_reason"]) == ("FAILED", "UNKNOWN_OUTCOME")
+    assert body["provisional"] is True
+    sends = e2e.query(
+        "SELECT count(*) FROM execution.execution_events"
+        " WHERE execution_id = %s AND function = 'order_send'",
+        uuid.UUID(key),
+    )
+    assert sends == [(1,)]  # no second order_send
+    with e2e.service.pool.claim(5.0) as lease:  # the "ok" left unused for the next tests
+        lease.session.terminal.set_faults(scripted=())
 
 
 def test_every_status_round_trips(e2e: E2E) -> None:
