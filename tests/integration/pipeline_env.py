@@ -136,9 +136,11 @@ def pipeline_env(
         opener=opener,
         linger_seconds=config.session_linger_seconds,  # as the service does
     )
+    pipeline = Pipeline(config, store, pool)
     try:
-        yield PipelineEnv(config, store, sim, pool, Pipeline(config, store, pool))
+        yield PipelineEnv(config, store, sim, pool, pipeline)
     finally:
+        pipeline.settler.stop()
         pool.close()
         store.close()
 

@@ -51,7 +51,7 @@ from worker.mt5 import api
 from worker.mt5.gateway import Gateway, GatewayRejection, HistoryWindow
 from worker.observability import metrics
 from worker.observability.logs import log_context
-from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
+from worker.pool.leases import ClaimTimeout, Lease, LeaseLost, PoolClosed
 from worker.store.store import ExecutionRow, StoreError
 
 if TYPE_CHECKING:
@@ -131,13 +131,14 @@ class Settler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_scan = 0.0
+        self._round_lock = threading.Lock()  # one round at a time (the thread, wait_for)
         self._published = threading.Condition()
         self._recent: OrderedDict[UUID, Publish] = OrderedDict()  # for wait_for
 
     # --- wiring ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and not self._stopping.is_set():
             self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
             self._thread.start()
 
@@ -154,6 +155,7 @@ class Settler:
         with self._lock:  # a hand-over again (a redelivery) starts it anew
             waiter.due = self._clock() + (waiter.delay if waiter.awaited.verify else 0.0)
             self._waiting[waiter.execution_id] = waiter
+        self.start()  # whoever hands it work gets it settled, wired by a service or not
         self._wake.set()
         return True
 
@@ -206,6 +208,10 @@ class Settler:
 
     def round(self) -> float:
         """Look at every waiting execution that is due; the seconds until the next is."""
+        with self._round_lock:
+            return self._round()
+
+    def _round(self) -> float:
         now = self._clock()
         with self._lock:
             due = [w for w in self._waiting.values() if w.due <= now]
@@ -226,6 +232,9 @@ class Settler:
         now = self._clock()
         try:
             lease = self._sessions.claim(CLAIM_SECONDS, account=account, session_key=session_key)
+        except PoolClosed:
+            self._stopping.set()  # the process is closing: its successor takes over
+            return
         except ClaimTimeout:
             for waiter in waiters:
                 waiter.later(now)
