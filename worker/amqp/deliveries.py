@@ -147,6 +147,7 @@ class Deliveries:
         # executions whose confirmation was confirmed with no delivery parked on it yet: the
         # settler can publish before its handler's Settling outcome reaches this thread
         self._answered: OrderedDict[UUID, None] = OrderedDict()
+        self._settling: set[UUID] = set()  # parked executions that wait on the settler
         self._to_ack: list[int] = []  # settled this turn, sent by flush_acks
         self._flush_due = False
 
@@ -166,6 +167,7 @@ class Deliveries:
         metrics.in_flight(-len(self._inflight))
         self._inflight.clear()
         self._parked.clear()
+        self._settling.clear()
         self._to_ack.clear()  # redelivered; an ack on another channel would be an error
 
     def receive(self, channel: Any, method: Any, properties: Any, body: bytes) -> InFlight | None:
@@ -194,21 +196,26 @@ class Deliveries:
             and self._inflight.get(item.tag) is item
         )
 
-    def park(self, execution_id: UUID, item: InFlight) -> None:
+    def park(self, execution_id: UUID, item: InFlight, *, settling: bool = False) -> None:
         """Keep it unacked until a confirmation of ``execution_id`` is confirmed: its own was
-        refused (the outbox retries it), or the execution waits on the settler."""
+        refused (the outbox retries it; a drain hands it back at once, a route may never
+        come), or the execution waits on the settler (``settling``: a drain waits for it, as
+        for a handler, up to the drain timeout)."""
         if not self.current(item):
             return
         if self._answered.pop(execution_id, False) is None:
             self.settle(item, ack=True)  # confirmed already, before it was parked
-        elif self._stopping():
+        elif self._stopping() and not settling:
             self.settle(item, ack=False)
         else:
             self._parked.setdefault(execution_id, []).append(item)
+            if settling:
+                self._settling.add(execution_id)
 
     def confirmed(self, execution_id: UUID) -> None:
         """The confirmation of ``execution_id`` is confirmed: ack the requests parked on it."""
         parked = self._parked.pop(execution_id, [])
+        self._settling.discard(execution_id)
         if not parked:
             self._answered[execution_id] = None
             while len(self._answered) > ANSWERED_REMEMBERED:
@@ -217,10 +224,11 @@ class Deliveries:
             self.settle(item, ack=True)
 
     def requeue_parked(self) -> None:
-        """Hand back the parked requests now (a route may never come)."""
-        for parked in [p for items in self._parked.values() for p in items]:
-            self.settle(parked, ack=False)
-        self._parked.clear()
+        """Hand back the requests parked on a refused confirmation now (a route may never
+        come); those waiting on the settler stay until answered or the drain times out."""
+        for execution_id in [e for e in self._parked if e not in self._settling]:
+            for parked in self._parked.pop(execution_id):
+                self.settle(parked, ack=False)
 
     def requeue_all(self) -> None:
         if self._inflight:

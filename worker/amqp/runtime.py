@@ -248,6 +248,11 @@ class AmqpRuntime:
     def _work(self, item: InFlight) -> None:
         """Worker thread: run the handler, hand the outcome to the IO thread."""
         outcome: Outcome
+        if self._stopping:
+            # received but not begun when the drain started (the channel's prefetch holds
+            # more than the handlers): handed back untouched, for another worker
+            self._outcomes.put(lambda: self._on_outcome(item, Requeue("draining")))
+            return
         try:
             outcome = self._handler(item.delivery)
         except Exception as exc:
@@ -275,8 +280,7 @@ class AmqpRuntime:
             self._deliveries.dead_letter(item, outcome)
         elif isinstance(outcome, Settling):
             # unacked until a confirmation of the execution is confirmed (publish_settled)
-            self._deliveries.park(outcome.execution_id, item)
-            self._check_drained()
+            self._deliveries.park(outcome.execution_id, item, settling=True)
         else:
             self._deliveries.requeue(item, outcome.reason, to_back=outcome.to_back)
 
