@@ -262,14 +262,14 @@ class Settler:
                     except Exception:
                         log.exception("settler: unexpected error; trying again")
                         done = None
-                if done is None:
-                    waiter.later(self._clock())
-                    continue
-                self._forget(waiter)
                 if done == "checked":
+                    self._forget(waiter)
                     checked.append(waiter.execution_id)
                 elif isinstance(done, Publish):
+                    self._forget(waiter)
                     self._publish(done)
+                else:  # not yet, or nothing committed (a requeue-like answer): look again
+                    waiter.later(self._clock())
             if checked:
                 try:
                     self._store.checked(lease.conn, checked)
