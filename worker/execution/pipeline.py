@@ -41,9 +41,10 @@ sent, after it the in-flight row makes the redelivery hand it to the settler.
 
 This module only orchestrates; the parts: ``checks`` (refusals before any send), ``plan``
 (legs; a plan rebuilt from its row), ``submit`` (intent, send), ``settler`` (executions
-waiting on the broker's history), ``inquiry`` (what the broker knows of one execution,
-gathered), ``settle`` (pure: broker truth -> fills and final status), ``finish`` (final row
-+ outbox), ``audit`` (events, stage timings, broker calls).
+waiting on the broker's history), ``recheck`` (UNKNOWN rows asked again in the background),
+``inquiry`` (what the broker knows of one execution, gathered), ``settle`` (pure: broker
+truth -> fills and final status), ``finish`` (final row + outbox), ``last_chance`` (the last
+deliveries before the queue's limit), ``audit`` (events, stage timings, broker calls).
 """
 
 from __future__ import annotations
@@ -53,22 +54,20 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import psycopg
 
-from schemas.confirmation import ExecutionConfirmation
 from schemas.enums import ExecutionStatus, RejectionReason
 from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
-from worker.execution import checks, inquiry, settle
+from worker.execution import checks, last_chance, recheck, settle
 from worker.execution.audit import Run
 from worker.execution.finish import Finisher
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue, Settling
 from worker.execution.plan import Plan, plan_for, plan_from_row
-from worker.execution.settle import Awaited, Fill, FillRule, Settled
+from worker.execution.settle import Awaited, Fill, FillRule
 from worker.execution.settler import Settler, Waiter
 from worker.execution.submit import Sender
 from worker.mt5 import api
@@ -129,69 +128,13 @@ class Pipeline:
 
     def handle(self, delivery: Delivery) -> Outcome:
         """Never raises: database or terminal trouble becomes a requeue, except on the
-        last deliveries before the queue's limit (see ``_last_chance``)."""
+        last deliveries before the queue's limit (see :mod:`last_chance`)."""
         outcome = self._guarded(lambda context: self._handle(delivery, context))
-        if isinstance(outcome, Requeue) and self._near_limit(delivery):
-            return self._guarded(lambda context: self._last_chance(delivery, outcome, context))
+        if isinstance(outcome, Requeue) and last_chance.near_limit(self.settings, delivery):
+            return self._guarded(
+                lambda context: last_chance.answer(self, delivery, outcome, context)
+            )
         return outcome
-
-    def _near_limit(self, delivery: Delivery) -> bool:
-        """One of the last ``delivery_last_chances`` deliveries before the queue dead-letters
-        the message. ``x-delivery-count`` is absent on the first delivery, then counts the
-        earlier deliveries returned to the queue; a quorum queue with ``x-delivery-limit`` L
-        delivers a message L + 1 times (counts absent, 1 .. L), so the last has count L."""
-        # a first delivery carries no broker-set count: a header there is the publisher's
-        count = (delivery.delivery_count or 0) if delivery.redelivered else 0
-        limit = self.settings.delivery_limit
-        return count > limit - self.settings.delivery_last_chances
-
-    def _last_chance(self, delivery: Delivery, requeue: Requeue, context: ExitStack) -> Outcome:
-        """Requeued again, the approval would be dead-lettered by the queue with no row and
-        no confirmation (issue 18 item 7). Instead: a REJECTED row and its confirmation when
-        no order was sent for it (SESSION_UNAVAILABLE, the requeue's cause in the details);
-        the recorded answer when the key has one; a dead letter with a reason otherwise
-        (a row in flight is settled by the recovery sweep, which publishes its answer)."""
-        run = Run(self.clock, self.clock())
-        try:
-            request = parse_request(
-                delivery.body,
-                delivery.properties,
-                received_at=delivery.received_at,
-                max_body_bytes=self.settings.max_body_bytes,
-                parse_timeout_seconds=self.settings.parse_timeout_seconds,
-            )
-        except InvalidMessage as invalid:
-            return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
-        context.enter_context(
-            log_context(
-                execution_id=request.execution_id,
-                order_id=request.rpm_order_id,
-                symbol=request.symbol,
-            )
-        )
-        details = (
-            f"not handled in {(delivery.delivery_count or 0) + 1} deliveries: {requeue.reason}"
-        )
-        log.warning("last delivery before the limit: answering (%s)", requeue.reason)
-        try:
-            with self.store.connection() as conn:
-                row = self.store.load(conn, request.execution_id)
-                if row is None:
-                    stale = self._staleness(request)
-                    reason, why = stale or (RejectionReason.SESSION_UNAVAILABLE, details)
-                    answered = self.finisher.reject(conn, request, reason, why, run)
-                    if not isinstance(answered, Requeue):
-                        return answered
-                    row = self.store.load(conn, request.execution_id)
-                if row is not None and row.answered:
-                    return self.finisher.recorded(conn, row)
-        except (psycopg.Error, StoreError) as exc:
-            return DeadLetter("DATABASE_UNAVAILABLE", f"{details}; {type(exc).__name__}")
-        return DeadLetter(
-            "IN_FLIGHT",
-            f"{details}; the execution is in flight: the recovery sweep settles it and"
-            " publishes its confirmation",
-        )
 
     def resume(self, row: ExecutionRow) -> Outcome:
         """Settle an in-flight row from the broker's truth (recovery sweep, ``reconcile``)."""
@@ -222,7 +165,7 @@ class Pipeline:
                 log.exception("unexpected error, requeued")
                 return Requeue("internal error")
 
-    def _claim_for_row(self, row: ExecutionRow, context: ExitStack) -> Lease | Requeue:
+    def claim_for_row(self, row: ExecutionRow, context: ExitStack) -> Lease | Requeue:
         """The lease of the session the row names (by identity: the same account in every
         process), with the row's and then the session's fields in the log context."""
         context.enter_context(
@@ -244,7 +187,7 @@ class Pipeline:
         return lease
 
     def _resume(self, row: ExecutionRow, context: ExitStack) -> Outcome:
-        lease = self._claim_for_row(row, context)
+        lease = self.claim_for_row(row, context)
         if isinstance(lease, Requeue):
             return lease
         with lease:
@@ -277,95 +220,9 @@ class Pipeline:
         return Settling(row.execution_id)
 
     def recheck(self, row: ExecutionRow) -> Outcome:
-        """Ask the broker again about an UNKNOWN row (the background reconciler).
-
-        Publish: a new version is committed in the outbox: final when the broker shows every
-        order of the execution (and the deals of what they executed) or the window
-        (``unknown_reconcile_hours``) ended; provisional when it shows other fills than
-        answered while an order is still unaccounted for (a split plan's unknown leg).
-        Requeue: still unknown (asked again after a backoff) or nothing could be asked.
-        """
-        return self._guarded(lambda context: self._recheck(row, context))
-
-    def _recheck(self, row: ExecutionRow, context: ExitStack) -> Outcome:
-        lease = self._claim_for_row(row, context)
-        if isinstance(lease, Requeue):
-            return lease
-        with lease:
-            current = self.store.load(lease.conn, row.execution_id)
-            if current is None or current.state != UNKNOWN_STATE:
-                return Requeue("no longer unknown")
-            published = self.store.confirmation_of(lease.conn, current.execution_id)
-            if published is None:
-                raise StoreError(f"unknown execution {current.execution_id} has no outbox row")
-            previous = ExecutionConfirmation.model_validate_json(published.payload)
-            plan = plan_from_row(current, self.settings.magic)
-            awaited = Awaited.from_json(current.get("settling"), legs=len(plan.legs), since=0.0)
-            run = Run(self.clock, self.clock())
-            run.attempts, run.submitted_at = plan.attempts, plan.submitted_at
-            gateway: Gateway = lease.session.gateway
-            with run.stage("reconcile"):
-                found = inquiry.reconcile(gateway, plan, 0.0, self.sleep)
-            run.broker_calls("reconcile", gateway.drain_calls())
-            state = settle.progress(awaited, found, plan.side, plan.requested_price)
-            version = previous.version + 1
-            was = (
-                f"version {previous.version} was provisional ({previous.status.value},"
-                f" {previous.rejection_reason.value if previous.rejection_reason else '-'})"
-            )
-            if isinstance(state, Settled):
-                run.note("recheck", corrected=True, deals=[d for f in state.fills for d in f.deals])
-                return self.conclude(
-                    plan,
-                    lease,
-                    run,
-                    state.fills,
-                    timed_out=state.timed_out,
-                    version=version,
-                    correction=f"{was}; the broker now shows every order of this execution",
-                )
-            window = timedelta(hours=self.settings.unknown_reconcile_hours)
-            working = isinstance(state, settle.Waiting) and bool(state.open_orders)
-            if not working and datetime.now(UTC) >= previous.completed_at + window:
-                run.note("recheck", final=True)
-                correction = (
-                    f"final: the broker showed nothing more of this execution within"
-                    f" {self.settings.unknown_reconcile_hours:g} h"
-                )
-                return self.conclude(
-                    plan,
-                    lease,
-                    run,
-                    state.fills,
-                    status=previous.status,
-                    reason=previous.rejection_reason,
-                    details=previous.rejection_details,
-                    version=version,
-                    correction=correction,
-                )
-            if settle.differs(state.fills, previous):
-                # more is known, but an order is still unaccounted for: still provisional
-                run.note("recheck", corrected=True, provisional=True)
-                return self.conclude(
-                    plan,
-                    lease,
-                    run,
-                    state.fills,
-                    reason=RejectionReason.UNKNOWN_OUTCOME,
-                    details="an order of this execution has an unknown outcome",
-                    provisional=True,
-                    version=version,
-                    correction=f"{was}; the broker now shows more of this execution",
-                    settling=awaited.to_json(),
-                )
-            attempts = int(current.get("reconcile_attempts") or 0)
-            delay = min(
-                self.settings.unknown_reconcile_first_seconds * 2 ** min(attempts + 1, 30),
-                self.settings.unknown_reconcile_max_seconds,
-            )
-            run.note("recheck", still_unknown=True, next_in_seconds=delay)
-            self.store.reconcile_later(lease.conn, current.execution_id, delay, run.take_events())
-            return Requeue("outcome still unknown")
+        """Ask the broker again about an UNKNOWN row (the background reconciler): Publish a
+        corrected version, or Requeue (see :func:`recheck.recheck`)."""
+        return self._guarded(lambda context: recheck.recheck(self, row, context))
 
     # --- the path of one delivery ------------------------------------------------------
 
@@ -412,7 +269,7 @@ class Pipeline:
         assert isinstance(routed, checks.Routed)
         account = routed.account
 
-        stale = self._staleness(request)
+        stale = self.staleness(request)
         if stale is not None:
             # judged before claiming: a stale approval is answered even with no session
             recorded = self._reject_stale(request, stale, run)
@@ -431,7 +288,7 @@ class Pipeline:
             if delivery.redelivered:
                 row = self.store.load(lease.conn, request.execution_id)
             if row is None:
-                stale = self._staleness(request)
+                stale = self.staleness(request)
                 if stale is not None:
                     return self.finisher.reject(lease.conn, request, *stale, run)
                 executed = self._execute(request, lease, run)
@@ -476,13 +333,13 @@ class Pipeline:
         """
         if not several:
             return Requeue("no MT5 session available")
-        stale = self._staleness(request)
+        stale = self.staleness(request)
         if stale is not None:
             with self.store.connection() as conn:
                 return self.finisher.reject(conn, request, *stale, run)
         return Requeue(f"no MT5 session of account {account} available", to_back=True)
 
-    def _staleness(self, request: ExecutionRequest | Plan) -> checks.Refusal | None:
+    def staleness(self, request: ExecutionRequest | Plan) -> checks.Refusal | None:
         ttl = self.settings.approval_ttl_seconds
         return checks.staleness(request.decided_at, self.clock(), ttl)
 

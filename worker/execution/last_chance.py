@@ -1,0 +1,85 @@
+"""The last deliveries before the queue's limit: an approval that would be requeued again is
+answered (REJECTED, or its recorded answer) or dead-lettered with a reason, never left to the
+queue's silent dead letter (issue 18 item 7). ``Pipeline.handle`` asks :func:`near_limit`
+after a requeue and then hands the delivery to :func:`answer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from schemas.enums import RejectionReason
+from schemas.request import InvalidMessage, parse_request
+from worker.config import Settings
+from worker.execution.audit import Run
+from worker.execution.outcome import DeadLetter, Delivery, Outcome, Requeue
+from worker.observability.logs import log_context
+from worker.store.store import StoreError
+
+if TYPE_CHECKING:
+    from worker.execution.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def near_limit(settings: Settings, delivery: Delivery) -> bool:
+    """One of the last ``delivery_last_chances`` deliveries before the queue dead-letters
+    the message. ``x-delivery-count`` is absent on the first delivery, then counts the
+    earlier deliveries returned to the queue; a quorum queue with ``x-delivery-limit`` L
+    delivers a message L + 1 times (counts absent, 1 .. L), so the last has count L."""
+    # a first delivery carries no broker-set count: a header there is the publisher's
+    count = (delivery.delivery_count or 0) if delivery.redelivered else 0
+    limit = settings.delivery_limit
+    return count > limit - settings.delivery_last_chances
+
+
+def answer(pipeline: Pipeline, delivery: Delivery, requeue: Requeue, context: ExitStack) -> Outcome:
+    """Requeued again, the approval would be dead-lettered by the queue with no row and
+    no confirmation (issue 18 item 7). Instead: a REJECTED row and its confirmation when
+    no order was sent for it (SESSION_UNAVAILABLE, the requeue's cause in the details);
+    the recorded answer when the key has one; a dead letter with a reason otherwise
+    (a row in flight is settled by the recovery sweep, which publishes its answer)."""
+    settings, store, finisher = pipeline.settings, pipeline.store, pipeline.finisher
+    run = Run(pipeline.clock, pipeline.clock())
+    try:
+        request = parse_request(
+            delivery.body,
+            delivery.properties,
+            received_at=delivery.received_at,
+            max_body_bytes=settings.max_body_bytes,
+            parse_timeout_seconds=settings.parse_timeout_seconds,
+        )
+    except InvalidMessage as invalid:
+        return DeadLetter(invalid.code, f"{invalid.field}: {invalid.detail}")
+    context.enter_context(
+        log_context(
+            execution_id=request.execution_id,
+            order_id=request.rpm_order_id,
+            symbol=request.symbol,
+        )
+    )
+    details = f"not handled in {(delivery.delivery_count or 0) + 1} deliveries: {requeue.reason}"
+    log.warning("last delivery before the limit: answering (%s)", requeue.reason)
+    try:
+        with store.connection() as conn:
+            row = store.load(conn, request.execution_id)
+            if row is None:
+                stale = pipeline.staleness(request)
+                reason, why = stale or (RejectionReason.SESSION_UNAVAILABLE, details)
+                answered = finisher.reject(conn, request, reason, why, run)
+                if not isinstance(answered, Requeue):
+                    return answered
+                row = store.load(conn, request.execution_id)
+            if row is not None and row.answered:
+                return finisher.recorded(conn, row)
+    except (psycopg.Error, StoreError) as exc:
+        return DeadLetter("DATABASE_UNAVAILABLE", f"{details}; {type(exc).__name__}")
+    return DeadLetter(
+        "IN_FLIGHT",
+        f"{details}; the execution is in flight: the recovery sweep settles it and"
+        " publishes its confirmation",
+    )
