@@ -14,34 +14,66 @@ parameters: one round trip, one commit, and little Python work per column.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
-from pydantic_core import PydanticSerializationError, to_json
 
-from worker.errors import WorkerError
 from worker.execution.outcome import Publish
-from worker.store.group import FenceLost, GroupCommit, held_by
+from worker.store.group import FenceLost, GroupCommit
 from worker.store.migrate import apply_migrations
-
-TERMINAL_STATES = frozenset(
-    {"FILLED", "PARTIALLY_FILLED", "REJECTED", "EXPIRED", "CANCELLED", "FAILED"}
+from worker.store.outbox import OutboxKey, OutboxMixin
+from worker.store.rows import (
+    EXECUTION_COLUMNS,
+    IN_FLIGHT_STATES,
+    TERMINAL_STATES,
+    UNKNOWN_STATE,
+    Event,
+    ExecutionRow,
+    LockHeld,
+    LockNotHeld,
+    StoreError,
+    _events_json,
+    _fast_json,
+    _row_json,
+    json_default,
 )
-IN_FLIGHT_STATES = frozenset({"SUBMITTING", "SUBMITTED"})
-# The broker showed nothing of an order whose outcome is unknown: a provisional confirmation
-# is on record (a redelivery answers it), and only the background reconciler settles the row
-# (``Store.correct``) when a fill appears or its window ends (issue 18 item 3).
-UNKNOWN_STATE = "UNKNOWN"
-OPEN_TIMEOUT_SECONDS = 10.0
+from worker.store.sql import (
+    _HELD,
+    _ROW,
+    _ROW_NAMED,
+    _atomic,
+    _checked,
+    _events_insert,
+    _lock_params,
+)
+
+# Re-exported: the names other modules and tests import from here.
+__all__ = [
+    "EXECUTION_COLUMNS",
+    "IN_FLIGHT_STATES",
+    "OPEN_TIMEOUT_SECONDS",
+    "TCP_KEEPALIVES",
+    "TERMINAL_STATES",
+    "UNKNOWN_STATE",
+    "Event",
+    "ExecutionRow",
+    "LockHeld",
+    "LockNotHeld",
+    "OutboxKey",
+    "Store",
+    "StoreError",
+    "_events_json",
+    "_fast_json",
+    "_row_json",
+    "json_default",
+]
+
+OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
 # libpq TCP keepalives: a connection whose peer vanished (a PostgreSQL failover, a dead
 # network path) is found dead within ~25 s instead of the kernel's two hours. Session locks
 # live on these connections, so a lost lock must be noticed, not assumed held.
@@ -50,237 +82,10 @@ TCP_KEEPALIVES = {
     "keepalives_idle": 10,
     "keepalives_interval": 5,
     "keepalives_count": 3,
-}  # waiting for a connection; then the message is requeued
-
-EXECUTION_COLUMNS = (
-    "execution_id",
-    "idempotency_key",
-    "rpm_order_id",
-    "state",
-    "rejection_reason",
-    "rejection_details",
-    "symbol",
-    "broker_symbol",
-    "direction",
-    "intended_units",
-    "intended_lots",
-    "executed_units",
-    "executed_lots",
-    "requested_price",
-    "fill_price",
-    "spread_pips",
-    "slippage_pips",
-    "deviation_points",
-    "filling_mode",
-    "comment_token",
-    "magic",
-    "session_id",
-    "session_key",
-    "account_login",
-    "broker_order",
-    "broker_deals",
-    "broker_position",
-    "retcode",
-    "broker_comment",
-    "attempts",
-    "request",
-    "decided_at",
-    "received_at",
-    "submitted_at",
-    "completed_at",
-    "arrival_bid",
-    "arrival_ask",
-    "closing_sent_at",
-    "confirmation_version",
-    "reconcile_attempts",
-    "next_reconcile_at",
-    "account",
-    "settling",
-)
-_COLUMN_SET = frozenset(EXECUTION_COLUMNS)
+}
 
 
-@dataclass(frozen=True)
-class ExecutionRow:
-    """One row of ``execution.executions`` (``values`` holds every column by name)."""
-
-    values: dict[str, Any]
-
-    @property
-    def execution_id(self) -> UUID:
-        value: UUID = self.values["execution_id"]
-        return value
-
-    @property
-    def state(self) -> str:
-        value: str = self.values["state"]
-        return value
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    @property
-    def answered(self) -> bool:
-        """A confirmation is on record: final, or provisional (UNKNOWN)."""
-        return self.terminal or self.state == UNKNOWN_STATE
-
-    def get(self, column: str) -> Any:
-        return self.values.get(column)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One row of ``execution.execution_events``."""
-
-    stage: str
-    kind: str = "transition"
-    state: str | None = None
-    function: str | None = None
-    retcode: int | None = None
-    latency_ms: float | None = None
-    detail: dict[str, Any] | None = None
-    at: datetime = field(default_factory=lambda: datetime.now(UTC))
-
-
-class StoreError(WorkerError):
-    """The database refused or could not be reached; the message is requeued."""
-
-
-class LockNotHeld(StoreError):
-    """A write named a session lock its lease no longer holds: nothing was committed."""
-
-
-_EVENT_COLUMNS = "execution_id, at, stage, kind, state, function, retcode, latency_ms, detail"
-_EVENT_RECORD = (
-    "at timestamptz, stage text, kind text, state text, function text, retcode int,"
-    " latency_ms float8, detail jsonb"
-)
-_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-
-
-def _events_insert(source: str, placeholder: str = "%s") -> str:
-    """An INSERT of many events in one statement, for ``execution_id`` rows of ``source``.
-
-    The events arrive as ONE jsonb parameter (see ``_events_json``): encoding a list of
-    dicts with the C JSON encoder costs a fraction of adapting eight typed arrays.
-    """
-    return (
-        f"INSERT INTO execution.execution_events ({_EVENT_COLUMNS})"
-        f" SELECT {source}.execution_id, e.* FROM {source},"
-        f" jsonb_to_recordset({placeholder}::jsonb) AS e({_EVENT_RECORD})"
-    )
-
-
-def _fast_json(value: Any) -> str | None:
-    """``value`` as JSON by pydantic-core's encoder (datetimes and UUIDs natively, a tenth of
-    the cost of ``json.dumps`` with ``json_default``), or None where its text could differ in
-    meaning from ``json.dumps``'s: a NaN or an infinity (the callers then take the ``json``
-    path, which refuses them or spells them for PostgreSQL) or a value it cannot encode.
-
-    With ``inf_nan_mode="constants"`` a non-finite float is written as the bare ``NaN`` /
-    ``Infinity`` / ``-Infinity``; those bytes found anywhere (also inside a string: a false
-    alarm only costs the slow path) send the value to the ``json`` path. Datetimes: aware
-    UTC is written with ``Z`` (``json_default``: ``+00:00``), naive without an offset: the
-    same instant in a timestamptz column (a datetime nested in a jsonb ``detail`` would keep
-    that spelling; none is written there).
-    """
-    try:
-        encoded = to_json(value, inf_nan_mode="constants")
-    except (PydanticSerializationError, ValueError, TypeError):
-        return None
-    if b"NaN" in encoded or b"Infinity" in encoded:
-        return None
-    return encoded.decode("utf-8")
-
-
-def _events_json(events: Sequence[Event]) -> str:
-    rows = [
-        {
-            "at": event.at,
-            "stage": event.stage,
-            "kind": event.kind,
-            "state": event.state,
-            "function": event.function,
-            "retcode": event.retcode,
-            "latency_ms": event.latency_ms,
-            "detail": event.detail,
-        }
-        for event in events
-    ]
-    return _fast_json(rows) or json.dumps(rows, default=json_default)
-
-
-def _row_json(fields: dict[str, Any]) -> str:
-    """Execution columns as ONE jsonb parameter, read with ``jsonb_populate_record``.
-
-    A non-finite float (which JSON cannot carry) goes as the text PostgreSQL's float8
-    input reads back: 'NaN', 'Infinity', '-Infinity'. (Callers have ``_checked`` the names.)
-    """
-    fast = _fast_json(fields)
-    if fast is not None:
-        return fast
-    try:
-        return json.dumps(fields, default=json_default, allow_nan=False)
-    except ValueError:  # rare: a NaN or an infinity somewhere
-        pass
-    row = {
-        column: _NON_FINITE[repr(value)]
-        if isinstance(value, float) and not math.isfinite(value)
-        else value
-        for column, value in fields.items()
-    }
-    return json.dumps(row, default=json_default)
-
-
-# A one-row CTE ``r``: the row parameter, every column typed by the table's own record type.
-def _row_cte(placeholder: str) -> str:
-    record = f"jsonb_populate_record(NULL::execution.executions, {placeholder}::jsonb)"
-    return f"r AS (SELECT * FROM {record})"
-
-
-_ROW = _row_cte("%s")
-_ROW_NAMED = _row_cte("%(row)s")
-# A one-row CTE ``held``: does the session lease a write depends on still hold its lock, when
-# the statement begins? (A refusal that writes nothing; the group checks the lock again before
-# COMMIT, see worker.store.group.GroupCommit._fenced.) Without a lease: true.
-_HELD = (
-    "held AS (SELECT CASE WHEN %(pid)s::int IS NULL THEN true ELSE"
-    f" {held_by('%(pid)s::int', '%(lock_class)s::oid', '%(lock_key)s::bigint')} END AS ok)"
-)
-
-
-@dataclass(frozen=True)
-class LockHeld:
-    """The session lock a write depends on: held by the backend ``pid`` (a lease's
-    connection) as the two-int advisory lock (``lock_class``, ``lock_key``). A write that
-    names it commits only while that backend still holds the lock (its fence): on the
-    lease's connection, whose lock dies with it; group-committed, if the lock is still held
-    once the write holds its row, just before COMMIT (a ``worker.store.group.Fence``)."""
-
-    pid: int
-    lock_class: int
-    lock_key: int
-
-
-@contextmanager
-def _atomic(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """One statement is its own transaction in autocommit mode; otherwise wrap it."""
-    if conn.autocommit:
-        yield
-    else:
-        with conn.transaction():
-            yield
-
-
-def _checked(fields: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(fields) - _COLUMN_SET
-    if unknown:
-        raise ValueError(f"unknown execution columns: {sorted(unknown)}")
-    return fields
-
-
-class Store:
+class Store(OutboxMixin):
     """Executions, events and the outbox. Thread-safe (a connection pool inside)."""
 
     def __init__(self, pool: ConnectionPool, group: GroupCommit | None = None) -> None:
@@ -620,81 +425,6 @@ class Store:
                 (execution_id, _events_json(events)),
             )
 
-    # --- outbox (worker.execution.outcome.Outbox) ------------------------------------------------
-
-    def watch(self, watcher: Callable[[Publish], None]) -> Callable[[], None]:
-        """``watcher`` is told of each confirmation committed off the handler path (the
-        settler's); returns the call that stops it."""
-        self._watchers.append(watcher)
-        return lambda: self._watchers.remove(watcher) if watcher in self._watchers else None
-
-    def announce(self, confirmation: Publish) -> None:
-        """A confirmation just committed off the handler path: publish it now, not at the
-        next sweep (each watcher must be quick and thread-safe)."""
-        for watcher in list(self._watchers):
-            watcher(confirmation)
-
-    def unpublished(self, limit: int) -> list[Publish]:
-        with self.connection() as conn:
-            rows = conn.execute(
-                "SELECT execution_id, routing_key, payload, correlation_id, reply_to, version"
-                " FROM execution.outbox WHERE published_at IS NULL AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at, created_at LIMIT %s",
-                (limit,),
-            ).fetchall()
-        return [
-            Publish(row[0], row[1], row[2].encode("utf-8"), row[3], row[4], row[5]) for row in rows
-        ]
-
-    def mark_published(self, execution_ids: Sequence[OutboxKey]) -> None:
-        """Mark confirmations published: ``(execution_id, version)`` marks that version; a
-        bare execution id marks every unpublished version of it."""
-        if not execution_ids:
-            return
-        bare, ids, versions = _split_keys(execution_ids)
-        # The marker only spares the sweep a republish: if a crash loses it, the identical
-        # confirmation (same message_id) goes out once more. So this one transaction does
-        # not wait for its WAL flush; every audit write above keeps synchronous_commit on.
-        with self.connection() as conn, conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = off")
-            conn.execute(
-                "UPDATE execution.outbox SET published_at = now()"
-                f" WHERE {_KEYS_MATCH} AND published_at IS NULL",
-                (bare, ids, versions),
-            )
-
-    def mark_failed(
-        self,
-        execution_ids: Sequence[OutboxKey],
-        *,
-        backoff_seconds: float = 10.0,
-        max_backoff_seconds: float = 300.0,
-    ) -> None:
-        """The broker refused these confirmations (returned or nacked): try them again after
-        ``backoff_seconds * 2**attempts`` (at most ``max_backoff_seconds``), so the sweep
-        takes the rows that are due first and never retries the same refused ones forever."""
-        if not execution_ids:
-            return
-        bare, ids, versions = _split_keys(execution_ids)
-        with self.connection() as conn, conn.transaction():
-            conn.execute("SET LOCAL synchronous_commit = off")  # like mark_published
-            conn.execute(
-                "UPDATE execution.outbox SET attempts = attempts + 1,"
-                " next_attempt_at = now() + make_interval(secs =>"
-                " least(%s, %s * power(2, least(attempts, 30))))"
-                f" WHERE {_KEYS_MATCH} AND published_at IS NULL",
-                (max_backoff_seconds, backoff_seconds, bare, ids, versions),
-            )
-
-    def outbox_backlog(self) -> tuple[int, float]:
-        """(unpublished rows, age in seconds of the oldest) for metrics."""
-        with self.connection() as conn:
-            row = conn.execute(
-                "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)"
-                " FROM execution.outbox WHERE published_at IS NULL"
-            ).fetchone()
-        return (int(row[0]), float(row[1])) if row else (0, 0.0)
-
     def in_flight_age(self) -> tuple[int, float]:
         """(non-final rows, seconds since the oldest of them was received) for metrics."""
         with self.connection() as conn:
@@ -721,31 +451,3 @@ class Store:
                 (execution_id,),
             )
             return [dict(row) for row in cur.fetchall()]
-
-
-def _lock_params(lock: LockHeld | None) -> dict[str, Any]:
-    if lock is None:
-        return {"pid": None, "lock_class": None, "lock_key": None}
-    return {"pid": lock.pid, "lock_class": lock.lock_class, "lock_key": lock.lock_key}
-
-
-OutboxKey = UUID | tuple[UUID, int]  # an execution (all its versions) or one version
-_KEYS_MATCH = (
-    "(execution_id = ANY(%s::uuid[]) OR (execution_id, version) IN"
-    " (SELECT * FROM unnest(%s::uuid[], %s::int[])))"
-)
-
-
-def _split_keys(keys: Sequence[OutboxKey]) -> tuple[list[UUID], list[UUID], list[int]]:
-    bare = [key for key in keys if isinstance(key, UUID)]
-    exact = [key for key in keys if not isinstance(key, UUID)]
-    return bare, [key[0] for key in exact], [key[1] for key in exact]
-
-
-def json_default(value: Any) -> Any:
-    """For request snapshots: datetimes and UUIDs as strings."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UUID):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
