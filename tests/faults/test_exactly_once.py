@@ -32,7 +32,12 @@ pytestmark = pytest.mark.faults
 
 WAIT_SECONDS = 180.0
 SLIPPED = "slippage_points = [[50, 1.0]]  # 5 pips on every fill: over the 2 pip limit\n"
-CLOSE = {"SLIPPAGE_POLICY": "close"}
+# One terminal on a netting account, one execution at a time (no delivery held beyond the
+# session's while one waits on the settler): on a netting account every execution moves the
+# one position the close names, so overlapping executions of opposite sides could shrink it
+# under a close (10038); that is not what these scenarios test (see the closing note of
+# issue 26 on closes that name a netting position).
+CLOSE = {"SLIPPAGE_POLICY": "close", "SETTLING_PREFETCH": "0"}
 
 
 def _scripted(*outcomes: str) -> str:

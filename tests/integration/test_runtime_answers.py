@@ -86,8 +86,30 @@ def _settings(url: str, database_url: str, directory: Path) -> Settings:
 def world(
     new_vhost: Callable[[], str], new_database: Callable[[], str], tmp_path: Path
 ) -> Iterator[World]:
-    url, database_url = new_vhost(), new_database()
-    settings = _settings(url, database_url, tmp_path)
+    yield from _world(new_vhost(), new_database(), _settings, tmp_path)
+
+
+@pytest.fixture
+def patient_world(
+    new_vhost: Callable[[], str], new_database: Callable[[], str], tmp_path: Path
+) -> Iterator[World]:
+    """A world whose orders may take 10 s: the settler waits for lagging deals that long."""
+
+    def settings(url: str, database_url: str, directory: Path) -> Settings:
+        return _settings(url, database_url, directory).model_copy(
+            update={"order_timeout_seconds": 10.0}
+        )
+
+    yield from _world(new_vhost(), new_database(), settings, tmp_path)
+
+
+def _world(
+    url: str,
+    database_url: str,
+    make_settings: Callable[[str, str, Path], Settings],
+    tmp_path: Path,
+) -> Iterator[World]:
+    settings = make_settings(url, database_url, tmp_path)
     service = Service.start(settings, recover=False)
     options = RuntimeOptions(
         prefetch=4,
@@ -205,3 +227,32 @@ def test_a_late_execution_goes_out_as_version_2(world: World) -> None:
     assert corrected["execution_id"] == key and corrected["version"] == 2
     assert (corrected["status"], corrected["provisional"]) == ("FILLED", False)
     assert corrected["executed_lots"] == 0.1 and len(corrected["broker_deals"]) == 1
+
+
+def test_deliveries_waiting_on_the_settler_are_unacked_then_each_answered(
+    patient_world: World,
+) -> None:
+    """Issue 26: the reply names no deal and the deals lag: the delivery waits, unacked and
+    off its session, for the settler's confirmation; its copies, waiting on the same
+    execution, each get the confirmation and their ack."""
+    world = patient_world
+    world.side.bind_confirmations("observer")
+    with world.service.pool.claim(10.0) as lease:
+        lease.session.terminal.set_faults(
+            deal_zero_rate=1.0, deal_lag_ms=3000.0, deal_lag_jitter_ms=0.0
+        )
+    document = _approval()
+    body = json.dumps(document).encode()
+    order_id = document["decision"]["order_id"]
+    for _ in range(3):  # the RPM published it three times
+        world.side.publish(body, message_id=order_id)
+    key = str(execution_id_for(order_id))
+    wait_until(lambda: key in world.rows(), "the order sent")
+    with world.service.pool.claim(0.5):  # its only session is free while the deals lag
+        assert world.rows()[key][0] == "SUBMITTED"
+        assert world.runtime.stats.acked == 0 and ready_count(world.url, REQUESTS_QUEUE) == 0
+    copies = world.side.take("observer", 3, 30.0)
+    assert {m.properties.message_id for m in copies} == {key}
+    assert {json.loads(m.body)["status"] for m in copies} == {"FILLED"}
+    wait_until(lambda: world.runtime.stats.acked == 3, "every copy acked")
+    assert world.rows()[key][0] == "FILLED"

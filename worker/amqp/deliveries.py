@@ -32,7 +32,7 @@ from worker.amqp.loop import IoLoop
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
 from worker.amqp.topology import DEAD_LETTER_EXCHANGE, REQUESTS_QUEUE
-from worker.execution.outcome import DeadLetter, Delivery
+from worker.execution.outcome import DeadLetter, Delivery, Publish
 from worker.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,10 @@ class Deliveries:
         self._parked: dict[UUID, list[InFlight]] = {}
         # executions whose confirmation was confirmed with no delivery parked on it yet: the
         # settler can publish before its handler's Settling outcome reaches this thread
-        self._answered: OrderedDict[UUID, None] = OrderedDict()
-        self._settling: set[UUID] = set()  # parked executions that wait on the settler
+        # deliveries whose execution waits on the settler, and the settler's confirmations
+        # that came before their delivery's Settling outcome reached this thread
+        self._waiting: dict[UUID, list[InFlight]] = {}
+        self._answered: OrderedDict[UUID, Publish] = OrderedDict()
         self._to_ack: list[int] = []  # settled this turn, sent by flush_acks
         self._flush_due = False
 
@@ -167,7 +169,7 @@ class Deliveries:
         metrics.in_flight(-len(self._inflight))
         self._inflight.clear()
         self._parked.clear()
-        self._settling.clear()
+        self._waiting.clear()
         self._to_ack.clear()  # redelivered; an ack on another channel would be an error
 
     def receive(self, channel: Any, method: Any, properties: Any, body: bytes) -> InFlight | None:
@@ -196,39 +198,51 @@ class Deliveries:
             and self._inflight.get(item.tag) is item
         )
 
-    def park(self, execution_id: UUID, item: InFlight, *, settling: bool = False) -> None:
-        """Keep it unacked until a confirmation of ``execution_id`` is confirmed: its own was
-        refused (the outbox retries it; a drain hands it back at once, a route may never
-        come), or the execution waits on the settler (``settling``: a drain waits for it, as
-        for a handler, up to the drain timeout)."""
+    def park(self, execution_id: UUID, item: InFlight) -> None:
+        """Its confirmation was refused: keep it unacked until the outbox gets it confirmed
+        (a drain hands it back at once: a route may never come)."""
         if not self.current(item):
             return
-        if self._answered.pop(execution_id, False) is None:
-            self.settle(item, ack=True)  # confirmed already, before it was parked
-        elif self._stopping() and not settling:
+        if self._stopping():
             self.settle(item, ack=False)
         else:
             self._parked.setdefault(execution_id, []).append(item)
-            if settling:
-                self._settling.add(execution_id)
 
-    def confirmed(self, execution_id: UUID) -> None:
-        """The confirmation of ``execution_id`` is confirmed: ack the requests parked on it."""
-        parked = self._parked.pop(execution_id, [])
-        self._settling.discard(execution_id)
-        if not parked:
-            self._answered[execution_id] = None
+    def wait_on(self, execution_id: UUID, item: InFlight) -> Publish | None:
+        """The execution waits on the settler: keep the delivery unacked until its
+        confirmation comes (``answer``), as a handler's would (a drain waits for it up to
+        the drain timeout). Returns the confirmation if it came first, for this delivery to
+        be published and acked now."""
+        if not self.current(item):
+            return None
+        answered = self._answered.pop(execution_id, None)
+        if answered is None:
+            self._waiting.setdefault(execution_id, []).append(item)
+        return answered
+
+    def answer(self, publish: Publish) -> list[InFlight]:
+        """The settler's confirmation of an execution: the deliveries waiting on it (each is
+        published to and acked on its own confirm). None waiting yet: it is kept a while
+        for a delivery whose Settling outcome has not reached this thread."""
+        waiting = self._waiting.pop(publish.execution_id, [])
+        if not waiting:
+            self._answered[publish.execution_id] = publish
             while len(self._answered) > ANSWERED_REMEMBERED:
                 self._answered.popitem(last=False)
-        for item in parked:
-            self.settle(item, ack=True)
+        return [item for item in waiting if self.current(item)]
+
+    def confirmed(self, execution_id: UUID) -> None:
+        """A confirmation of ``execution_id`` is confirmed (the outbox sweep's too): ack the
+        requests parked or waiting on it."""
+        for parked in self._parked.pop(execution_id, []) + self._waiting.pop(execution_id, []):
+            self.settle(parked, ack=True)
 
     def requeue_parked(self) -> None:
         """Hand back the requests parked on a refused confirmation now (a route may never
         come); those waiting on the settler stay until answered or the drain times out."""
-        for execution_id in [e for e in self._parked if e not in self._settling]:
-            for parked in self._parked.pop(execution_id):
-                self.settle(parked, ack=False)
+        for parked in [p for items in self._parked.values() for p in items]:
+            self.settle(parked, ack=False)
+        self._parked.clear()
 
     def requeue_all(self) -> None:
         if self._inflight:

@@ -177,8 +177,21 @@ class AmqpRuntime:
         self._outcomes.put(lambda: self._publish_settled(publish))
 
     def _publish_settled(self, publish: Publish) -> None:
-        if self._confirmations.attached:
+        if not self._confirmations.attached:
+            return  # the outbox sweep publishes it on the next channel
+        waiting = self._deliveries.answer(publish)
+        if not waiting:
             self._confirmations.publish(publish, on_confirmed=None, on_failed=None)
+        for item in waiting:  # each delivery gets its confirmation, as a handler's would
+            self._answer(publish, item)
+
+    def _answer(self, publish: Publish, item: InFlight) -> None:
+        """Publish the confirmation for this delivery; ack it once the broker confirms."""
+        self._confirmations.publish(
+            publish,
+            on_confirmed=lambda: self._deliveries.settle(item, ack=True),
+            on_failed=item,
+        )
 
     def stop(self) -> None:
         """Stop consuming, finish in-flight messages within the drain timeout, then return."""
@@ -271,16 +284,14 @@ class AmqpRuntime:
             self._check_drained()
             return
         if isinstance(outcome, Publish):
-            self._confirmations.publish(
-                outcome,
-                on_confirmed=lambda: self._deliveries.settle(item, ack=True),
-                on_failed=item,
-            )
+            self._answer(outcome, item)
         elif isinstance(outcome, DeadLetter):
             self._deliveries.dead_letter(item, outcome)
         elif isinstance(outcome, Settling):
-            # unacked until a confirmation of the execution is confirmed (publish_settled)
-            self._deliveries.park(outcome.execution_id, item, settling=True)
+            # unacked until the settler's confirmation comes (publish_settled)
+            answered = self._deliveries.wait_on(outcome.execution_id, item)
+            if answered is not None:
+                self._answer(answered, item)
         else:
             self._deliveries.requeue(item, outcome.reason, to_back=outcome.to_back)
 
