@@ -371,9 +371,19 @@ class FaultEnv:
         if late:
             reasons.append(f"{late} late orders not executed yet")
         rows = self.rows()
-        unsettled = [k for k in keys if any(r[0] in UNSETTLED_STATES for r in rows.get(k, []))]
+        books = {int(deal["magic"]) for deal in self.deals()}
+
+        def unsettled_row(key: str, state: str) -> bool:
+            # a provisional answer stands for an order whose outcome is unknown; with nothing
+            # of it on the broker's books (a worker killed between its intent and its send)
+            # it is the broker's truth until its window ends, and nothing is behind
+            if state == PROVISIONAL_STATE:
+                return self.magic_of(key) in books
+            return state in UNSETTLED_STATES
+
+        unsettled = [k for k in keys if any(unsettled_row(k, r[0]) for r in rows.get(k, []))]
         if unsettled:
-            reasons.append(f"{len(unsettled)} rows in flight or provisional")
+            reasons.append(f"{len(unsettled)} rows in flight, or provisional with orders shown")
         [(unpublished,)] = self.query(
             "SELECT count(*) FROM execution.outbox WHERE published_at IS NULL"
         )
