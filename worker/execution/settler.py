@@ -34,7 +34,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -242,9 +241,10 @@ class Settler:
         checked: list[UUID] = []
         with lease:
             gateway: Gateway = lease.session.gateway
-            since = min(w.plan.received_at for w in waiters) - timedelta(minutes=5)
+            # every order waited on was sent after its approval was received here
+            since = min(w.plan.submitted_at or w.plan.received_at for w in waiters)
             try:
-                window = gateway.window(since)
+                window = gateway.window(since, waiters[0].plan.broker_symbol)
             except (GatewayRejection, api.TransportError) as exc:
                 gateway.drain_calls()
                 log.debug("settler: the history cannot be read now: %s", exc)

@@ -439,10 +439,13 @@ class Gateway:
             offset_ms=self._server_clock.offset_ms(),
         )
 
-    def window(self, since: datetime) -> HistoryWindow:
+    def window(self, since: datetime, broker_symbol: str) -> HistoryWindow:
         """This deployment's open orders, history orders and deals on the account since
-        ``since`` (UTC), in one window for every execution waiting on it. Raises QueryFailed
-        or SessionLost like ``reconcile``."""
+        ``since`` (UTC), in one window for every execution waiting on it; a tick of
+        ``broker_symbol`` first refreshes the server's offset (a DST switch moves it). Raises
+        QueryFailed or SessionLost like ``reconcile``."""
+        with contextlib.suppress(GatewayRejection):  # no tick: the window is wider
+            self._tick(broker_symbol)
         return self._history.window(
             since,
             self._magic,

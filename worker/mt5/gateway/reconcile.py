@@ -19,11 +19,18 @@ from worker.mt5.gateway.model import Reconciliation, Side, SymbolSpec
 # by a day on both sides (the magic/comment filter keeps a wide window cheap).
 RECONCILE_PAD = timedelta(days=1)
 UNKNOWN_OFFSET_PAD = timedelta(hours=14)  # extra, when the server's offset is not known
+# The settler's window of the account's history, once the server's offset is known from a
+# fresh tick: the orders it looks for were sent after ``since`` (on the worker's clock),
+# so it only needs room for the two clocks' disagreement and the time-stamps' seconds.
+WINDOW_PAD = timedelta(seconds=30)
 
 
-def _window(since: datetime, now_utc: datetime, offset_ms: int | None) -> tuple[int, int]:
-    """The history window in server time, padded (see RECONCILE_PAD)."""
-    pad = RECONCILE_PAD if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
+def _window(
+    since: datetime, now_utc: datetime, offset_ms: int | None, known_pad: timedelta = RECONCILE_PAD
+) -> tuple[int, int]:
+    """The history window in server time, padded by ``known_pad`` when the server's offset
+    is known (see RECONCILE_PAD), and by far more when it is not."""
+    pad = known_pad if offset_ms is not None else RECONCILE_PAD + UNKNOWN_OFFSET_PAD
     since_utc = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
     shift = timedelta(milliseconds=offset_ms or 0)
     return int((since_utc + shift - pad).timestamp()), int((now_utc + shift + pad).timestamp())
@@ -115,8 +122,9 @@ class History:
     ) -> HistoryWindow:
         """The account's open orders and its history orders and deals since ``since`` (UTC),
         this deployment's only: three queries, whatever the number of executions they serve
-        (the settler asks once per account and round)."""
-        date_from, date_to = _window(since, now_utc, offset_ms)
+        (the settler asks once per account and round). The window is as narrow as a known
+        server offset allows (``WINDOW_PAD``): every deal in it crosses the connection."""
+        date_from, date_to = _window(since, now_utc, offset_ms, WINDOW_PAD)
 
         def ours(item: api.TradeOrder | api.TradeDeal) -> bool:
             return is_deployment_magic(item.magic, deployment_magic)
