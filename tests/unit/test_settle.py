@@ -487,3 +487,14 @@ def test_a_provisional_answer_differs_from_a_late_fill_only_when_the_deals_do() 
     late = settle.fills_from_deals([buy(1, 10, 1.0, 1.1)], Side.BUY, 1.1)
     assert settle.differs(late, provisional)
     assert not settle.differs([], provisional)
+
+
+def test_a_waited_fill_is_measured_from_the_price_its_order_was_sent_at() -> None:
+    awaited = settle.Awaited(legs_sent=1, orders=(5,), requested=((5, 1.1003),))
+    shown = Found(history_orders=(order(5, FILLED, 1.0),), deals=(buy(9, 5, 1.0, 1.1005),))
+    settled = settle.progress(awaited, shown, Side.BUY, 1.1)  # 1.1: the validation's price
+    assert isinstance(settled, settle.Settled)
+    (fill,) = settled.fills
+    assert fill.requested_price == 1.1003
+    again = settle.Awaited.from_json(awaited.to_json(), legs=1, since=0.0)
+    assert again.requested == ((5, 1.1003),)

@@ -88,6 +88,10 @@ class SessionSource(Protocol):
 
     def has_session(self, session_key: str | None) -> bool: ...
 
+    def borrow(
+        self, timeout: float, *, account: str | None = None, session_key: str | None = None
+    ) -> Lease: ...
+
     def claim(
         self,
         timeout: float,
@@ -392,6 +396,7 @@ class Pipeline:
                 known=tuple(sent.fills),
                 unknown=sent.unknown,
                 since=self.clock(),
+                requested=tuple(sent.requested),
             )
             return self._wait(plan, lease, run, awaited)
         if not sent.fills and sent.refused is not None:

@@ -281,6 +281,8 @@ class Awaited:
     unknown: bool = False
     since: float = 0.0
     verify: bool = False
+    # the price each order in ``orders`` was sent at: its slippage is measured from it
+    requested: tuple[tuple[int, float], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -293,6 +295,7 @@ class Awaited:
             "unknown": self.unknown,
             "since": self.since,
             "verify": self.verify,
+            "requested": [list(pair) for pair in self.requested],
         }
 
     @classmethod
@@ -311,6 +314,7 @@ class Awaited:
             unknown=bool(document.get("unknown", False)),
             since=float(document.get("since", since)),
             verify=bool(document.get("verify", False)),
+            requested=tuple((int(o), float(p)) for o, p in document.get("requested", ())),
         )
 
     def checking(self) -> Awaited:
@@ -356,7 +360,11 @@ def progress(awaited: Awaited, found: Found, side: Side, requested_price: float 
     deals covering what it executed; an unknown leg is accounted for only by an order of
     ours that no reply named.
     """
-    shown = fills_from_deals(found.deals, side, requested_price)
+    sent_at = dict(awaited.requested)
+    shown = [
+        replace(fill, requested_price=sent_at.get(fill.order, fill.requested_price))
+        for fill in fills_from_deals(found.deals, side, requested_price)
+    ]
     fills = with_known(awaited.known, shown)
     working = tuple(order.ticket for order in found.open_orders if order.side is side)
     history = {order.ticket: order for order in found.history_orders if order.side is side}

@@ -58,13 +58,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FIRST_LOOK_SECONDS = 0.02  # a waiting execution is looked at again after this ...
+FIRST_LOOK_SECONDS = 0.1  # a waiting execution is looked at again after this ...
 MAX_LOOK_SECONDS = 0.5  # ... doubling up to this
-FIRST_CHECK_SECONDS = 0.25  # a reply-settled fill's deals are first looked for after this
+FIRST_CHECK_SECONDS = 1.0  # a reply-settled fill's deals are first looked for after this
+# a round takes every execution due within this much: rounds are batched, each borrows a
+# session (exclusive, across processes too) that handlers would otherwise have
+ROUND_BATCH_SECONDS = 0.1
 MAX_CHECK_SECONDS = 5.0
 CHECK_WINDOW_SECONDS = 600.0  # then a fill whose deals never showed is left unverified
 SCAN_SECONDS = 5.0  # the database is scanned for rows nobody here settles this often
-CLAIM_SECONDS = 1.0  # how long a round waits for a session of an account
+CLAIM_SECONDS = 0.05  # how long a round waits for a session of an account (then later)
 RECENT_REMEMBERED = 4096
 
 
@@ -152,7 +155,7 @@ class Settler:
         if not self._can_settle(waiter):
             return False
         with self._lock:  # a hand-over again (a redelivery) starts it anew
-            waiter.due = self._clock() + (waiter.delay if waiter.awaited.verify else 0.0)
+            waiter.due = self._clock() + waiter.delay  # the history lags the reply
             self._waiting[waiter.execution_id] = waiter
         self.start()  # whoever hands it work gets it settled, wired by a service or not
         self._wake.set()
@@ -213,7 +216,7 @@ class Settler:
     def _round(self) -> float:
         now = self._clock()
         with self._lock:
-            due = [w for w in self._waiting.values() if w.due <= now]
+            due = [w for w in self._waiting.values() if w.due <= now + ROUND_BATCH_SECONDS]
         by_account: dict[tuple[str | None, str | None], list[Waiter]] = {}
         for waiter in due:
             key = (waiter.account, None if waiter.account else waiter.session_key)
@@ -223,14 +226,15 @@ class Settler:
         with self._lock:
             pending = [w.due for w in self._waiting.values()]
         soonest = min(pending, default=now + SCAN_SECONDS)
-        return max(soonest - self._clock(), 0.0)
+        return max(soonest - self._clock(), ROUND_BATCH_SECONDS / 2)
 
     def _round_for(
         self, account: str | None, session_key: str | None, waiters: list[Waiter]
     ) -> None:
         now = self._clock()
         try:
-            lease = self._sessions.claim(CLAIM_SECONDS, account=account, session_key=session_key)
+            # to read: no session lock, so never behind another process's lease
+            lease = self._sessions.borrow(CLAIM_SECONDS, account=account, session_key=session_key)
         except PoolClosed:
             self._stopping.set()  # the process is closing: its successor takes over
             return

@@ -55,6 +55,7 @@ class Sent:
 
     fills: list[Fill] = field(default_factory=list)
     orders: list[int] = field(default_factory=list)
+    requested: list[tuple[int, float]] = field(default_factory=list)  # orders' send prices
     legs_sent: int = 0
     unknown: bool = False
     refused: GatewayRejection | None = None
@@ -67,12 +68,13 @@ class Sent:
 
 
 @contextmanager
-def fenced_by(lease: Lease) -> Iterator[LockHeld]:
+def fenced_by(lease: Lease) -> Iterator[LockHeld | None]:
     """The lease's lock, for a write that must commit only while the lease holds it; the
     store's LockNotHeld becomes LeaseLost inside the lease's ``with`` (its connection is
     then discarded, and the delivery requeued: the row stays as it was for its holder)."""
+    holder = lease.lock_holder()
     try:
-        yield LockHeld(*lease.lock_holder())
+        yield None if holder is None else LockHeld(*holder)
     except LockNotHeld as lost:
         raise LeaseLost(str(lost)) from None
 
@@ -180,6 +182,7 @@ class Sender:
             else:  # placed (10008), or done without its deal: the settler reads its deals
                 run.note("submit", outcome=reply.status, order=reply.order, deal=reply.deal)
                 sent.orders.append(reply.order)
+                sent.requested.append((reply.order, reply.requested_price))
         return sent
 
     def monitor(
