@@ -88,10 +88,6 @@ class SessionSource(Protocol):
 
     def has_session(self, session_key: str | None) -> bool: ...
 
-    def borrow(
-        self, timeout: float, *, account: str | None = None, session_key: str | None = None
-    ) -> Lease: ...
-
     def claim(
         self,
         timeout: float,

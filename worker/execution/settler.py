@@ -67,7 +67,7 @@ ROUND_BATCH_SECONDS = 0.1
 MAX_CHECK_SECONDS = 5.0
 CHECK_WINDOW_SECONDS = 600.0  # then a fill whose deals never showed is left unverified
 SCAN_SECONDS = 5.0  # the database is scanned for rows nobody here settles this often
-CLAIM_SECONDS = 0.05  # how long a round waits for a session of an account (then later)
+CLAIM_SECONDS = 0.5  # how long a round waits for a session of an account (then later)
 RECENT_REMEMBERED = 4096
 
 
@@ -233,8 +233,7 @@ class Settler:
     ) -> None:
         now = self._clock()
         try:
-            # to read: no session lock, so never behind another process's lease
-            lease = self._sessions.borrow(CLAIM_SECONDS, account=account, session_key=session_key)
+            lease = self._sessions.claim(CLAIM_SECONDS, account=account, session_key=session_key)
         except PoolClosed:
             self._stopping.set()  # the process is closing: its successor takes over
             return

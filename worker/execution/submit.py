@@ -68,13 +68,12 @@ class Sent:
 
 
 @contextmanager
-def fenced_by(lease: Lease) -> Iterator[LockHeld | None]:
+def fenced_by(lease: Lease) -> Iterator[LockHeld]:
     """The lease's lock, for a write that must commit only while the lease holds it; the
     store's LockNotHeld becomes LeaseLost inside the lease's ``with`` (its connection is
     then discarded, and the delivery requeued: the row stays as it was for its holder)."""
-    holder = lease.lock_holder()
     try:
-        yield None if holder is None else LockHeld(*holder)
+        yield LockHeld(*lease.lock_holder())
     except LockNotHeld as lost:
         raise LeaseLost(str(lost)) from None
 

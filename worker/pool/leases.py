@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -168,7 +167,7 @@ class Lease:
         if not (row and row[0]):
             raise LeaseLost(f"session {self.session.id}: the session's lock is no longer held")
 
-    def lock_holder(self) -> tuple[int, int, int] | None:
+    def lock_holder(self) -> tuple[int, int, int]:
         """(backend pid of :attr:`conn`, lock class, lock key): the lock a write can name so
         that it commits only while this lease holds it (``worker.store.store.LockHeld``).
         libpq knows the pid: no round trip."""
@@ -198,37 +197,3 @@ class Lease:
         tb: TracebackType | None,
     ) -> None:
         self.release(broken=isinstance(exc, psycopg.OperationalError | LeaseLost))
-
-
-class Borrowed(Lease):
-    """A session borrowed to read the broker's truth (``SessionPool.borrow``): no session
-    lock, so no fence. Writes through :attr:`conn` name no lock (their own conditions guard
-    them: a final row only settles a row still in flight), and whatever it sends is guarded
-    by the store, not by a lock (a cancel is harmless twice; the slippage close's stage is a
-    test-and-set)."""
-
-    def __init__(
-        self, session: Session, conn: psycopg.Connection[Any], give_back: Callable[[], None]
-    ) -> None:
-        self.session = session
-        self.conn = conn
-        self._give_back = give_back
-        self._released = False
-
-    def __repr__(self) -> str:
-        return f"Borrowed({self.session.id!r}, released={self._released})"
-
-    def fence(self) -> None:
-        self.fence_check()
-
-    def lock_holder(self) -> None:
-        self.fence_check()
-        return None
-
-    def release(self, *, broken: bool = False) -> None:
-        if self._released:
-            return
-        self._released = True
-        if broken:
-            self.conn.close()
-        self._give_back()

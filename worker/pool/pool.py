@@ -28,7 +28,6 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import psycopg
@@ -45,7 +44,6 @@ from worker.mt5.terminals import (
 )
 from worker.pool.leases import (
     LOCK_CLASS,
-    Borrowed,
     ClaimTimeout,
     Lease,
     PoolClosed,
@@ -165,7 +163,20 @@ class SessionPool:
         waits for that account's sessions, never takes another's); UnknownAccount if none
         has it.
         """
-        only, among = self._selection(session_key, session_id, account)
+        only: _Slot | None = None
+        if session_key is not None:
+            only = next((slot for slot in self._slots if slot.spec.identity == session_key), None)
+            if only is None:
+                raise UnknownSession("no MT5 session of the row's identity in this process")
+        elif session_id is not None:
+            only = next((slot for slot in self._slots if slot.spec.id == session_id), None)
+            if only is None:
+                raise UnknownSession(f"no MT5 session {session_id!r} in this process")
+        among: list[_Slot] | None = None
+        if account is not None:
+            among = [slot for slot in self._slots if slot.spec.account == account]
+            if not among:
+                raise UnknownAccount(f"no MT5 session of account {account!r} in this process")
         started = time.monotonic()
         deadline = started + timeout
         while True:
@@ -183,63 +194,6 @@ class SessionPool:
             # local releases notify; other processes' releases are seen by polling
             with self._cond:
                 self._cond.wait(min(remaining, self._poll_interval))
-
-    def _selection(
-        self, session_key: str | None, session_id: str | None, account: str | None
-    ) -> tuple[_Slot | None, list[_Slot] | None]:
-        """The one slot asked for by identity or name, and the slots of an account."""
-        only: _Slot | None = None
-        if session_key is not None:
-            only = next((slot for slot in self._slots if slot.spec.identity == session_key), None)
-            if only is None:
-                raise UnknownSession("no MT5 session of the row's identity in this process")
-        elif session_id is not None:
-            only = next((slot for slot in self._slots if slot.spec.id == session_id), None)
-            if only is None:
-                raise UnknownSession(f"no MT5 session {session_id!r} in this process")
-        among: list[_Slot] | None = None
-        if account is not None:
-            among = [slot for slot in self._slots if slot.spec.account == account]
-            if not among:
-                raise UnknownAccount(f"no MT5 session of account {account!r} in this process")
-        return only, among
-
-    def borrow(
-        self, timeout: float, *, account: str | None = None, session_key: str | None = None
-    ) -> Borrowed:
-        """A session of this process to READ the broker's truth with, and a database
-        connection: exclusive in this process (one terminal's calls are not thread-safe),
-        but without the session's lock, so it never waits for another process's lease.
-        Nothing that needs the lock (an intent, an order) may be done with it. ClaimTimeout
-        after ``timeout`` s, PoolClosed once closing."""
-        only, among = self._selection(session_key, None, account)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._closing.is_set():
-                raise PoolClosed("the session pool is closed")
-            for slot in self._candidates(only, among):
-                with self._cond:
-                    if not slot.healthy or slot.in_use or slot.session is None:
-                        continue
-                    slot.in_use = True  # a parked lock stays parked: it is not used here
-                    session = slot.session
-                try:
-                    conn = self._getconn(deadline)
-                except BaseException:
-                    self._unreserve(slot)
-                    raise
-                return Borrowed(session, conn, partial(self._return, slot, conn))
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClaimTimeout(f"no MT5 session free to read within {timeout:g} s")
-            with self._cond:
-                self._cond.wait(min(remaining, self._poll_interval))
-
-    def _return(self, slot: _Slot, conn: psycopg.Connection[Any]) -> None:
-        try:
-            self._db_pool.putconn(conn)
-        finally:
-            self._unreserve(slot)
 
     def _candidates(self, only: _Slot | None, among: list[_Slot] | None) -> list[_Slot]:
         now = time.monotonic()
