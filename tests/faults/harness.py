@@ -287,6 +287,10 @@ class FaultEnv:
                 "APPROVAL_TTL_SECONDS": "900",
                 "RECONCILE_GRACE_SECONDS": "1",
                 "DRAIN_TIMEOUT_SECONDS": "20",
+                # a provisional answer (an unknown outcome that showed nothing within the
+                # grace) is corrected by the background recheck: seconds here, not minutes
+                "UNKNOWN_RECONCILE_FIRST_SECONDS": "0.5",
+                "UNKNOWN_RECONCILE_MAX_SECONDS": "2",
             }
         )
         env.update(self.settings)

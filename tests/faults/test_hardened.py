@@ -60,6 +60,7 @@ def test_every_hardening_with_unknown_outcomes_and_a_kill_in_flight(
 
     worker = env.start_worker()
     env.wait_confirmed(keys, WAIT_SECONDS, worker)
+    env.wait_caught_up(keys, WAIT_SECONDS, worker)  # provisional answers corrected
     assert worker.stop() == 0, worker.tail()
     if comment:  # the servers really blanked every comment
         assert {deal["comment"] for deal in env.deals()} == {""}
@@ -71,6 +72,7 @@ def test_every_hardening_with_unknown_outcomes_and_a_kill_in_flight(
         f"every hardening, comments {comments}, kill -9 mid-order",
         keys,
         runs=2,
+        latest=True,
         notes="comments "
         + ("blanked" if comment else "cut to 16")
         + ", deals lag 200-600 ms (deal 0 in 20 % of replies), None from 15 % of queries,"
