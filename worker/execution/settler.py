@@ -140,9 +140,11 @@ class Settler:
     # --- wiring ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None and not self._stopping.is_set():
+        with self._lock:  # handler threads hand work over at the same moment: one thread
+            if self._thread is not None or self._stopping.is_set():
+                return
             self._thread = threading.Thread(target=self._run, name="settler", daemon=True)
-            self._thread.start()
+        self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
