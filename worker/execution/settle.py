@@ -198,38 +198,6 @@ def uncovered(found: Found, fills: Sequence[Fill], side: Side) -> tuple[Order, .
     )
 
 
-def orders_to_ask(found: Found, fills: Sequence[Fill], side: Side) -> tuple[Order, ...]:
-    """The orders whose deals are to be asked by ticket, the deals window having missed
-    them: every history order when the window showed no fill and nothing is pending, else
-    those that executed more than the window shows."""
-    if not fills and not found.open_orders:
-        return found.history_orders
-    return uncovered(found, fills, side)
-
-
-def fills_with_asked(
-    found: Found,
-    window: Sequence[Fill],
-    asked: Iterable[Deal],
-    side: Side,
-    requested_price: float | None,
-) -> list[Fill] | None:
-    """The fills of the deals window completed by the deals ``asked`` by order ticket.
-
-    None: the broker shows our order but not yet (all) its deals (history lag, a position
-    without its deal), so the execution stays in flight. Settling with nothing filled is
-    only right when every order we sent is final without a fill.
-    """
-    fills = with_known(window, fills_from_deals(asked, side, requested_price))
-    if uncovered(found, fills, side):
-        return None
-    if not fills and not found.open_orders:
-        unfilled_final = all(order.state in UNFILLED_FINAL_STATES for order in found.history_orders)
-        if found.positions or not unfilled_final:
-            return None
-    return fills
-
-
 def with_known(known: Iterable[Fill], shown: Sequence[Fill]) -> list[Fill]:
     """The broker's fills (``shown``) together with the fills of this handling it did not
     show (``known``: earlier legs of a plan whose later leg has an unknown outcome, when
@@ -237,14 +205,6 @@ def with_known(known: Iterable[Fill], shown: Sequence[Fill]) -> list[Fill]:
     by_order = {fill.order: fill for fill in shown}
     merged = [by_order.pop(fill.order, fill) for fill in known]
     return merged + list(by_order.values())
-
-
-def with_monitored(fills: Sequence[Fill], order: int, fill: Fill | None) -> list[Fill]:
-    """The fills with ``order``'s fill replaced by what monitoring it found."""
-    merged = [known for known in fills if known.order != order]
-    if fill is not None:
-        merged.append(fill)
-    return merged
 
 
 def differs(fills: Sequence[Fill], confirmed: ExecutionConfirmation) -> bool:
