@@ -64,6 +64,9 @@ ensure_engine() {
     return
   fi
   if ! pgrep -x dockerd >/dev/null; then
+    # An engine killed with its session leaves its pid files behind, and a new dockerd
+    # refuses to start over them ("pid file found, ensure docker is not running").
+    as_root rm -f /var/run/docker.pid /var/run/docker/containerd/containerd.pid
     say "starting dockerd (log: /var/tmp/dockerd.log)"
     as_root sh -c 'nohup dockerd >/var/tmp/dockerd.log 2>&1 &'
   fi
@@ -74,7 +77,8 @@ ensure_engine() {
     fi
     sleep 1
   done
-  say "dockerd did not answer within 60 s; see /var/tmp/dockerd.log"
+  say "dockerd did not answer within 60 s; the end of /var/tmp/dockerd.log:"
+  tail -n 20 /var/tmp/dockerd.log >&2 || true
   exit 1
 }
 
