@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 
 from schemas.identity import comment_token_for
-from tests.integration.test_amqp_support import Running, broker, ids_of, wait_until
+from tests.integration.test_amqp_support import Running, broker, ids_of, vhost_of, wait_until
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
+from worker.amqp.topology import UNROUTED_QUEUE, unrouted_queue_arguments
 from worker.errors import ExitCode
 from worker.execution.outcome import Delivery, Outcome, Publish, Requeue
 from worker.store.store import Store
@@ -87,9 +88,26 @@ def _outbox(store: Store, ids: list[uuid.UUID]) -> list[tuple[int, bool, bool]]:
 
 
 def test_old_unroutable_confirmations_do_not_starve_a_routable_one(
-    new_vhost: Callable[[], str], store: Store
+    new_vhost: Callable[[], str], store: Store, rabbitmq_broker: Any
 ) -> None:
     url = new_vhost()
+    # the unrouted queue refuses too (full: a quorum queue takes one past its max-length):
+    # the returned confirmations stay in the outbox
+    rabbitmq_broker.ctl(
+        "set_policy",
+        "-p",
+        vhost_of(url),
+        "--apply-to",
+        "queues",
+        "full",
+        r"^execution\.confirmations\.unrouted$",
+        '{"max-length": 0, "overflow": "reject-publish"}',
+    )
+    with broker(url) as side:
+        side.channel.queue_declare(
+            UNROUTED_QUEUE, durable=True, arguments=unrouted_queue_arguments()
+        )
+        side.publish(b"filler", routing_key=UNROUTED_QUEUE)
     unroutable = _add(store, UNROUTABLE_KEY, 600, age_seconds=3600.0)
     [routable] = _add(store, ROUTABLE_KEY, 1, age_seconds=60.0)
     with broker(url) as side:
@@ -98,7 +116,7 @@ def test_old_unroutable_confirmations_do_not_starve_a_routable_one(
         # sweep 1: the 500 rows due first, all returned by the broker
         first = AmqpRuntime(url, _no_requests, store, OPTIONS)
         running = Running(first).start()
-        wait_until(lambda: first.stats.returned == OPTIONS.sweep_limit, "sweep 1's returns")
+        wait_until(lambda: first.stats.nacked == OPTIONS.sweep_limit, "sweep 1's refusals")
         assert running.stop() == ExitCode.OK
         assert side.drain("observer") == []
 
@@ -107,7 +125,7 @@ def test_old_unroutable_confirmations_do_not_starve_a_routable_one(
         running = Running(second).start()
         got = side.take("observer", 1)
         assert ids_of(got) == [str(routable)]
-        wait_until(lambda: second.stats.returned == 100, "sweep 2's returns")
+        wait_until(lambda: second.stats.nacked == 100, "sweep 2's refusals")
         assert running.stop() == ExitCode.OK
 
     assert first.stats.confirmations_published == 0

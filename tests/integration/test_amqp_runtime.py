@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pika
 import pika.exceptions
@@ -24,17 +25,22 @@ from tests.integration.test_amqp_support import (
     broker,
     close_connections,
     ids_of,
-    ready_count,
     reset_vhost,
     settled_ready,
+    vhost_of,
     wait_until,
 )
+from worker.amqp.outbox import ORIGINAL_ROUTING_KEY_HEADER
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
 from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,
+    POLICY_NAME,
+    POLICY_PATTERN,
     REQUESTS_QUEUE,
+    UNROUTED_QUEUE,
+    alternate_exchange_policy,
     requests_queue_arguments,
 )
 from worker.errors import ExitCode
@@ -253,26 +259,63 @@ def test_confirmations_are_published_then_requests_acked(
     assert set(pipeline.orders.values()) == {1}
 
 
-def test_an_unroutable_confirmation_keeps_its_request_until_the_outbox_delivers_it(
+def _unrouted_count() -> float:
+    return REGISTRY.get_sample_value("execution_worker_confirmations_unrouted_total") or 0.0
+
+
+def test_nothing_bound_the_worker_moves_returned_confirmations_to_the_unrouted_queue(
     vhost_url: str, make_runtime: Factory
 ) -> None:
+    """No binding and no alternate-exchange policy: the broker returns the confirmation; the
+    worker puts it in execution.confirmations.unrouted and acks: nothing stalls."""
     runtime, _, outbox = make_runtime()
+    before = _unrouted_count()
     running = Running(runtime).start()
     with broker(vhost_url) as side:
-        side.publish(b"{}", message_id="order-unroutable")
-        wait_until(lambda: runtime.stats.returned >= 1, "the confirmation to be returned")
-        # not acked through: the request is held (not requeued either), the row not marked
-        assert runtime.stats.acked == 0
-        assert ready_count(vhost_url, REQUESTS_QUEUE) == 0
-        assert not outbox.published
-        side.bind_confirmations("late-observer")
-        got = side.take("late-observer", 1)
-        wait_until(lambda: runtime.stats.acked == 1, "the parked request's ack")
-    assert got[0].properties.message_id == str(execution_id("order-unroutable"))
-    wait_until(lambda: outbox.published == {execution_id("order-unroutable")}, "the mark")
+        for n in range(3):
+            side.publish(b"{}", message_id=f"order-unroutable-{n}")
+        wait_until(lambda: runtime.stats.acked == 3, "every request acked")
+        got = side.take(UNROUTED_QUEUE, 3)
+    assert sorted(ids_of(got)) == sorted(
+        str(execution_id(f"order-unroutable-{n}")) for n in range(3)
+    )
+    assert {m.properties.headers[ORIGINAL_ROUTING_KEY_HEADER] for m in got} == {
+        "confirmation.filled.EURUSD"
+    }
+    assert runtime.stats.returned == runtime.stats.unrouted == 3
+    assert _unrouted_count() - before == 3
+    wait_until(lambda: len(outbox.published) == 3, "the marks")
     assert running.stop() == ExitCode.OK
     assert runtime.stats.requeued == 0
     settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
+def test_with_the_policy_the_broker_routes_unbound_confirmations_to_the_unrouted_queue(
+    vhost_url: str, make_runtime: Factory, rabbitmq_broker: Any
+) -> None:
+    vhost = vhost_of(vhost_url)
+    rabbitmq_broker.ctl(
+        "set_policy",
+        "-p",
+        vhost,
+        "--apply-to",
+        "exchanges",
+        POLICY_NAME,
+        POLICY_PATTERN,
+        json.dumps(alternate_exchange_policy()),
+    )
+    try:
+        runtime, _, _ = make_runtime()
+        running = Running(runtime).start()
+        with broker(vhost_url) as side:
+            side.publish(b"{}", message_id="order-policy")
+            wait_until(lambda: runtime.stats.acked == 1, "the request acked")
+            (got,) = side.take(UNROUTED_QUEUE, 1)
+        assert got.properties.message_id == str(execution_id("order-policy"))
+        assert runtime.stats.returned == runtime.stats.unrouted == 0  # the broker routed it
+        assert running.stop() == ExitCode.OK
+    finally:
+        rabbitmq_broker.ctl("clear_policy", "-p", vhost, POLICY_NAME)
 
 
 def test_a_vanished_reply_queue_does_not_block_the_ack(

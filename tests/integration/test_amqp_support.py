@@ -21,6 +21,7 @@ from worker.amqp.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_QUEUE,
     REQUESTS_QUEUE,
+    UNROUTED_QUEUE,
 )
 
 WAIT_SECONDS = 30.0
@@ -60,7 +61,7 @@ def reset_vhost(url: str, queues: Sequence[str] = ()) -> None:
     """Delete the contract's queues and exchanges (and ``queues``): a vhost as good as new,
     without the cost of ``rabbitmqctl add_vhost`` (seconds on a loaded machine)."""
     with broker(url) as side:
-        for queue in (REQUESTS_QUEUE, DEAD_QUEUE, *queues):
+        for queue in (REQUESTS_QUEUE, DEAD_QUEUE, UNROUTED_QUEUE, *queues):
             side.channel.queue_delete(queue)
         for exchange in (CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE):
             side.channel.exchange_delete(exchange)

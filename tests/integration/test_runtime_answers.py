@@ -30,7 +30,7 @@ from tests.integration.test_amqp_support import Broker, Running, ready_count, wa
 from tests.integration.test_runtime_e2e import SIM_CONFIG
 from worker.amqp.deliveries import REJECTION_REASON_HEADER
 from worker.amqp.runtime import AmqpRuntime, RuntimeOptions
-from worker.amqp.topology import DEAD_QUEUE, REQUESTS_QUEUE
+from worker.amqp.topology import DEAD_QUEUE, REQUESTS_QUEUE, UNROUTED_QUEUE
 from worker.config import Settings
 from worker.mt5.gateway import OrderIdentity, Side
 from worker.service import Service
@@ -176,19 +176,16 @@ def test_the_last_delivery_without_a_database_is_dead_lettered_with_a_reason(
     assert key  # the approval is accounted for: dead-lettered with its reason
 
 
-def test_a_request_stays_unacked_until_its_confirmation_is_confirmed(world: World) -> None:
+def test_nothing_bound_the_confirmation_waits_in_the_unrouted_queue(world: World) -> None:
     """Nothing is bound to execution.confirmations: the committed confirmation is returned
-    (mandatory), so the request is neither acked nor requeued until the outbox delivers."""
+    (mandatory), moved to execution.confirmations.unrouted, and only then is the request acked."""
     key = world.publish(_approval())
-    wait_until(lambda: world.runtime.stats.returned >= 1, "the confirmation to be returned")
-    assert world.rows()[key][0] == "FILLED"  # committed: the pipeline's work is done
-    assert world.runtime.stats.acked == 0
-    assert world.runtime.stats.requeued == 0
-    assert ready_count(world.url, REQUESTS_QUEUE) == 0  # held, unacked, by the worker
-    world.side.bind_confirmations("late-observer")
-    (message,) = world.side.take("late-observer", 1, 30.0)
+    (message,) = world.side.take(UNROUTED_QUEUE, 1, 30.0)
     assert message.properties.message_id == key
+    assert world.rows()[key][0] == "FILLED"
     wait_until(lambda: world.runtime.stats.acked == 1, "the ack after the confirm")
+    assert world.runtime.stats.requeued == 0
+    assert ready_count(world.url, REQUESTS_QUEUE) == 0
 
 
 def test_a_late_execution_goes_out_as_version_2(world: World) -> None:

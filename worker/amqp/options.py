@@ -54,6 +54,7 @@ class RuntimeStats:
     requeued_to_back: int = 0  # published again at the back of the queue (account busy)
     handler_errors: int = 0
     returned: int = 0
+    unrouted: int = 0  # returned confirmations the worker moved to the unrouted queue
     nacked: int = 0
     reply_returned: int = 0
     stale_results: int = 0

@@ -3,9 +3,15 @@
 Every confirmation goes to ``execution.confirmations`` with publisher confirms,
 ``mandatory`` and persistent delivery; a copy goes to ``reply_to`` (best effort: a vanished
 reply queue is logged, it never blocks the ack, the topic exchange holds the real record).
-A confirmation the broker returned or nacked stays in the outbox; the periodic sweep
-publishes it again and acks the requests parked on it once it is confirmed. Published marks
-are written in batches on the outbox's own database thread.
+A confirmation that no binding of ``execution.confirmations`` wants goes to the queue
+``execution.confirmations.unrouted``: through the exchange's alternate exchange (a policy,
+:mod:`worker.amqp.topology`), or, when the broker returns it (no policy), republished there
+by the worker (same body and properties, the routing key in a header), counted in
+``execution_worker_confirmations_unrouted_total``. So a confirmation nobody is bound for
+never stalls the worker. A confirmation the broker nacked (or that even the unrouted queue
+refused) stays in the outbox; the periodic sweep publishes it again and acks the requests
+parked on it once it is confirmed. Published marks are written in batches on the outbox's
+own database thread.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from worker.amqp.deliveries import Deliveries, InFlight
 from worker.amqp.loop import IoLoop, Threads
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
-from worker.amqp.topology import CONFIRMATIONS_EXCHANGE
+from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, UNROUTED_QUEUE
 from worker.execution.outcome import CONFIRMATION_SCHEMA_HEADER, Outbox, Publish
 from worker.observability import metrics
 
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MARK_BATCH_SIZE = 200
 MARK_FLUSH_SECONDS = 0.2
+ORIGINAL_ROUTING_KEY_HEADER = "x-original-routing-key"
 
 
 @runtime_checkable
@@ -135,6 +142,23 @@ class Confirmations:
         started = time.perf_counter()
 
         def done(result: PublishResult) -> None:
+            if (
+                result is PublishResult.RETURNED
+                and epoch == self._deliveries.epoch
+                and self._publisher is not None
+            ):
+                self._stats.returned += 1
+                self._publish_unrouted(publish, done_unrouted)
+                return
+            finish(result)
+
+        def done_unrouted(result: PublishResult) -> None:
+            if result is PublishResult.CONFIRMED:
+                metrics.record_unrouted_confirmation()
+                self._stats.unrouted += 1
+            finish(result)
+
+        def finish(result: PublishResult) -> None:
             self._publishing.discard(execution_id)
             if epoch == self._deliveries.epoch:
                 self._on_publish_result(publish, result, started, on_confirmed, on_failed)
@@ -159,6 +183,27 @@ class Confirmations:
                 on_result=lambda result: self._on_reply_result(publish, result),
             )
 
+    def _publish_unrouted(
+        self, publish: Publish, on_result: Callable[[PublishResult], None]
+    ) -> None:
+        """The broker returned the confirmation (nothing bound, no alternate exchange on
+        ``execution.confirmations``): park it in the unrouted queue, durable and confirmed."""
+        assert self._publisher is not None
+        log.info(
+            "confirmation %s matched no binding (routing key %s): moved to %s",
+            publish.execution_id,
+            publish.routing_key,
+            UNROUTED_QUEUE,
+        )
+        properties = confirmation_properties(publish)
+        properties.headers = {
+            **(properties.headers or {}),
+            ORIGINAL_ROUTING_KEY_HEADER: publish.routing_key,
+        }
+        self._publisher.publish(
+            "", UNROUTED_QUEUE, publish.payload, properties, mandatory=True, on_result=on_result
+        )
+
     def _on_publish_result(
         self,
         publish: Publish,
@@ -177,11 +222,12 @@ class Confirmations:
                 on_confirmed()
         elif result is not PublishResult.LOST:
             if result is PublishResult.RETURNED:
-                self._stats.returned += 1
+                self._stats.returned += 1  # even the unrouted queue did not take it
             else:
                 self._stats.nacked += 1
             self._fail((execution_id, publish.version))
-            # the sweep retries it (with backoff): warn once, on the live path
+            # the sweep retries it (with backoff): warn once, on the live path; a return here
+            # means even the unrouted queue did not take it (deleted since the declare)
             log.log(
                 logging.WARNING if on_failed is not None else logging.DEBUG,
                 "confirmation %s %s by the broker (routing key %s); the outbox retries it",

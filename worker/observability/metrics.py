@@ -191,6 +191,11 @@ DEAD_LETTERED = Counter(
     "Requests the worker sent to execution.requests.dlx, by reason.",
     ["reason"],
 )
+UNROUTED_CONFIRMATIONS = Counter(
+    PREFIX + "confirmations_unrouted_total",
+    "Confirmations the broker returned (nothing bound, no alternate exchange) that the worker"
+    " moved to execution.confirmations.unrouted.",
+)
 RECONNECTS = Counter(
     PREFIX + "reconnects_total",
     "Reconnections after a lost connection, by target.",
@@ -425,6 +430,10 @@ def record_dead_letter(reason: str) -> None:
         reason, _dead_letter_reasons, len(REASONS) + MAX_DEAD_LETTER_REASONS, _REASON_SHAPE
     )
     DEAD_LETTERED.labels(reason=label).inc()
+
+
+def record_unrouted_confirmation() -> None:
+    UNROUTED_CONFIRMATIONS.inc()
 
 
 def record_reconnect(target: Target) -> None:
