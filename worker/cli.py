@@ -13,10 +13,23 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from worker.config import ConfigError
 from worker.errors import ExitCode
 
 Configure = Callable[[argparse.ArgumentParser], None]
+# an execution row's states: in flight, then the confirmation statuses (schemas/enums.py)
+TRAIL_STATES = (
+    "RECEIVED",
+    "VALIDATED",
+    "SUBMITTING",
+    "SUBMITTED",
+    "UNKNOWN",
+    "FILLED",
+    "PARTIALLY_FILLED",
+    "REJECTED",
+    "EXPIRED",
+    "CANCELLED",
+    "FAILED",
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,9 @@ def _retention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--archive", metavar="DIR", help="COPY each one to DIR/<name>.csv.gz")
     parser.add_argument("--dry-run", action="store_true", help="show the plan, change nothing")
     parser.add_argument(
+        "--yes", action="store_true", help="retire without asking for confirmation (scripts)"
+    )
+    parser.add_argument(
         "--months-ahead", type=int, default=3, help="create partitions this many months ahead"
     )
 
@@ -127,7 +143,13 @@ def _trail_args(parser: argparse.ArgumentParser) -> None:
         "--since", type=time_argument, help="instead of KEY: executions received since T"
     )
     parser.add_argument("--until", type=time_argument, help="... and before T (default now)")
-    parser.add_argument("--status", help="with --since: only this state (e.g. REJECTED)")
+    parser.add_argument(
+        "--status",
+        type=str.upper,
+        choices=TRAIL_STATES,
+        metavar="STATE",
+        help="with --since: only this state, one of " + ", ".join(TRAIL_STATES),
+    )
     parser.add_argument("--symbol", help="with --since: only this symbol")
     parser.add_argument(
         "--account", help="with --since: only this account (its name, or its login number)"
@@ -168,6 +190,7 @@ def _dead_letters_args(parser: argparse.ArgumentParser) -> None:
     replay.add_argument("--reason", help="with --all: only dead letters with this reason")
     purge = sub.add_parser("purge", help="remove one dead letter for good (audited)")
     purge.add_argument("id", help="an ID from `list`")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation (scripts)")
     for child in (replay, purge):
         child.add_argument("--actor", help="who is acting, for the audit (default: $USER@host)")
     for child in (listing, show, replay, purge):
@@ -263,10 +286,27 @@ def schema_export_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mt5-execution-worker")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="execution-worker",
         description="Exactly-once execution of RPM approvals on MetaTrader 5.",
+        epilog="Exit codes: see `execution-worker --help` of each command and"
+        " docs/OPERATIONS.md (Exit codes); a failure prints one line, --debug its traceback.",
+    )
+    parser.add_argument("--version", action="version", version=f"execution-worker {_version()}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of a failure instead of one line",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for command in COMMANDS:
@@ -296,11 +336,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.CONFIG
     try:
         return function(args)
-    except ConfigError as exc:
-        print(f"execution-worker: {exc}", file=sys.stderr)
-        return ExitCode.CONFIG
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        _quiet_stdout()
+        return ExitCode.PIPE_CLOSED
+    except Exception as exc:
+        if args.debug:
+            raise
+        from worker.explain import explain
+
+        explained = explain(exc)
+        print(f"execution-worker {args.command}: {explained.line}", file=sys.stderr)
+        return explained.code
+
+
+def _quiet_stdout() -> None:
+    """The reader of stdout went away (``| head``): point stdout at /dev/null so that the
+    interpreter's last flush does not fail again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 if __name__ == "__main__":

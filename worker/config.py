@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.identity import MAX_DEPLOYMENT_MAGIC
 from worker.errors import WorkerError
@@ -87,7 +95,7 @@ class Settings(BaseModel):
     mt5_bridge_secret: SecretStr | None = None
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     log_format: Literal["json", "console"] = "json"
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # validation (pipeline stage 1)
     approval_ttl_seconds: float = Field(default=30.0, gt=0)
@@ -173,6 +181,18 @@ class Settings(BaseModel):
         description="intents and finals in flight together share one transaction (pays where"
         " commits are slow: a remote database, network storage); see worker/store/group.py",
     )
+
+    @field_validator("mt5_sessions")
+    @classmethod
+    def _at_least_one_session(cls, value: str) -> str:
+        if value.strip().lstrip("+-").isdigit() and int(value) < 1:
+            raise ValueError("a count of sessions must be at least 1 (or name a sessions file)")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _one_server_clock(self) -> Settings:

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -64,14 +65,16 @@ def run_worker(settings: Settings) -> int:
     from worker.observability.health import HealthServer
     from worker.service import Service
 
+    supervised = bool(os.environ.get(SUPERVISED_ENV))
+    if not supervised:
+        check_port_free(settings.metrics_port)  # before minutes of start-up, not after
     try:
         service = Service.start(settings)
     except Exception as exc:
-        log.error("cannot start the service: %s: %s", type(exc).__name__, exc)
-        return ExitCode.START_FAILED
+        return _start_failed(exc)
     health: HealthServer | None = None
     try:
-        if not os.environ.get(SUPERVISED_ENV):
+        if not supervised:
             health = HealthServer(settings.metrics_port).start()
         runtime = runtime_from_settings(
             settings,
@@ -112,6 +115,34 @@ def run_worker(settings: Settings) -> int:
         service.close()
 
 
+def _start_failed(exc: Exception) -> int:
+    """One line for a service that could not start, and the code that tells the supervisor
+    whether a restart can help: a configuration error (MT5_SESSIONS=0...) is fatal, a
+    database that does not answer yet is not."""
+    from worker.explain import explain
+
+    explained = explain(exc)
+    log.error("cannot start the service: %s", explained.line)
+    print(f"execution-worker run: {explained.line}", file=sys.stderr)
+    if explained.code in (ExitCode.CONFIG, ExitCode.DATABASE_UNREACHABLE):
+        return explained.code
+    return ExitCode.START_FAILED
+
+
+def check_port_free(port: int, host: str = "0.0.0.0") -> None:
+    """ConfigError when ``METRICS_PORT`` is taken (0: any free port, always fine)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"METRICS_PORT {port} is in use ({exc.strerror}): stop the other process"
+                " (another worker?) or set METRICS_PORT to a free port"
+            ) from None
+
+
 # ----------------------------------------------------------------------------- supervisor
 
 
@@ -134,6 +165,7 @@ def supervise(count: int, settings: Settings) -> int:
     from worker.observability import metrics
     from worker.observability.health import HealthServer
 
+    check_port_free(settings.metrics_port)
     env = dict(os.environ)
     env[SUPERVISED_ENV] = "1"
     if not env.get("PROMETHEUS_MULTIPROC_DIR"):

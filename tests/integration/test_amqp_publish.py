@@ -100,7 +100,7 @@ def test_a_mismatched_queue_is_reported_not_a_traceback(
         side.channel.queue_declare(
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(9)
         )
-    assert cli.main(["publish", "--samples", "1"]) == ExitCode.BROKER_UNREACHABLE
+    assert cli.main(["publish", "--samples", "1"]) == ExitCode.TOPOLOGY_MISMATCH
     error = capsys.readouterr().err
     declared = Settings().delivery_limit  # the default the CLI declares
     assert "x-delivery-limit" in error and f"declares {declared}" in error and "has 9" in error

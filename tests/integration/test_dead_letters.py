@@ -214,7 +214,7 @@ def test_replay_all_by_reason_and_purge_are_audited(desk: Desk) -> None:
     assert [item["id"] for item in _listing(desk)] == [hashed["id"]]
 
     assert desk.cli("replay", "no-such-id").returncode == 1
-    purge = desk.cli("purge", hashed["id"], "--actor", "ops-carol")
+    purge = desk.cli("purge", hashed["id"], "--actor", "ops-carol", "--yes")
     assert purge.returncode == 0, purge.stderr
     assert desk.dead() == 0
     rows = desk.query(

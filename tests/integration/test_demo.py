@@ -62,7 +62,7 @@ def test_the_demo_fails_with_one_clear_line_when_the_broker_refuses_the_topology
         text=True,
         timeout=60,
     )
-    assert done.returncode == 3
+    assert done.returncode == 78  # ExitCode.TOPOLOGY_MISMATCH
     assert "execution-worker demo: queue 'execution.requests' exists with a different" in (
         done.stderr
     )

@@ -307,7 +307,11 @@ def test_the_command_runs_as_the_owner(
     archive = tmp_path / "archive"
     assert cli_main(["retention", "--older-than", "90d", "--dry-run"]) == 0
     assert f"execution_events_p{_month(OLD)}" in _tables(conn)
-    assert cli_main(["retention", "--older-than", "13w", "--archive", str(archive)]) == 0
+    # no terminal to ask and no --yes: refused before anything is detached
+    assert cli_main(["retention", "--older-than", "13w", "--archive", str(archive)]) == 2
+    assert f"execution_events_p{_month(OLD)}" in _tables(conn)
+    assert list(archive.iterdir()) == []
+    assert cli_main(["retention", "--older-than", "13w", "--archive", str(archive), "--yes"]) == 0
     assert f"execution_events_p{_month(OLD)}" not in _tables(conn)
     assert len(list(archive.iterdir())) == 4
     assert cli_main(["retention", "--older-than", "0d"]) != 0  # refused: at least a day

@@ -246,7 +246,7 @@ def test_output_and_errors_never_show_the_database_password(
         assert "amqp://worker:***@mq/%2F" in out
     unreachable = f"postgresql://postgres:{DB_PASSWORD}@127.0.0.1:1/nothing"
     code, out, err = run_trail(populated, monkeypatch, capsys, "x", url=unreachable)
-    assert code == 2
+    assert code == 5  # ExitCode.DATABASE_UNREACHABLE
     assert DB_PASSWORD not in out + err
     assert "postgresql://postgres:***@127.0.0.1:1/nothing" in err
 
@@ -258,5 +258,5 @@ def test_unmigrated_database_says_to_migrate(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, _, err = run_trail(populated, monkeypatch, capsys, "x", url=new_database())
-    assert code == 2
+    assert code == 5  # ExitCode.DATABASE_UNREACHABLE
     assert "execution-worker migrate" in err

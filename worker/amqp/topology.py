@@ -47,6 +47,8 @@ _VALUES = re.compile(
 class TopologyMismatch(WorkerError):
     """An existing queue or exchange was declared with other arguments; one line, safe to print."""
 
+    exit_code = 78  # ExitCode.TOPOLOGY_MISMATCH
+
 
 def requests_queue_arguments(delivery_limit: int) -> dict[str, Any]:
     return {

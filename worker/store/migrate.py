@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -81,11 +82,12 @@ def migrate_main(args: argparse.Namespace) -> int:
             # (and by `execution-worker retention`)
             created = ensure_partitions(conn, MONTHS_AHEAD)
     except psycopg.errors.InsufficientPrivilege:
-        print(f"migrate: {mask_url(url)} is not the schema owner: run migrate as the owner role")
+        print(
+            f"migrate: {mask_url(url)} is not the schema owner: run migrate as the owner role",
+            file=sys.stderr,
+        )
         return 1
-    except psycopg.Error as exc:
-        print(f"migrate: cannot migrate {mask_url(url)}: {type(exc).__name__}")
-        return 1
+    # any other psycopg.Error: one line with its cause and exit code (worker/explain.py)
     if created:
         print(f"migrate: created partitions {', '.join(created)}")
     return 0

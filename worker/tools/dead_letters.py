@@ -32,8 +32,11 @@ import psycopg
 
 from worker.amqp.topology import DEAD_QUEUE
 from worker.config import load_settings, mask_url
+from worker.errors import ExitCode
+from worker.explain import describe_broker_error, describe_database_error
 from worker.observability.logs import redact, register_settings_secrets
 from worker.store.operator_actions import OperatorAction, record_action
+from worker.tools.confirm import confirmed
 from worker.tools.dead_letters_queue import (
     DeadLetter,
     DeadQueue,
@@ -149,7 +152,7 @@ def _act(
             f"{action} {item.id} (reason {item.reason}, key {redact(item.key or '-')}):"
             f" done, audit #{action_id}"
         )
-    return 3 if refused else 0
+    return ExitCode.FAILED if refused else ExitCode.OK
 
 
 def _selected(queue: DeadQueue, args: argparse.Namespace) -> list[DeadLetter]:
@@ -177,6 +180,12 @@ def run(args: argparse.Namespace, amqp_url: str, database_url: str) -> int:
         if action == "show":
             print(render_show(items))
             return 0
+        if action == "purge" and not confirmed(
+            f"purge {len(items)} dead letter(s) with ID {redact(args.id)!r} for good",
+            assume_yes=args.yes,
+        ):
+            print("dead-letters purge: not confirmed; nothing removed", file=sys.stderr)
+            return ExitCode.FAILED
         with psycopg.connect(database_url, connect_timeout=10, autocommit=True) as conn:
             return _act(queue, conn, action, items, args.actor or default_actor())
 
@@ -188,16 +197,22 @@ def main(args: argparse.Namespace) -> int:
     database_url = settings.database_url.get_secret_value()
     try:
         return run(args, amqp_url, database_url)
+    except pika.exceptions.AMQPConnectionError as exc:
+        explained = describe_broker_error(exc, amqp_url)
+        print(f"execution-worker dead-letters: {explained.line}", file=sys.stderr)
+        return explained.code
     except pika.exceptions.AMQPError as exc:
         print(
-            f"dead-letters: RabbitMQ {mask_url(amqp_url)}: {type(exc).__name__} {redact(str(exc))}",
+            f"execution-worker dead-letters: RabbitMQ {mask_url(amqp_url)}:"
+            f" {type(exc).__name__} {redact(str(exc))}",
             file=sys.stderr,
         )
-        return 2
+        return ExitCode.BROKER_UNREACHABLE
     except psycopg.Error as exc:
+        explained = describe_database_error(exc, database_url)
         print(
-            f"dead-letters: PostgreSQL {mask_url(database_url)}: {type(exc).__name__}"
+            f"execution-worker dead-letters: {explained.line}"
             " (nothing was replayed or purged without its audit row)",
             file=sys.stderr,
         )
-        return 2
+        return explained.code

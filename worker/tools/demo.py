@@ -33,6 +33,7 @@ from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
 from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
 from worker.errors import ExitCode
+from worker.explain import describe_broker_error, explain
 from worker.mt5 import api
 from worker.mt5.sim.config import default_symbols
 from worker.tools.publish import (
@@ -283,17 +284,23 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     try:
         service = Service.start(settings)
     except Exception as exc:
-        print(f"execution-worker demo: cannot start the worker: {exc}", file=sys.stderr)
-        return ExitCode.BROKER_UNREACHABLE
+        explained = explain(exc)
+        print(f"execution-worker demo: cannot start the worker: {explained.line}", file=sys.stderr)
+        return explained.code
     runtime = runtime_from_settings(settings, service.handler, service.outbox, service.sessions)
-    thread = threading.Thread(target=runtime.run, name="amqp-io", daemon=True)
+    ended: list[int] = []
+    thread = threading.Thread(
+        target=lambda: ended.append(runtime.run()), name="amqp-io", daemon=True
+    )
     thread.start()
     observer: Observer | None = None
     try:
         if not _wait_consuming(runtime, args.timeout):
-            reason = runtime.error or "the worker did not start consuming"
+            reason = runtime.error or f"the worker did not start consuming at {mask_url(url)}"
             print(f"execution-worker demo: {reason}", file=sys.stderr)
-            return ExitCode.BROKER_UNREACHABLE
+            thread.join(5.0)
+            code = ended[0] if ended else ExitCode.BROKER_UNREACHABLE
+            return code if code != ExitCode.OK else ExitCode.BROKER_UNREACHABLE
         observer = Observer(url)
         run_id = uuid.uuid4().hex[:8]
         plan = build_plan(count, run_id)
@@ -314,9 +321,13 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
             return ExitCode.FAILED
         print(f"\ndemo: all {len(plan.messages)} messages answered")
         return 0
-    except (PublishError, pika.exceptions.AMQPError) as exc:
-        print(f"execution-worker demo: broker error: {exc}", file=sys.stderr)
-        return ExitCode.BROKER_UNREACHABLE
+    except PublishError as exc:
+        print(f"execution-worker demo: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except pika.exceptions.AMQPError as exc:
+        explained = describe_broker_error(exc, url)
+        print(f"execution-worker demo: {explained.line}", file=sys.stderr)
+        return explained.code
     finally:
         if observer is not None:
             observer.close()

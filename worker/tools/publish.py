@@ -42,6 +42,10 @@ MAX_IN_FLIGHT = 1000
 class PublishError(WorkerError):
     """The broker could not be reached or refused us; one line, safe to print."""
 
+    def __init__(self, message: str, exit_code: int = ExitCode.BROKER_UNREACHABLE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
 
 @dataclass(frozen=True)
 class OutgoingMessage:
@@ -281,9 +285,10 @@ def publish_messages(
         finish()
 
     def on_open_error(_connection: Any, error: BaseException) -> None:
-        failure.append(
-            PublishError(f"cannot connect to {mask_url(url)}: {type(error).__name__} {error}")
-        )
+        from worker.explain import describe_broker_error
+
+        explained = describe_broker_error(error, url)
+        failure.append(PublishError(explained.line, explained.code))
         ioloop.stop()
 
     def on_timeout() -> None:
@@ -328,10 +333,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     messages = [outgoing(document, args.reply_to) for document in documents]
     url = settings.rabbitmq_url.get_secret_value()
-    try:
-        report = publish_messages(url, messages, delivery_limit=settings.delivery_limit)
-    except (PublishError, TopologyMismatch) as exc:
-        print(f"execution-worker publish: {exc}", file=sys.stderr)
-        return ExitCode.BROKER_UNREACHABLE
+    # PublishError (3 or 77) and TopologyMismatch (78): one line, worker/explain.py
+    report = publish_messages(url, messages, delivery_limit=settings.delivery_limit)
     print(f"published to {REQUESTS_QUEUE} at {mask_url(url)}: {report.summary()}")
     return 0 if report.confirmed == report.total else ExitCode.FAILED

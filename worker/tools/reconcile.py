@@ -10,9 +10,12 @@ from worker.execution.outcome import Publish
 
 
 def main(args: argparse.Namespace) -> int:
+    from worker.explain import require_database
     from worker.service import Service
 
-    service = Service.start(load_settings(), recover=False)
+    settings = load_settings()
+    require_database(settings.database_url.get_secret_value())
+    service = Service.start(settings, recover=False)
     unresolved = 0
     try:
         settings = service.settings

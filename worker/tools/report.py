@@ -47,9 +47,10 @@ from typing import Any
 
 import psycopg
 
-from worker.config import load_settings, mask_url
+from worker.config import load_settings
 from worker.observability.logs import redact, register_settings_secrets
 from worker.store.reports import report_rows
+from worker.tools.paths import check_output_path, check_plot_path
 
 PERCENTILES = (5, 25, 50, 75, 95, 99)
 LATENCY_PERCENTILES = (50, 90, 99)
@@ -392,12 +393,12 @@ def main(args: argparse.Namespace) -> int:
     if until <= since:
         print("report: --until must be after --since", file=sys.stderr)
         return 2
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            rows = report_rows(conn, since, until)
-    except psycopg.Error as exc:
-        print(f"report: cannot read {mask_url(url)}: {type(exc).__name__}", file=sys.stderr)
-        return 2
+    if args.plot:
+        check_plot_path(args.plot)
+    if args.json:
+        check_output_path(args.json, "--json")
+    with psycopg.connect(url, connect_timeout=10) as conn:  # errors: worker/explain.py
+        rows = report_rows(conn, since, until)
     document = build_report(
         rows, since=since, until=until, by=args.by, account_currency=args.account_currency
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,8 @@ import psycopg
 
 from worker.config import ConfigError
 from worker.store import partitions as parts
+from worker.tools.confirm import confirmed
+from worker.tools.paths import check_directory
 
 _AGE = re.compile(r"^(\d+)([dw])$")
 MIN_AGE = timedelta(days=1)
@@ -62,8 +65,11 @@ def retire(
     archive_dir: Path | None = None,
     dry_run: bool = False,
     out: Any = print,
+    confirm: Callable[[str], bool] | None = None,
 ) -> int:
-    """Retire the partitions older than ``cutoff``; an exit code (1: refused, nothing done)."""
+    """Retire the partitions older than ``cutoff``; an exit code (1: refused, nothing done).
+
+    ``confirm(question)`` is asked once before the first change (None: no question)."""
     for p in parts.partitions(conn):
         if not p.attached and p.end > cutoff:
             out(
@@ -92,6 +98,12 @@ def retire(
     if dry_run:
         out(f"retention: dry run: would retire {len(planned)} partitions")
         return 0
+    names = ", ".join(item.partition.name for item in planned)
+    if confirm is not None and not confirm(
+        f"retention: detach{', archive' if archive_dir else ''} and DROP {names}"
+    ):
+        out("retention: not confirmed; nothing changed")
+        return 1
     for item in planned:
         p = item.partition
         parts.detach(conn, p)
@@ -110,32 +122,39 @@ def main(args: argparse.Namespace) -> int:
     from worker.config import load_settings, mask_url
 
     older_than = parse_age(args.older_than) if args.older_than is not None else None
+    # everything is checked before anything changes: a bad --archive is refused here, not
+    # after a month was already detached
+    archive_dir = check_directory(args.archive, "--archive") if args.archive else None
+    if archive_dir is not None and older_than is None:
+        raise ConfigError("--archive needs --older-than AGE (the months to retire)")
     settings = load_settings()
     url = settings.database_url.get_secret_value()
-    try:
-        with psycopg.connect(url, autocommit=True) as conn:
-            if not parts.owns_schema(conn):
+    # a psycopg.Error ends the command with one line: its cause and exit code (explain.py)
+    with psycopg.connect(url, autocommit=True) as conn:
+        if not parts.owns_schema(conn):
+            print(
+                f"retention: {mask_url(url)} does not log in as the owner of schema"
+                " execution (run it with the migrate role's DATABASE_URL)"
+            )
+            return 1
+        if not args.dry_run:
+            created = parts.ensure_partitions(conn, args.months_ahead)
+            made = ", ".join(created) if created else "none needed"
+            print(f"retention: partitions {args.months_ahead} months ahead: created {made}")
+        for table, count in parts.default_rows(conn).items():
+            if count:
                 print(
-                    f"retention: {mask_url(url)} does not log in as the owner of schema"
-                    " execution (run it with the migrate role's DATABASE_URL)"
+                    f"retention: WARNING: {count} rows of {table} are in {table}_default"
+                    " (outside every monthly partition); they are never retired"
                 )
-                return 1
-            if not args.dry_run:
-                created = parts.ensure_partitions(conn, args.months_ahead)
-                if created:
-                    print(f"retention: created partitions {', '.join(created)}")
-            for table, count in parts.default_rows(conn).items():
-                if count:
-                    print(
-                        f"retention: WARNING: {count} rows of {table} are in {table}_default"
-                        " (outside every monthly partition); they are never retired"
-                    )
-            if older_than is None:
-                return 0
-            cutoff = datetime.now(UTC) - older_than
-            archive_dir = Path(args.archive) if args.archive else None
-            return retire(conn, cutoff, archive_dir=archive_dir, dry_run=args.dry_run)
-    except psycopg.Error as exc:
-        detail = exc.diag.message_primary or "no detail"
-        print(f"retention: {mask_url(url)}: {type(exc).__name__}: {detail}")
-        return 1
+        if older_than is None:
+            print("retention: nothing retired (give --older-than AGE, e.g. 90d, to retire months)")
+            return 0
+        cutoff = datetime.now(UTC) - older_than
+        return retire(
+            conn,
+            cutoff,
+            archive_dir=archive_dir,
+            dry_run=args.dry_run,
+            confirm=lambda question: confirmed(question, assume_yes=args.yes),
+        )

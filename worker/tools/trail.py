@@ -31,7 +31,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from worker.config import load_settings, mask_url
+from worker.config import load_settings
 from worker.observability.logs import redact, register_settings_secrets
 from worker.store.reports import RangeFilter, executions_in_range
 
@@ -355,12 +355,8 @@ def range_filter(args: argparse.Namespace) -> RangeFilter:
 
 def _range_main(args: argparse.Namespace, url: str) -> int:
     where = range_filter(args)
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            rows = executions_in_range(conn, where)
-    except psycopg.Error as exc:
-        print(f"trail: cannot read {mask_url(url)}: {type(exc).__name__}", file=sys.stderr)
-        return 2
+    with psycopg.connect(url, connect_timeout=10) as conn:  # errors: worker/explain.py
+        rows = executions_in_range(conn, where)
     print(render_range_json(where, rows) if args.json else render_range_text(where, rows))
     return 0 if rows else 1
 
@@ -381,19 +377,8 @@ def main(args: argparse.Namespace) -> int:
         print("trail: give KEY (one execution) or --since T (a time range)", file=sys.stderr)
         return 2
     key: str = args.key.strip()
-    try:
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            trails = find_trails(conn, key)
-    except psycopg.errors.UndefinedTable:
-        print(
-            f"trail: {mask_url(url)} has no execution tables (run `execution-worker migrate`)",
-            file=sys.stderr,
-        )
-        return 2
-    except psycopg.Error as exc:
-        reason = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-        print(f"trail: cannot read {mask_url(url)}: {type(exc).__name__} {reason}", file=sys.stderr)
-        return 2
+    with psycopg.connect(url, connect_timeout=10) as conn:  # errors: worker/explain.py
+        trails = find_trails(conn, key)
     if not trails:
         shown = redact(key)
         print(

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import ssl
 import sys
 import threading
@@ -149,7 +150,13 @@ def _serve_until_signalled(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    host, port = server.start()
+    try:
+        host, port = server.start()
+    except OSError as exc:
+        raise ConfigError(
+            f"--host {args.host} --port {args.port}: {exc.strerror or exc} (another process,"
+            " an earlier sim-terminal?); stop it or choose another --port"
+        ) from None
     print(f"listening on {host}:{port}", flush=True)
     _serve_metrics(args, server.metrics)
     if watch is not None:
@@ -172,7 +179,21 @@ def dump_deals(state_path: str) -> int:
     return 0
 
 
+def _bad_state(path: str, exc: sqlite3.Error) -> ConfigError:
+    return ConfigError(
+        f"--state {path}: not a simulator state file ({exc}); give a new path (it is created)"
+        " or the file an earlier sim-terminal wrote"
+    )
+
+
 def sim_terminal_main(args: argparse.Namespace) -> int:
+    try:
+        return _sim_terminal(args)
+    except sqlite3.Error as exc:
+        raise _bad_state(args.state, exc) from None
+
+
+def _sim_terminal(args: argparse.Namespace) -> int:
     if args.dump:
         return dump_deals(args.state)
     from worker.mt5.sim.terminal import SimConfig, SimTerminal

@@ -23,17 +23,30 @@ from typing import Any, TextIO
 
 import psycopg
 
+from worker.config import ConfigError
+
 
 def process_metrics() -> Any:
     """The ``psutil`` module, which only the bench needs (the ``bench`` extra)."""
     try:
         import psutil
-    except ImportError as exc:
-        raise SystemExit(
-            "execution-worker bench needs the bench extra: "
-            "pip install 'mt5-execution-worker[bench]'"
-        ) from exc
+    except ImportError:
+        raise ConfigError(
+            "bench needs the bench extra (psutil): pip install 'mt5-execution-worker[bench]'"
+        ) from None
     return psutil
+
+
+def check_extras(plot: bool) -> None:
+    """Before minutes of work: the bench extra, and matplotlib when a plot is asked for."""
+    process_metrics()
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "--plot needs the plot extra (matplotlib): pip install 'mt5-execution-worker[plot]'"
+            ) from None
 
 
 GOALS = {

@@ -59,6 +59,7 @@ from worker.tools.bench.memory import memory
 from worker.tools.bench.rig import Bench
 from worker.tools.bench.scaling import scaling
 from worker.tools.bench.throughput import throughput
+from worker.tools.paths import check_plot_path
 
 RESULTS_DIR = "bench-results"
 
@@ -116,6 +117,9 @@ def default_json_path() -> Path:
 
 def main(args: argparse.Namespace) -> int:
     settings = load_settings()
+    bench_report.check_extras(plot=bool(args.plot))
+    if args.plot:
+        check_plot_path(args.plot)
     counts = QUICK if args.quick else FULL
     progress = bench_report.Progress()
     try:
