@@ -53,6 +53,18 @@ def _run_args(parser: argparse.ArgumentParser) -> None:
 def _demo_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=12, help="approvals to publish")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for all")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--vhost-url",
+        help="an empty vhost reserved for the demo (default: one of its own, created and"
+        " deleted with rabbitmqctl or the management API)",
+    )
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="use the vhost of RABBITMQ_URL and the database of DATABASE_URL as they are"
+        " (consumes their execution.requests)",
+    )
 
 
 def _publish_args(parser: argparse.ArgumentParser) -> None:

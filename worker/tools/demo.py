@@ -1,5 +1,11 @@
 """``execution-worker demo``: the whole path on the simulated terminal, in one command.
 
+Runs in a RabbitMQ vhost and a PostgreSQL database of its own (created now, dropped at the
+end: :mod:`worker.tools.isolation`) on the broker and server of ``RABBITMQ_URL`` and
+``DATABASE_URL``, so that it never consumes another worker's ``execution.requests`` nor
+writes into its audit store; ``--vhost-url`` names an empty vhost reserved for it instead,
+``--in-place`` uses the vhost and database of the URLs as they are.
+
 Migrates the database, starts a worker in this process (simulated MT5 sessions), binds a
 private queue to ``execution.confirmations`` (and one to the dead-letter exchange), publishes
 a mixed batch, prints each confirmation as it arrives and exits 0 once every expected answer
@@ -14,6 +20,7 @@ second delivery of one approval (the same confirmation again, no second order).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+from pydantic import SecretStr
 
 from schemas.identity import execution_id_for
 from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
@@ -36,6 +44,7 @@ from worker.errors import ExitCode
 from worker.explain import describe_broker_error, explain
 from worker.mt5 import api
 from worker.mt5.sim.config import default_symbols
+from worker.tools.isolation import own_database, own_vhost, vhost_of
 from worker.tools.publish import (
     OutgoingMessage,
     PublishError,
@@ -267,8 +276,41 @@ def demo_settings(settings: Settings, directory: str) -> Settings:
 
 
 def main(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="execution-worker-demo-") as directory:
-        return _demo(demo_settings(load_settings(), directory), args)
+    settings = load_settings()
+    with contextlib.ExitStack() as stack:
+        if not args.in_place:
+            settings = _isolated(settings, args.vhost_url, stack)
+        else:
+            print(
+                "demo: --in-place: consumes execution.requests of"
+                f" {mask_url(settings.rabbitmq_url.get_secret_value())} and writes to"
+                f" {mask_url(settings.database_url.get_secret_value())}"
+            )
+        directory = stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="execution-worker-demo-")
+        )
+        return _demo(demo_settings(settings, directory), args)
+
+
+def _isolated(settings: Settings, vhost_url: str | None, stack: contextlib.ExitStack) -> Settings:
+    """The settings pointed at a vhost and a database of the demo's own (dropped by
+    ``stack``), after saying so."""
+    amqp = settings.rabbitmq_url.get_secret_value()
+    database = settings.database_url.get_secret_value()
+    if vhost_url:
+        own_amqp, made = vhost_url, "given by --vhost-url"
+    else:
+        own_amqp, made = stack.enter_context(own_vhost(amqp, "ew_demo")), "created now"
+    own_db = stack.enter_context(own_database(database, "ew_demo"))
+    print(
+        f"demo: runs in vhost {vhost_of(own_amqp)!r} ({made}) and database"
+        f" {own_db.rsplit('/', 1)[-1]!r} (created now), removed at the end"
+        f"{' (the database)' if vhost_url else ''}; execution.requests of vhost"
+        f" {vhost_of(amqp)!r} is not touched"
+    )
+    return settings.model_copy(
+        update={"rabbitmq_url": SecretStr(own_amqp), "database_url": SecretStr(own_db)}
+    )
 
 
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
