@@ -74,6 +74,11 @@ def _publish_args(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--samples", type=int, help="generate N sample approvals")
     parser.add_argument("--symbols", default="EURUSD,GBPUSD,USDJPY,XAUUSD")
     parser.add_argument("--reply-to", help="reply_to queue for the confirmations")
+    parser.add_argument(
+        "--account",
+        help="name this account (decision.account) in every approval that names none"
+        " (docs/OPERATIONS.md 2.8b)",
+    )
     parser.add_argument("--seed", type=int, default=7)
 
 
@@ -115,6 +120,10 @@ def _bridge_security_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-crl", help="refuse client certificates revoked in this CRL (PEM)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument("--metrics-host", help="address of --metrics-port (default: --host)")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
 
 def _schema_export_args(parser: argparse.ArgumentParser) -> None:
@@ -278,6 +287,12 @@ COMMANDS: tuple[Command, ...] = (
         "list, show, replay or purge execution.requests.dead",
         "worker.tools.dead_letters:main",
         _dead_letters_args,
+    ),
+    Command(
+        "config",
+        "print the effective settings and where each comes from (secrets masked)",
+        "worker.tools.config_show:main",
+        _config_args,
     ),
     Command(
         "retention",

@@ -1,6 +1,6 @@
 """Settings from the environment (and an optional TOML file), validated; secrets never printed.
 
-Environment names of the external contract (DESIGN.md): RABBITMQ_URL, DATABASE_URL,
+Environment names of the external contract (docs/CONTRACT.md): RABBITMQ_URL, DATABASE_URL,
 MT5_BACKEND, MT5_SESSIONS, MT5_BRIDGE_ADDRESS, MT5_BRIDGE_SECRET, METRICS_PORT, LOG_FORMAT.
 Every other setting has an environment name equal to its field name in upper case
 (``APPROVAL_TTL_SECONDS``...), and may also come from the TOML file named by

@@ -13,6 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pika
@@ -338,12 +339,16 @@ def test_dead_letter_outcome_keeps_body_and_properties_with_the_reason(
 ) -> None:
     runtime, _, _ = make_runtime()
     running = Running(runtime).start()
+    before = datetime.now(UTC)
     with broker(vhost_url) as side:
         side.publish(b'{"no": "key"}', message_id=None, headers={"test-action": "dead", "k": "v"})
         dead = side.take(DEAD_QUEUE, 1)
         wait_until(lambda: runtime.stats.acked == 1, "the ack")
     assert dead[0].body == b'{"no": "key"}'
     headers = dead[0].properties.headers
+    # the broker writes no x-death for what the worker dead-letters itself: the worker says when
+    at = datetime.fromisoformat(headers["x-dead-lettered-at"])
+    assert before - timedelta(seconds=1) <= at <= datetime.now(UTC)
     assert headers["x-rejection-reason"] == "missing_idempotency_key"
     assert headers["x-rejection-details"] == "neither order_id nor message_id"
     assert headers["k"] == "v"

@@ -669,3 +669,61 @@ def test_the_restricted_user_is_refused_elsewhere(
         channel.queue_declare(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         channel.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
     _refused(worker_url, action)
+
+
+@pytest.fixture(scope="module")
+def operator(rabbitmq_broker: Broker, restricted: tuple[str, str]) -> Iterator[str]:
+    """The dead-letters tool's operator (OPERATOR_* regexes) in the restricted user's vhost."""
+    admin_url, _ = restricted
+    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
+    user, password = f"ew-operator-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    regexes = _regexes()
+    rabbitmq_broker.ctl("add_user", user, password)
+    try:
+        rabbitmq_broker.ctl(
+            "set_permissions",
+            "-p",
+            vhost,
+            user,
+            regexes["OPERATOR_CONFIGURE"],
+            regexes["OPERATOR_WRITE"],
+            regexes["OPERATOR_READ"],
+        )
+        with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
+            channel = connection.channel()
+            channel.queue_declare(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            channel.queue_declare(
+                REQUESTS_QUEUE,
+                durable=True,
+                arguments={"x-queue-type": "quorum", "x-delivery-limit": 20,
+                           "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+            )  # fmt: skip
+        yield with_user(admin_url, user, password)
+    finally:
+        rabbitmq_broker.ctl("delete_user", user)
+
+
+def test_the_operator_browses_the_dead_letters_and_can_replay(operator: str) -> None:
+    """What `dead-letters` needs. RabbitMQ's *read* also lets it queue.purge the dead queue
+    (unaudited): deploy/rabbitmq/README.md says so."""
+    with pika.BlockingConnection(pika.URLParameters(operator)) as connection:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", DEAD_QUEUE, b"{}", mandatory=True)  # amq.default: allowed
+        method, _, _ = channel.basic_get(DEAD_QUEUE, auto_ack=False)
+        assert method is not None
+        channel.basic_nack(method.delivery_tag, requeue=True)  # `list` gives it back
+        channel.basic_publish("", REQUESTS_QUEUE, b"{}", mandatory=True)  # replay
+
+
+@pytest.mark.parametrize(
+    "action",
+    [
+        lambda ch: ch.basic_get(REQUESTS_QUEUE),
+        lambda ch: ch.basic_publish(CONFIRMATIONS_EXCHANGE, "confirmation.filled.X", b"x"),
+        lambda ch: ch.queue_declare("operator.tap", durable=True),
+    ],
+    ids=["consume-requests", "forge-confirmation", "declare"],
+)
+def test_the_operator_is_refused_elsewhere(operator: str, action: Callable[[Any], Any]) -> None:
+    _refused(operator, action)

@@ -1,6 +1,6 @@
 """The deployment files: compose stack, .env.example, container image, Kubernetes manifests.
 
-Structural checks that fail when a file drifts from the external contract (DESIGN.md) or from
+Structural checks that fail when a file drifts from the external contract (docs/CONTRACT.md) or from
 the settings the worker actually reads (worker/config.py). deploy/check-deploy.sh builds and
 runs the same files where a Docker engine is available.
 """

@@ -213,3 +213,16 @@ def test_the_report_groups_by_the_accounts_name_and_by_login_for_older_rows() ->
     assert key(named_a) == key(named_b) == "live-eu"
     assert key(older) == "1003"
     assert key({}) == "-"
+
+
+def test_publish_account_names_the_account_where_the_approval_names_none() -> None:
+    from worker.tools.publish import approved_trade, rpm_output, with_account
+
+    whole = rpm_output(approved_trade("EURUSD", 1, 100_000.0), order_id="o-1")
+    named = with_account(whole, "ICMarkets-Demo:5012345")
+    assert named["decision"]["account"] == "ICMarkets-Demo:5012345"
+    assert "account" not in whole["decision"]  # the original is not changed
+    bare = with_account(whole["decision"], "desk-2")
+    assert bare["account"] == "desk-2"
+    already = with_account(named, "desk-2")
+    assert already["decision"]["account"] == "ICMarkets-Demo:5012345"

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 REJECTION_REASON_HEADER = "x-rejection-reason"
 REJECTION_DETAILS_HEADER = "x-rejection-details"
+# when the worker dead-lettered it (ISO 8601, UTC, ms): the broker's x-death has no entry
+# for a message the worker publishes to the DLX itself
+DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"
 # how many times a request went to the back of the queue waiting for its account
 ACCOUNT_WAITS_HEADER = "x-account-waits"
 # set by the broker on redeliveries; a copy published again starts as a new message
@@ -77,6 +80,7 @@ def dead_letter_properties(original: Any, reason: str, details: str) -> pika.Bas
     headers = dict(original.headers) if isinstance(original.headers, dict) else {}
     headers[REJECTION_REASON_HEADER] = reason
     headers[REJECTION_DETAILS_HEADER] = details
+    headers[DEAD_LETTERED_AT_HEADER] = datetime.now(UTC).isoformat(timespec="milliseconds")
     return pika.BasicProperties(
         content_type=original.content_type,
         content_encoding=original.content_encoding,
@@ -99,7 +103,12 @@ def back_of_queue_properties(original: Any) -> pika.BasicProperties:
     ``execution.requests``; the broker's own headers dropped, the waits counted."""
     properties = dead_letter_properties(original, "", "")
     headers = dict(properties.headers or {})
-    for name in (REJECTION_REASON_HEADER, REJECTION_DETAILS_HEADER, *_BROKER_HEADERS):
+    for name in (
+        REJECTION_REASON_HEADER,
+        REJECTION_DETAILS_HEADER,
+        DEAD_LETTERED_AT_HEADER,
+        *_BROKER_HEADERS,
+    ):
         headers.pop(name, None)
     waits = headers.get(ACCOUNT_WAITS_HEADER)
     count = waits if isinstance(waits, int) and not isinstance(waits, bool) else 0

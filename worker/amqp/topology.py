@@ -1,4 +1,4 @@
-"""The RabbitMQ topology of the external contract (DESIGN.md), declared idempotently.
+"""The RabbitMQ topology of the external contract (docs/CONTRACT.md), declared idempotently.
 
 ``execution.requests`` is a quorum queue with a delivery limit; messages that exceed it (or
 that the worker dead-letters itself) go to the fanout exchange ``execution.requests.dlx``,

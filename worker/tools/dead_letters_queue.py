@@ -40,10 +40,17 @@ from worker.observability.logs import redact
 
 REASON_HEADER = "x-rejection-reason"  # set by the worker (worker/amqp/deliveries.py)
 DETAILS_HEADER = "x-rejection-details"
+DEAD_LETTERED_AT_HEADER = "x-dead-lettered-at"  # set by the worker, like the reason
 REPLAYED_HEADER = "x-replayed-from"
 REPLAY_ACTION_HEADER = "x-replay-action"
 # headers the broker or the worker added on dead-lettering: not sent again on a replay
-_DEAD_HEADER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-rejection-")
+_DEAD_HEADER_PREFIXES = (
+    "x-death",
+    "x-first-death-",
+    "x-last-death-",
+    "x-rejection-",
+    DEAD_LETTERED_AT_HEADER,
+)
 _DEAD_HEADERS = frozenset({"x-delivery-count", REPLAYED_HEADER, REPLAY_ACTION_HEADER})
 PREVIEW_CHARS = 400
 MAX_KEY_BODY_BYTES = 1_000_000
@@ -171,18 +178,34 @@ class DeadLetter:
             )
         return "-"
 
+    def _worker_dead_lettered_at(self) -> datetime | None:
+        text = _text(self.headers.get(DEAD_LETTERED_AT_HEADER))
+        if not text:
+            return None
+        try:
+            at = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return at if at.tzinfo else at.replace(tzinfo=UTC)
+
     @property
     def first_seen(self) -> datetime | None:
-        """When the broker dead-lettered it (x-death), else when it was published."""
+        """When the broker (x-death) or the worker (x-dead-lettered-at) dead-lettered it,
+        else when it was published."""
         at = self._first_death().get("time")
         if isinstance(at, datetime):
             return at if at.tzinfo else at.replace(tzinfo=UTC)
+        worker = self._worker_dead_lettered_at()
+        if worker is not None:
+            return worker
         stamp = self.properties.timestamp
         return datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int) else None
 
     @property
     def first_seen_source(self) -> str:
         if isinstance(self._first_death().get("time"), datetime):
+            return "dead-lettered"
+        if self._worker_dead_lettered_at() is not None:
             return "dead-lettered"
         return "published" if isinstance(self.properties.timestamp, int) else "-"
 

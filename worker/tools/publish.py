@@ -196,6 +196,19 @@ def order_id_of(document: Any) -> str | None:
     return order_id if isinstance(order_id, str) and order_id.strip() else None
 
 
+def with_account(document: Any, account: str) -> Any:
+    """The approval with ``decision.account`` = ``account`` unless it names one already
+    (docs/OPERATIONS.md 2.8b); both message shapes (RPMOutput, bare decision)."""
+    if not isinstance(document, dict):
+        return document
+    decision = document.get("decision") if isinstance(document.get("decision"), dict) else None
+    target = decision if decision is not None else document
+    if target.get("account") is None:
+        target = {**target, "account": account}
+        return {**document, "decision": target} if decision is not None else target
+    return document
+
+
 def outgoing(document: Any, reply_to: str | None = None) -> OutgoingMessage:
     body = json.dumps(document).encode("utf-8")
     order_id = order_id_of(document)
@@ -331,6 +344,8 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"execution-worker publish: cannot read the messages: {exc}", file=sys.stderr)
         return 2
+    if args.account:
+        documents = [with_account(document, args.account) for document in documents]
     messages = [outgoing(document, args.reply_to) for document in documents]
     url = settings.rabbitmq_url.get_secret_value()
     # PublishError (3 or 77) and TopologyMismatch (78): one line, worker/explain.py
