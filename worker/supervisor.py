@@ -164,6 +164,7 @@ def supervise(count: int, settings: Settings) -> int:
     """Run ``count`` worker processes until SIGTERM/SIGINT; restart the ones that die."""
     from worker.observability import metrics
     from worker.observability.health import HealthServer
+    from worker.observability.logs import WORKER_INDEX_ENV
 
     check_port_free(settings.metrics_port)
     env = dict(os.environ)
@@ -175,7 +176,9 @@ def supervise(count: int, settings: Settings) -> int:
     fatal: list[int] = []
 
     def spawn(child: _Child) -> None:
-        child.process = subprocess.Popen(_child_command(), env=env)
+        child.process = subprocess.Popen(
+            _child_command(), env={**env, WORKER_INDEX_ENV: str(child.slot)}
+        )
         child.started = time.monotonic()
         log.info("worker %d started (pid %d)", child.slot, child.process.pid)
 

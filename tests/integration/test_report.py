@@ -109,7 +109,9 @@ WITH f AS (
            / (request ->> 'pip')::float8 AS is_pips,
          (arrival_ask - arrival_bid) / 2 / (request ->> 'pip')::float8 AS half_spread,
          direction * (fill_price - (arrival_bid + arrival_ask) / 2) * executed_lots
-           * (request ->> 'contract_size')::float8 AS is_quote
+           * (request ->> 'contract_size')::float8 AS is_quote,
+         slippage_pips * (request ->> 'pip')::float8 * executed_lots
+           * (request ->> 'contract_size')::float8 AS slip_quote
   FROM execution.executions
   WHERE received_at >= %(since)s AND received_at < %(until)s AND executed_lots > 0
 )
@@ -121,7 +123,9 @@ SELECT symbol,
        sum(half_spread * lots) / sum(lots),
        percentile_cont(0.5) WITHIN GROUP (ORDER BY slippage_pips),
        percentile_cont(0.95) WITHIN GROUP (ORDER BY slippage_pips),
-       count(*)
+       count(*),
+       sum(CASE WHEN right(symbol, 3) = 'USD' THEN slip_quote
+                WHEN left(symbol, 3) = 'USD' THEN slip_quote / fill_price END)
 FROM f GROUP BY ROLLUP (symbol)
 """
 _LATENCY = """
@@ -186,7 +190,7 @@ def test_shortfall_spread_and_slippage_agree_with_an_independent_computation(
     executions: Run, report: dict[str, Any], symbol: str | None
 ) -> None:
     by_symbol = {row[0]: row[1:] for row in _query(executions, _FILLS)}
-    is_mean, is_p95, is_usd, half_spread, slip_p50, slip_p95, fills = by_symbol[symbol]
+    is_mean, is_p95, is_usd, half_spread, slip_p50, slip_p95, fills, slip_usd = by_symbol[symbol]
     figures = _figures(report, symbol)
     assert figures["fills"] == fills
     assert figures["shortfall_pips"]["lots_weighted_mean"] == pytest.approx(is_mean, abs=1e-9)
@@ -198,6 +202,10 @@ def test_shortfall_spread_and_slippage_agree_with_an_independent_computation(
     assert figures["slippage_pips"]["p50"] == pytest.approx(slip_p50, abs=1e-9)
     assert figures["slippage_pips"]["p95"] == pytest.approx(slip_p95, abs=1e-9)
     assert sum(figures["slippage_pips"]["histogram"].values()) == fills
+    cost = figures["slippage_cost_account"]
+    assert (cost["currency"], cost["unconverted_fills"]) == ("USD", 0)
+    assert cost["converted_fills"] == fills
+    assert cost["total"] == pytest.approx(slip_usd, rel=1e-9, abs=1e-9)
     assert is_mean > 0  # crossing half the spread costs
 
 
@@ -267,3 +275,40 @@ def test_report_refuses_a_window_that_ends_before_it_starts(executions: Run) -> 
     assert done.returncode == 2 and "--until must be after --since" in done.stderr
     bad = _cli(executions, "report", "--since", "yesterday")
     assert bad.returncode == 2 and "is not a time" in bad.stderr
+
+
+def test_rejections_by_reason_agree_with_the_audit_rows(
+    executions: Run, report: dict[str, Any]
+) -> None:
+    counted = dict(
+        _query(
+            executions,
+            "SELECT rejection_reason, count(*) FROM execution.executions"
+            " WHERE received_at >= %(since)s AND received_at < %(until)s"
+            " AND rejection_reason IS NOT NULL GROUP BY 1",
+        )
+    )
+    refused = report["overall"]["rejections"]
+    assert {item["reason"]: item["count"] for item in refused} == counted
+    counts = [item["count"] for item in refused]
+    assert counts == sorted(counts, reverse=True)
+    if counted:
+        assert "Rejections by reason" in report["_stdout"]
+
+
+def test_an_empty_range_says_so_in_text_and_plot(executions: Run, tmp_path: Path) -> None:
+    png = tmp_path / "empty.png"
+    done = _cli(
+        executions,
+        "report",
+        "--since",
+        "2001-01-01T00:00:00",
+        "--until",
+        "2001-01-02T00:00:00",
+        "--plot",
+        str(png),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "No executions received between" in done.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Warning" not in done.stderr, done.stderr

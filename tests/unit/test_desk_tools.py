@@ -226,3 +226,20 @@ def test_publish_account_names_the_account_where_the_approval_names_none() -> No
     assert bare["account"] == "desk-2"
     already = with_account(named, "desk-2")
     assert already["decision"]["account"] == "ICMarkets-Demo:5012345"
+
+
+def test_a_short_range_gets_buckets_that_draw_lines() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from worker.tools.report import measure
+    from worker.tools.report_plot import bucket_size, data_extent
+
+    since = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    until = since + timedelta(hours=1)
+    # one minute of trading in a one-hour window: buckets of seconds over that minute
+    rows = [{"received_at": since + timedelta(minutes=20, seconds=s)} for s in range(0, 60, 3)]
+    first, last = data_extent([measure(row, "USD") for row in rows], since, until)
+    assert (first, last) == (rows[0]["received_at"], rows[-1]["received_at"])
+    size = bucket_size(first, last)
+    assert 10 <= (last - first) / size <= 40
+    assert bucket_size(since, since + timedelta(days=30)) == timedelta(days=1)

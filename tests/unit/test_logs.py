@@ -157,3 +157,39 @@ def test_log_context_nests_skips_none_and_restores_after_an_error() -> None:
             raise RuntimeError
         assert current_context() == {"execution_id": str(uuid.UUID(int=1))}
     assert current_context() == {}
+
+
+def test_console_lines_name_the_process_and_its_worker_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+    import os
+
+    from worker.observability.logs import WORKER_INDEX_ENV, ConsoleFormatter
+
+    record = logging.LogRecord("worker.executions", logging.INFO, __file__, 1, "hello", (), None)
+    monkeypatch.delenv(WORKER_INDEX_ENV, raising=False)
+    assert f"[pid {os.getpid()}] worker.executions: hello" in ConsoleFormatter().format(record)
+    monkeypatch.setenv(WORKER_INDEX_ENV, "1")
+    assert f"[w1/{os.getpid()}] worker.executions: hello" in ConsoleFormatter().format(record)
+
+
+def test_a_finished_execution_is_one_line_with_status_symbol_lots_and_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+    import logging
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from worker.amqp.finished import log_finished
+    from worker.execution.outcome import Publish
+
+    execution_id = uuid.UUID("3f0c9a1e-0000-4000-8000-000000000000")
+    payload = json.dumps({"status": "FILLED", "executed_lots": 1.86}).encode()
+    publish = Publish(execution_id, "confirmation.filled.EURUSD", payload, "o-1", None)
+    with caplog.at_level(logging.INFO, logger="worker.executions"):
+        log_finished(publish, datetime.now(UTC) - timedelta(seconds=2), redelivered=False)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "worker.executions"]
+    assert line.startswith("execution 3f0c9a1e FILLED EURUSD 1.86 lots in ")
+    assert int(line.split(" in ")[1].split()[0]) >= 2000

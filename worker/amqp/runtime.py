@@ -49,6 +49,7 @@ from worker.amqp.deliveries import (
     delivery_count_of,
     to_message_properties,
 )
+from worker.amqp.finished import log_finished
 from worker.amqp.loop import IoLoop, Mailbox, Threads
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.outbox import AnnouncingOutbox, Confirmations, confirmation_properties
@@ -187,11 +188,12 @@ class AmqpRuntime:
 
     def _answer(self, publish: Publish, item: InFlight) -> None:
         """Publish the confirmation for this delivery; ack it once the broker confirms."""
-        self._confirmations.publish(
-            publish,
-            on_confirmed=lambda: self._deliveries.settle(item, ack=True),
-            on_failed=item,
-        )
+
+        def confirmed() -> None:
+            self._deliveries.settle(item, ack=True)
+            log_finished(publish, item.delivery.received_at, redelivered=item.delivery.redelivered)
+
+        self._confirmations.publish(publish, on_confirmed=confirmed, on_failed=item)
 
     def stop(self) -> None:
         """Stop consuming, finish in-flight messages within the drain timeout, then return."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -223,14 +224,24 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(line, default=str, ensure_ascii=False))
 
 
+WORKER_INDEX_ENV = "EXECUTION_WORKER_INDEX"  # set by `run --processes N` for each child
+
+
+def process_label() -> str:
+    """``pid 4242`` in one process, ``w1/4242`` in child 1 of ``run --processes N``."""
+    index = os.environ.get(WORKER_INDEX_ENV)
+    return f"w{index}/{os.getpid()}" if index else f"pid {os.getpid()}"
+
+
 class ConsoleFormatter(logging.Formatter):
-    """``2026-11-25T10:00:00.123Z INFO  logger: message  key=value ...`` for people."""
+    """``2026-11-25T10:00:00.123Z INFO  [w1/4242] logger: message  key=value ...`` for
+    people: the process (and its index under ``run --processes N``) on every line."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {**getattr(record, "context", {}), **_extra_fields(record)}
         suffix = "  " + " ".join(f"{k}={v}" for k, v in fields.items()) if fields else ""
         text = (
-            f"{_timestamp(record)} {record.levelname:<7} {record.name}: "
+            f"{_timestamp(record)} {record.levelname:<7} [{process_label()}] {record.name}: "
             f"{record.getMessage()}{suffix}"
         )
         if record.exc_info and not record.exc_text:

@@ -20,7 +20,10 @@ group (``--by symbol|session|account|hour``):
   that is crossing from mid to touch); the rest is the market's move between the checks and
   the send (the order is priced from a fresh tick when sent) plus the slippage;
 - slippage as recorded (``slippage_pips``: fill against the requested price, positive =
-  adverse): mean, percentiles and a histogram;
+  adverse): mean, percentiles and a histogram; and its COST in the account currency,
+  ``slippage pips x pip x lots x contract size``, converted like the shortfall (the money a
+  trader lost, + = cost, or gained, - , against the prices the worker asked for);
+- rejections by reason: how many executions each reason refused, and their share;
 - latency split in three, in ms: queue wait ``decided_at -> received_at`` (the RPM's clock
   against ours: skew shows here), worker ``received_at -> submitted_at``, broker
   ``submitted_at -> completed_at`` (completed_at is when the worker saw the fill settled and
@@ -68,6 +71,8 @@ class Measured:
     shortfall_quote: float | None  # in the symbol's quote currency
     quote_currency: str | None
     shortfall_account: float | None  # in the account currency, when convertible
+    slippage_quote: float | None  # slippage cost in the quote currency (+ = cost)
+    slippage_account: float | None  # ... in the account currency, when convertible
     spread_paid_pips: float | None
     queue_ms: float | None
     worker_ms: float | None
@@ -87,31 +92,50 @@ def _ms(start: datetime | None, end: datetime | None) -> float | None:
     return (end - start).total_seconds() * 1000.0
 
 
+def to_account(
+    amount_quote: float, symbol: str | None, fill: float | None, account_currency: str
+) -> float | None:
+    """An amount in ``symbol``'s quote currency in the account currency, where no other
+    rate is needed (quote = account: as is; base = account: / the fill price); else None."""
+    base, quote = currencies(symbol)
+    if quote == account_currency:
+        return amount_quote
+    if base == account_currency and fill:
+        return amount_quote / fill
+    return None
+
+
 def measure(row: dict[str, Any], account_currency: str) -> Measured:
     lots = row.get("executed_lots") or 0.0
     fill = row.get("fill_price")
     bid, ask, pip = row.get("arrival_bid"), row.get("arrival_ask"), row.get("pip")
     shortfall_pips = shortfall_quote = shortfall_account = spread_paid = None
-    base, quote = currencies(row.get("symbol"))
+    slippage_quote = slippage_account = None
+    _, quote = currencies(row.get("symbol"))
+    contract = row.get("contract_size") or 0.0
     if bid is not None and ask is not None and pip:
         spread_paid = (ask - bid) / 2.0 / pip
     if lots > 0 and fill is not None and bid is not None and ask is not None and pip:
         mid = (bid + ask) / 2.0
         move = fill - mid if (row.get("direction") or 0) > 0 else mid - fill
         shortfall_pips = move / pip
-        contract = row.get("contract_size") or 0.0
         if contract > 0:
             shortfall_quote = shortfall_pips * pip * lots * contract
-            if quote == account_currency:
-                shortfall_account = shortfall_quote
-            elif base == account_currency and fill > 0:
-                shortfall_account = shortfall_quote / fill
+            shortfall_account = to_account(
+                shortfall_quote, row.get("symbol"), fill, account_currency
+            )
+    slippage = row.get("slippage_pips")
+    if lots > 0 and slippage is not None and pip and contract > 0:
+        slippage_quote = slippage * pip * lots * contract
+        slippage_account = to_account(slippage_quote, row.get("symbol"), fill, account_currency)
     return Measured(
         row=row,
         shortfall_pips=shortfall_pips,
         shortfall_quote=shortfall_quote,
         quote_currency=quote,
         shortfall_account=shortfall_account,
+        slippage_quote=slippage_quote,
+        slippage_account=slippage_account,
         spread_paid_pips=spread_paid,
         queue_ms=_ms(row.get("decided_at"), row.get("received_at")),
         worker_ms=_ms(row.get("received_at"), row.get("submitted_at")),
@@ -160,6 +184,38 @@ def _weighted_mean(pairs: Iterable[tuple[float, float]]) -> float | None:
         total += value * weight
         total_weight += weight
     return total / total_weight if total_weight > 0 else None
+
+
+def _money(
+    measured: Sequence[Measured],
+    quote_of: Callable[[Measured], float | None],
+    account_of: Callable[[Measured], float | None],
+    account_currency: str,
+) -> dict[str, Any]:
+    """A cost summed in the account currency; what cannot be converted, per quote currency."""
+    known = [m for m in measured if quote_of(m) is not None]
+    unconverted = [m for m in known if account_of(m) is None]
+    by_quote: dict[str, float] = {}
+    for m in unconverted:
+        currency = m.quote_currency or "?"
+        by_quote[currency] = by_quote.get(currency, 0.0) + (quote_of(m) or 0.0)
+    converted = [value for m in known if (value := account_of(m)) is not None]
+    return {
+        "currency": account_currency,
+        "total": sum(converted) if converted else None,
+        "converted_fills": len(converted),
+        "unconverted_fills": len(unconverted),
+        "unconverted_by_quote_currency": by_quote,
+    }
+
+
+def rejections(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Executions refused, by reason, most frequent first, with their share of all."""
+    counted = Counter(r["rejection_reason"] for r in rows if r.get("rejection_reason"))
+    return [
+        {"reason": reason, "count": count, "share": count / len(rows)}
+        for reason, count in sorted(counted.items(), key=lambda item: (-item[1], item[0]))
+    ]
 
 
 def summarize(measured: Sequence[Measured], account_currency: str) -> dict[str, Any]:
@@ -219,6 +275,10 @@ def summarize(measured: Sequence[Measured], account_currency: str) -> dict[str, 
             **distribution(m.spread_paid_pips for m in with_arrival),
         },
         "slippage_pips": {**distribution(slippage), "histogram": histogram(slippage)},
+        "slippage_cost_account": _money(
+            fills, lambda m: m.slippage_quote, lambda m: m.slippage_account, account_currency
+        ),
+        "rejections": rejections(rows),
         "latency_ms": {
             "queue_wait": distribution((m.queue_ms for m in measured), LATENCY_PERCENTILES),
             "worker": distribution((m.worker_ms for m in measured), LATENCY_PERCENTILES),
@@ -283,6 +343,7 @@ TABLE_COLUMNS = (
     "spread",
     "slip p50",
     "slip p95",
+    "slip {ccy}",
     "queue p50",
     "worker p50",
     "broker p50",
@@ -319,6 +380,7 @@ def table_row(name: str, figures: dict[str, Any]) -> list[str]:
         _num(figures["spread_paid_pips"]["lots_weighted_mean"]),
         _num(figures["slippage_pips"]["p50"]),
         _num(figures["slippage_pips"]["p95"]),
+        _slippage_total(figures["slippage_cost_account"]),
         _num(latency["queue_wait"]["p50"], 1),
         _num(latency["worker"]["p50"], 1),
         _num(latency["broker"]["p50"], 1),
@@ -326,8 +388,18 @@ def table_row(name: str, figures: dict[str, Any]) -> list[str]:
     ]
 
 
+def _slippage_total(money: dict[str, Any]) -> str:
+    total = _num(money["total"])
+    return total + "*" if money["unconverted_fills"] and money["total"] is not None else total
+
+
 def render_text(document: dict[str, Any]) -> str:
     ccy = document["account_currency"]
+    if document["overall"]["executions"] == 0:
+        return (
+            f"No executions received between {document['since']} and {document['until']}:"
+            " nothing to report (widen --since/--until, or check DATABASE_URL)."
+        )
     headers = [column.format(ccy=ccy) for column in TABLE_COLUMNS]
     rows = [table_row(name, figures) for name, figures in document["groups"].items()]
     rows.append(table_row("all", document["overall"]))
@@ -352,14 +424,21 @@ def render_text(document: dict[str, Any]) -> str:
             "IS = implementation shortfall, arrival mid -> fill VWAP, lots-weighted, + = cost;"
             f" IS {ccy} = its sum in the account currency (* = some fills not convertible);"
             " spread = half the arrival spread paid, pips; slip = fill vs requested price,"
-            " pips; latency in ms: queue = decided->received, worker = received->submitted,"
+            f" pips, + = adverse; slip {ccy} = what that slippage cost in the account currency"
+            " (- = price improvement); latency in ms: queue = decided->received,"
+            " worker = received->submitted,"
             " broker = submitted->completed.",
             100,
         ),
     ]
-    reasons = overall["by_reason"]
-    if reasons:
-        out += ["", "Reasons: " + ", ".join(f"{r} {n}" for r, n in reasons.items())]
+    refused = overall["rejections"]
+    if refused:
+        width = max(len(item["reason"]) for item in refused)
+        out += ["", "Rejections by reason (share of all executions):"]
+        out += [
+            f"  {item['reason']:<{width}}  {item['count']:>6}  {item['share'] * 100:5.1f} %"
+            for item in refused
+        ]
     money = overall["shortfall_account"]
     if money["unconverted_fills"]:
         amounts = ", ".join(

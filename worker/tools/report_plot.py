@@ -1,10 +1,13 @@
 """The PNG of ``execution-worker report --plot F.png`` (matplotlib, the ``plot`` extra).
 
-Four panels: implementation shortfall per symbol and latency per symbol (distributions,
-box plots), then both over time (per time bucket: median shortfall per symbol, latency
-p50/p95). The title compares the most recent part of the window with the part before it
-(the last 7 days when the window spans two weeks or more, else its last third), so a
-person sees at once whether execution got worse.
+Six panels: implementation shortfall per symbol and latency per symbol (distributions,
+box plots, their markers explained on the figure), both over time (per time bucket: median
+shortfall per symbol, latency p50/p95; the buckets fit the span the executions cover, from
+seconds to days, so a short range draws lines, not single dots), the rejections by reason,
+and the slippage cost per symbol in the account currency. The title compares the most recent
+part of the window with the part before it (the last 7 days when the executions span two
+weeks or more, else the last third of their span), in words. A range without executions
+draws one honest sentence instead of empty axes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from typing import Any
 from worker.tools.report import Measured, percentile
 
 BUCKETS = (
+    timedelta(seconds=1),
+    timedelta(seconds=5),
+    timedelta(seconds=15),
+    timedelta(seconds=30),
     timedelta(minutes=1),
     timedelta(minutes=5),
     timedelta(minutes=15),
@@ -23,16 +30,32 @@ BUCKETS = (
     timedelta(hours=6),
     timedelta(days=1),
 )
-MAX_BUCKETS = 60
+MAX_BUCKETS = 40
+BOX_LEGEND = (
+    "box: p25-p75   line: median   triangle: mean   whiskers: 1.5 x IQR   circles: outliers"
+)
 STAGE_COLOURS = {"queue wait": "#9e9e9e", "worker": "#1f77b4", "broker": "#ff7f0e"}
 
 
 def bucket_size(since: datetime, until: datetime) -> timedelta:
+    """The smallest bucket that cuts ``since .. until`` into at most MAX_BUCKETS."""
     span = until - since
     for size in BUCKETS:
         if span / size <= MAX_BUCKETS:
             return size
     return BUCKETS[-1]
+
+
+def data_extent(
+    measured: Sequence[Measured], since: datetime, until: datetime
+) -> tuple[datetime, datetime]:
+    """Where the executions are: first .. last arrival (within the window); the time
+    panels use it, so that an hour of which one minute traded is not one dot per symbol."""
+    times = [m.row["received_at"] for m in measured]
+    if not times:
+        return since, until
+    first, last = max(min(times), since), min(max(times), until)
+    return first, max(last, first + BUCKETS[0])
 
 
 def recent_split(since: datetime, until: datetime) -> datetime:
@@ -62,14 +85,16 @@ def _comparison(measured: Sequence[Measured], split: datetime) -> str:
     before = figures([m for m in measured if m.row["received_at"] < split])
     recent = figures([m for m in measured if m.row["received_at"] >= split])
 
-    def text(value: float | None, unit: str) -> str:
-        return "-" if value is None else f"{value:.2f} {unit}"
+    def text(label: str, values: tuple[float | None, float | None, int]) -> str:
+        shortfall, latency, count = values
+        pips = "no fill" if shortfall is None else f"{shortfall:.2f} pips"
+        ms = "-" if latency is None else f"{latency:.0f} ms"
+        return f"{label} ({count} executions): median shortfall {pips}, p95 receive->fill {ms}"
 
-    return (
-        f"since {split.astimezone(UTC):%Y-%m-%d %H:%M}Z ({recent[2]} executions): median shortfall"
-        f" {text(recent[0], 'pips')}, p95 receive->fill {text(recent[1], 'ms')}"
-        f"   |   before ({before[2]}): {text(before[0], 'pips')}, {text(before[1], 'ms')}"
-    )
+    recent_text = text(f"since {split.astimezone(UTC):%Y-%m-%d %H:%M}Z", recent)
+    if before[2] == 0:
+        return f"{recent_text}; nothing earlier in the range to compare with"
+    return f"{recent_text}   vs   {text('before', before)}"
 
 
 def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> None:
@@ -80,11 +105,15 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
 
     since = datetime.fromisoformat(document["since"])
     until = datetime.fromisoformat(document["until"])
+    if not measured:
+        _empty(plt, since, until, path)
+        return
     symbols = sorted({str(m.row.get("symbol")) for m in measured if m.row.get("symbol")})
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9), dpi=80)
+    first, last = data_extent(measured, since, until)
+    fig, axes = plt.subplots(3, 2, figsize=(15, 13), dpi=80)
     fig.suptitle(
         f"Execution quality {since:%Y-%m-%d %H:%M} .. {until:%Y-%m-%d %H:%M} UTC"
-        f" — {len(measured)} executions\n{_comparison(measured, recent_split(since, until))}",
+        f" — {len(measured)} executions\n{_comparison(measured, recent_split(first, last))}",
         fontsize=12,
     )
 
@@ -110,6 +139,7 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
     ax.set_title("Implementation shortfall per symbol (pips, arrival mid -> fill, + = cost)")
     ax.set_ylabel("pips")
     ax.grid(axis="y", alpha=0.3)
+    ax.text(0.5, -0.16, BOX_LEGEND, transform=ax.transAxes, ha="center", fontsize=8)
 
     # 2. latency distribution per symbol and stage
     ax = axes[0][1]
@@ -151,9 +181,17 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
     ax.set_ylabel("ms")
     ax.legend(loc="upper center", ncol=3, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+    ax.text(
+        0.5,
+        -0.16,
+        BOX_LEGEND.replace("   triangle: mean", "").replace("   circles: outliers", ""),
+        transform=ax.transAxes,
+        ha="center",
+        fontsize=8,
+    )
 
-    # 3 and 4. over time
-    size = bucket_size(since, until)
+    # 3 and 4. over time, over the span the executions cover
+    size = bucket_size(first, last)
     buckets: dict[datetime, list[Measured]] = {}
     for m in measured:
         buckets.setdefault(_floor(m.row["received_at"], size), []).append(m)
@@ -170,10 +208,12 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
             if pips:
                 xs.append(t)
                 ys.append(_median(pips))
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=s)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=s)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_title(f"Median shortfall per {_size_text(size)} (pips, + = cost)")
-    ax.legend(fontsize=9, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=9, ncol=2)
     ax.grid(alpha=0.3)
 
     ax = axes[1][1]
@@ -188,16 +228,105 @@ def plot(measured: Sequence[Measured], document: dict[str, Any], path: str) -> N
             if ms:
                 xs.append(t)
                 ys.append(percentile(ms, q))
-        ax.plot(xs, ys, style, marker="o", markersize=3, label=f"receive->fill p{q}")
-    ax.set_yscale("log")
-    _plain_log_ticks(ax)
+        if xs:
+            ax.plot(xs, ys, style, marker="o", markersize=3, label=f"receive->fill p{q}")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_yscale("log")
+        _plain_log_ticks(ax)
+        ax.legend(fontsize=9)
     ax.set_title(f"Worker + broker latency per {_size_text(size)} (ms, log)")
-    ax.legend(fontsize=9)
     ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlim(since, until)
+        ax.set_xlim(first - size, last + size)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+
+    _rejections_panel(axes[2][0], document)
+    _slippage_cost_panel(axes[2][1], measured, symbols, document)
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _rejections_panel(ax: Any, document: dict[str, Any]) -> None:
+    refused = document["overall"]["rejections"]
+    total = document["overall"]["executions"]
+    if refused:
+        reasons = [item["reason"] for item in reversed(refused)]
+        counts = [item["count"] for item in reversed(refused)]
+        bars = ax.barh(reasons, counts, color="#d62728")
+        for bar, item in zip(bars, reversed(refused), strict=True):
+            ax.text(
+                bar.get_width(),
+                bar.get_y() + bar.get_height() / 2,
+                f" {item['count']} ({item['share'] * 100:.1f} %)",
+                va="center",
+                fontsize=8,
+            )
+        ax.set_xlim(0, max(counts) * 1.3)
+        ax.tick_params(axis="y", labelsize=8)
+    else:
+        ax.text(0.5, 0.5, f"no rejections among {total} executions", ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax.set_title(f"Rejections by reason ({total} executions)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _slippage_cost_panel(
+    ax: Any, measured: Sequence[Measured], symbols: Sequence[str], document: dict[str, Any]
+) -> None:
+    currency = document["account_currency"]
+    costs = []
+    for s in symbols:
+        values = [
+            m.slippage_account
+            for m in measured
+            if m.row.get("symbol") == s and m.slippage_account is not None
+        ]
+        costs.append(sum(values) if values else None)
+    shown = [(s, c) for s, c in zip(symbols, costs, strict=True) if c is not None]
+    if shown:
+        colours = ["#d62728" if c > 0 else "#2ca02c" for _, c in shown]
+        bars = ax.bar([s for s, _ in shown], [c for _, c in shown], color=colours)
+        for bar, (_, cost) in zip(bars, shown, strict=True):
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                bar.get_height(),
+                f"{cost:,.2f}",
+                ha="center",
+                va="bottom" if cost >= 0 else "top",
+                fontsize=8,
+            )
+        ax.axhline(0, color="black", linewidth=0.8)
+    else:
+        ax.text(0.5, 0.5, f"no fill convertible to {currency}", ha="center", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    money = document["overall"]["slippage_cost_account"]
+    note = (
+        f"; {money['unconverted_fills']} fills not convertible"
+        if money["unconverted_fills"]
+        else ""
+    )
+    ax.set_title(
+        f"Slippage cost per symbol ({currency}; red = cost, green = price improvement{note})"
+    )
+    ax.set_ylabel(currency)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _empty(plt: Any, since: datetime, until: datetime, path: str) -> None:
+    """A range without executions: one sentence, no empty axes."""
+    fig = plt.figure(figsize=(10, 3), dpi=80)
+    fig.text(
+        0.5,
+        0.5,
+        f"No executions received between {since:%Y-%m-%d %H:%M} and {until:%Y-%m-%d %H:%M}"
+        " UTC\n(widen --since/--until, or check DATABASE_URL)",
+        ha="center",
+        va="center",
+        fontsize=14,
+    )
     fig.savefig(path)
     plt.close(fig)
 
@@ -212,6 +341,8 @@ def _plain_log_ticks(ax: Any) -> None:
 
 
 def _size_text(size: timedelta) -> str:
+    if size < timedelta(minutes=1):
+        return f"{int(size.total_seconds())} s"
     minutes = int(size.total_seconds() // 60)
     if minutes < 60:
         return f"{minutes} min"
