@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -82,10 +81,7 @@ def migrate_main(args: argparse.Namespace) -> int:
             # (and by `execution-worker retention`)
             created = ensure_partitions(conn, MONTHS_AHEAD)
     except psycopg.errors.InsufficientPrivilege:
-        print(
-            f"migrate: {mask_url(url)} is not the schema owner: run migrate as the owner role",
-            file=sys.stderr,
-        )
+        print(f"migrate: {mask_url(url)} is not the schema owner: run migrate as the owner role")
         return 1
     # any other psycopg.Error: one line with its cause and exit code (worker/explain.py)
     if created:
