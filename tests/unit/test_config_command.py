@@ -36,7 +36,24 @@ def test_config_prints_every_setting_with_its_source_and_masks_secrets(
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--version"])
-    assert done.value.code == 0
+    assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("execution-worker ")
+
+
+def test_help_shows_every_option_with_its_environment_variable_and_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["retention", "--help"]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--months-ahead" in shown and "EXECUTION_WORKER_RETENTION_MONTHS_AHEAD" in shown
+    assert "default: 3" in shown
+    assert cli.main(["bridge-serve", "--help"]) == 0
+    assert "MT5_LOGIN" in capsys.readouterr().out
+
+
+def test_an_option_comes_from_its_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("EXECUTION_WORKER_TRAIL_STATUS", "FILED")
+    assert cli.main(["trail", "--since", "1h"]) == 2  # the typo is refused, from the env too
+    assert "FILED" in capsys.readouterr().err
