@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from worker.errors import ExitCode
+from worker.errors import ExitCode, WorkerError
 
 ENV_PREFIX = "EXECUTION_WORKER"
 # an execution row's states: in flight, then the confirmation statuses (schemas/enums.py)
@@ -84,7 +84,7 @@ TIME = TimeType()
 # ----------------------------------------------------------------------------- running
 
 
-class Failed(Exception):
+class Failed(WorkerError):
     """Carries a command's exit code out of click (``standalone_mode=False``)."""
 
     def __init__(self, code: int) -> None:

@@ -3,18 +3,16 @@
 Environment names of the external contract (docs/CONTRACT.md): RABBITMQ_URL, DATABASE_URL,
 MT5_BACKEND, MT5_SESSIONS, MT5_BRIDGE_ADDRESS, MT5_BRIDGE_SECRET, METRICS_PORT, LOG_FORMAT.
 Every other setting has an environment name equal to its field name in upper case
-(``APPROVAL_TTL_SECONDS``...), and may also come from the TOML file named by
-``WORKER_CONFIG`` (the environment wins). Per-symbol tables (pip sizes, spread limits,
-broker symbol names) live in that file.
+(``APPROVAL_TTL_SECONDS``...), ``NAME_FILE`` for a value kept in a file, and may also come
+from the TOML file named by ``WORKER_CONFIG`` (the environment wins). Per-symbol tables (pip
+sizes, spread limits, broker symbol names) live in that file. Reading them is
+pydantic-settings' job (worker/settings_sources.py); this module only declares and checks.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -245,47 +243,22 @@ class Settings(BaseModel):
         return self.symbol_map.get(symbol, symbol)
 
 
-_FILE_ONLY = {"pip_sizes", "spread_limits_pips", "slippage_limits_pips", "symbol_map"}
-
-
-def _from_file(path: str) -> dict[str, Any]:
-    try:
-        with Path(path).open("rb") as handle:
-            data = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"WORKER_CONFIG: cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"WORKER_CONFIG: {path} is not valid TOML: {exc}") from None
-    return data
-
-
-def _secret_from_file(environ: Mapping[str, str], name: str) -> str | None:
-    """``NAME_FILE`` points at a file holding the secret (Docker / Kubernetes secrets)."""
-    file_name = environ.get(f"{name}_FILE")
-    if not file_name:
-        return environ.get(name)
-    try:
-        return Path(file_name).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigError(f"{name}_FILE: cannot read {file_name}: {exc.strerror}") from None
-
-
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Build settings from the environment (and ``WORKER_CONFIG``). Raises ``ConfigError``."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    if env.get("WORKER_CONFIG"):
-        values.update(_from_file(env["WORKER_CONFIG"]))
-    for name in Settings.model_fields:
-        if name in _FILE_ONLY:
-            continue
-        raw = _secret_from_file(env, name.upper())
-        if raw is not None and raw != "":
-            values[name] = raw
+    """Build settings from the environment (``NAME``, ``NAME_FILE``) and the TOML file named
+    by ``WORKER_CONFIG``, with pydantic-settings (worker/settings_sources.py). Raises
+    ``ConfigError`` (one line; never the offending value: it may be a secret)."""
+    from pydantic_settings import SettingsError
+
+    from worker.settings_sources import read_settings
+
     try:
-        return Settings.model_validate(values)
+        return read_settings(environ)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "settings"
-        # never echo the offending value: it may be a secret
         raise ConfigError(f"invalid setting {field.upper()}: {first['msg']}") from None
+    except SettingsError as exc:
+        cause = exc.__cause__
+        field = str(exc).split('"')[1] if '"' in str(exc) else "settings"
+        reason = type(cause).__name__ if cause is not None else "cannot be parsed"
+        raise ConfigError(f"invalid setting {field.upper()}: {reason}") from None

@@ -64,3 +64,43 @@ def test_mask_url_masks_secret_query_parameters() -> None:
     assert masked == "postgresql://u:***@h/db?sslmode=verify-full&sslpassword=***"
     masked = mask_url("amqps://u@h/%2F?ssl_options={'keyfile':'k','password':'xyz'}")
     assert "xyz" not in masked and "'keyfile':'k'" in masked
+
+
+def test_sources_and_their_precedence(tmp_path: pytest.TempPathFactory) -> None:
+    """NAME_FILE > NAME > the WORKER_CONFIG file > the default; empty means unset; the
+    per-symbol tables come from the file only (pydantic-settings, worker/settings_sources.py)."""
+    secret = tmp_path / "url"  # type: ignore[operator]
+    secret.write_text("amqp://u:from-file@mq/%2F\n")
+    config = tmp_path / "worker.toml"  # type: ignore[operator]
+    config.write_text("order_timeout_seconds = 20\nmax_spread_pips = 4.5\n")
+    settings = load_settings(
+        {
+            "RABBITMQ_URL": "amqp://u:from-env@mq/%2F",
+            "RABBITMQ_URL_FILE": str(secret),
+            "WORKER_CONFIG": str(config),
+            "MAX_SPREAD_PIPS": "",  # empty: unset, the file's value stands
+            "SYMBOL_MAP": '{"EURUSD": "X"}',  # a table from the environment: ignored
+            "claim_timeout_seconds": "2",  # names match in any case
+        }
+    )
+    assert settings.rabbitmq_url.get_secret_value() == "amqp://u:from-file@mq/%2F"
+    assert settings.max_spread_pips == 4.5 and settings.order_timeout_seconds == 20.0
+    assert settings.symbol_map == {} and settings.claim_timeout_seconds == 2.0
+    # the drain outlasts a handler, from the values of every source: 2 + 20 + 5 + 30
+    assert settings.drain_timeout_seconds == 57.0
+
+
+def test_a_bad_config_file_is_one_line(tmp_path: pytest.TempPathFactory) -> None:
+    missing = tmp_path / "missing.toml"  # type: ignore[operator]
+    with pytest.raises(ConfigError, match="WORKER_CONFIG: cannot read"):
+        load_settings({"WORKER_CONFIG": str(missing)})
+    broken = tmp_path / "broken.toml"  # type: ignore[operator]
+    broken.write_text("this is = = not toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings({"WORKER_CONFIG": str(broken)})
+    unknown = tmp_path / "unknown.toml"  # type: ignore[operator]
+    unknown.write_text("aproval_ttl_seconds = 5\n")
+    with pytest.raises(ConfigError, match="APROVAL_TTL_SECONDS"):
+        load_settings({"WORKER_CONFIG": str(unknown)})
+    with pytest.raises(ConfigError, match="MT5_BRIDGE_SECRET_FILE: cannot read"):
+        load_settings({"MT5_BRIDGE_SECRET_FILE": str(missing)})
