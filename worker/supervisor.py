@@ -104,9 +104,14 @@ def run_worker(settings: Settings) -> int:
         while thread.is_alive():
             thread.join(0.5)
         code = result[0] if result else 1
-        if runtime.error:
-            print(f"execution-worker run: {runtime.error}", file=sys.stderr)
         log.info("worker stopped (exit %d)", code)
+        if runtime.error:  # the one line, last
+            fix = (
+                " (wrong user, password or vhost in RABBITMQ_URL: fix it; a restart cannot help)"
+                if code == ExitCode.ACCESS_REFUSED
+                else ""
+            )
+            print(f"execution-worker run: {runtime.error}{fix}", file=sys.stderr)
         return code
     finally:
         _on_signals(signal.SIG_DFL)

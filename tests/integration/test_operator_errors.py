@@ -226,3 +226,16 @@ def test_debug_shows_the_traceback(env: dict[str, str]) -> None:
     done = cli("--debug", "trail", "k", env={**env, "DATABASE_URL": url})
     assert done.returncode != 0
     assert "Traceback" in done.stderr
+
+
+def test_demo_names_a_database_error_as_one(env: dict[str, str]) -> None:
+    url = with_database(env["DATABASE_URL"], "ew_no_such_db")
+    done = cli("demo", "--timeout", "5", env={**env, "DATABASE_URL": url})
+    assert_one_line(done, ExitCode.DATABASE_UNREACHABLE, "ew_no_such_db", "does not exist")
+
+
+def test_run_with_a_wrong_broker_password_is_access_refused(env: dict[str, str]) -> None:
+    bad = {**env, "RABBITMQ_URL": with_password(env["RABBITMQ_URL"], "wrong-password")}
+    done = cli("run", env=bad)
+    assert_one_line(done, ExitCode.ACCESS_REFUSED, "RabbitMQ refused access")
+    assert "wrong-password" not in done.stderr
