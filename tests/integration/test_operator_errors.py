@@ -239,3 +239,13 @@ def test_run_with_a_wrong_broker_password_is_access_refused(env: dict[str, str])
     done = cli("run", env=bad)
     assert_one_line(done, ExitCode.ACCESS_REFUSED, "RabbitMQ refused access")
     assert "wrong-password" not in done.stderr
+
+
+def test_demo_without_a_way_to_make_its_vhost_says_what_to_do(env: dict[str, str]) -> None:
+    no_tools = {
+        **env,
+        "PATH": str(Path(sys.executable).parent),  # no rabbitmqctl
+        "RABBITMQ_MANAGEMENT_URL": "http://127.0.0.1:1",  # nothing listens
+    }
+    done = cli("demo", env=no_tools)
+    assert_one_line(done, ExitCode.CONFIG, "vhost of its own", "--vhost-url", "--in-place")

@@ -92,37 +92,48 @@ def _uses_rabbitmqctl(amqp_url: str) -> bool:
 
 
 def create_vhost(amqp_url: str, name: str) -> str:
-    """Create ``name`` and give the user of ``amqp_url`` every permission in it; its URL."""
+    """Create ``name`` and give the user of ``amqp_url`` every permission in it; its URL.
+
+    ``rabbitmqctl`` first for a broker on this machine, else (or when it fails: another
+    user than root or rabbitmq) the management API; IsolationError naming both otherwise."""
     user = unquote(urlsplit(amqp_url).username or "guest")
+    problems: list[str] = []
     if _uses_rabbitmqctl(amqp_url):
-        _rabbitmqctl("add_vhost", name)
-        _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
-    else:
-        vhost = quote(name, safe="")
         try:
-            _management(amqp_url, "PUT", f"/api/vhosts/{vhost}")
-            _management(
-                amqp_url,
-                "PUT",
-                f"/api/permissions/{vhost}/{quote(user, safe='')}",
-                {"configure": ".*", "write": ".*", "read": ".*"},
-            )
-        except (urllib.error.URLError, OSError) as exc:
-            raise IsolationError(
-                f"cannot create a vhost of its own at {mask_url(amqp_url)}: neither rabbitmqctl"
-                f" (for a broker on this machine) nor the management API at"
-                f" {_management_url(amqp_url)} ({getattr(exc, 'reason', exc)}); enable the"
-                " management plugin, set RABBITMQ_MANAGEMENT_URL, or give --vhost-url"
-            ) from None
+            _rabbitmqctl("add_vhost", name)
+            _rabbitmqctl("set_permissions", "-p", name, user, ".*", ".*", ".*")
+            return with_path(amqp_url, "/" + quote(name, safe=""))
+        except (IsolationError, OSError, subprocess.SubprocessError) as exc:
+            problems.append(str(exc))
+    vhost = quote(name, safe="")
+    try:
+        _management(amqp_url, "PUT", f"/api/vhosts/{vhost}")
+        _management(
+            amqp_url,
+            "PUT",
+            f"/api/permissions/{vhost}/{quote(user, safe='')}",
+            {"configure": ".*", "write": ".*", "read": ".*"},
+        )
+    except (urllib.error.URLError, OSError) as exc:
+        problems.append(
+            f"the management API at {_management_url(amqp_url)}: {getattr(exc, 'reason', exc)}"
+        )
+        raise IsolationError(
+            f"cannot create a vhost of its own at {mask_url(amqp_url)} ({'; '.join(problems)});"
+            " enable the management plugin or set RABBITMQ_MANAGEMENT_URL, or give --vhost-url"
+            " (an empty vhost), or --in-place (the vhost of RABBITMQ_URL as it is)"
+        ) from None
     return with_path(amqp_url, "/" + quote(name, safe=""))
 
 
 def delete_vhost(amqp_url: str, name: str) -> None:
-    with contextlib.suppress(IsolationError, OSError, subprocess.SubprocessError):
-        if _uses_rabbitmqctl(amqp_url):
+    """Best effort, the way it was made (rabbitmqctl, else the management API)."""
+    if _uses_rabbitmqctl(amqp_url):
+        with contextlib.suppress(IsolationError, OSError, subprocess.SubprocessError):
             _rabbitmqctl("delete_vhost", name)
-        else:
-            _management(amqp_url, "DELETE", f"/api/vhosts/{quote(name, safe='')}")
+            return
+    with contextlib.suppress(urllib.error.URLError, OSError):
+        _management(amqp_url, "DELETE", f"/api/vhosts/{quote(name, safe='')}")
 
 
 @contextlib.contextmanager
