@@ -86,8 +86,17 @@ def test_no_sessions_is_fatal_for_the_supervisor_not_a_restart_loop(env: dict[st
     assert_one_line(done, ExitCode.CONFIG, "MT5_SESSIONS")
 
 
-def test_an_unknown_log_level(env: dict[str, str]) -> None:
+def test_an_unknown_log_level(tmp_path: Path, env: dict[str, str]) -> None:
     done = cli("run", env={**env, "LOG_LEVEL": "LOUD"})
+    assert_one_line(done, ExitCode.CONFIG, "LOG_LEVEL")
+    done = cli(
+        "sim-terminal",
+        "--state",
+        str(tmp_path / "s.state"),
+        "--port",
+        "0",
+        env={**env, "LOG_LEVEL": "LOUD", "MT5_BRIDGE_SECRET": "s3"},
+    )
     assert_one_line(done, ExitCode.CONFIG, "LOG_LEVEL")
 
 

@@ -129,13 +129,19 @@ def _serve_metrics(args: argparse.Namespace, metrics: BridgeMetrics) -> None:
     print(f"metrics on {bound_host}:{bound_port}", flush=True)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def _configure_logging(environ: Mapping[str, str]) -> None:
     from worker.observability.logs import configure_logging
 
-    log_format = environ.get("LOG_FORMAT", "json")
-    configure_logging(
-        "console" if log_format == "console" else "json", environ.get("LOG_LEVEL", "INFO")
-    )
+    log_format = environ.get("LOG_FORMAT", "json") or "json"
+    if log_format not in ("json", "console"):
+        raise ConfigError("invalid setting LOG_FORMAT: give json or console")
+    level = (environ.get("LOG_LEVEL") or "INFO").strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"invalid setting LOG_LEVEL: give one of {', '.join(LOG_LEVELS)}")
+    configure_logging("console" if log_format == "console" else "json", level)
 
 
 def _serve_until_signalled(
