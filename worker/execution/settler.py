@@ -59,7 +59,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIRST_LOOK_SECONDS = 0.1  # a waiting execution is looked at again after this ...
-MAX_LOOK_SECONDS = 0.5  # ... doubling up to this
+# ... every round for this long after its send (the deals of most servers show within it: a
+# drain's last fills wait on them, and one window per round serves every execution) ...
+STEADY_LOOK_SECONDS = 1.0
+MAX_LOOK_SECONDS = 0.5  # ... then doubling up to this
 FIRST_CHECK_SECONDS = 1.0  # a reply-settled fill's deals are first looked for after this
 # a round takes every execution due within this much: rounds are batched, each borrows a
 # session (exclusive, across processes too) that handlers would otherwise have
@@ -112,10 +115,12 @@ class Waiter:
 
     def later(self, now: float) -> None:
         """Look again after a backoff."""
-        cap = MAX_CHECK_SECONDS if self.awaited.verify else MAX_LOOK_SECONDS
         self.due = now + self.delay
-        self.delay = min(self.delay * 2, cap)
         self.looks += 1
+        if self.awaited.verify:
+            self.delay = min(self.delay * 2, MAX_CHECK_SECONDS)
+        elif now >= self.awaited.since + STEADY_LOOK_SECONDS:
+            self.delay = min(self.delay * 2, MAX_LOOK_SECONDS)
 
 
 class Settler:
