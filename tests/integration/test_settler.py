@@ -115,6 +115,29 @@ def test_a_reply_naming_its_deal_is_settled_without_reading_history(env: Pipelin
     assert env.row(_id(message))["confirmation_version"] == 1
 
 
+def test_fills_settled_from_replies_over_a_second_are_checked_in_one_or_two_windows(
+    env: PipelineEnv,
+) -> None:
+    """Checks fall due on a grid: the fills of a second share a window (each window reads the
+    account's history around them), instead of one window per round."""
+    env.sim.set_faults(deal_zero_rate=0.0)
+    read = env.sim.history_deals_get
+    windows: list[int] = []
+
+    def history_deals_get(*args: Any, **kwargs: Any) -> Any:
+        windows.append(1)
+        return read(*args, **kwargs)
+
+    env.sim.history_deals_get = history_deals_get  # type: ignore[method-assign]
+    messages = [approval("EURUSD", 1, 100_000.0) for _ in range(4)]
+    for message in messages:  # handed over 0.3 s apart: four rounds' worth of batches
+        assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+        time.sleep(0.3)
+    for message in messages:
+        _rounds_until_checked(env, _id(message))
+    assert 1 <= len(windows) <= 2, len(windows)
+
+
 def test_a_reply_its_deals_contradict_is_corrected(env: PipelineEnv) -> None:
     env.sim.set_faults(deal_zero_rate=0.0)
     send = env.sim.order_send

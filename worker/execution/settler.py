@@ -29,6 +29,7 @@ answers the recorded confirmation), and the slippage close's stage is a test-and
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -68,6 +69,9 @@ FIRST_CHECK_SECONDS = 1.0  # a reply-settled fill's deals are first looked for a
 # session (exclusive, across processes too) that handlers would otherwise have
 ROUND_BATCH_SECONDS = 0.1
 MAX_CHECK_SECONDS = 5.0
+# checks fall due on a grid of this: the fills of a second are checked in one round (one
+# window) instead of one round per ROUND_BATCH_SECONDS, the windows being most of their cost
+CHECK_GRID_SECONDS = 1.0
 CHECK_WINDOW_SECONDS = 600.0  # then a fill whose deals never showed is left unverified
 SCAN_SECONDS = 5.0  # the database is scanned for rows nobody here settles this often
 CLAIM_SECONDS = 0.5  # how long a round waits for a session of an account (then later)
@@ -113,9 +117,16 @@ class Waiter:
         if self.awaited.verify and self.delay == FIRST_LOOK_SECONDS:
             self.delay = FIRST_CHECK_SECONDS  # its deals lag the reply: look a little later
 
+    def schedule(self, now: float) -> None:
+        """Fall due after the current delay (a check: on the check grid)."""
+        due = now + self.delay
+        if self.awaited.verify:
+            due = math.ceil(due / CHECK_GRID_SECONDS) * CHECK_GRID_SECONDS
+        self.due = due
+
     def later(self, now: float) -> None:
         """Look again after a backoff."""
-        self.due = now + self.delay
+        self.schedule(now)
         self.looks += 1
         if self.awaited.verify:
             self.delay = min(self.delay * 2, MAX_CHECK_SECONDS)
@@ -162,7 +173,7 @@ class Settler:
         if not self._can_settle(waiter):
             return False
         with self._lock:  # a hand-over again (a redelivery) starts it anew
-            waiter.due = self._clock() + waiter.delay  # the history lags the reply
+            waiter.schedule(self._clock())  # the history lags the reply
             self._waiting[waiter.execution_id] = waiter
         self.start()  # whoever hands it work gets it settled, wired by a service or not
         self._wake.set()
