@@ -156,6 +156,8 @@ class SimSymbol:
     # ORDER_FILLING_* values answered 10030 although filling_mode advertises them
     refused_fillings: tuple[int, ...] = ()
     exchange_fill_delay_seconds: float = 0.5  # RETURN orders on exchange execution fill after
+    trade_stops_level: int = 0  # points: closest SL/TP to the price (symbol_info)
+    trade_freeze_level: int = 0  # points: no modification this close to the price
 
     @property
     def point(self) -> float:
@@ -217,6 +219,7 @@ class SimAccount:
     balance: float = 100_000.0
     leverage: int = 100
     margin_mode: int = api.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING
+    trade_mode: int = api.ACCOUNT_TRADE_MODE_DEMO  # 0 demo, 1 contest, 2 real
     trade_allowed: bool = True
     trade_expert: bool = True
     password: str | None = field(default=None, repr=False)  # None: any password is accepted
