@@ -397,9 +397,17 @@ class SimConfig:
 
         A ``symbols.NAME`` table for a default symbol overrides some of its fields; for a new
         symbol it must give at least ``digits``, ``contract_size`` and ``base_price``.
+        A broker profile written by ``execution-worker probe`` is replayed instead
+        (:mod:`worker.mt5.sim.replay`).
         """
         with Path(path).open("rb") as handle:
             data = tomllib.load(handle)
+        from worker.mt5.profile.toml import is_profile, profile_from_mapping
+
+        if is_profile(data):
+            from worker.mt5.sim.replay import replay
+
+            return replay(profile_from_mapping(data))
         return cls.from_mapping(data)
 
     @classmethod
