@@ -85,14 +85,17 @@ def _accepted_fillings(
 
 
 def read_symbol(
-    terminal: api.Terminal, name: str, canonical: str | None, server_now_ms: int
+    terminal: api.Terminal, name: str, canonical: str | None, server_now_ms: int | None
 ) -> SymbolRead | None:
+    """``server_now_ms`` None (the server clock is unknown): no tick is proven fresh."""
     terminal.symbol_select(name, True)
     info = terminal.symbol_info(name)
     if info is None:
         return None
     tick = terminal.symbol_info_tick(name)
-    age = (server_now_ms - tick.time_msc) / 1000.0 if tick is not None and tick.time_msc else None
+    age: float | None = None
+    if tick is not None and tick.time_msc and server_now_ms is not None:
+        age = max(0.0, (server_now_ms - tick.time_msc) / 1000.0)
     tradable = info.trade_mode != api.SYMBOL_TRADE_MODE_DISABLED
     market_open = tradable and age is not None and age < FRESH_TICK_SECONDS
     accepted = _accepted_fillings(terminal, info, tick) if market_open and tick else None

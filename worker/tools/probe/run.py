@@ -115,7 +115,7 @@ def probe(
     offset_ms = clock.server_utc_offset_seconds * 1000 if clock else None
     reads: dict[str, SymbolRead] = {}
     for canonical, name in naming.symbol_map.items():
-        server_now = int(utc_clock() * 1000) + offset_ms if offset_ms is not None else 0
+        server_now = int(utc_clock() * 1000) + offset_ms if offset_ms is not None else None
         read = read_symbol(terminal, name, canonical, server_now)
         if read is not None:
             reads[name] = read
