@@ -270,3 +270,36 @@ def test_one_broker_profile_per_account(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="several accounts"):
         broker_profiles([spec("a", None), spec("b", None)], {"BROKER_PROFILE": "x.toml"})
     assert broker_profiles([spec("a", None)], {"BROKER_PROFILE": "x.toml"}) == {"a": "x.toml"}
+
+
+def test_a_worker_with_broker_profile_maps_symbols_and_runs_the_profiles_clock(
+    tmp_path: Path,
+) -> None:
+    from worker.mt5.profile.model import ClockProfile
+    from worker.mt5.sessions import load_session_specs
+    from worker.service import gateway_factory, with_broker_profiles
+
+    fixed = ClockProfile(
+        server_utc_offset_seconds=18000,
+        server_timezone="UTC+5",
+        rule_basis="fixed",
+        measured_from_symbol="EURUSD.a",
+        tick_samples=3,
+    )
+    path = tmp_path / "broker.toml"
+    write_profile(_profile(clock=fixed), path)
+    settings = _settings()
+    specs = load_session_specs(settings, {"BROKER_PROFILE": str(path)})
+    completed, profiles = with_broker_profiles(settings, specs)
+    assert completed.broker_symbol_for("EURUSD") == "EURUSD.a"
+    gateway = gateway_factory(completed, profiles)(_sim(), specs[0])
+    assert gateway.server_offset_seconds == 18000
+    # a configured clock that the profile contradicts stops the worker before it starts
+    with pytest.raises(ConfigError, match="server clock is configured"):
+        with_broker_profiles(_settings(server_utc_offset_seconds=7200), specs)
+
+
+def _sim() -> api.Terminal:
+    from worker.mt5.sim.terminal import SimTerminal
+
+    return SimTerminal()
