@@ -72,6 +72,12 @@ def summary(profile: BrokerProfile, naming: Naming) -> list[str]:
     if behaviour is None:
         lines.append(f"- no round trips ({profile.probe.trades_skipped_reason})")
         return lines
+    traded = profile.probe.trade_symbol or ""
+    lots = profile.symbols[traded].volume_min_lots if traded in profile.symbols else 0.0
+    lines.append(
+        f"- {profile.probe.round_trips} round trips of {lots:g} lots on {traded}, each closed "
+        "and verified closed"
+    )
     lines.append("- " + _comments(behaviour.comment_chars_kept, behaviour.comment_rewritten_to))
     if not behaviour.magic_63_bit_kept:
         lines.append(
