@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from worker.errors import WorkerError
 from worker.mt5.profile.model import BrokerProfile
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -25,8 +26,9 @@ HEADER = (
 )
 
 
-class ProfileError(ValueError):
-    """A profile file that cannot be read or does not fit the schema (one line)."""
+class ProfileError(WorkerError, ValueError):
+    """A profile file that cannot be read or does not fit the schema (one line; a
+    ValueError too, as the simulator's configuration errors are)."""
 
 
 def _key(name: str) -> str:

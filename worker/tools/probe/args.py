@@ -22,7 +22,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--round-trips",
         type=int,
         default=10,
-        help="open/close round trips of the minimum volume (default 10; 0: reads only)",
+        help="open/close round trips of the minimum volume (default 10; 0: like --reads-only)",
     )
     parser.add_argument("--trade-symbol", help="trade this symbol (default: the first open one)")
     parser.add_argument("--reads-only", action="store_true", help="read, never trade")

@@ -124,8 +124,8 @@ def probe(
     skipped: str | None = None
     leftovers = 0
     chosen: SymbolRead | None = None
-    if options.reads_only:
-        skipped = "--reads-only"
+    if options.reads_only or options.round_trips <= 0:
+        skipped = "--reads-only" if options.reads_only else "--round-trips 0"
     else:
         may_trade(account, allow_real=options.allow_real, confirm=options.confirm)
         leftovers = close_leftovers(terminal, queries, wait_seconds=options.wait_seconds)
