@@ -285,3 +285,25 @@ def test_kill_9_mid_probe_then_a_rerun_leaves_no_open_position(tmp_path: Path) -
         watcher.shutdown()
         terminal.kill()
     assert not (tmp_path / "p.toml").exists()  # the killed run wrote nothing
+
+
+def test_on_a_netting_account_the_probe_never_touches_someone_elses_position() -> None:
+    netting = SimAccount(margin_mode=api.ACCOUNT_MARGIN_MODE_RETAIL_NETTING)
+    config = replace(broker_config(deal_lag_ms=0.0, deal_lag_jitter_ms=0.0), account=netting)
+    sim = SimTerminal(config, clock=clock_at(WINTER))
+    assert sim.initialize()
+    tick = sim.symbol_info_tick("EURUSD.a")
+    assert tick is not None
+    desk = sim.order_send(
+        {"action": api.TRADE_ACTION_DEAL, "symbol": "EURUSD.a", "volume": 0.3,
+         "type": api.ORDER_TYPE_BUY, "price": tick.ask, "deviation": 20, "magic": 26112501,
+         "type_filling": api.ORDER_FILLING_FOK}
+    )  # fmt: skip
+    assert desk is not None and desk.retcode == api.TRADE_RETCODE_DONE
+    profile = _probe(sim, WINTER, round_trips=2)
+    assert profile.probe.trade_symbol == "GBPUSD.a"  # EURUSD.a holds the desk's position
+    assert profile.behaviour is not None and profile.behaviour.position_ticket_differs is None
+    positions = None
+    while positions is None:  # the hardened server answers None now and then
+        positions = sim.positions_get()
+    assert [(p.symbol, p.volume, p.magic) for p in positions] == [("EURUSD.a", 0.3, 26112501)]

@@ -136,7 +136,7 @@ def _refusals(symbols: dict[str, SimSymbol], profile: BrokerProfile, by_exemode:
         symbols[name] = replace(symbol, refused_fillings=tuple(sorted(allowed - accepted)))
 
 
-def _faults(profile: BrokerProfile, base: SimConfig, by_exemode: bool) -> dict[str, Any]:
+def _faults(profile: BrokerProfile, by_exemode: bool) -> dict[str, Any]:
     changes: dict[str, Any] = {
         "fifo_close": profile.account.fifo_close,
         "filling_by_exemode": by_exemode,
@@ -182,7 +182,7 @@ def replay(profile: BrokerProfile, base: SimConfig | None = None) -> SimConfig:
     offset = base.server_utc_offset_seconds
     if profile.clock is not None:
         offset = _parse_rule(profile.clock.server_timezone)[0]
-    faults = replace(base.faults, **_faults(profile, base, by_exemode))
+    faults = replace(base.faults, **_faults(profile, by_exemode))
     return replace(
         base,
         account=_account(profile, base.account),

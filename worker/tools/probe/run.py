@@ -80,10 +80,16 @@ def _why_not(account: AccountProfile) -> str | None:
     return None
 
 
-def _trade_symbol(reads: dict[str, SymbolRead], options: ProbeOptions) -> SymbolRead | None:
+def _trade_symbol(
+    reads: dict[str, SymbolRead], options: ProbeOptions, busy: set[str]
+) -> SymbolRead | None:
+    """The first open, fully tradable symbol (``busy``: never one holding a position of
+    someone else on a netting account: a probe order would change it)."""
     wanted = options.trade_symbol
     for name, read in reads.items():
         if wanted is not None and wanted not in (name, read.profile.canonical):
+            continue
+        if name in busy:
             continue
         if read.profile.market_open and read.profile.trade_mode == "full":
             return read
@@ -129,8 +135,13 @@ def probe(
     else:
         may_trade(account, allow_real=options.allow_real, confirm=options.confirm)
         leftovers = close_leftovers(terminal, queries, wait_seconds=options.wait_seconds)
-        chosen = _trade_symbol(reads, options)
-        skipped = _why_not(account) or (None if chosen else "no symbol's market is open")
+        busy: set[str] = set()
+        if account.margin_mode != "hedging":
+            busy = {position.symbol for position in queries.positions()}
+        chosen = _trade_symbol(reads, options, busy)
+        skipped = _why_not(account) or (
+            None if chosen else "no open symbol without a position of someone else"
+        )
     if skipped is None and chosen is not None:
         trader = Trader(
             terminal,
