@@ -62,6 +62,7 @@ def _sim_terminal_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", required=True, help="file holding the broker state")
     parser.add_argument("--dump", action="store_true", help="print every deal as JSON lines")
     parser.add_argument("--config", help="TOML file of simulator settings and fault knobs")
+    parser.add_argument("--profile", help="replay a broker profile written by `probe`")
     _bridge_security_args(parser)
 
 
@@ -249,6 +250,12 @@ COMMANDS: tuple[Command, ...] = (
         "create partitions ahead; detach, archive and drop months older than a cutoff",
         "worker.tools.retention:main",
         _retention_args,
+    ),
+    Command(
+        "probe",
+        "measure a broker account (trades only on demo/contest) and write its profile",
+        "worker.tools.probe.main:main",
+        lambda parser: importlib.import_module("worker.tools.probe.args").configure(parser),
     ),
 )
 
