@@ -27,6 +27,7 @@ from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from tests.simbooks import broker_deals
 from worker.execution.outcome import Delivery, Publish, Requeue, Settling
+from worker.execution.settler import Settler
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
@@ -82,11 +83,16 @@ def _corrected(env: PipelineEnv, seconds: float = 5.0) -> Publish:
         time.sleep(0.1)
 
 
+def _deal_check(env: PipelineEnv, execution_id: str) -> dict[str, Any] | None:
+    with env.store.connection() as conn:
+        return env.store.deal_check(conn, uuid.UUID(execution_id))
+
+
 def _rounds_until_checked(env: PipelineEnv, execution_id: str, seconds: float = 10.0) -> None:
-    """Run the settler's rounds until the row has nothing left to check."""
+    """Run the settler's rounds until the execution has no deal check left."""
     deadline = time.monotonic() + seconds
-    while env.row(execution_id)["settling"] is not None:
-        assert time.monotonic() < deadline, env.row(execution_id)["settling"]
+    while _deal_check(env, execution_id) is not None:
+        assert time.monotonic() < deadline, _deal_check(env, execution_id)
         time.sleep(min(env.pipeline.settler.round(), 0.1))
 
 
@@ -106,7 +112,9 @@ def test_a_reply_naming_its_deal_is_settled_without_reading_history(env: Pipelin
     (deal,) = broker_deals(env.sim)
     assert document["status"] == "FILLED" and document["broker_deals"] == [deal.ticket]
     assert document["fill_price"] == pytest.approx(deal.price)
-    assert env.row(_id(message))["settling"]["verify"] is True  # its deals are checked later
+    check = _deal_check(env, _id(message))
+    assert check is not None and check["verify"] is True  # its deals are checked later
+    assert env.row(_id(message))["settling"] is None  # the final row is not written again
 
     agreed = _checks("agreed")
     _rounds_until_checked(env, _id(message))
@@ -246,3 +254,25 @@ def _delivery(message: dict[str, Any]) -> Delivery:
         delivery_count=None,
         received_at=datetime.now(UTC),
     )
+
+
+def test_a_deal_check_a_killed_worker_owed_is_taken_over_and_done(env: PipelineEnv) -> None:
+    """The deal check lives in the database (``deal_checks``), not in the worker that owed
+    it: another settler finds it (the scan) and checks the deals."""
+    env.sim.set_faults(deal_zero_rate=0.0)
+    message = approval("EURUSD", 1, 100_000.0)
+    assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+    env.pipeline.settler.stop()  # the worker that owed the check is gone
+    assert _deal_check(env, _id(message)) is not None
+    with env.store.connection() as conn:  # ... for longer than a live worker would leave it
+        conn.execute("UPDATE execution.deal_checks SET created_at = now() - interval '1 hour'")
+
+    successor = Settler(env.pipeline)
+    agreed = _checks("agreed")
+    assert successor.scan() == 1
+    deadline = time.monotonic() + 10.0
+    while _deal_check(env, _id(message)) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(min(successor.round(), 0.1))
+    assert _checks("agreed") == agreed + 1
+    successor.stop()
