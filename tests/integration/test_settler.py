@@ -276,3 +276,35 @@ def test_a_deal_check_a_killed_worker_owed_is_taken_over_and_done(env: PipelineE
         time.sleep(min(successor.round(), 0.1))
     assert _checks("agreed") == agreed + 1
     successor.stop()
+
+
+def test_hand_overs_wake_the_settler_only_when_they_fall_due_before_its_next_round(
+    env: PipelineEnv,
+) -> None:
+    """A round goes through every waiting execution: one per hand-over made the settler's
+    work grow with the square of the rate. Checks due at the next grid second do not wake
+    it; an execution due sooner (its deals lag a deal-0 reply) does, and is settled."""
+    settler = env.pipeline.settler
+    rounds: list[float] = []
+    run_round = settler.round
+
+    def counted() -> float:
+        rounds.append(time.monotonic())
+        return run_round()
+
+    settler.round = counted  # type: ignore[method-assign]
+    env.sim.set_faults(deal_zero_rate=0.0)
+    first = approval("EURUSD", 1, 100_000.0)
+    assert _doc(env.pipeline.handle(_delivery(first)))["status"] == "FILLED"
+    time.sleep(0.05)  # the settler's thread has started and sleeps until the check is due
+    before = len(rounds)
+    for _ in range(10):
+        message = approval("EURUSD", 1, 100_000.0)
+        assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+    assert len(rounds) - before <= 2, len(rounds) - before
+
+    env.sim.set_faults(deal_zero_rate=1.0)  # the reply names no deal: the settler decides
+    late = approval("EURUSD", 1, 100_000.0)
+    assert isinstance(env.pipeline.handle(_delivery(late)), Settling)
+    settled = settler.wait_for(uuid.UUID(_id(late)), 10.0)
+    assert _doc(settled)["status"] == "FILLED"

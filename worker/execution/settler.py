@@ -149,6 +149,9 @@ class Settler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_scan = 0.0
+        # when the thread means to run its next round (inf while it runs one: a hand-over
+        # then wakes it again, as the round may have missed it)
+        self._next_round = math.inf
         self._round_lock = threading.Lock()  # one round at a time (the thread, wait_for)
         self._published = threading.Condition()
         self._recent: OrderedDict[UUID, Publish] = OrderedDict()  # for wait_for
@@ -175,8 +178,12 @@ class Settler:
         with self._lock:  # a hand-over again (a redelivery) starts it anew
             waiter.schedule(self._clock())  # the history lags the reply
             self._waiting[waiter.execution_id] = waiter
+            # the thread is woken only if its next round comes too late for this one: a
+            # round per hand-over went through every waiting execution (hundreds) each time
+            wake = waiter.due < self._next_round - ROUND_BATCH_SECONDS / 2
         self.start()  # whoever hands it work gets it settled, wired by a service or not
-        self._wake.set()
+        if wake:
+            self._wake.set()
         return True
 
     @property
@@ -201,8 +208,13 @@ class Settler:
             except Exception:
                 log.exception("settler round failed; trying again")
                 pause = MAX_LOOK_SECONDS
-            self._wake.wait(min(pause, SCAN_SECONDS))
+            pause = min(pause, SCAN_SECONDS)
+            with self._lock:
+                self._next_round = self._clock() + pause
+            self._wake.wait(pause)
             self._wake.clear()
+            with self._lock:
+                self._next_round = math.inf
 
     def scan(self) -> int:
         """Take over the rows nobody settles (a killed worker's): ``settling`` set and
