@@ -272,6 +272,7 @@ def _bridge_security(function: Callable[..., Any]) -> Callable[..., Any]:
 @option("--state", required=True, help="file holding the broker state")
 @option("--dump", is_flag=True, help="print every deal as JSON lines")
 @option("--config", help="TOML file of simulator settings and fault knobs")
+@option("--profile", help="replay a broker profile written by `probe`")
 @_bridge_security
 def sim_terminal(**values: Any) -> None:
     _run("sim-terminal", "worker.mt5.bridge.serve:sim_terminal_main", **values)
@@ -362,6 +363,42 @@ def report(**values: Any) -> None:
 )
 def retention(**values: Any) -> None:
     _run("retention", "worker.tools.retention:main", **values)
+
+
+@group.command(help="measure a broker account (trades only on demo/contest) and write its profile")
+@option(
+    "--account",
+    metavar="ALIAS",
+    help="the account to probe: its name in MT5_SESSIONS (or a session id); optional with one"
+    " account",
+)
+@option(
+    "--symbols",
+    help="canonical (RPM) names to map and read, comma-separated (default"
+    " EURUSD,GBPUSD,USDJPY,XAUUSD and the [symbol_map] names)",
+)
+@option("--out", required=True, metavar="PROFILE.toml", help="profile to write")
+@option(
+    "--round-trips",
+    type=click.IntRange(min=0),
+    default=10,
+    help="open/close round trips of the minimum volume (0: like --reads-only)",
+)
+@option("--trade-symbol", help="trade this symbol (default: the first open one)")
+@option("--reads-only", is_flag=True, help="read, never trade")
+@option(
+    "--allow-real",
+    is_flag=True,
+    help="allow round trips on a REAL account (asks for the account number, typed)",
+)
+@option(
+    "--wait-seconds",
+    type=float,
+    default=10.0,
+    help="how long to wait for a deal or a position to show",
+)
+def probe(**values: Any) -> None:
+    _run("probe", "worker.tools.probe.main:main", **values)
 
 
 @group.group("dead-letters", help="list, show, replay or purge execution.requests.dead")

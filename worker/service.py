@@ -16,7 +16,9 @@ from worker.execution.outcome import Handler, Outbox, Outcome, Publish, Settling
 from worker.execution.pipeline import Pipeline
 from worker.mt5.api import Terminal
 from worker.mt5.gateway import Gateway
-from worker.mt5.sessions import SessionSpec, load_session_specs
+from worker.mt5.gateway.clock import TimezoneRule
+from worker.mt5.profile.use import AccountProfiles, check_profiles
+from worker.mt5.sessions import SessionSpec, accounts_of, broker_profiles, load_session_specs
 from worker.observability import metrics
 from worker.pool.pool import SessionPool
 from worker.store.store import ExecutionRow, Store
@@ -28,20 +30,40 @@ RECOVERY_INTERVAL_SECONDS = 60.0
 UNKNOWN_POLL_SECONDS = 5.0
 
 
-def gateway_factory(settings: Settings) -> Callable[[Terminal, SessionSpec], Gateway]:
+def gateway_factory(
+    settings: Settings, profiles: AccountProfiles | None = None
+) -> Callable[[Terminal, SessionSpec], Gateway]:
+    """Gateways with the settings' server clock, else the account's broker profile's rule."""
+
     def build(terminal: Terminal, spec: SessionSpec) -> Gateway:
-        del spec
+        timezone: str | TimezoneRule | None = settings.server_timezone
+        if timezone is None and settings.server_utc_offset_seconds is None and profiles:
+            timezone = profiles.timezone_for(spec.account)
         return Gateway(
             terminal,
             magic=settings.magic,
             pip_sizes=settings.pip_sizes,
             max_tick_age_seconds=settings.max_tick_age_seconds,
             server_utc_offset_seconds=settings.server_utc_offset_seconds,
-            server_timezone=settings.server_timezone,
+            server_timezone=timezone,
             max_attempts=settings.max_send_attempts,
         )
 
     return build
+
+
+def with_broker_profiles(
+    settings: Settings, specs: list[SessionSpec]
+) -> tuple[Settings, AccountProfiles]:
+    """Settings completed by the accounts' broker profiles (symbol mapping); raises
+    ConfigError when a profile contradicts them (worker/mt5/profile/use.py)."""
+    profiles = check_profiles(settings, broker_profiles(specs), accounts_of(specs))
+    for warning in profiles.warnings:
+        log.warning("broker profile: %s", warning)
+    if not profiles.by_account:
+        return settings, profiles
+    completed = settings.model_copy(update={"symbol_map": profiles.symbol_map(settings)})
+    return completed, profiles
 
 
 @dataclass
@@ -55,6 +77,7 @@ class Service:
     @classmethod
     def start(cls, settings: Settings, *, recover: bool = True) -> Service:
         specs = load_session_specs(settings)
+        settings, profiles = with_broker_profiles(settings, specs)
         store = Store.open(
             settings.database_url.get_secret_value(),
             max_size=max(settings.db_pool_size, 2 * len(specs) + 4),
@@ -65,7 +88,7 @@ class Service:
             pool = SessionPool(
                 specs,
                 store.pool,
-                gateway_factory(settings),
+                gateway_factory(settings, profiles),
                 linger_seconds=settings.session_linger_seconds,
             )
         except Exception:

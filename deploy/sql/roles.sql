@@ -94,6 +94,11 @@ SELECT to_regclass('execution.executions') IS NOT NULL AS migrated \gset
 \if :migrated
 GRANT UPDATE ON execution.executions TO :"worker_role";
 GRANT UPDATE (published_at, attempts, next_attempt_at) ON execution.outbox TO :"worker_role";
+SELECT to_regclass('execution.deal_checks') IS NOT NULL AS deal_checks \gset
+\if :deal_checks
+-- the settler deletes a deal check once the deals agreed (migration 0008)
+GRANT DELETE ON execution.deal_checks TO :"worker_role";
+\endif
 REVOKE UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER
   ON execution.execution_events, execution.schema_migrations FROM :"worker_role";
 REVOKE DELETE, TRUNCATE, REFERENCES, TRIGGER

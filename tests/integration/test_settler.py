@@ -27,6 +27,7 @@ from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from tests.simbooks import broker_deals
 from worker.execution.outcome import Delivery, Publish, Requeue, Settling
+from worker.execution.settler import Settler
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
 
 RICH = SimConfig(account=SimAccount(balance=10_000_000.0))
@@ -82,11 +83,16 @@ def _corrected(env: PipelineEnv, seconds: float = 5.0) -> Publish:
         time.sleep(0.1)
 
 
+def _deal_check(env: PipelineEnv, execution_id: str) -> dict[str, Any] | None:
+    with env.store.connection() as conn:
+        return env.store.deal_check(conn, uuid.UUID(execution_id))
+
+
 def _rounds_until_checked(env: PipelineEnv, execution_id: str, seconds: float = 10.0) -> None:
-    """Run the settler's rounds until the row has nothing left to check."""
+    """Run the settler's rounds until the execution has no deal check left."""
     deadline = time.monotonic() + seconds
-    while env.row(execution_id)["settling"] is not None:
-        assert time.monotonic() < deadline, env.row(execution_id)["settling"]
+    while _deal_check(env, execution_id) is not None:
+        assert time.monotonic() < deadline, _deal_check(env, execution_id)
         time.sleep(min(env.pipeline.settler.round(), 0.1))
 
 
@@ -106,13 +112,38 @@ def test_a_reply_naming_its_deal_is_settled_without_reading_history(env: Pipelin
     (deal,) = broker_deals(env.sim)
     assert document["status"] == "FILLED" and document["broker_deals"] == [deal.ticket]
     assert document["fill_price"] == pytest.approx(deal.price)
-    assert env.row(_id(message))["settling"]["verify"] is True  # its deals are checked later
+    check = _deal_check(env, _id(message))
+    assert check is not None and check["verify"] is True  # its deals are checked later
+    assert env.row(_id(message))["settling"] is None  # the final row is not written again
 
     agreed = _checks("agreed")
     _rounds_until_checked(env, _id(message))
     assert asked  # the settler read the account's deals ...
     assert _checks("agreed") == agreed + 1  # ... and they agreed: nothing published
     assert env.row(_id(message))["confirmation_version"] == 1
+
+
+def test_fills_settled_from_replies_over_a_second_are_checked_in_one_or_two_windows(
+    env: PipelineEnv,
+) -> None:
+    """Checks fall due on a grid: the fills of a second share a window (each window reads the
+    account's history around them), instead of one window per round."""
+    env.sim.set_faults(deal_zero_rate=0.0)
+    read = env.sim.history_deals_get
+    windows: list[int] = []
+
+    def history_deals_get(*args: Any, **kwargs: Any) -> Any:
+        windows.append(1)
+        return read(*args, **kwargs)
+
+    env.sim.history_deals_get = history_deals_get  # type: ignore[method-assign]
+    messages = [approval("EURUSD", 1, 100_000.0) for _ in range(4)]
+    for message in messages:  # handed over 0.3 s apart: four rounds' worth of batches
+        assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+        time.sleep(0.3)
+    for message in messages:
+        _rounds_until_checked(env, _id(message))
+    assert 1 <= len(windows) <= 2, len(windows)
 
 
 def test_a_reply_its_deals_contradict_is_corrected(env: PipelineEnv) -> None:
@@ -223,3 +254,57 @@ def _delivery(message: dict[str, Any]) -> Delivery:
         delivery_count=None,
         received_at=datetime.now(UTC),
     )
+
+
+def test_a_deal_check_a_killed_worker_owed_is_taken_over_and_done(env: PipelineEnv) -> None:
+    """The deal check lives in the database (``deal_checks``), not in the worker that owed
+    it: another settler finds it (the scan) and checks the deals."""
+    env.sim.set_faults(deal_zero_rate=0.0)
+    message = approval("EURUSD", 1, 100_000.0)
+    assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+    env.pipeline.settler.stop()  # the worker that owed the check is gone
+    assert _deal_check(env, _id(message)) is not None
+    with env.store.connection() as conn:  # ... for longer than a live worker would leave it
+        conn.execute("UPDATE execution.deal_checks SET created_at = now() - interval '1 hour'")
+
+    successor = Settler(env.pipeline)
+    agreed = _checks("agreed")
+    assert successor.scan() == 1
+    deadline = time.monotonic() + 10.0
+    while _deal_check(env, _id(message)) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(min(successor.round(), 0.1))
+    assert _checks("agreed") == agreed + 1
+    successor.stop()
+
+
+def test_hand_overs_wake_the_settler_only_when_they_fall_due_before_its_next_round(
+    env: PipelineEnv,
+) -> None:
+    """A round goes through every waiting execution: one per hand-over made the settler's
+    work grow with the square of the rate. Checks due at the next grid second do not wake
+    it; an execution due sooner (its deals lag a deal-0 reply) does, and is settled."""
+    settler = env.pipeline.settler
+    rounds: list[float] = []
+    run_round = settler.round
+
+    def counted() -> float:
+        rounds.append(time.monotonic())
+        return run_round()
+
+    settler.round = counted  # type: ignore[method-assign]
+    env.sim.set_faults(deal_zero_rate=0.0)
+    first = approval("EURUSD", 1, 100_000.0)
+    assert _doc(env.pipeline.handle(_delivery(first)))["status"] == "FILLED"
+    time.sleep(0.05)  # the settler's thread has started and sleeps until the check is due
+    before = len(rounds)
+    for _ in range(10):
+        message = approval("EURUSD", 1, 100_000.0)
+        assert _doc(env.pipeline.handle(_delivery(message)))["status"] == "FILLED"
+    assert len(rounds) - before <= 2, len(rounds) - before
+
+    env.sim.set_faults(deal_zero_rate=1.0)  # the reply names no deal: the settler decides
+    late = approval("EURUSD", 1, 100_000.0)
+    assert isinstance(env.pipeline.handle(_delivery(late)), Settling)
+    settled = settler.wait_for(uuid.UUID(_id(late)), 10.0)
+    assert _doc(settled)["status"] == "FILLED"

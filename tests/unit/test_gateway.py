@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,6 +15,8 @@ from worker.mt5 import api
 from worker.mt5.gateway import (
     Gateway,
     GatewayRejection,
+    HistoryWindow,
+    OrderIdentity,
     SessionLost,
     Side,
     classify_retcode,
@@ -456,3 +459,43 @@ def test_a_tick_too_old_to_learn_the_server_clock_is_stale_not_a_crash(h: Harnes
     with pytest.raises(GatewayRejection) as stale:
         later.snapshot(later.symbol_spec("EURUSD"))
     assert stale.value.reason is RejectionReason.STALE_TICK
+
+
+def test_a_history_window_gives_each_execution_its_own_items_only() -> None:
+    """One window serves every execution of a round: each gets its orders and deals (by
+    magic, the comment naming it or cut), never another's or another symbol's."""
+    deployment = 4242
+    ours, theirs = uuid.uuid4(), uuid.uuid4()
+    mine = OrderIdentity.for_execution(ours, deployment)
+    other = OrderIdentity.for_execution(theirs, deployment)
+
+    def order(ticket: int, magic: int, comment: str, symbol: str = "EURUSD") -> api.TradeOrder:
+        values: list[Any] = [ticket, *[0] * 9, magic, *[0] * 3, 1.0, 0.0, 1.1, 0, 0, 0, 0]
+        return api.TradeOrder(*values, symbol, comment, "")
+
+    def deal(ticket: int, order_ticket: int, magic: int, comment: str) -> api.TradeDeal:
+        return api.TradeDeal(
+            ticket, order_ticket, 0, 0, 0, 0, magic, 0, 0, 1.0, 1.1, 0, 0, 0, 0, "EURUSD",
+            comment, "",
+        )  # fmt: skip
+
+    window = HistoryWindow(
+        open_orders=(order(1, mine.magic, mine.comment_token), order(2, other.magic, "")),
+        history_orders=(
+            order(3, mine.magic, mine.comment_token[:16]),  # cut by the server
+            order(4, mine.magic, mine.comment_token, symbol="GBPUSD"),
+            order(5, other.magic, other.comment_token),
+        ),
+        deals=(
+            deal(10, 3, mine.magic, ""),  # blanked by the server
+            deal(11, 5, other.magic, other.comment_token),
+            deal(12, 6, mine.magic, other.comment_token),  # same magic, another's comment
+        ),
+    )
+
+    found = window.of(mine, "EURUSD")
+    assert [o.ticket for o in found.open_orders] == [1]
+    assert [o.ticket for o in found.history_orders] == [3]
+    assert [d.ticket for d in found.deals] == [10]
+    assert [d.ticket for d in window.of(other, "EURUSD").deals] == [11]
+    assert window.of(OrderIdentity.for_execution(uuid.uuid4(), deployment), "EURUSD").deals == ()

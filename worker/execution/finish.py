@@ -98,8 +98,14 @@ class Finisher:
             provisional=provisional,
             correction=correction,
         )
+        # a final answer's deal check goes to deal_checks (deleted once done), anything else
+        # left to settle stays on the row (an UNKNOWN row's recheck reads it)
+        check = settling if settling is not None and not provisional and version == 1 else None
         fields = terminal_fields(
-            confirmation, plan.token, filling_mode=run.filling_mode, settling=settling
+            confirmation,
+            plan.token,
+            filling_mode=run.filling_mode,
+            settling=None if check is not None else settling,
         )
         if provisional:
             first = self.settings.unknown_reconcile_first_seconds
@@ -114,7 +120,9 @@ class Finisher:
                     return mine
             return self.recorded(lease.conn, self._row(lease, plan))
         with run.stage("commit"), fenced_by(lease) as lock:
-            kept = self.store.finish(lease.conn, fields, run.take_events(), mine, lock=lock)
+            kept = self.store.finish(
+                lease.conn, fields, run.take_events(), mine, lock=lock, check=check
+            )
         return counted_outcome(
             kept, mine, status.value, reason.value if reason else None, confirmation.account
         )

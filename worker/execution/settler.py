@@ -29,6 +29,7 @@ answers the recorded confirmation), and the slippage close's stage is a test-and
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -59,12 +60,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIRST_LOOK_SECONDS = 0.1  # a waiting execution is looked at again after this ...
-MAX_LOOK_SECONDS = 0.5  # ... doubling up to this
+# ... every round for this long after its send (the deals of most servers show within it: a
+# drain's last fills wait on them, and one window per round serves every execution) ...
+STEADY_LOOK_SECONDS = 1.0
+MAX_LOOK_SECONDS = 0.5  # ... then doubling up to this
 FIRST_CHECK_SECONDS = 1.0  # a reply-settled fill's deals are first looked for after this
 # a round takes every execution due within this much: rounds are batched, each borrows a
 # session (exclusive, across processes too) that handlers would otherwise have
 ROUND_BATCH_SECONDS = 0.1
 MAX_CHECK_SECONDS = 5.0
+# checks fall due on a grid of this: the fills of a second are checked in one round (one
+# window) instead of one round per ROUND_BATCH_SECONDS, the windows being most of their cost
+CHECK_GRID_SECONDS = 1.0
 CHECK_WINDOW_SECONDS = 600.0  # then a fill whose deals never showed is left unverified
 SCAN_SECONDS = 5.0  # the database is scanned for rows nobody here settles this often
 CLAIM_SECONDS = 0.5  # how long a round waits for a session of an account (then later)
@@ -110,12 +117,21 @@ class Waiter:
         if self.awaited.verify and self.delay == FIRST_LOOK_SECONDS:
             self.delay = FIRST_CHECK_SECONDS  # its deals lag the reply: look a little later
 
+    def schedule(self, now: float) -> None:
+        """Fall due after the current delay (a check: on the check grid)."""
+        due = now + self.delay
+        if self.awaited.verify:
+            due = math.ceil(due / CHECK_GRID_SECONDS) * CHECK_GRID_SECONDS
+        self.due = due
+
     def later(self, now: float) -> None:
         """Look again after a backoff."""
-        cap = MAX_CHECK_SECONDS if self.awaited.verify else MAX_LOOK_SECONDS
-        self.due = now + self.delay
-        self.delay = min(self.delay * 2, cap)
+        self.schedule(now)
         self.looks += 1
+        if self.awaited.verify:
+            self.delay = min(self.delay * 2, MAX_CHECK_SECONDS)
+        elif now >= self.awaited.since + STEADY_LOOK_SECONDS:
+            self.delay = min(self.delay * 2, MAX_LOOK_SECONDS)
 
 
 class Settler:
@@ -133,6 +149,9 @@ class Settler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._next_scan = 0.0
+        # when the thread means to run its next round (inf while it runs one: a hand-over
+        # then wakes it again, as the round may have missed it)
+        self._next_round = math.inf
         self._round_lock = threading.Lock()  # one round at a time (the thread, wait_for)
         self._published = threading.Condition()
         self._recent: OrderedDict[UUID, Publish] = OrderedDict()  # for wait_for
@@ -157,10 +176,14 @@ class Settler:
         if not self._can_settle(waiter):
             return False
         with self._lock:  # a hand-over again (a redelivery) starts it anew
-            waiter.due = self._clock() + waiter.delay  # the history lags the reply
+            waiter.schedule(self._clock())  # the history lags the reply
             self._waiting[waiter.execution_id] = waiter
+            # the thread is woken only if its next round comes too late for this one: a
+            # round per hand-over went through every waiting execution (hundreds) each time
+            wake = waiter.due < self._next_round - ROUND_BATCH_SECONDS / 2
         self.start()  # whoever hands it work gets it settled, wired by a service or not
-        self._wake.set()
+        if wake:
+            self._wake.set()
         return True
 
     @property
@@ -185,8 +208,13 @@ class Settler:
             except Exception:
                 log.exception("settler round failed; trying again")
                 pause = MAX_LOOK_SECONDS
-            self._wake.wait(min(pause, SCAN_SECONDS))
+            pause = min(pause, SCAN_SECONDS)
+            with self._lock:
+                self._next_round = self._clock() + pause
+            self._wake.wait(pause)
             self._wake.clear()
+            with self._lock:
+                self._next_round = math.inf
 
     def scan(self) -> int:
         """Take over the rows nobody settles (a killed worker's): ``settling`` set and

@@ -64,6 +64,11 @@ SYMBOL_TRADE_EXECUTION_INSTANT = 1
 SYMBOL_TRADE_EXECUTION_MARKET = 2
 SYMBOL_TRADE_EXECUTION_EXCHANGE = 3
 
+# --- account trade modes (ENUM_ACCOUNT_TRADE_MODE) -------------------------------------
+ACCOUNT_TRADE_MODE_DEMO = 0
+ACCOUNT_TRADE_MODE_CONTEST = 1
+ACCOUNT_TRADE_MODE_REAL = 2
+
 # --- account margin modes ---------------------------------------------------------------
 ACCOUNT_MARGIN_MODE_RETAIL_NETTING = 0
 ACCOUNT_MARGIN_MODE_EXCHANGE = 1
@@ -153,6 +158,8 @@ class AccountInfo(NamedTuple):
     server: str
     currency: str
     company: str
+    # added by the broker probe (defaults: a bridge peer of the previous release omits them)
+    fifo_close: bool = False
 
 
 class SymbolInfo(NamedTuple):
@@ -179,6 +186,9 @@ class SymbolInfo(NamedTuple):
     time: int
     description: str
     path: str
+    # added by the broker probe (defaults: a bridge peer of the previous release omits them)
+    trade_stops_level: int = 0  # points
+    trade_freeze_level: int = 0  # points
 
 
 class Tick(NamedTuple):

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from worker.mt5 import api
+from worker.mt5.calls import CALLS, RECORD_TYPES, given
 
 N = TypeVar("N")
 
@@ -31,21 +32,7 @@ def _defaults(kind: type) -> dict[str, Any]:
     return {name: _DEFAULTS.get(hint) for name, hint in hints.items()}
 
 
-_FIELD_DEFAULTS: dict[Any, dict[str, Any]] = {
-    kind: _defaults(kind)
-    for kind in (
-        api.TerminalInfo,
-        api.AccountInfo,
-        api.SymbolInfo,
-        api.Tick,
-        api.TradeRequest,
-        api.OrderSendResult,
-        api.OrderCheckResult,
-        api.TradeOrder,
-        api.TradePosition,
-        api.TradeDeal,
-    )
-}
+_FIELD_DEFAULTS: dict[Any, dict[str, Any]] = {kind: _defaults(kind) for kind in RECORD_TYPES}
 
 
 def convert(kind: Callable[..., N], raw: Any) -> N:
@@ -61,10 +48,14 @@ def convert(kind: Callable[..., N], raw: Any) -> N:
     return kind(**values)
 
 
-def _many(kind: Callable[..., N], raw: Any) -> tuple[N, ...] | None:
-    if raw is None:
-        return None
-    return tuple(convert(kind, item) for item in raw)
+def converted(name: str, raw: Any) -> Any:
+    """A module result as the call table's result kind for ``name`` (api named tuples)."""
+    spec = CALLS[name]
+    if raw is None or spec.record is None:
+        return raw
+    if spec.result == "records":
+        return tuple(convert(spec.record, item) for item in raw)
+    return convert(spec.record, raw)
 
 
 # The binding reads a request dict field by field with exact C types: an int or a Decimal
@@ -161,24 +152,29 @@ class NativeTerminal:
     def last_error(self) -> tuple[int, str]:
         return self._error
 
+    def _answer(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """Call ``name`` (unset filters left out) and convert its result by the call table."""
+        return converted(name, self._call(name, *args, **given(name, kwargs)))
+
     def terminal_info(self) -> api.TerminalInfo | None:
-        raw = self._call("terminal_info")
-        return None if raw is None else convert(api.TerminalInfo, raw)
+        result: api.TerminalInfo | None = self._answer("terminal_info")
+        return result
 
     def account_info(self) -> api.AccountInfo | None:
-        raw = self._call("account_info")
-        return None if raw is None else convert(api.AccountInfo, raw)
+        result: api.AccountInfo | None = self._answer("account_info")
+        return result
 
     def symbols_get(self, group: str | None = None) -> tuple[api.SymbolInfo, ...] | None:
-        return _many(api.SymbolInfo, self._call("symbols_get", **_present(group=group or None)))
+        result: tuple[api.SymbolInfo, ...] | None = self._answer("symbols_get", group=group or None)
+        return result
 
     def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
-        raw = self._call("symbol_info", symbol)
-        return None if raw is None else convert(api.SymbolInfo, raw)
+        result: api.SymbolInfo | None = self._answer("symbol_info", symbol)
+        return result
 
     def symbol_info_tick(self, symbol: str) -> api.Tick | None:
-        raw = self._call("symbol_info_tick", symbol)
-        return None if raw is None else convert(api.Tick, raw)
+        result: api.Tick | None = self._answer("symbol_info_tick", symbol)
+        return result
 
     def symbol_select(self, symbol: str, enable: bool = True) -> bool:
         return bool(self._call("symbol_select", symbol, bool(enable)))
@@ -190,24 +186,28 @@ class NativeTerminal:
         return None if raw is None else float(raw)
 
     def order_check(self, request: dict[str, Any]) -> api.OrderCheckResult | None:
-        raw = self._call("order_check", binding_request(request))
-        return None if raw is None else convert(api.OrderCheckResult, raw)
+        result: api.OrderCheckResult | None = self._answer("order_check", binding_request(request))
+        return result
 
     def order_send(self, request: dict[str, Any]) -> api.OrderSendResult | None:
-        raw = self._call("order_send", binding_request(request))
-        return None if raw is None else convert(api.OrderSendResult, raw)
+        result: api.OrderSendResult | None = self._answer("order_send", binding_request(request))
+        return result
 
     def orders_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradeOrder, ...] | None:
-        kwargs = _present(symbol=symbol, group=group, ticket=ticket)
-        return _many(api.TradeOrder, self._call("orders_get", **kwargs))
+        result: tuple[api.TradeOrder, ...] | None = self._answer(
+            "orders_get", symbol=symbol, group=group, ticket=ticket
+        )
+        return result
 
     def positions_get(
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradePosition, ...] | None:
-        kwargs = _present(symbol=symbol, group=group, ticket=ticket)
-        return _many(api.TradePosition, self._call("positions_get", **kwargs))
+        result: tuple[api.TradePosition, ...] | None = self._answer(
+            "positions_get", symbol=symbol, group=group, ticket=ticket
+        )
+        return result
 
     def history_orders_get(
         self,
@@ -218,7 +218,10 @@ class NativeTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeOrder, ...] | None:
         args, kwargs = _history_args(date_from, date_to, group, ticket, position)
-        return _many(api.TradeOrder, self._call("history_orders_get", *args, **kwargs))
+        result: tuple[api.TradeOrder, ...] | None = self._answer(
+            "history_orders_get", *args, **kwargs
+        )
+        return result
 
     def history_deals_get(
         self,
@@ -229,7 +232,10 @@ class NativeTerminal:
         position: int | None = None,
     ) -> tuple[api.TradeDeal, ...] | None:
         args, kwargs = _history_args(date_from, date_to, group, ticket, position)
-        return _many(api.TradeDeal, self._call("history_deals_get", *args, **kwargs))
+        result: tuple[api.TradeDeal, ...] | None = self._answer(
+            "history_deals_get", *args, **kwargs
+        )
+        return result
 
 
 def _present(**kwargs: Any) -> dict[str, Any]:
@@ -253,4 +259,4 @@ def _history_args(
         for d in (date_from, date_to)
         if d is not None
     )
-    return dates, _present(group=group)
+    return dates, given("history_deals_get", {"group": group})

@@ -33,6 +33,8 @@
 
   Native sessions take ``path``, ``login``, ``server`` and ``password_env`` /
   ``password_file``; sim sessions may take ``sim_config`` (a simulator TOML file).
+  Any session may name its account's ``broker_profile`` (written by ``execution-worker
+  probe``; ``BROKER_PROFILE`` in the environment for a worker with one account).
   Secrets are never written in this file, only where to find them.
 
 A session has ONE identity (``SessionSpec.identity``): what makes it the same broker
@@ -94,6 +96,8 @@ class SessionSpec(BaseModel):
     tls_crl: str | None = None
     tls_server_name: str | None = None
     sim_config: str | None = None
+    # the account's broker profile (``execution-worker probe``): worker/mt5/profile/use.py
+    broker_profile: str | None = None
     # the account's name: the sessions file's ``account`` alias, else "<server>:<login>"
     account: str | None = Field(default=None, min_length=1, max_length=128, pattern=_ACCOUNT)
 
@@ -142,6 +146,7 @@ class _FileSession(BaseModel):
     tls_server_name: str | None = None
     sim_config: str | None = None
     account: str | None = None
+    broker_profile: str | None = None
 
 
 def _read_file_secret(kind: str, session_id: str, file_name: str) -> str:
@@ -184,6 +189,14 @@ def _env_secret(environ: Mapping[str, str], name: str) -> SecretStr | None:
 
 
 def _from_count(count: int, settings: Settings, environ: Mapping[str, str]) -> list[SessionSpec]:
+    profile = environ.get("BROKER_PROFILE") or None
+    return [
+        spec.model_copy(update={"broker_profile": profile})
+        for spec in _count_specs(count, settings, environ)
+    ]
+
+
+def _count_specs(count: int, settings: Settings, environ: Mapping[str, str]) -> list[SessionSpec]:
     if count < 1:
         raise ConfigError("MT5_SESSIONS must be at least 1")
     if settings.mt5_backend == "sim":
@@ -398,6 +411,34 @@ def _check_accounts(specs: list[SessionSpec]) -> None:
             f"MT5_SESSIONS: with several accounts every session needs one (login and server, "
             f"or account); {unnamed} has none"
         )
+
+
+def broker_profiles(
+    specs: Sequence[SessionSpec], environ: Mapping[str, str] | None = None
+) -> dict[str | None, str]:
+    """The broker profile of each account: its sessions' ``broker_profile`` (all the same
+    where given), else ``BROKER_PROFILE`` when the worker has one account."""
+    env = os.environ if environ is None else environ
+    found: dict[str | None, str] = {}
+    for spec in specs:
+        if spec.broker_profile is None:
+            continue
+        other = found.setdefault(spec.account, spec.broker_profile)
+        if other != spec.broker_profile:
+            raise ConfigError(
+                f"MT5_SESSIONS: account {spec.account!r} names two broker profiles "
+                f"({other}, {spec.broker_profile})"
+            )
+    accounts = accounts_of(specs)
+    default = env.get("BROKER_PROFILE") or None
+    if default is not None and not found:
+        if len(accounts) > 1:
+            raise ConfigError(
+                "BROKER_PROFILE names one profile but several accounts are configured: give "
+                "each account's sessions a broker_profile in the sessions file"
+            )
+        found[accounts[0]] = default
+    return found
 
 
 def accounts_of(specs: Sequence[SessionSpec]) -> tuple[str | None, ...]:

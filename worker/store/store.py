@@ -14,6 +14,7 @@ parameters: one round trip, one commit, and little Python work per column.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -225,6 +226,7 @@ class Store(OutboxMixin):
         *,
         insert_only: bool = False,
         lock: LockHeld | None = None,
+        check: dict[str, Any] | None = None,
     ) -> Publish:
         """Commit the terminal row, its events and the outbox row in ONE statement.
 
@@ -234,7 +236,8 @@ class Store(OutboxMixin):
         on record: when the key already had a terminal row (a concurrent or earlier
         outcome), that one, unchanged. A row still in flight under ``insert_only``, or no
         row at all otherwise, raises StoreError (the delivery is requeued). ``lock``: as for
-        :meth:`insert_intent` (fenced and group-committed).
+        :meth:`insert_intent` (fenced and group-committed). ``check``: the deal check the
+        settler owes a fill settled from its replies (``deal_checks``), in the same statement.
         """
         columns = list(_checked(fields))
         execution_id: UUID = fields["execution_id"]
@@ -261,7 +264,13 @@ class Store(OutboxMixin):
             " (execution_id, routing_key, payload, correlation_id, reply_to)"
             " SELECT final.execution_id, %(routing_key)s, %(payload)s, %(correlation_id)s,"
             " %(reply_to)s FROM final)"
-            " SELECT (SELECT count(*) FROM final), (SELECT ok FROM held)"
+            + (
+                ", checks AS (INSERT INTO execution.deal_checks (execution_id, document)"
+                " SELECT final.execution_id, %(check)s::jsonb FROM final)"
+                if check is not None
+                else ""
+            )
+            + " SELECT (SELECT count(*) FROM final), (SELECT ok FROM held)"
         )
         params = {
             "row": _row_json(fields),
@@ -271,6 +280,8 @@ class Store(OutboxMixin):
             "correlation_id": confirmation.correlation_id,
             "reply_to": confirmation.reply_to,
         }
+        if check is not None:
+            params["check"] = _fast_json(check) or json.dumps(check, default=json_default)
         if self._write(conn, query, params, lock, execution_id) != 1:
             existing = self.confirmation_of(conn, execution_id)
             if existing is None:
@@ -366,6 +377,9 @@ class Store(OutboxMixin):
                 " superseded AS (UPDATE execution.outbox o SET published_at = now()"
                 " FROM final WHERE o.execution_id = final.execution_id"
                 " AND o.published_at IS NULL),"
+                # a correction settles the deal check that found the contradiction
+                " checked AS (DELETE FROM execution.deal_checks c USING final"
+                " WHERE c.execution_id = final.execution_id),"
                 " outbox AS (INSERT INTO execution.outbox"
                 " (execution_id, version, routing_key, payload, correlation_id, reply_to)"
                 " SELECT final.execution_id, %s, %s, %s, %s, %s FROM final)"
@@ -390,8 +404,9 @@ class Store(OutboxMixin):
     def settling(
         self, conn: psycopg.Connection[Any], *, idle_seconds: float, limit: int = 500
     ) -> list[ExecutionRow]:
-        """Rows left for the settler (in flight, or final with deals to check) untouched for
-        ``idle_seconds``: a killed worker's, found by whoever is alive."""
+        """Rows left for the settler untouched for ``idle_seconds`` (a killed worker's, found
+        by whoever is alive): in flight with ``settling`` set, and final rows whose deals are
+        still to be checked (``settling`` is their deal check's document)."""
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "SELECT * FROM execution.executions WHERE settling IS NOT NULL"
@@ -399,7 +414,19 @@ class Store(OutboxMixin):
                 " ORDER BY updated_at LIMIT %s",
                 (idle_seconds, limit),
             )
-            return [ExecutionRow(dict(row)) for row in cur.fetchall()]
+            rows = [ExecutionRow(dict(row)) for row in cur.fetchall()]
+            cur.execute(
+                "SELECT e.*, c.document AS deal_check FROM execution.deal_checks c"
+                " JOIN execution.executions e USING (execution_id)"
+                " WHERE c.created_at <= now() - make_interval(secs => %s)"
+                " ORDER BY c.created_at LIMIT %s",
+                (idle_seconds, max(limit - len(rows), 0)),
+            )
+            for row in cur.fetchall():
+                values = dict(row)
+                values["settling"] = values.pop("deal_check")
+                rows.append(ExecutionRow(values))
+            return rows
 
     def checked(self, conn: psycopg.Connection[Any], execution_ids: Sequence[UUID]) -> None:
         """Final rows whose deals agreed with their replies (or were given up on): nothing
@@ -408,11 +435,18 @@ class Store(OutboxMixin):
             return
         with _atomic(conn):
             conn.execute(
-                "UPDATE execution.executions SET settling = NULL"
-                " WHERE execution_id = ANY(%s) AND settling IS NOT NULL"
-                " AND state NOT IN ('SUBMITTING', 'SUBMITTED', 'UNKNOWN')",
+                "DELETE FROM execution.deal_checks WHERE execution_id = ANY(%s)",
                 (list(execution_ids),),
             )
+
+    def deal_check(
+        self, conn: psycopg.Connection[Any], execution_id: UUID
+    ) -> dict[str, Any] | None:
+        """The deal check still owed for the execution (None: none, or done)."""
+        row = conn.execute(
+            "SELECT document FROM execution.deal_checks WHERE execution_id = %s", (execution_id,)
+        ).fetchone()
+        return None if row is None else dict(row[0])
 
     def append_events(
         self, conn: psycopg.Connection[Any], execution_id: UUID, events: Sequence[Event]

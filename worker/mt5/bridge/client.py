@@ -59,6 +59,7 @@ from worker.mt5.bridge.protocol import (
 )
 from worker.mt5.bridge.server import HANDSHAKE_FRAME_BYTES, BridgeServer
 from worker.mt5.bridge.tls import client_context
+from worker.mt5.calls import given, result_fits
 
 __all__ = [
     "BridgeConnection",
@@ -315,7 +316,10 @@ class BridgeTerminal:
         assert name in ALLOWED_FUNCTIONS
         with self._lock:
             try:
-                result, self._last_error = self._connection.call(name, args, kwargs)
+                result, self._last_error = self._connection.call(name, args, given(name, kwargs))
+                if not result_fits(name, result):  # the call table's result kind, or None
+                    self._connection.close()
+                    raise BridgeRemoteError(f"bridge {self.address}: {name}: unexpected result")
             except api.TransportError as exc:
                 self._last_error = (api.RES_E_INTERNAL_FAIL, str(exc))
                 raise
@@ -392,9 +396,7 @@ class BridgeTerminal:
         return result
 
     def symbols_get(self, group: str | None = None) -> tuple[api.SymbolInfo, ...] | None:
-        result: tuple[api.SymbolInfo, ...] | None = (
-            self._call("symbols_get") if group is None else self._call("symbols_get", group)
-        )
+        result: tuple[api.SymbolInfo, ...] | None = self._call("symbols_get", group=group)
         return result
 
     def symbol_info(self, symbol: str) -> api.SymbolInfo | None:
@@ -426,7 +428,7 @@ class BridgeTerminal:
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradeOrder, ...] | None:
         result: tuple[api.TradeOrder, ...] | None = self._call(
-            "orders_get", **_given(symbol=symbol, group=group, ticket=ticket)
+            "orders_get", symbol=symbol, group=group, ticket=ticket
         )
         return result
 
@@ -434,7 +436,7 @@ class BridgeTerminal:
         self, symbol: str | None = None, group: str | None = None, ticket: int | None = None
     ) -> tuple[api.TradePosition, ...] | None:
         result: tuple[api.TradePosition, ...] | None = self._call(
-            "positions_get", **_given(symbol=symbol, group=group, ticket=ticket)
+            "positions_get", symbol=symbol, group=group, ticket=ticket
         )
         return result
 
@@ -448,9 +450,11 @@ class BridgeTerminal:
     ) -> tuple[api.TradeOrder, ...] | None:
         result: tuple[api.TradeOrder, ...] | None = self._call(
             "history_orders_get",
-            **_given(
-                date_from=date_from, date_to=date_to, group=group, ticket=ticket, position=position
-            ),
+            date_from=date_from,
+            date_to=date_to,
+            group=group,
+            ticket=ticket,
+            position=position,
         )
         return result
 
@@ -464,13 +468,10 @@ class BridgeTerminal:
     ) -> tuple[api.TradeDeal, ...] | None:
         result: tuple[api.TradeDeal, ...] | None = self._call(
             "history_deals_get",
-            **_given(
-                date_from=date_from, date_to=date_to, group=group, ticket=ticket, position=position
-            ),
+            date_from=date_from,
+            date_to=date_to,
+            group=group,
+            ticket=ticket,
+            position=position,
         )
         return result
-
-
-def _given(**kwargs: Any) -> dict[str, Any]:
-    """Only the arguments the caller passed, so the remote call sees the same call shape."""
-    return {key: value for key, value in kwargs.items() if value is not None}

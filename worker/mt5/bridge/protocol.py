@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from worker.errors import WorkerError
-from worker.mt5 import api
+from worker.mt5.calls import RECORD_TYPES, REMOTE_CALLS
 
 PROTOCOL_VERSION: Final = 1
 MAX_FRAME_BYTES: Final = 1 << 20
@@ -44,42 +44,13 @@ MAC_BYTES: Final = 32
 _LENGTH = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 
-# The only functions a client may call. The terminal's lifecycle (initialize, login,
-# shutdown) belongs to the server process and is deliberately not remote.
-ALLOWED_FUNCTIONS: Final = frozenset(
-    {
-        "last_error",
-        "terminal_info",
-        "account_info",
-        "symbols_get",
-        "symbol_info",
-        "symbol_info_tick",
-        "symbol_select",
-        "order_calc_margin",
-        "order_check",
-        "order_send",
-        "orders_get",
-        "positions_get",
-        "history_orders_get",
-        "history_deals_get",
-    }
-)
+# The only functions a client may call: the remote ones of the call table. The terminal's
+# lifecycle (initialize, login, shutdown) belongs to the server process and is not remote.
+ALLOWED_FUNCTIONS: Final = REMOTE_CALLS
 
-# Named tuples that may cross the wire, rebuilt by type name.
+# Named tuples that may cross the wire, rebuilt by type name (the call table's records).
 RESULT_TYPES: Final[Mapping[str, type[tuple[Any, ...]]]] = {
-    cls.__name__: cls
-    for cls in (
-        api.TerminalInfo,
-        api.AccountInfo,
-        api.SymbolInfo,
-        api.Tick,
-        api.TradeRequest,
-        api.OrderSendResult,
-        api.OrderCheckResult,
-        api.TradeOrder,
-        api.TradePosition,
-        api.TradeDeal,
-    )
+    cls.__name__: cls for cls in RECORD_TYPES
 }
 
 
@@ -160,7 +131,9 @@ def _decode_named(name: Any, fields: dict[str, Any]) -> tuple[Any, ...]:
     if cls is None:
         raise ProtocolError("bad_value", "type is not allow-listed")
     expected: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
-    if set(fields) != set(expected):
+    defaulted: dict[str, Any] = cls._field_defaults  # type: ignore[attr-defined]
+    # fields added later with a default may be missing (a peer of the previous release)
+    if not set(expected) - set(defaulted) <= set(fields) <= set(expected):
         raise ProtocolError("bad_value", f"fields of {name} do not match")
     return cls(**{key: decode_value(value) for key, value in fields.items()})
 

@@ -24,12 +24,16 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from worker.config import ConfigError
 from worker.mt5 import api
 from worker.mt5.bridge.metrics import BridgeMetrics
 from worker.mt5.bridge.server import BridgeServer
 from worker.mt5.bridge.tls import ClientAllowList, check_listen_address, server_context
+
+if TYPE_CHECKING:
+    from worker.mt5.sim.config import SimConfig
 
 _log = logging.getLogger("worker.mt5.bridge.client")
 
@@ -216,6 +220,8 @@ def _sim_terminal(args: argparse.Namespace) -> int:
         config = SimConfig.from_toml(args.config) if args.config else None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--config {args.config}: {exc}") from None
+    if getattr(args, "profile", None):
+        config = _replayed(args.profile, config)
     terminal = SimTerminal(config, state_path=args.state)
     if not terminal.initialize():
         print(f"sim-terminal: initialize failed: {terminal.last_error()}", file=sys.stderr)
@@ -233,6 +239,20 @@ def _sim_terminal(args: argparse.Namespace) -> int:
     finally:
         terminal.shutdown()
         terminal.close()  # releases the state file
+
+
+def _replayed(path: str, base: SimConfig | None) -> SimConfig:
+    """The simulator as the broker profile at ``path`` found its server (on ``base``)."""
+    from worker.mt5.profile.toml import ProfileError, load_profile
+    from worker.mt5.sim.replay import replay, replay_notes
+
+    try:
+        profile = load_profile(path)
+    except ProfileError as exc:
+        raise ConfigError(f"--profile: {exc}") from None
+    for note in replay_notes(profile, base):
+        _log.warning("sim-terminal --profile: %s", note)
+    return replay(profile, base)
 
 
 def bridge_serve_main(args: argparse.Namespace) -> int:

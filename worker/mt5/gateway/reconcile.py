@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
+from typing import TypeVar
 
 from worker.mt5 import api
 from worker.mt5.gateway.calls import Calls
@@ -36,6 +38,9 @@ def _window(
     return int((since_utc + shift - pad).timestamp()), int((now_utc + shift + pad).timestamp())
 
 
+_Item = TypeVar("_Item", api.TradeOrder, api.TradeDeal)
+
+
 @dataclass(frozen=True)
 class HistoryWindow:
     """One account's orders and deals of this deployment over a window (see ``window``)."""
@@ -50,12 +55,34 @@ class HistoryWindow:
         def ours(item: api.TradeOrder | api.TradeDeal) -> bool:
             return item.symbol == broker_symbol and identity.matches(item.magic, item.comment)
 
+        magic = identity.magic
         return Reconciliation(
-            open_orders=tuple(o for o in self.open_orders if ours(o)),
-            history_orders=tuple(o for o in self.history_orders if ours(o)),
-            deals=tuple(d for d in self.deals if ours(d)),
+            open_orders=tuple(o for o in self._open_by_magic.get(magic, ()) if ours(o)),
+            history_orders=tuple(o for o in self._history_by_magic.get(magic, ()) if ours(o)),
+            deals=tuple(d for d in self._deals_by_magic.get(magic, ()) if ours(d)),
             positions=(),
         )
+
+    # By magic (one execution's): a round asks the window for each of its executions,
+    # hundreds at a high rate, and a scan of the whole window for each made rounds quadratic.
+    @cached_property
+    def _open_by_magic(self) -> dict[int, list[api.TradeOrder]]:
+        return _by_magic(self.open_orders)
+
+    @cached_property
+    def _history_by_magic(self) -> dict[int, list[api.TradeOrder]]:
+        return _by_magic(self.history_orders)
+
+    @cached_property
+    def _deals_by_magic(self) -> dict[int, list[api.TradeDeal]]:
+        return _by_magic(self.deals)
+
+
+def _by_magic(items: tuple[_Item, ...]) -> dict[int, list[_Item]]:
+    grouped: dict[int, list[_Item]] = {}
+    for item in items:
+        grouped.setdefault(item.magic, []).append(item)
+    return grouped
 
 
 class History:

@@ -156,6 +156,8 @@ class SimSymbol:
     # ORDER_FILLING_* values answered 10030 although filling_mode advertises them
     refused_fillings: tuple[int, ...] = ()
     exchange_fill_delay_seconds: float = 0.5  # RETURN orders on exchange execution fill after
+    trade_stops_level: int = 0  # points: closest SL/TP to the price (symbol_info)
+    trade_freeze_level: int = 0  # points: no modification this close to the price
 
     @property
     def point(self) -> float:
@@ -217,6 +219,7 @@ class SimAccount:
     balance: float = 100_000.0
     leverage: int = 100
     margin_mode: int = api.ACCOUNT_MARGIN_MODE_RETAIL_HEDGING
+    trade_mode: int = api.ACCOUNT_TRADE_MODE_DEMO  # 0 demo, 1 contest, 2 real
     trade_allowed: bool = True
     trade_expert: bool = True
     password: str | None = field(default=None, repr=False)  # None: any password is accepted
@@ -394,9 +397,17 @@ class SimConfig:
 
         A ``symbols.NAME`` table for a default symbol overrides some of its fields; for a new
         symbol it must give at least ``digits``, ``contract_size`` and ``base_price``.
+        A broker profile written by ``execution-worker probe`` is replayed instead
+        (:mod:`worker.mt5.sim.replay`).
         """
         with Path(path).open("rb") as handle:
             data = tomllib.load(handle)
+        from worker.mt5.profile.toml import is_profile, profile_from_mapping
+
+        if is_profile(data):
+            from worker.mt5.sim.replay import replay
+
+            return replay(profile_from_mapping(data))
         return cls.from_mapping(data)
 
     @classmethod

@@ -116,7 +116,7 @@ class Ledger:
         margin = self.margin_used
         return api.AccountInfo(
             login=account.login,
-            trade_mode=0,  # demo
+            trade_mode=account.trade_mode,
             leverage=account.leverage,
             trade_allowed=account.trade_allowed,
             trade_expert=account.trade_expert,

@@ -167,4 +167,6 @@ class Market:
             time=tick.time if selected else 0,
             description=symbol.description,
             path=symbol.path,
+            trade_stops_level=symbol.trade_stops_level,
+            trade_freeze_level=symbol.trade_freeze_level,
         )

@@ -78,8 +78,15 @@ class DealRecord:
     profit: float
     symbol: str
     comment: str
+    # a deal never changes: its answer is built once (a history window returns thousands)
+    _api: api.TradeDeal | None = field(default=None, repr=False, compare=False)
 
     def to_api(self) -> api.TradeDeal:
+        if self._api is None:
+            self._api = self._build_api()
+        return self._api
+
+    def _build_api(self) -> api.TradeDeal:
         return api.TradeDeal(
             ticket=self.ticket,
             order=self.order,
@@ -172,8 +179,13 @@ _SCHEMA = (
 )
 
 
+def _persisted(record: Any) -> dict[str, Any]:
+    """A record's fields as the state file keeps them (not its cached answers)."""
+    return {f.name: getattr(record, f.name) for f in fields(record) if not f.name.startswith("_")}
+
+
 def _rows(kind: type, cursor: sqlite3.Cursor) -> list[Any]:
-    names = {f.name for f in fields(kind)}
+    names = {f.name for f in fields(kind) if not f.name.startswith("_")}
     return [kind(**{k: v for k, v in json.loads(data).items() if k in names}) for (data,) in cursor]
 
 
@@ -211,7 +223,7 @@ class SimStore:
         self._put("orders", order.ticket, asdict(order))
 
     def put_deal(self, deal: DealRecord) -> None:
-        self._put("deals", deal.ticket, asdict(deal))
+        self._put("deals", deal.ticket, _persisted(deal))
 
     def put_position(self, position: PositionRecord) -> None:
         self._put("positions", position.ticket, asdict(position))

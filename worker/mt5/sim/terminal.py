@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from worker.mt5 import api
+from worker.mt5.calls import failed_answer
 from worker.mt5.sim.binding import CallFailed, parse_request
 from worker.mt5.sim.book import Book, group_matches
 from worker.mt5.sim.clock import ServerClock
@@ -67,9 +68,11 @@ R = TypeVar("R")
 Method = Callable[Concatenate["SimTerminal", P], R]
 
 
-def _terminal_call(name: str, failed: Any = None) -> Callable[[Method[P, R]], Method[P, R]]:
+def _terminal_call(name: str) -> Callable[[Method[P, R]], Method[P, R]]:
     """A call of the terminal API: under the lock, after the latency, connection and fault
-    checks of ``SimTerminal._begin``; answers ``failed`` when those fail."""
+    checks of ``SimTerminal._begin``; answers the call table's failed answer when those
+    fail (False for a bool call, else None)."""
+    failed = failed_answer(name)
 
     def decorate(method: Method[P, R]) -> Method[P, R]:
         @functools.wraps(method)
@@ -247,7 +250,7 @@ class SimTerminal:
             self._error = (api.RES_S_OK, "Success")
             return True
 
-    @_terminal_call("login", False)
+    @_terminal_call("login")
     def login(
         self,
         login: int,
@@ -285,7 +288,7 @@ class SimTerminal:
 
     @_terminal_call("account_info")
     def account_info(self) -> api.AccountInfo | None:
-        return self._ledger.account_info()
+        return self._ledger.account_info()._replace(fifo_close=self._faults.config.fifo_close)
 
     def _symbol_info(self, name: str) -> api.SymbolInfo:
         rate = self._ledger.rate(self._market.symbols[name].currency_profit)
@@ -309,7 +312,7 @@ class SimTerminal:
             return None
         return self._market.tick(symbol)
 
-    @_terminal_call("symbol_select", False)
+    @_terminal_call("symbol_select")
     def symbol_select(self, symbol: str, enable: bool = True) -> bool:
         if not self._known_symbol(symbol):
             return False
