@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import psycopg
+import psycopg.errors
 
 from worker.config import mask_url
 from worker.errors import ExitCode, WorkerError
@@ -161,9 +162,13 @@ def own_database(database_url: str, prefix: str) -> Iterator[str]:
             conn.execute(f'CREATE DATABASE "{name}"')
     except psycopg.Error as exc:
         explained = describe_database_error(exc, database_url)
+        hint = (
+            " (the role of DATABASE_URL needs CREATEDB; or --in-place: its database as it is)"
+            if isinstance(exc, psycopg.errors.InsufficientPrivilege)
+            else ""
+        )
         raise IsolationError(
-            f"cannot create a database of its own: {explained.line} (the role needs CREATEDB)",
-            explained.code,
+            f"cannot create a database of its own: {explained.line}{hint}", explained.code
         ) from None
     try:
         yield with_path(database_url, f"/{name}")
