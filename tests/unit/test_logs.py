@@ -193,3 +193,23 @@ def test_a_finished_execution_is_one_line_with_status_symbol_lots_and_time(
     (line,) = [r.getMessage() for r in caplog.records if r.name == "worker.executions"]
     assert line.startswith("execution 3f0c9a1e FILLED EURUSD 1.86 lots in ")
     assert int(line.split(" in ")[1].split()[0]) >= 2000
+
+
+def test_the_per_execution_line_is_for_the_console() -> None:
+    import io
+    import logging
+
+    from worker.observability.logs import EXECUTIONS_LOGGER, configure_logging
+
+    executions = logging.getLogger(EXECUTIONS_LOGGER)
+    try:
+        configure_logging("json", "INFO", stream=io.StringIO())
+        assert not executions.isEnabledFor(logging.INFO)
+        configure_logging("json", "DEBUG", stream=io.StringIO())
+        assert executions.isEnabledFor(logging.INFO)
+        configure_logging("console", "INFO", stream=io.StringIO())
+        assert executions.isEnabledFor(logging.INFO)
+    finally:
+        configure_logging("json", "INFO", stream=io.StringIO())
+        executions.setLevel(logging.NOTSET)
+        logging.getLogger().setLevel(logging.WARNING)

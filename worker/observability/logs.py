@@ -224,6 +224,7 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(line, default=str, ensure_ascii=False))
 
 
+EXECUTIONS_LOGGER = "worker.executions"  # one line per finished execution (console)
 WORKER_INDEX_ENV = "EXECUTION_WORKER_INDEX"  # set by `run --processes N` for each child
 
 
@@ -277,4 +278,9 @@ def configure_logging(
     root.setLevel(level.upper() if isinstance(level, str) else level)
     # pika logs every connection attempt at INFO with the full parameters
     logging.getLogger("pika").setLevel(max(logging.WARNING, root.level))
+    # one line per finished execution is for people (console); JSON logs keep the IO thread
+    # free of it unless LOG_LEVEL=DEBUG (worker/amqp/finished.py)
+    logging.getLogger(EXECUTIONS_LOGGER).setLevel(
+        logging.NOTSET if format == "console" or root.level <= logging.DEBUG else logging.WARNING
+    )
     return handler
