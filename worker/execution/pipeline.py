@@ -62,7 +62,7 @@ from schemas.enums import ExecutionStatus, RejectionReason
 from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
-from worker.execution import checks, last_chance, recheck, settle
+from worker.execution import checks, failover, last_chance, recheck, settle
 from worker.execution.audit import Run
 from worker.execution.finish import Finisher
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue, Settling
@@ -378,6 +378,8 @@ class Pipeline:
         plan.arrival_bid, plan.arrival_ask = valid.snapshot.bid, valid.snapshot.ask
         if not self.sender.commit_intent(plan, request, lease, run):
             return None
+        if failover.sent_before_switch(self.store.epochs, plan, gateway, run):
+            return None  # its in-flight row goes to the settler (the caller loads it)
         return self._submit(plan, valid.spec, lease, run)
 
     # --- submit, settle, finish --------------------------------------------------------
