@@ -40,6 +40,7 @@ import psycopg
 from schemas.identity import execution_id_for, order_magic_for
 from tests import samples
 from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
+from worker.amqp.nodes import connection_parameters
 from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -103,7 +104,7 @@ class Tally:
 class Side:
     """The test's own RabbitMQ connection: topology, publishing, the confirmation observer."""
 
-    def __init__(self, url: str, delivery_limit: int) -> None:
+    def __init__(self, url: str, delivery_limit: int, *, quorum_observer: bool = False) -> None:
         self.url = url
         self.delivery_limit = delivery_limit
         self.received: dict[str, list[bytes]] = defaultdict(list)
@@ -119,14 +120,17 @@ class Side:
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(delivery_limit)
         )
         channel.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
-        channel.queue_declare(OBSERVER_QUEUE, durable=True)
+        # in a cluster the observer is a quorum queue too: a classic one dies with its node
+        observer = {"x-queue-type": "quorum"} if quorum_observer else None
+        channel.queue_declare(OBSERVER_QUEUE, durable=True, arguments=observer)
         channel.queue_bind(OBSERVER_QUEUE, CONFIRMATIONS_EXCHANGE, "#")
 
     def _open(self) -> None:
-        params = pika.URLParameters(self.url)
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        self._connection = pika.BlockingConnection(params)
+        every = connection_parameters(self.url, shuffle=True)  # a cluster: any live node
+        for params in every:
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+        self._connection = pika.BlockingConnection(every)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
 
@@ -237,7 +241,9 @@ class FaultEnv:
         *,
         delivery_limit: int = 5,
         settings: dict[str, str] | None = None,
+        quorum_observer: bool = False,
     ) -> None:
+        self.quorum_observer = quorum_observer
         self.rabbitmq_url = rabbitmq_url
         self.database_url = database_url
         self.directory = directory
@@ -257,7 +263,9 @@ class FaultEnv:
     def start(self) -> FaultEnv:
         for terminal in self.terminals:
             terminal.start()
-        self.side = Side(self.rabbitmq_url, self.delivery_limit)
+        self.side = Side(
+            self.rabbitmq_url, self.delivery_limit, quorum_observer=self.quorum_observer
+        )
         return self
 
     def close(self) -> None:
@@ -455,6 +463,7 @@ class FaultEnv:
         *,
         dead_letters_with_reason: bool = False,
         latest: bool = False,
+        rows_lost_to_failover: set[str] | frozenset[str] = frozenset(),
         **extra: Any,
     ) -> Tally:
         """Assert the promise for every published key; return the scenario's numbers.
@@ -467,6 +476,9 @@ class FaultEnv:
         most, counted apart from the opening order. ``dead_letters_with_reason``: a key
         dead-lettered by the worker with an ``x-rejection-reason`` (and no row) is
         accounted for; a dead letter without a reason is always a problem.
+        ``rows_lost_to_failover``: keys whose rows an asynchronous failover lost after their
+        confirmation went out; without a row, each still needs its confirmation, one broker
+        order at most, and a FILLED confirmation that matches that order's deals.
         """
         side = self.broker_side
         received = side.collect()
@@ -508,6 +520,23 @@ class FaultEnv:
                     problems.append(f"{key}: dead-lettered but the broker has orders {orders}")
                 continue
             versions = _versions(received, str(execution_id))
+            if not key_rows and key in rows_lost_to_failover and versions:
+                body = json.loads(versions[max(versions)][0])
+                states[f"{body['status']} (row lost)"] += 1
+                if body["status"] in FILLED_STATES and len(orders) == 1:
+                    ((_, order),) = orders
+                    problems += _fill_problems(
+                        key,
+                        body["status"],
+                        body,
+                        order,
+                        body["executed_lots"],
+                        orders,
+                        deals_by_magic.get(magic, []),
+                    )
+                elif body["status"] in FILLED_STATES or orders:
+                    problems.append(f"{key}: {body['status']} (row lost), orders {orders}")
+                continue
             answered = TERMINAL_STATES | {PROVISIONAL_STATE}
             if len(key_rows) != 1 or key_rows[0][0] not in answered or not versions:
                 tally.lost += 1
