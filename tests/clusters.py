@@ -231,12 +231,14 @@ class PostgresPair:
         [(replayed,)] = self._query(1, f"SELECT pg_last_wal_replay_lsn() >= '{written}'::pg_lsn")
         return bool(replayed)
 
-    def pause_standby(self) -> None:
-        """Freeze the standby: the primary goes on committing (asynchronous) without it."""
-        self.standby.pause()
-
-    def unpause_standby(self) -> None:
-        self.standby.unpause()
+    def detach_standby(self) -> None:
+        """Stop the standby's WAL receiver (an empty ``primary_conninfo``, reloadable since
+        PostgreSQL 13): the primary goes on committing (asynchronous) without it, so these
+        commits are lost if it is promoted. ``docker pause`` would not do: the kernel keeps
+        receiving WAL into the frozen walreceiver's socket buffer, replayed after unpause."""
+        self._query(1, "ALTER SYSTEM SET primary_conninfo = ''")
+        self._query(1, "SELECT pg_reload_conf()")
+        _wait("standby detached", lambda: self.replication_state() is None)
 
     def kill_primary(self) -> None:
         self.primary.kill()

@@ -7,8 +7,8 @@
   majority and the stream completes;
 - a PostgreSQL primary with a synchronous standby: the primary is killed and the standby
   promoted mid-stream; no commit is lost;
-- the same with an asynchronous standby that missed the last commits (frozen with
-  ``docker pause`` before them), with a worker killed (``kill -9`` at its order_send) on
+- the same with an asynchronous standby that missed the last commits (its WAL receiver
+  stopped before them), with a worker killed (``kill -9`` at its order_send) on
   top: its intents are gone from the new primary while its orders are on the broker's
   books; their redeliveries look new, and the worker asks the broker by magic before
   sending (worker/execution/failover.py).
@@ -220,7 +220,7 @@ def _id(key: str) -> str:
 
 
 KILL_AT = 110  # the dying worker's 110th order_send
-PAUSE_AT = 90  # confirmations before the standby is frozen
+DETACH_AT = 90  # confirmations before the standby stops receiving WAL
 
 
 def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_killed(
@@ -239,13 +239,12 @@ def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_ki
         dying = env.start_worker(kill_point="during_order_send", kill_at=KILL_AT)
         _at_least(env, 30)
         assert pair.caught_up()
-        _at_least(env, PAUSE_AT)
-        pair.pause_standby()  # from here the primary's commits exist on the primary only
+        _at_least(env, DETACH_AT)
+        pair.detach_standby()  # from here the primary's commits exist on the primary only
         assert dying.wait(WAIT_SECONDS) == KILL_EXIT_CODE, dying.tail()
         confirmed_before = env.broker_side.confirmed_keys()
         killed_at = time.monotonic()
         pair.kill_primary()
-        pair.unpause_standby()
         pair.promote()
         promoted_in = time.monotonic() - killed_at
 
@@ -257,7 +256,7 @@ def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_ki
         assert worker.stop() == 0, worker.tail()
 
         rows = env.rows()
-        # the commits made while the standby was frozen are gone: the rows of approvals
+        # the commits made after the standby was detached are gone: the rows of approvals
         # confirmed (and acked) in that window, and the dying worker's intents
         lost_rows = {k for k in keys if not rows.get(k)}
         assert lost_rows, "the failover lost no commit: the scenario proves little"
@@ -265,7 +264,7 @@ def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_ki
         # the dying worker's orders were on the books without their rows: found by magic
         assert "on the broker's books" in _log_of(env), _log_of(env)[-3000:]
         notes = (
-            f"standby frozen at {PAUSE_AT}+, worker killed at its {KILL_AT}th order_send,"
+            f"standby detached at {DETACH_AT}+, worker killed at its {KILL_AT}th order_send,"
             f" primary killed, standby promoted {promoted_in:.1f} s later; a new worker"
             f" confirmed again {resumed:.1f} s after its start; {len(lost_rows)} audit rows"
             " lost with the commits (their confirmations were out before the switch)"
@@ -276,5 +275,6 @@ def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_ki
                 keys,
                 notes=notes,
                 rows_lost_to_failover=lost_rows,
+                answered_again={k for k in keys if _id(k) in confirmed_before},
             )
         )

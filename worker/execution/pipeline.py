@@ -275,9 +275,14 @@ class Pipeline:
             recorded = self._reject_stale(request, stale, run)
             if recorded is not None:
                 return recorded
+        found_on = failover.find_before_claim(self, request, run)  # after a database switch
+        if isinstance(found_on, Requeue):
+            return found_on
         with run.stage("claim"):
             try:
-                lease = self.sessions.claim(self.settings.claim_timeout_seconds, account=account)
+                lease = self.sessions.claim(
+                    self.settings.claim_timeout_seconds, account=account, session_id=found_on
+                )
             except ClaimTimeout:
                 return self._account_busy(request, account, len(accounts) > 1, run)
         with lease:
@@ -291,7 +296,7 @@ class Pipeline:
                 stale = self.staleness(request)
                 if stale is not None:
                     return self.finisher.reject(lease.conn, request, *stale, run)
-                executed = self._execute(request, lease, run)
+                executed = self._execute(request, lease, run, adopt=found_on is not None)
                 if executed is not None:
                     return executed
                 row = self.store.load(lease.conn, request.execution_id)
@@ -343,7 +348,9 @@ class Pipeline:
         ttl = self.settings.approval_ttl_seconds
         return checks.staleness(request.decided_at, self.clock(), ttl)
 
-    def _execute(self, request: ExecutionRequest, lease: Lease, run: Run) -> Outcome | None:
+    def _execute(
+        self, request: ExecutionRequest, lease: Lease, run: Run, *, adopt: bool = False
+    ) -> Outcome | None:
         """Validate, commit the intent, send. None: the key already has a row (no order)."""
         trade = request.trade
         assert trade is not None  # checks.refusal guarantees an approved trade
@@ -378,8 +385,8 @@ class Pipeline:
         plan.arrival_bid, plan.arrival_ask = valid.snapshot.bid, valid.snapshot.ask
         if not self.sender.commit_intent(plan, request, lease, run):
             return None
-        if failover.sent_before_switch(self.store.epochs, plan, gateway, run):
-            return None  # its in-flight row goes to the settler (the caller loads it)
+        if adopt:  # on the broker's books before a database switch lost its row: settle it
+            return None
         return self._submit(plan, valid.spec, lease, run)
 
     # --- submit, settle, finish --------------------------------------------------------

@@ -478,6 +478,10 @@ class SessionPool:
         if recovered:
             _log.info("mt5 session %s back in rotation", slot.spec.id)
 
+    def session_specs(self) -> list[SessionSpec]:
+        """Every session of this process, in its configured order."""
+        return [slot.spec for slot in self._slots]
+
     def gateways(self) -> list[tuple[str, Any]]:
         """(session id, gateway) of every session opened so far (for readiness reports)."""
         with self._cond:
