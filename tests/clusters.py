@@ -157,6 +157,10 @@ class RabbitCluster:
         self.nodes[index].kill()
         self.nodes[index].wait(timeout=60)
 
+    def stop(self, index: int) -> None:
+        """A clean stop (SIGTERM: the node leaves, its connections are closed)."""
+        self.nodes[index].stop(timeout=60)
+
     def start(self, index: int) -> None:
         self.nodes[index].start()
         self.wait_node(index)
@@ -239,6 +243,11 @@ class PostgresPair:
         self._query(1, "ALTER SYSTEM SET primary_conninfo = ''")
         self._query(1, "SELECT pg_reload_conf()")
         _wait("standby detached", lambda: self.replication_state() is None)
+
+    def stop_primary(self) -> None:
+        """A fast shutdown (SIGINT: clients are disconnected, then the server exits)."""
+        self.primary.kill(signal="SIGINT")
+        self.primary.wait(timeout=60)
 
     def kill_primary(self) -> None:
         self.primary.kill()

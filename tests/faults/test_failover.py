@@ -278,3 +278,55 @@ def test_postgresql_asynchronous_standby_loses_the_last_commits_with_a_worker_ki
                 answered_again={k for k in keys if _id(k) in confirmed_before},
             )
         )
+
+
+def test_both_engines_lose_a_node_one_after_the_other_under_steady_traffic(
+    rabbit_cluster: RabbitCluster,
+    tmp_path: Path,
+    record: Callable[[Tally], None],
+) -> None:
+    """The compose HA profile's topology under demo-like traffic (approvals published in
+    batches while the worker runs): the RabbitMQ node the worker is on is stopped, then
+    the PostgreSQL primary, and its synchronous standby promoted."""
+    rng = random.Random(2731)
+    with (
+        _pair(synchronous=True) as pair,
+        fault_env(
+            rabbit_cluster.url,
+            pair.url,
+            tmp_path,
+            [sim_toml(seed=2731), sim_toml(seed=2732)],
+            quorum_observer=True,
+        ) as env,
+    ):
+        worker = env.start_worker()
+        keys: list[str] = []
+        timings: dict[str, float] = {}
+        for batch in range(6):
+            keys += env.publish(approvals(40, rng))
+            _at_least(env, len(keys) - 20)
+            if batch == 1:
+                on = _node_of(_log_of(env), rabbit_cluster)
+                stopped_at, baseline = time.monotonic(), _count(env)
+                rabbit_cluster.stop(on)
+                timings["rabbitmq"] = _resumed_after(env, stopped_at, baseline, len(keys))
+            elif batch == 3:
+                stopped_at, baseline = time.monotonic(), _count(env)
+                pair.stop_primary()
+                pair.promote()
+                timings["postgres"] = _resumed_after(env, stopped_at, baseline, len(keys))
+        env.wait_confirmed(keys, WAIT_SECONDS, worker)
+        env.wait_caught_up(keys, WAIT_SECONDS, worker)
+        assert worker.stop() == 0, worker.tail()
+        assert len(env.workers) == 1
+        assert "database switched to a new primary" in _log_of(env)
+        notes = (
+            f"RabbitMQ node under the worker stopped at 80: resumed in"
+            f" {timings['rabbitmq']:.1f} s; PostgreSQL primary stopped at 160 and the"
+            f" synchronous standby promoted: resumed in {timings['postgres']:.1f} s"
+        )
+        record(
+            env.check(
+                "HA topology: a RabbitMQ node, then the PostgreSQL primary", keys, notes=notes
+            )
+        )

@@ -16,6 +16,9 @@ known. What follows from a new epoch:
 - the fence refuses a session lease whose lock connection was made in an earlier epoch
   (:meth:`Epochs.is_current`): an advisory lock lives on one server only and does not
   survive a failover, so a lock on an old primary that is still reachable proves nothing;
+  and a new connection that reaches a server on an older timeline than the newest seen
+  (an old primary still up) is refused (:class:`EarlierPrimary`), so nothing is written
+  there;
 - with asynchronous replication the new primary may lack the newest commits of the old
   one, intents included: an approval decided before the switch (plus a margin, the
   approval TTL, for the clocks and the time it took to notice) may already have its order
@@ -63,6 +66,11 @@ _SEEN_SQL = (
 # synchronous_commit levels that wait for a synchronous standby (PostgreSQL docs,
 # "synchronous_commit": local and off do not wait)
 _WAITING_LEVELS = frozenset({"on", "remote_write", "remote_apply"})
+
+
+class EarlierPrimary(psycopg.OperationalError):
+    """A new connection reached a server on an older timeline than the primary's: the pool
+    discards it (psycopg_pool drops a connection whose ``configure`` raises)."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,17 @@ class Epochs:
         epoch, replication = found
         with self._lock:
             self._by_conn[conn] = epoch
+            known = self.current
+            if (
+                known is not None
+                and known.system_identifier == epoch.system_identifier
+                and epoch.timeline < known.timeline
+            ):
+                # an old primary still accepting connections (a split brain): never used
+                raise EarlierPrimary(
+                    f"connected to a server on timeline {epoch.timeline}, the primary is on"
+                    f" timeline {known.timeline}"
+                )
             previous, self.current, self.replication = self.current, epoch, replication
             changed = previous is not None and previous != epoch
             first = previous is None
