@@ -269,21 +269,25 @@ class Pipeline:
         assert isinstance(routed, checks.Routed)
         account = routed.account
 
-        stale = self.staleness(request)
+        # after a database switch: its orders may be on the books with its row lost; such
+        # an approval is settled from them, never refused (stale) nor sent again
+        found_on = failover.find_before_claim(self, request, run)
+        if isinstance(found_on, Requeue):
+            return found_on
+        stale = self.staleness(request) if found_on is None else None
         if stale is not None:
             # judged before claiming: a stale approval is answered even with no session
             recorded = self._reject_stale(request, stale, run)
             if recorded is not None:
                 return recorded
-        found_on = failover.find_before_claim(self, request, run)  # after a database switch
-        if isinstance(found_on, Requeue):
-            return found_on
         with run.stage("claim"):
             try:
                 lease = self.sessions.claim(
                     self.settings.claim_timeout_seconds, account=account, session_id=found_on
                 )
             except ClaimTimeout:
+                if found_on is not None:
+                    return Requeue(f"no MT5 session {found_on} available")
                 return self._account_busy(request, account, len(accounts) > 1, run)
         with lease:
             context.enter_context(log_context(session=lease.session.id))
@@ -293,7 +297,7 @@ class Pipeline:
             if delivery.redelivered:
                 row = self.store.load(lease.conn, request.execution_id)
             if row is None:
-                stale = self.staleness(request)
+                stale = self.staleness(request) if found_on is None else None
                 if stale is not None:
                     return self.finisher.reject(lease.conn, request, *stale, run)
                 executed = self._execute(request, lease, run, adopt=found_on is not None)
@@ -360,6 +364,8 @@ class Pipeline:
                 valid = checks.validate(gateway, self.settings, trade)
         except GatewayRejection as rejection:
             run.broker_calls("validate", gateway.drain_calls())
+            if adopt:  # its order is on the books: a refusal of a new order says nothing
+                return Requeue(f"after a database switch, validation: {rejection.reason.value}")
             return self.finisher.reject(
                 lease.conn,
                 request,
