@@ -29,6 +29,7 @@ from worker.amqp.topology import (
     declare,
     describe_mismatch,
 )
+from worker.config import mask_url
 from worker.errors import ExitCode
 from worker.observability import metrics
 
@@ -138,7 +139,7 @@ class Connection:
         ):
             self._fatal(
                 ExitCode.ACCESS_REFUSED,
-                f"RabbitMQ refused access at node {self._rotation.current.name}",
+                f"RabbitMQ refused access at {mask_url(self._rotation.current.url)}",
             )
             return
         log.warning(

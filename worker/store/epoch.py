@@ -45,6 +45,7 @@ from typing import Any
 
 import psycopg
 
+from worker.errors import WorkerError
 from worker.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ _SEEN_SQL = (
 _WAITING_LEVELS = frozenset({"on", "remote_write", "remote_apply"})
 
 
-class EarlierPrimary(psycopg.OperationalError):
+class EarlierPrimary(psycopg.OperationalError, WorkerError):
     """A new connection reached a server on an older timeline than the primary's: the pool
     discards it (psycopg_pool drops a connection whose ``configure`` raises)."""
 
