@@ -3,7 +3,9 @@
 One connection and one channel at a time (IO thread only). The steps follow pika's
 asynchronous consumer example: connection open -> channel open -> publisher confirms ->
 declare the topology -> QoS -> (the runtime sweeps the outbox) -> consume. A lost
-connection or channel is reported to the runtime and retried with exponential backoff;
+connection or channel is reported to the runtime and retried, on the next node of the
+cluster first (``RABBITMQ_URL`` may name several: worker/amqp/nodes.py), with exponential
+backoff once every node failed in a row;
 wrong credentials (77) and a topology mismatch (78) end the process instead, since
 retrying cannot help.
 """
