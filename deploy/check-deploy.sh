@@ -96,7 +96,7 @@ compose_config() {
 filled_env() {
   local out
   out=$(mktemp)
-  sed -E 's/^(RABBITMQ_PASSWORD|POSTGRES_PASSWORD|POSTGRES_OWNER_PASSWORD|POSTGRES_WORKER_PASSWORD|MT5_BRIDGE_SECRET|GRAFANA_ADMIN_PASSWORD)=$/\1=render-only/' \
+  sed -E 's/^(RABBITMQ_PASSWORD|POSTGRES_PASSWORD|POSTGRES_OWNER_PASSWORD|POSTGRES_WORKER_PASSWORD|MT5_BRIDGE_SECRET|GRAFANA_ADMIN_PASSWORD|RABBITMQ_ERLANG_COOKIE|POSTGRES_REPLICATION_PASSWORD)=$/\1=render-only/' \
     "$1" >"$out"
   echo "$out"
 }
@@ -113,6 +113,8 @@ static_compose() {
   say "docker-compose.yml renders with .env.example and secrets"
   compose_config "$env_file" -f docker-compose.yml -f deploy/compose/local-images.yml
   say "docker-compose.yml + deploy/compose/local-images.yml render"
+  compose_config "$env_file" --profile ha -f docker-compose.yml -f deploy/compose/ha.yml
+  say "docker-compose.yml + deploy/compose/ha.yml (profile ha) render"
   rm -f "$env_file"
   env_file=$(filled_env deploy/compose/production.env.example)
   compose_config "$env_file" -f deploy/compose/production.yml
@@ -122,7 +124,7 @@ static_compose() {
 
 static_kustomize() {
   local dir
-  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production deploy/k8s/overlays/production/migrate; do
+  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production deploy/k8s/overlays/production/migrate deploy/k8s/overlays/ha; do
     kubectl kustomize "$dir" >/dev/null
     say "$dir renders with kubectl kustomize ($(kubectl kustomize "$dir" | grep -c '^kind:') objects)"
   done
@@ -151,10 +153,12 @@ static_schemas() {
     "$PY" -m pip install -q kubernetes-validate >/dev/null 2>&1 || { say "cannot install kubernetes-validate"; return 1; }
   fi
   out=$(mktemp)
-  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production; do
+  # the HA overlay's RabbitmqCluster and CloudNativePG Cluster are custom resources too:
+  # tests/unit/test_deploy_ha.py checks their fields (their CRDs are not at hand offline)
+  for dir in deploy/k8s deploy/k8s/migrate deploy/k8s/overlays/production deploy/k8s/overlays/ha; do
     kubectl kustomize "$dir" >"$out"
     "$PY" -m kubernetes_validate --strict --quiet -k 1.31.0 "$out" deploy/k8s/base/hpa.yaml |
-      grep -v "Couldn't find schema for kind \(ScaledObject\|TriggerAuthentication\)" && { rm -f "$out"; return 1; }
+      grep -v "Couldn't find schema for kind \(ScaledObject\|TriggerAuthentication\|RabbitmqCluster\|Cluster\)" && { rm -f "$out"; return 1; }
     if [ -n "${KEDA_CRD_DIR:-}" ]; then
       say "$dir: $(KEDA_CRD_DIR=$KEDA_CRD_DIR "$PY" -c "$KEDA_CHECK" <"$out") KEDA object(s) match KEDA's CRD schemas"
     fi

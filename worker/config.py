@@ -42,8 +42,16 @@ SERVER_TIMEZONE_PATTERN = r"(?:UTC|GMT)(?:([+-])(\d{1,2})(?::(00|15|30|45))?)?(?
 DEFAULT_PIP_SIZES = {"XAUUSD": 0.1, "XAGUSD": 0.01, "US500": 1.0, "BTCUSD": 1.0}
 
 
+# a comma that starts the next URL of a list (a RabbitMQ cluster's nodes)
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for logs, errors and --help)."""
+    """The URL with any password replaced by ``***`` (for logs, errors and --help); a list
+    of URLs (a RabbitMQ cluster) or a libpq multi-host URL part by part."""
+    several = _NEXT_URL.split(url)
+    if len(several) > 1:
+        return ",".join(mask_url(part) for part in several)
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -52,9 +60,7 @@ def mask_url(url: str) -> str:
         parts = parts._replace(query=_SECRET_QUERY.sub(rf"\1{MASK}", parts.query))
     if parts.password is None:
         return urlunsplit(parts)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # libpq multi-host: every host:port as written
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))
 

@@ -82,6 +82,8 @@ class Service:
             settings.database_url.get_secret_value(),
             max_size=max(settings.db_pool_size, 2 * len(specs) + 4),
             group_commit=settings.group_commit,
+            # approvals decided up to a TTL after a database switch are checked at the broker
+            switch_margin_seconds=settings.approval_ttl_seconds,
         )
         try:
             store.migrate()
@@ -90,6 +92,7 @@ class Service:
                 store.pool,
                 gateway_factory(settings, profiles),
                 linger_seconds=settings.session_linger_seconds,
+                connection_current=store.epochs.is_current,
             )
         except Exception:
             store.close()

@@ -86,6 +86,8 @@ def run_worker(settings: Settings) -> int:
         if health is not None:
             health.add_check("rabbitmq", runtime.consuming.is_set)
             health.add_check_group(service.readiness)
+            health.add_detail("rabbitmq", lambda: {"node": runtime.node})
+            health.add_detail("database", service.store.epochs.describe)
 
         def on_signal(number: int, _frame: FrameType | None) -> None:
             log.info("%s: draining", signal.Signals(number).name)

@@ -40,6 +40,7 @@ import psycopg
 from schemas.identity import execution_id_for, order_magic_for
 from tests import samples
 from tests.faults.processes import SimTerminalProcess, WorkerProcess, base_env, wait_for
+from worker.amqp.nodes import connection_parameters
 from worker.amqp.topology import (
     CONFIRMATIONS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
@@ -105,7 +106,7 @@ class Tally:
 class Side:
     """The test's own RabbitMQ connection: topology, publishing, the confirmation observer."""
 
-    def __init__(self, url: str, delivery_limit: int) -> None:
+    def __init__(self, url: str, delivery_limit: int, *, quorum_observer: bool = False) -> None:
         self.url = url
         self.delivery_limit = delivery_limit
         self.received: dict[str, list[bytes]] = defaultdict(list)
@@ -121,14 +122,17 @@ class Side:
             REQUESTS_QUEUE, durable=True, arguments=requests_queue_arguments(delivery_limit)
         )
         channel.exchange_declare(CONFIRMATIONS_EXCHANGE, "topic", durable=True)
-        channel.queue_declare(OBSERVER_QUEUE, durable=True)
+        # in a cluster the observer is a quorum queue too: a classic one dies with its node
+        observer = {"x-queue-type": "quorum"} if quorum_observer else None
+        channel.queue_declare(OBSERVER_QUEUE, durable=True, arguments=observer)
         channel.queue_bind(OBSERVER_QUEUE, CONFIRMATIONS_EXCHANGE, "#")
 
     def _open(self) -> None:
-        params = pika.URLParameters(self.url)
-        params.connection_attempts = 1
-        params.socket_timeout = 5
-        self._connection = pika.BlockingConnection(params)
+        every = connection_parameters(self.url, shuffle=True)  # a cluster: any live node
+        for params in every:
+            params.connection_attempts = 1
+            params.socket_timeout = 5
+        self._connection = pika.BlockingConnection(every)
         self._channel = self._connection.channel()
         self._channel.confirm_delivery()
 
@@ -239,7 +243,9 @@ class FaultEnv:
         *,
         delivery_limit: int = 5,
         settings: dict[str, str] | None = None,
+        quorum_observer: bool = False,
     ) -> None:
+        self.quorum_observer = quorum_observer
         self.rabbitmq_url = rabbitmq_url
         self.database_url = database_url
         self.directory = directory
@@ -259,7 +265,9 @@ class FaultEnv:
     def start(self) -> FaultEnv:
         for terminal in self.terminals:
             terminal.start()
-        self.side = Side(self.rabbitmq_url, self.delivery_limit)
+        self.side = Side(
+            self.rabbitmq_url, self.delivery_limit, quorum_observer=self.quorum_observer
+        )
         return self
 
     def close(self) -> None:
@@ -457,6 +465,8 @@ class FaultEnv:
         *,
         dead_letters_with_reason: bool = False,
         latest: bool = False,
+        rows_lost_to_failover: set[str] | frozenset[str] = frozenset(),
+        answered_again: set[str] | frozenset[str] = frozenset(),
         **extra: Any,
     ) -> Tally:
         """Assert the promise for every published key; return the scenario's numbers.
@@ -472,6 +482,12 @@ class FaultEnv:
         dead-lettered ``IN_FLIGHT`` (its row was being settled when its last delivery came)
         is accounted for once its row is final and its confirmation arrived: the recovery
         sweep answered it, which is what that reason promises.
+        ``rows_lost_to_failover``: keys whose rows an asynchronous failover lost after their
+        confirmation went out; without a row, each still needs its confirmation, one broker
+        order at most, and a FILLED confirmation that matches that order's deals.
+        ``answered_again``: keys whose confirmations may differ in their timings, not in
+        status, lots, price and deals (confirmed before a failover lost the row, answered
+        again from the broker's books after it).
         """
         side = self.broker_side
         received = side.collect()
@@ -514,6 +530,23 @@ class FaultEnv:
                     problems.append(f"{key}: dead-lettered but the broker has orders {orders}")
                 continue
             versions = _versions(received, str(execution_id))
+            if not key_rows and key in rows_lost_to_failover and versions:
+                body = json.loads(versions[max(versions)][0])
+                states[f"{body['status']} (row lost)"] += 1
+                if body["status"] in FILLED_STATES and len(orders) == 1:
+                    ((_, order),) = orders
+                    problems += _fill_problems(
+                        key,
+                        body["status"],
+                        body,
+                        order,
+                        body["executed_lots"],
+                        orders,
+                        deals_by_magic.get(magic, []),
+                    )
+                elif body["status"] in FILLED_STATES or orders:
+                    problems.append(f"{key}: {body['status']} (row lost), orders {orders}")
+                continue
             answered = TERMINAL_STATES | {PROVISIONAL_STATE}
             if len(key_rows) != 1 or key_rows[0][0] not in answered or not versions:
                 tally.lost += 1
@@ -523,7 +556,12 @@ class FaultEnv:
             states[state] += 1
             answered_keys.add(key)
             for version, copies in versions.items():
-                if len(set(copies)) != 1:
+                if len(set(copies)) != 1 and key in answered_again:
+                    # answered once before an asynchronous failover lost its row, and once
+                    # after from the broker's books: the same fill, told twice
+                    if len({_essentials(copy) for copy in copies}) != 1:
+                        problems.append(f"{key}: v{version}: answered again differently")
+                elif len(set(copies)) != 1:
                     problems.append(f"{key}: v{version}: {len(set(copies))} different bodies")
             if latest:
                 problems += _version_problems(key, str(execution_id), versions, on_record)
@@ -564,6 +602,15 @@ class FaultEnv:
             f" ({tally.orders} orders); {len(problems)} problems: " + "; ".join(problems[:20])
         )
         return tally
+
+
+def _essentials(body: bytes) -> tuple[Any, ...]:
+    """What a confirmation says of the trade, whoever derived it and when."""
+    document = json.loads(body)
+    return tuple(
+        json.dumps(document.get(name), sort_keys=True)
+        for name in ("idempotency_key", "status", "executed_lots", "fill_price", "broker_deals")
+    )
 
 
 def _fill_problems(

@@ -113,21 +113,29 @@ def answered(pipeline: Pipeline, outcome: Outcome) -> Outcome:
 
 @contextmanager
 def pipeline_env(
-    database_url: str, sim_config: SimConfig | None = None, *, sessions: int = 1, **settings: Any
+    database_url: str,
+    sim_config: SimConfig | None = None,
+    *,
+    sessions: int = 1,
+    sim: SimTerminal | None = None,
+    **settings: Any,
 ) -> Iterator[PipelineEnv]:
-    """``sessions`` > 1: that many terminals on the one simulated account."""
+    """``sessions`` > 1: that many terminals on the one simulated account; ``sim``: an
+    existing simulated terminal (its books), e.g. shared with another env."""
     environ = {"DATABASE_URL": database_url, "MT5_SESSIONS": "1"}
     base = load_settings(environ)
     values = {"reconcile_grace_seconds": 0.05, "order_timeout_seconds": 2.0, **settings}
     config = base.model_copy(update=values)
     store = Store.open(database_url, max_size=6, group_commit=config.group_commit)
     store.migrate()
-    sim = SimTerminal(always_open(sim_config or SimConfig()))
-    assert sim.initialize()
+    if sim is None:
+        sim = SimTerminal(always_open(sim_config or SimConfig()))
+        assert sim.initialize()
+    terminal = sim
 
     def opener(spec: SessionSpec) -> api.Terminal:
         del spec
-        return sim
+        return terminal
 
     pool = SessionPool(
         [SessionSpec(id=f"sim-{i}", backend="sim") for i in range(sessions)],
@@ -138,7 +146,7 @@ def pipeline_env(
     )
     pipeline = Pipeline(config, store, pool)
     try:
-        yield PipelineEnv(config, store, sim, pool, pipeline)
+        yield PipelineEnv(config, store, terminal, pool, pipeline)
     finally:
         pipeline.settler.stop()
         pool.close()

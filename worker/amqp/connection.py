@@ -3,7 +3,9 @@
 One connection and one channel at a time (IO thread only). The steps follow pika's
 asynchronous consumer example: connection open -> channel open -> publisher confirms ->
 declare the topology -> QoS -> (the runtime sweeps the outbox) -> consume. A lost
-connection or channel is reported to the runtime and retried with exponential backoff;
+connection or channel is reported to the runtime and retried, on the next node of the
+cluster first (``RABBITMQ_URL`` may name several: worker/amqp/nodes.py), with exponential
+backoff once every node failed in a row;
 wrong credentials (77) and a topology mismatch (78) end the process instead, since
 retrying cannot help.
 """
@@ -19,6 +21,7 @@ import pika
 import pika.exceptions
 
 from worker.amqp.loop import IoLoop
+from worker.amqp.nodes import NodeRotation
 from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.publisher import ConfirmingPublisher
 from worker.amqp.topology import (
@@ -58,7 +61,8 @@ class Connection:
         """``on_ready(channel, publisher)``: declared, QoS set; call :meth:`start_consuming`.
         ``on_lost()``: the channel is gone (before its publishes are failed).
         ``on_closed()``: nothing left to do; stop the IO loop."""
-        self._url = url
+        self._rotation = NodeRotation(url)  # the cluster's nodes, shuffled
+        self.node: str | None = None  # host:port of the node connected to (readiness, metrics)
         self._loop = loop
         self._options = options
         self._stats = stats
@@ -86,9 +90,10 @@ class Connection:
         if self._stopping():
             self._on_closed()
             return
-        params = pika.URLParameters(self._url)
+        node = self._rotation.current
+        params = node.parameters()
         params.client_properties = {"connection_name": self._options.connection_name}
-        log.info("connecting to %s", mask_url(self._url))
+        log.info("connecting to RabbitMQ node %s", node.name)
         self._connection = pika.SelectConnection(
             params,
             on_open_callback=self._on_connection_open,
@@ -119,6 +124,10 @@ class Connection:
     # ----------------------------------------------------------------- connection
 
     def _on_connection_open(self, connection: Any) -> None:
+        self._rotation.connected()
+        self.node = self._rotation.current.name
+        metrics.set_rabbitmq_node(self.node, [node.name for node in self._rotation.nodes])
+        log.info("connected to RabbitMQ node %s", self.node)
         self._stats.connections += 1
         if self._stats.connections > 1:
             metrics.record_reconnect("rabbitmq")
@@ -131,24 +140,38 @@ class Connection:
             pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError,
         ):
             self._fatal(
-                ExitCode.ACCESS_REFUSED, f"RabbitMQ refused access at {mask_url(self._url)}"
+                ExitCode.ACCESS_REFUSED,
+                f"RabbitMQ refused access at {mask_url(self._rotation.current.url)}",
             )
             return
-        log.warning("cannot connect to RabbitMQ: %s", type(error).__name__)
-        self._schedule_reconnect()
+        log.warning(
+            "cannot connect to RabbitMQ node %s: %s",
+            self._rotation.current.name,
+            type(error).__name__,
+        )
+        self._schedule_reconnect(next_node=True)
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._lose_channel()
         self._connection = None
+        lost, self.node = self.node, None
+        metrics.set_rabbitmq_node(None, [node.name for node in self._rotation.nodes])
         if self.closing or self._stopping():
             self._on_closed()
             return
-        log.warning("RabbitMQ connection lost: %s", reason)
-        self._schedule_reconnect()
+        log.warning("RabbitMQ connection to node %s lost: %s", lost, reason)
+        # the node may be dead: another one is tried first (a cluster serves the quorum
+        # queue from any node while a majority of its members is up)
+        self._schedule_reconnect(next_node=True)
 
-    def _schedule_reconnect(self) -> None:
+    def _schedule_reconnect(self, *, next_node: bool = False) -> None:
         if self.closing or self._stopping():
             self._on_closed()
+            return
+        if next_node and len(self._rotation.nodes) > 1 and not self._rotation.advance():
+            # another node of the round: at once (the backoff is for a whole round failing)
+            log.info("trying RabbitMQ node %s", self._rotation.current.name)
+            self._loop.call_later(self._options.reconnect_min_delay_seconds, self.connect)
             return
         delay = self._reconnect_delay
         self._reconnect_delay = min(delay * 2, self._options.reconnect_max_delay_seconds)

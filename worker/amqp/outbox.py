@@ -98,6 +98,7 @@ class Confirmations:
         self._backoff = outbox if isinstance(outbox, BackoffOutbox) else None
         self._mark_timer: Any = None
         self._sweeping = False
+        self._sweep_refused: dict[str, int] = {}  # this sweep's publishes the broker refused
         self._db: Threads | None = None
 
     def start(self) -> None:
@@ -237,6 +238,8 @@ class Confirmations:
             )
             if on_failed is not None:
                 self._deliveries.park(execution_id, on_failed)
+            else:
+                self._sweep_refused[result.value] = self._sweep_refused.get(result.value, 0) + 1
         self._on_result()
 
     def _on_reply_result(self, publish: Publish, result: PublishResult) -> None:
@@ -303,6 +306,12 @@ class Confirmations:
         row this one retried in vain and takes the rows due after them."""
         self._sweeping = False
         self._stats.sweeps += 1
+        if self._sweep_refused:
+            refused, self._sweep_refused = self._sweep_refused, {}
+            log.warning(
+                "outbox sweep: the broker refused %s; retried with backoff",
+                ", ".join(f"{count} ({how})" for how, count in sorted(refused.items())),
+            )
         self.flush_marks()
 
     # ----------------------------------------------------------------- published marks

@@ -143,6 +143,11 @@ class AmqpRuntime:
         )
 
     @property
+    def node(self) -> str | None:
+        """host:port of the RabbitMQ node connected to (None while reconnecting)."""
+        return self._connection.node
+
+    @property
     def error(self) -> str | None:
         """Why run() returned non-zero (one line)."""
         return self._connection.error

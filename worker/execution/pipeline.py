@@ -62,7 +62,7 @@ from schemas.enums import ExecutionStatus, RejectionReason
 from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
-from worker.execution import checks, last_chance, recheck, settle
+from worker.execution import checks, failover, last_chance, recheck, settle
 from worker.execution.audit import Run
 from worker.execution.finish import Finisher
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue, Settling
@@ -269,7 +269,12 @@ class Pipeline:
         assert isinstance(routed, checks.Routed)
         account = routed.account
 
-        stale = self.staleness(request)
+        # after a database switch: its orders may be on the books with its row lost; such
+        # an approval is settled from them, never refused (stale) nor sent again
+        found_on = failover.find_before_claim(self, request, run)
+        if isinstance(found_on, Requeue):
+            return found_on
+        stale = self.staleness(request) if found_on is None else None
         if stale is not None:
             # judged before claiming: a stale approval is answered even with no session
             recorded = self._reject_stale(request, stale, run)
@@ -277,8 +282,12 @@ class Pipeline:
                 return recorded
         with run.stage("claim"):
             try:
-                lease = self.sessions.claim(self.settings.claim_timeout_seconds, account=account)
+                lease = self.sessions.claim(
+                    self.settings.claim_timeout_seconds, account=account, session_id=found_on
+                )
             except ClaimTimeout:
+                if found_on is not None:
+                    return Requeue(f"no MT5 session {found_on} available")
                 return self._account_busy(request, account, len(accounts) > 1, run)
         with lease:
             context.enter_context(log_context(session=lease.session.id))
@@ -288,10 +297,10 @@ class Pipeline:
             if delivery.redelivered:
                 row = self.store.load(lease.conn, request.execution_id)
             if row is None:
-                stale = self.staleness(request)
+                stale = self.staleness(request) if found_on is None else None
                 if stale is not None:
                     return self.finisher.reject(lease.conn, request, *stale, run)
-                executed = self._execute(request, lease, run)
+                executed = self._execute(request, lease, run, adopt=found_on is not None)
                 if executed is not None:
                     return executed
                 row = self.store.load(lease.conn, request.execution_id)
@@ -343,7 +352,9 @@ class Pipeline:
         ttl = self.settings.approval_ttl_seconds
         return checks.staleness(request.decided_at, self.clock(), ttl)
 
-    def _execute(self, request: ExecutionRequest, lease: Lease, run: Run) -> Outcome | None:
+    def _execute(
+        self, request: ExecutionRequest, lease: Lease, run: Run, *, adopt: bool = False
+    ) -> Outcome | None:
         """Validate, commit the intent, send. None: the key already has a row (no order)."""
         trade = request.trade
         assert trade is not None  # checks.refusal guarantees an approved trade
@@ -353,6 +364,8 @@ class Pipeline:
                 valid = checks.validate(gateway, self.settings, trade)
         except GatewayRejection as rejection:
             run.broker_calls("validate", gateway.drain_calls())
+            if adopt:  # its order is on the books: a refusal of a new order says nothing
+                return Requeue(f"after a database switch, validation: {rejection.reason.value}")
             return self.finisher.reject(
                 lease.conn,
                 request,
@@ -377,6 +390,8 @@ class Pipeline:
         )
         plan.arrival_bid, plan.arrival_ask = valid.snapshot.bid, valid.snapshot.ask
         if not self.sender.commit_intent(plan, request, lease, run):
+            return None
+        if adopt:  # on the broker's books before a database switch lost its row: settle it
             return None
         return self._submit(plan, valid.spec, lease, run)
 

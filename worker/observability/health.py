@@ -9,6 +9,7 @@
     server.add_check("database", database_check(url))
     server.add_check_group(service.readiness)         # Callable[[], Mapping[str, bool]]
     server.add_liveness_check("children", fn)         # extra liveness (e.g. a supervisor)
+    server.add_detail("rabbitmq", fn)                 # readiness body: what it is connected to
     server.stop() -> None
 
 - ``/metrics``: the Prometheus exposition; with ``PROMETHEUS_MULTIPROC_DIR`` set it merges
@@ -20,7 +21,9 @@
 - ``/readyz``: 200 when every readiness check returns True, else 503 (also with no checks
   registered: nothing says the worker can work). A check that raises counts as False; the
   exception is logged (redacted), never put in the body.
-  Body: ``{"status": "ready"|"not_ready", "checks": {"rabbitmq": true, ...}}``.
+  Body: ``{"status": "ready"|"not_ready", "checks": {"rabbitmq": true, ...}}``, and with
+  details registered ``"details": {"rabbitmq": {"node": "rmq-1:5672"}, "database":
+  {"timeline": 2, "synchronous_standby": true, ...}}`` (names and flags, never secrets).
 
 ``database_check(url)`` and ``rabbitmq_check(url)`` open a real connection on each call
 (bounded by ``timeout``); a runtime that holds a connection may register a cheaper check
@@ -45,6 +48,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from worker.observability import metrics
 
 Check = Callable[[], bool]
+Detail = Callable[[], Mapping[str, Any]]
 CheckGroup = Callable[[], Mapping[str, bool]]
 
 _log = logging.getLogger(__name__)
@@ -56,6 +60,14 @@ def _run_check(name: str, check: Check) -> bool:
     except Exception:
         _log.warning("health check %s failed", name, exc_info=True)
         return False
+
+
+def _run_detail(name: str, detail: Detail) -> dict[str, Any]:
+    try:
+        return dict(detail())
+    except Exception:
+        _log.warning("readiness detail %s failed", name, exc_info=True)
+        return {"error": True}
 
 
 class HealthServer:
@@ -79,6 +91,7 @@ class HealthServer:
         self._checks: dict[str, Check] = {}
         self._groups: list[CheckGroup] = []
         self._liveness: dict[str, Check] = {}
+        self._details: dict[str, Detail] = {}
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -99,6 +112,11 @@ class HealthServer:
     def add_liveness_check(self, name: str, check: Check) -> None:
         with self._lock:
             self._liveness[name] = check
+
+    def add_detail(self, name: str, detail: Detail) -> None:
+        """Readiness body only (never the verdict): e.g. the RabbitMQ node connected to."""
+        with self._lock:
+            self._details[name] = detail
 
     # --- lifecycle ---
 
@@ -153,6 +171,7 @@ class HealthServer:
         with self._lock:
             checks = dict(self._checks)
             groups = list(self._groups)
+            details = dict(self._details)
         results = {name: _run_check(name, check) for name, check in checks.items()}
         for group in groups:
             try:
@@ -161,7 +180,10 @@ class HealthServer:
                 _log.warning("health check group failed", exc_info=True)
                 results["readiness"] = False
         ready = bool(results) and all(results.values())
-        return ready, {"status": "ready" if ready else "not_ready", "checks": results}
+        body: dict[str, Any] = {"status": "ready" if ready else "not_ready", "checks": results}
+        if details:
+            body["details"] = {name: _run_detail(name, detail) for name, detail in details.items()}
+        return ready, body
 
     def exposition(self) -> bytes:
         metrics.record_ready(self.readiness()[0])
@@ -232,13 +254,15 @@ def rabbitmq_check(url: str, timeout: float = 2.0) -> Check:
     import pika.exceptions
 
     def check() -> bool:
-        params = pika.URLParameters(url)
-        params.socket_timeout = timeout
-        params.blocked_connection_timeout = timeout
-        params.stack_timeout = timeout
-        params.connection_attempts = 1
+        # a cluster is comma-separated URLs (worker/amqp/nodes.py): any node answering will do
+        every = [pika.URLParameters(part) for part in url.split(",") if "://" in part]
+        for params in every:
+            params.socket_timeout = timeout
+            params.blocked_connection_timeout = timeout
+            params.stack_timeout = timeout
+            params.connection_attempts = 1
         try:
-            connection = pika.BlockingConnection(params)
+            connection = pika.BlockingConnection(every)
         except (pika.exceptions.AMQPError, OSError):
             return False
         try:

@@ -82,14 +82,15 @@ def register_settings_secrets(settings: Settings) -> None:
     """Register every secret the settings hold: URL passwords and the bridge secret."""
     from urllib.parse import unquote, urlsplit
 
-    for url in (settings.rabbitmq_url, settings.database_url):
-        try:
-            password = urlsplit(url.get_secret_value()).password
-        except ValueError:
-            continue
-        if password:
-            register_secret(unquote(password))
-            register_secret(password)
+    for urls in (settings.rabbitmq_url, settings.database_url):
+        for url in urls.get_secret_value().split(","):  # a cluster's nodes, or libpq hosts
+            try:
+                password = urlsplit(url).password
+            except ValueError:
+                continue
+            if password:
+                register_secret(unquote(password))
+                register_secret(password)
     register_secret(settings.mt5_bridge_secret)
 
 

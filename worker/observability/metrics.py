@@ -239,6 +239,31 @@ RECOVERIES = Counter(
     "In-flight rows the recovery sweep (or reconcile) tried to settle, by result.",
     ["result"],
 )
+RABBITMQ_NODE = Gauge(
+    PREFIX + "rabbitmq_node",
+    "1 for the RabbitMQ node (host:port, from RABBITMQ_URL) the worker is connected to,"
+    " 0 for the cluster's other nodes.",
+    ["node"],
+    multiprocess_mode="livemax",
+)
+DATABASE_TIMELINE = Gauge(
+    PREFIX + "database_timeline",
+    "The timeline of the PostgreSQL primary the worker writes to (it grows by one at"
+    " every promotion of a standby).",
+    multiprocess_mode="livemax",
+)
+DATABASE_SYNCHRONOUS_STANDBY = Gauge(
+    PREFIX + "database_synchronous_standby",
+    "1 when the primary commits only once a synchronous standby has the commit"
+    " (synchronous_standby_names set, synchronous_commit on/remote_write/remote_apply),"
+    " else 0: a failover may then lose the newest commits.",
+    multiprocess_mode="livemin",
+)
+DATABASE_SWITCHES = Counter(
+    PREFIX + "database_switches_total",
+    "Times the worker found its database on a new primary (timeline or system identifier"
+    " changed): approvals decided before it are reconciled by magic before any send.",
+)
 READY = Gauge(
     PREFIX + "ready",
     "1 while /readyz would answer 200 (broker, database, a healthy session), else 0.",
@@ -462,6 +487,21 @@ def record_settled_off_session(*, provisional: bool) -> None:
 def record_recovery(*, settled: bool) -> None:
     """One in-flight row the recovery sweep tried: ``settled`` or left ``unresolved``."""
     RECOVERIES.labels(result="settled" if settled else "unresolved").inc()
+
+
+def set_rabbitmq_node(current: str | None, every: Iterable[str]) -> None:
+    """The node connected to (None: none right now), among the cluster's nodes."""
+    for node in every:
+        RABBITMQ_NODE.labels(node=node).set(1 if node == current else 0)
+
+
+def set_database(timeline: int, synchronous_standby: bool) -> None:
+    DATABASE_TIMELINE.set(timeline)
+    DATABASE_SYNCHRONOUS_STANDBY.set(1 if synchronous_standby else 0)
+
+
+def record_database_switch() -> None:
+    DATABASE_SWITCHES.inc()
 
 
 def record_ready(ready: bool) -> None:

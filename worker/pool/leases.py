@@ -149,6 +149,11 @@ class Lease:
             raise LeaseLost(f"session {self.session.id}: lease already released")
         if self.conn.closed or self.conn.broken:
             raise LeaseLost(f"session {self.session.id}: the lock connection is gone")
+        if not self._pool.connection_current(self.conn):
+            # advisory locks do not survive a failover: this one is on an old primary
+            raise LeaseLost(
+                f"session {self.session.id}: the lock was taken on an earlier database primary"
+            )
 
     def fence(self) -> None:
         """Prove with one round trip that this lease still holds the session's lock.

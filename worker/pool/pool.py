@@ -82,10 +82,14 @@ class SessionPool:
         opener: Callable[[SessionSpec], api.Terminal] = open_terminal,
         linger_seconds: float = 0.0,
         max_hold_seconds: float = 5.0,
+        connection_current: Callable[[Any], bool] | None = None,
     ) -> None:
+        """``connection_current(conn)``: False for a database connection made on an earlier
+        primary (``Epochs.is_current``): the fence refuses a lease whose lock lives there."""
         if not specs:
             raise ValueError("a session pool needs at least one session")
         self._db_pool = db_pool  # psycopg_pool.ConnectionPool (untyped module)
+        self.connection_current: Callable[[Any], bool] = connection_current or (lambda _c: True)
         self._gateway_factory = gateway_factory
         self._backoff = reconnect_backoff
         self._max_failures = max_failures
@@ -267,6 +271,7 @@ class SessionPool:
             not conn.closed
             and not conn.broken
             and conn.info.transaction_status == pq.TransactionStatus.IDLE
+            and self.connection_current(conn)  # its lock is not on an old primary
         )
         if not usable:
             self._drop(conn, parked.autocommit_was, unlock=False)
@@ -307,12 +312,17 @@ class SessionPool:
             raise
 
     def _getconn(self, deadline: float) -> psycopg.Connection[Any]:
-        remaining = max(deadline - time.monotonic(), 0.001)
-        try:
-            conn: psycopg.Connection[Any] = self._db_pool.getconn(timeout=remaining)
-        except Exception as exc:  # psycopg_pool.PoolTimeout, PoolClosed, connection errors
-            raise ClaimTimeout(f"no database connection: {type(exc).__name__}") from None
-        return conn
+        while True:
+            remaining = max(deadline - time.monotonic(), 0.001)
+            try:
+                conn: psycopg.Connection[Any] = self._db_pool.getconn(timeout=remaining)
+            except Exception as exc:  # psycopg_pool.PoolTimeout, PoolClosed, connection errors
+                raise ClaimTimeout(f"no database connection: {type(exc).__name__}") from None
+            if self.connection_current(conn):
+                return conn
+            # made on an earlier primary (still reachable): closed, the pool replaces it
+            conn.close()
+            self._db_pool.putconn(conn)
 
     def _release(
         self,
@@ -467,6 +477,10 @@ class SessionPool:
                     slot.recovery = None
         if recovered:
             _log.info("mt5 session %s back in rotation", slot.spec.id)
+
+    def session_specs(self) -> list[SessionSpec]:
+        """Every session of this process, in its configured order."""
+        return [slot.spec for slot in self._slots]
 
     def gateways(self) -> list[tuple[str, Any]]:
         """(session id, gateway) of every session opened so far (for readiness reports)."""

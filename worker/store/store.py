@@ -15,6 +15,7 @@ parameters: one round trip, one commit, and little Python work per column.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from worker.execution.outcome import Publish
+from worker.store.epoch import Epochs
 from worker.store.group import FenceLost, GroupCommit
 from worker.store.migrate import apply_migrations
 from worker.store.outbox import OutboxKey, OutboxMixin
@@ -74,6 +76,8 @@ __all__ = [
     "json_default",
 ]
 
+log = logging.getLogger(__name__)
+
 OPEN_TIMEOUT_SECONDS = 10.0  # waiting for a connection; then the message is requeued
 # libpq TCP keepalives: a connection whose peer vanished (a PostgreSQL failover, a dead
 # network path) is found dead within ~25 s instead of the kernel's two hours. Session locks
@@ -86,29 +90,69 @@ TCP_KEEPALIVES = {
 }
 
 
+def report_database(epochs: Epochs) -> None:
+    """At start: the primary's epoch, and whether a synchronous standby has every commit."""
+    about = epochs.describe()
+    if about["synchronous_standby"]:
+        log.info(
+            "database: timeline %s, synchronous standby (synchronous_standby_names=%r,"
+            " synchronous_commit=%s): a failover to it loses no commit",
+            about["timeline"],
+            about["synchronous_standby_names"],
+            about["synchronous_commit"],
+        )
+    else:
+        log.warning(
+            "database: timeline %s, no synchronous standby (synchronous_standby_names=%r,"
+            " synchronous_commit=%s): a failover may lose the newest commits; approvals"
+            " decided before one are reconciled with the broker by magic before any send",
+            about["timeline"],
+            about["synchronous_standby_names"],
+            about["synchronous_commit"],
+        )
+
+
 class Store(OutboxMixin):
     """Executions, events and the outbox. Thread-safe (a connection pool inside)."""
 
-    def __init__(self, pool: ConnectionPool, group: GroupCommit | None = None) -> None:
+    def __init__(
+        self, pool: ConnectionPool, group: GroupCommit | None = None, epochs: Epochs | None = None
+    ) -> None:
         self.pool = pool
         self.group = group
+        self.epochs = epochs or Epochs()
         self._watchers: list[Callable[[Publish], None]] = []
 
     @classmethod
-    def open(cls, url: str, *, max_size: int = 10, group_commit: bool = False) -> Store:
+    def open(
+        cls,
+        url: str,
+        *,
+        max_size: int = 10,
+        group_commit: bool = False,
+        switch_margin_seconds: float = 30.0,
+    ) -> Store:
         """``group_commit``: lease-fenced intents and finals share transactions (see
-        :mod:`worker.store.group`), on a connection of their own beside the pool."""
+        :mod:`worker.store.group`), on a connection of their own beside the pool.
+
+        ``url`` may be a libpq multi-host URL (``postgresql://u@a:5432,b:5432/db?
+        target_session_attrs=read-write``: libpq tries the hosts in order and keeps the
+        first that accepts writes; PostgreSQL docs, "Connection Strings", 34.1.1.3
+        Specifying Multiple Hosts). Every new connection's epoch is read first
+        (:class:`~worker.store.epoch.Epochs`; ``switch_margin_seconds``: the approval TTL)."""
+        epochs = Epochs(switch_margin_seconds)
         pool = ConnectionPool(
             url,
             min_size=1,
             max_size=max_size,
             kwargs={"autocommit": True, **TCP_KEEPALIVES},
+            configure=epochs.observe,
             open=True,
             timeout=OPEN_TIMEOUT_SECONDS,
             name="execution-store",
         )
         group = GroupCommit(url, TCP_KEEPALIVES) if group_commit else None
-        return cls(pool, group)
+        return cls(pool, group, epochs)
 
     def close(self) -> None:
         if self.group is not None:
@@ -122,7 +166,10 @@ class Store(OutboxMixin):
 
     def migrate(self) -> list[int]:
         with self.connection() as conn:
-            return apply_migrations(conn)
+            applied = apply_migrations(conn)
+            self.epochs.observe(conn)  # now that execution.database_epochs exists
+        report_database(self.epochs)
+        return applied
 
     # --- reads -----------------------------------------------------------------------
 

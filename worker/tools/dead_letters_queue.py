@@ -33,6 +33,7 @@ from typing import Any
 import pika
 import pika.exceptions
 
+from worker.amqp.nodes import connection_parameters
 from worker.amqp.publisher import PERSISTENT
 from worker.amqp.topology import DEAD_QUEUE, REQUESTS_QUEUE
 from worker.errors import WorkerError
@@ -334,9 +335,10 @@ class DeadQueue:
 @contextmanager
 def dead_queue(url: str, limit: int) -> Iterator[DeadQueue]:
     """A browsing session; the held messages go back when it ends, whatever happens."""
-    parameters = pika.URLParameters(url)
-    parameters.connection_attempts = 1
-    parameters.blocked_connection_timeout = 30
+    parameters = connection_parameters(url, shuffle=True)  # a cluster's nodes, in turn
+    for one in parameters:
+        one.connection_attempts = 1
+        one.blocked_connection_timeout = 30
     connection = pika.BlockingConnection(parameters)
     try:
         queue = DeadQueue(connection, limit)

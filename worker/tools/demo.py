@@ -37,6 +37,7 @@ import pika
 from pydantic import SecretStr
 
 from schemas.identity import execution_id_for
+from worker.amqp.nodes import connection_parameters
 from worker.amqp.runtime import AmqpRuntime, runtime_from_settings
 from worker.amqp.topology import CONFIRMATIONS_EXCHANGE, DEAD_LETTER_EXCHANGE
 from worker.config import Settings, load_settings, mask_url
@@ -185,7 +186,7 @@ class Observer:
     """Private queues on the confirmation exchange and the dead-letter exchange."""
 
     def __init__(self, url: str) -> None:
-        self.connection = pika.BlockingConnection(pika.URLParameters(url))
+        self.connection = pika.BlockingConnection(connection_parameters(url, shuffle=True))
         self.channel = self.connection.channel()
         self.confirmations = self._bind(CONFIRMATIONS_EXCHANGE, "confirmation.#")
         self.dead = self._bind(DEAD_LETTER_EXCHANGE, "#")

@@ -25,6 +25,7 @@ import pika
 import pika.exceptions
 from pika.adapters.select_connection import IOLoop
 
+from worker.amqp.nodes import connection_parameters
 from worker.amqp.publisher import PERSISTENT, ConfirmingPublisher, PublishResult
 from worker.amqp.topology import (
     PRECONDITION_FAILED,
@@ -297,7 +298,12 @@ def publish_messages(
             failure.append(PublishError(f"channel closed: {reason}"))
         finish()
 
+    candidates = connection_parameters(url, shuffle=True)  # a cluster's nodes, in turn
+
     def on_open_error(_connection: Any, error: BaseException) -> None:
+        if candidates and not isinstance(error, pika.exceptions.ProbableAuthenticationError):
+            connect()  # the next node of the cluster
+            return
         from worker.explain import describe_broker_error
 
         explained = describe_broker_error(error, url)
@@ -308,15 +314,18 @@ def publish_messages(
         report.timed_out = True
         finish()
 
-    params = pika.URLParameters(url)
-    params.client_properties = {"connection_name": "execution-worker publish"}
-    holder["connection"] = pika.SelectConnection(
-        params,
-        on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel_open),
-        on_open_error_callback=on_open_error,
-        on_close_callback=lambda _conn, _reason: ioloop.stop(),
-        custom_ioloop=ioloop,
-    )
+    def connect() -> None:
+        params = candidates.pop(0)
+        params.client_properties = {"connection_name": "execution-worker publish"}
+        holder["connection"] = pika.SelectConnection(
+            params,
+            on_open_callback=lambda conn: conn.channel(on_open_callback=on_channel_open),
+            on_open_error_callback=on_open_error,
+            on_close_callback=lambda _conn, _reason: ioloop.stop(),
+            custom_ioloop=ioloop,
+        )
+
+    connect()
     timer = ioloop.call_later(timeout, on_timeout)
     try:
         ioloop.start()

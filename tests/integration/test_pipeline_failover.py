@@ -1,0 +1,75 @@
+"""A database failover that lost the newest commits: the redelivery finds its order by magic.
+
+Two pipelines on one simulated terminal (the broker's books) and two databases: the first
+database is the old primary, the second the promoted standby that never received the
+approval's rows (asynchronous replication). The second pipeline has seen the switch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
+
+
+@pytest.fixture
+def old_and_new(new_database: Callable[[], str]) -> Iterator[tuple[PipelineEnv, PipelineEnv]]:
+    with (
+        pipeline_env(new_database(), approval_ttl_seconds=1.0) as old,
+        pipeline_env(new_database(), sim=old.sim, approval_ttl_seconds=1.0) as new,
+    ):
+        new.store.epochs._switched_quietly(time.time())  # what observe() records
+        yield old, new
+
+
+def test_an_order_sent_before_the_switch_is_settled_from_the_books_not_sent_again(
+    old_and_new: tuple[PipelineEnv, PipelineEnv],
+) -> None:
+    old, new = old_and_new
+    message = approval("EURUSD", 1, 100_000.0)
+    before = old.confirm(message)
+    assert before["status"] == "FILLED" and len(old.deals()) == 1
+
+    after = new.confirm(message, redelivered=True)
+    assert len(new.deals()) == 1, "a second order"
+    assert after["status"] == "FILLED"
+    assert after["broker_deals"] == before["broker_deals"]
+    assert after["executed_lots"] == before["executed_lots"]
+    assert new.row(after["execution_id"])["state"] == "FILLED"
+
+
+def test_a_stale_redelivery_of_an_executed_approval_is_not_refused(
+    old_and_new: tuple[PipelineEnv, PipelineEnv],
+) -> None:
+    old, new = old_and_new
+    message = approval("USDJPY", -1, 50_000.0)
+    before = old.confirm(message)
+    time.sleep(1.2)  # past the 1 s TTL: a new approval this old would be refused
+    after = new.confirm(message, redelivered=True)
+    assert (after["status"], len(new.deals())) == ("FILLED", 1)
+    assert after["broker_deals"] == before["broker_deals"]
+
+
+def _stages(env: PipelineEnv, execution_id: str) -> list[tuple[str, str]]:
+    return [(e["stage"], e["kind"]) for e in env.events(execution_id)]
+
+
+def test_an_approval_the_broker_has_nothing_of_is_sent_once(
+    old_and_new: tuple[PipelineEnv, PipelineEnv],
+) -> None:
+    _, new = old_and_new
+    confirmation = new.confirm(approval("GBPUSD", 1, 30_000.0))
+    assert confirmation["status"] == "FILLED" and len(new.deals()) == 1
+    stages = _stages(new, confirmation["execution_id"])
+    # the broker was asked (by magic) before the order went out
+    assert stages.index(("reconcile", "broker_queries")) < stages.index(("submit", "broker_call"))
+
+
+def test_without_a_switch_the_broker_is_not_asked_first(new_database: Callable[[], str]) -> None:
+    with pipeline_env(new_database()) as env:
+        confirmation = env.confirm(approval())
+        assert confirmation["status"] == "FILLED"
+        assert ("reconcile", "broker_queries") not in _stages(env, confirmation["execution_id"])
