@@ -45,6 +45,7 @@ from worker.store.rows import (
     _row_json,
     json_default,
 )
+from worker.store.settling import SettlingMixin
 from worker.store.sql import (
     _HELD,
     _ROW,
@@ -112,7 +113,7 @@ def report_database(epochs: Epochs) -> None:
         )
 
 
-class Store(OutboxMixin):
+class Store(OutboxMixin, SettlingMixin):
     """Executions, events and the outbox. Thread-safe (a connection pool inside)."""
 
     def __init__(
@@ -366,36 +367,7 @@ class Store(OutboxMixin):
             raise LockNotHeld(f"execution {execution_id}: the session lock is lost")
         return int(row[0])
 
-    # --- provisional (UNKNOWN) rows: the background reconciler --------------------------
-
-    def unknown_due(self, conn: psycopg.Connection[Any], *, limit: int = 100) -> list[ExecutionRow]:
-        """UNKNOWN rows whose next reconcile is due, the most overdue first."""
-        with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                "SELECT * FROM execution.executions WHERE state = 'UNKNOWN'"
-                " AND coalesce(next_reconcile_at, updated_at) <= now()"
-                " ORDER BY coalesce(next_reconcile_at, updated_at) LIMIT %s",
-                (limit,),
-            )
-            return [ExecutionRow(dict(row)) for row in cur.fetchall()]
-
-    def reconcile_later(
-        self,
-        conn: psycopg.Connection[Any],
-        execution_id: UUID,
-        delay_seconds: float,
-        events: Sequence[Event],
-    ) -> None:
-        """An UNKNOWN row the broker still shows nothing of: ask again after the delay."""
-        with _atomic(conn):
-            conn.execute(
-                "WITH moved AS (UPDATE execution.executions SET"
-                " reconcile_attempts = reconcile_attempts + 1,"
-                " next_reconcile_at = now() + make_interval(secs => %s)"
-                " WHERE execution_id = %s AND state = 'UNKNOWN' RETURNING execution_id)"
-                f" {_events_insert('moved')}",
-                (delay_seconds, execution_id, _events_json(events)),
-            )
+    # --- provisional (UNKNOWN) rows: corrected here (reads in worker.store.settling) ----
 
     def correct(
         self,
@@ -445,55 +417,6 @@ class Store(OutboxMixin):
                 ),
             ).fetchone()
         return bool(row and row[0] == 1)
-
-    # --- the settler ------------------------------------------------------------------------
-
-    def settling(
-        self, conn: psycopg.Connection[Any], *, idle_seconds: float, limit: int = 500
-    ) -> list[ExecutionRow]:
-        """Rows left for the settler untouched for ``idle_seconds`` (a killed worker's, found
-        by whoever is alive): in flight with ``settling`` set, and final rows whose deals are
-        still to be checked (``settling`` is their deal check's document)."""
-        with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(
-                "SELECT * FROM execution.executions WHERE settling IS NOT NULL"
-                " AND state <> 'UNKNOWN' AND updated_at <= now() - make_interval(secs => %s)"
-                " ORDER BY updated_at LIMIT %s",
-                (idle_seconds, limit),
-            )
-            rows = [ExecutionRow(dict(row)) for row in cur.fetchall()]
-            cur.execute(
-                "SELECT e.*, c.document AS deal_check FROM execution.deal_checks c"
-                " JOIN execution.executions e USING (execution_id)"
-                " WHERE c.created_at <= now() - make_interval(secs => %s)"
-                " ORDER BY c.created_at LIMIT %s",
-                (idle_seconds, max(limit - len(rows), 0)),
-            )
-            for row in cur.fetchall():
-                values = dict(row)
-                values["settling"] = values.pop("deal_check")
-                rows.append(ExecutionRow(values))
-            return rows
-
-    def checked(self, conn: psycopg.Connection[Any], execution_ids: Sequence[UUID]) -> None:
-        """Final rows whose deals agreed with their replies (or were given up on): nothing
-        left to check. One statement for a settler round."""
-        if not execution_ids:
-            return
-        with _atomic(conn):
-            conn.execute(
-                "DELETE FROM execution.deal_checks WHERE execution_id = ANY(%s)",
-                (list(execution_ids),),
-            )
-
-    def deal_check(
-        self, conn: psycopg.Connection[Any], execution_id: UUID
-    ) -> dict[str, Any] | None:
-        """The deal check still owed for the execution (None: none, or done)."""
-        row = conn.execute(
-            "SELECT document FROM execution.deal_checks WHERE execution_id = %s", (execution_id,)
-        ).fetchone()
-        return None if row is None else dict(row[0])
 
     def append_events(
         self, conn: psycopg.Connection[Any], execution_id: UUID, events: Sequence[Event]
