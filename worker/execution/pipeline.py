@@ -51,23 +51,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import psycopg
 
-from schemas.enums import ExecutionStatus, RejectionReason
 from schemas.identity import execution_id_for
 from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
 from worker.execution import checks, failover, last_chance, recheck, settle
 from worker.execution.audit import Run
+from worker.execution.conclude import Concluder
 from worker.execution.finish import Finisher
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Publish, Requeue, Settling
 from worker.execution.plan import Plan, plan_for, plan_from_row
-from worker.execution.settle import Awaited, Fill, FillRule
+from worker.execution.settle import Awaited, FillRule
 from worker.execution.settler import Settler, Waiter
 from worker.execution.submit import Sender
 from worker.mt5 import api
@@ -75,7 +75,7 @@ from worker.mt5.gateway import Gateway, GatewayRejection, SymbolSpec
 from worker.observability import metrics
 from worker.observability.logs import log_context
 from worker.pool.leases import ClaimTimeout, Lease, LeaseLost
-from worker.store.store import UNKNOWN_STATE, Event, ExecutionRow, Store, StoreError
+from worker.store.store import Event, ExecutionRow, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class Pipeline:
             partial=settings.fill_ratio_partial,
             order_timeout_seconds=settings.order_timeout_seconds,
         )
+        self.concluder = Concluder(settings, self.sender, self.finisher, self.fill_rule)
+        # the one way an execution that reached the intent ends (the settler's, the
+        # recheck's and the last chance's too)
+        self.conclude = self.concluder.conclude
         self.settler = Settler(self, clock=clock)
 
     # --- entry points ------------------------------------------------------------------
@@ -466,78 +470,3 @@ class Pipeline:
         if not self.settler.add(waiter):  # pragma: no cover - the lease's own account
             return Requeue("no session of the execution's account")
         return Settling(plan.execution_id)
-
-    def conclude(
-        self,
-        plan: Plan,
-        lease: Lease,
-        run: Run,
-        fills: Sequence[Fill],
-        *,
-        timed_out: bool = False,
-        reason: RejectionReason | None = None,
-        details: str | None = None,
-        status: ExecutionStatus | None = None,
-        spec: SymbolSpec | None = None,
-        closed: Sequence[Fill] = (),
-        provisional: bool = False,
-        version: int = 1,
-        correction: str | None = None,
-        settling: dict[str, Any] | None = None,
-        corrects: str = UNKNOWN_STATE,
-    ) -> Outcome:
-        """``closed``: our slippage close's fills already done; ``provisional``: the outcome
-        is unknown; ``settling``: what the row keeps for the settler or the recheck."""
-        gateway: Gateway = lease.session.gateway
-        if plan.contract_size <= 0 or plan.pip <= 0:  # a row from before these were kept
-            spec = spec or gateway.symbol_spec(plan.broker_symbol)
-            plan.contract_size, plan.pip = spec.contract_size, spec.pip
-        counted = settle.tally(fills, plan.side, plan.pip, plan.requested_price)
-        if counted.slippage_pips is not None:
-            metrics.record_slippage(plan.symbol, plan.side.name.lower(), counted.slippage_pips)
-            metrics.record_shortfall(
-                plan.symbol,
-                plan.side.value,
-                plan.arrival_bid,
-                plan.arrival_ask,
-                counted.fill_price,
-                plan.pip,
-            )
-        if status is None:
-            if counted.executed_lots > 0:
-                metrics.observe_fill_ratio(
-                    settle.fill_ratio(counted.executed_lots, plan.intended_lots)
-                )
-            verdict = settle.classify(
-                counted.executed_lots,
-                plan.intended_lots,
-                self.fill_rule,
-                timed_out=timed_out,
-                reason=reason,
-                details=details,
-            )
-        else:
-            verdict = settle.Verdict(status, reason, details)
-        breach = settle.slippage_breach(counted, self.settings.slippage_limit_for(plan.symbol))
-        if breach is not None:
-            metrics.record_slippage_breach(plan.symbol)
-            # a correction (version > 1) only reports: the row is no longer in flight
-            if self.settings.slippage_policy == "close" and version == 1:
-                spec = spec or gateway.symbol_spec(plan.broker_symbol)
-                fills, closed_all = self.sender.close(plan, spec, fills, lease, run, closed=closed)
-                verdict = settle.after_close(verdict, breach, closed_all)
-            else:
-                verdict = settle.flagged(verdict, breach)
-        return self.finisher.finish(
-            plan,
-            lease,
-            run,
-            fills,
-            counted,
-            verdict,
-            provisional=provisional,
-            version=version,
-            correction=correction,
-            settling=settling,
-            corrects=corrects,
-        )
