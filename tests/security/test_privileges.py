@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -578,6 +579,29 @@ def _refused(worker_url: str, action: Callable[[Any], Any]) -> None:
         assert info.value.reply_code == 403, info.value
 
 
+@contextmanager
+def _role_user(broker: Broker, admin_url: str, role: str) -> Iterator[str]:
+    """A user with the ``role``'s permissions (deploy/rabbitmq/permissions.env: ROLE_CONFIGURE,
+    ROLE_WRITE, ROLE_READ) in ``admin_url``'s vhost, removed afterwards: its URL."""
+    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
+    user, password = f"ew-{role.lower()}-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    regexes = _regexes()
+    broker.ctl("add_user", user, password)
+    try:
+        broker.ctl(
+            "set_permissions",
+            "-p",
+            vhost,
+            user,
+            regexes[f"{role}_CONFIGURE"],
+            regexes[f"{role}_WRITE"],
+            regexes[f"{role}_READ"],
+        )
+        yield with_user(admin_url, user, password)
+    finally:
+        broker.ctl("delete_user", user)
+
+
 # a quorum queue like execution.requests, declared by the admin for the scaler to look at
 PROBE_QUEUE = "execution.requests.probe"
 
@@ -586,29 +610,14 @@ PROBE_QUEUE = "execution.requests.probe"
 def monitor(rabbitmq_broker: Broker, restricted: tuple[str, str]) -> Iterator[str]:
     """KEDA's scaler user (MONITOR_* regexes) in the restricted user's vhost."""
     admin_url, _ = restricted
-    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
-    user, password = f"ew-monitor-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    regexes = _regexes()
-    rabbitmq_broker.ctl("add_user", user, password)
-    try:
-        rabbitmq_broker.ctl(
-            "set_permissions",
-            "-p",
-            vhost,
-            user,
-            regexes["MONITOR_CONFIGURE"],
-            regexes["MONITOR_WRITE"],
-            regexes["MONITOR_READ"],
-        )
+    with _role_user(rabbitmq_broker, admin_url, "MONITOR") as user_url:
         with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
             channel = connection.channel()
             channel.queue_declare(PROBE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
             channel.confirm_delivery()
             for _ in range(3):
                 channel.basic_publish("", PROBE_QUEUE, b"{}")
-        yield with_user(admin_url, user, password)
-    finally:
-        rabbitmq_broker.ctl("delete_user", user)
+        yield user_url
 
 
 def test_the_monitoring_user_reads_the_queue_depth(monitor: str) -> None:
@@ -675,20 +684,7 @@ def test_the_restricted_user_is_refused_elsewhere(
 def operator(rabbitmq_broker: Broker, restricted: tuple[str, str]) -> Iterator[str]:
     """The dead-letters tool's operator (OPERATOR_* regexes) in the restricted user's vhost."""
     admin_url, _ = restricted
-    vhost = unquote(urlsplit(admin_url).path.lstrip("/"))
-    user, password = f"ew-operator-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    regexes = _regexes()
-    rabbitmq_broker.ctl("add_user", user, password)
-    try:
-        rabbitmq_broker.ctl(
-            "set_permissions",
-            "-p",
-            vhost,
-            user,
-            regexes["OPERATOR_CONFIGURE"],
-            regexes["OPERATOR_WRITE"],
-            regexes["OPERATOR_READ"],
-        )
+    with _role_user(rabbitmq_broker, admin_url, "OPERATOR") as user_url:
         with pika.BlockingConnection(pika.URLParameters(admin_url)) as connection:
             channel = connection.channel()
             channel.queue_declare(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
@@ -698,9 +694,7 @@ def operator(rabbitmq_broker: Broker, restricted: tuple[str, str]) -> Iterator[s
                 arguments={"x-queue-type": "quorum", "x-delivery-limit": 20,
                            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
             )  # fmt: skip
-        yield with_user(admin_url, user, password)
-    finally:
-        rabbitmq_broker.ctl("delete_user", user)
+        yield user_url
 
 
 def test_the_operator_browses_the_dead_letters_and_can_replay(operator: str) -> None:
