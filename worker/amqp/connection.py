@@ -23,7 +23,7 @@ import pika.exceptions
 from worker.amqp.loop import IoLoop
 from worker.amqp.nodes import NodeRotation
 from worker.amqp.options import RuntimeOptions, RuntimeStats
-from worker.amqp.publisher import ConfirmingPublisher
+from worker.amqp.publisher import STUCK_NACK_SECONDS, ConfirmingPublisher
 from worker.amqp.topology import (
     PRECONDITION_FAILED,
     REQUESTS_QUEUE,
@@ -184,7 +184,9 @@ class Connection:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled_by_broker)
-        self._publisher = ConfirmingPublisher(channel, on_ready=self._declare)
+        self._publisher = ConfirmingPublisher(
+            channel, on_ready=self._declare, on_stuck=self._on_publishes_refused
+        )
 
     def _declare(self) -> None:
         self._declaring = True
@@ -224,6 +226,20 @@ class Connection:
         if self.closing or self._stopping():
             return
         log.warning("the broker cancelled the consumer on %s; reconnecting", REQUESTS_QUEUE)
+        if self._channel is not None and self._channel.is_open:
+            self._channel.close()
+
+    def _on_publishes_refused(self) -> None:
+        """The broker has only nacked this channel's publishes for a while: a new channel (on
+        the next node) instead, as for a cancelled consumer. The nacked confirmations stay in
+        the outbox and go out again on the new channel."""
+        if self.closing or self._stopping():
+            return
+        log.warning(
+            "RabbitMQ node %s has refused every publish for %.0f s; reconnecting",
+            self.node,
+            STUCK_NACK_SECONDS,
+        )
         if self._channel is not None and self._channel.is_open:
             self._channel.close()
 

@@ -11,6 +11,7 @@ flight; nothing waits for a confirm.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -21,6 +22,11 @@ import pika
 log = logging.getLogger(__name__)
 
 PERSISTENT = 2
+# A channel whose publishes the broker has only nacked for this long is given up (``on_stuck``):
+# a quorum queue that lost its majority can leave the channel's enqueuer state refusing every
+# publish after the majority is back (rabbitmq/rabbitmq-server#15333 describes a channel
+# rejecting once its enqueuer found no replica); a new channel starts afresh.
+STUCK_NACK_SECONDS = 15.0
 
 
 class PublishResult(Enum):
@@ -45,10 +51,20 @@ class _Pending:
 class ConfirmingPublisher:
     """Publisher confirms for one channel; create it on a freshly opened channel."""
 
-    def __init__(self, channel: Any, on_ready: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        channel: Any,
+        on_ready: Callable[[], None],
+        *,
+        on_stuck: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._channel = channel
         self._next_tag = 1
         self._pending: dict[int, _Pending] = {}
+        self._on_stuck = on_stuck
+        self._clock = clock
+        self._nacked_since: float | None = None  # the first nack since the last ack
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm, callback=lambda _frame: on_ready())
 
@@ -109,6 +125,7 @@ class ConfirmingPublisher:
                 tags.append(t)
         else:
             tags = [tag] if tag in self._pending else []
+        self._note(acked, len(tags))
         for t in tags:
             item = self._pending.pop(t)
             if not acked:
@@ -118,6 +135,20 @@ class ConfirmingPublisher:
             else:
                 result = PublishResult.CONFIRMED
             self._resolve(item, result)
+
+    def _note(self, acked: bool, count: int) -> None:
+        """Track a streak of nacks; call ``on_stuck`` once it has lasted STUCK_NACK_SECONDS."""
+        if acked:
+            self._nacked_since = None
+            return
+        if not count:
+            return
+        now = self._clock()
+        if self._nacked_since is None:
+            self._nacked_since = now
+        elif now - self._nacked_since >= STUCK_NACK_SECONDS and self._on_stuck is not None:
+            on_stuck, self._on_stuck = self._on_stuck, None  # once per channel
+            on_stuck()
 
     @staticmethod
     def _resolve(item: _Pending, result: PublishResult) -> None:
