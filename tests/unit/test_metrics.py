@@ -270,6 +270,7 @@ def test_a_failing_callback_keeps_the_last_value_and_does_not_raise() -> None:
 
 ALLOWED_LABELS = {"symbol", "side", "status", "reason", "retcode", "stage", "session"}
 ALLOWED_LABELS |= {"redelivered", "result", "target", "le", "account"}
+ALLOWED_LABELS |= {"node"}  # the RabbitMQ node the worker is on: one of the configured nodes
 
 
 def test_exposition_uses_the_prefix_units_and_bounded_label_names() -> None:
