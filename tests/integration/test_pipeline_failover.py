@@ -7,12 +7,14 @@ approval's rows (asynchronous replication). The second pipeline has seen the swi
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
+from worker.execution.outcome import Publish, Requeue
 
 
 @pytest.fixture
@@ -61,7 +63,11 @@ def test_an_approval_the_broker_has_nothing_of_is_sent_once(
     old_and_new: tuple[PipelineEnv, PipelineEnv],
 ) -> None:
     _, new = old_and_new
-    confirmation = new.confirm(approval("GBPUSD", 1, 30_000.0))
+    message = approval("GBPUSD", 1, 30_000.0)
+    waited = new.deliver(message)  # within the reconcile grace (0.05 s) since the switch
+    assert isinstance(waited, Requeue) and new.deals() == []
+    time.sleep(0.1)
+    confirmation = new.confirm(message, redelivered=True)
     assert confirmation["status"] == "FILLED" and len(new.deals()) == 1
     stages = _stages(new, confirmation["execution_id"])
     # the broker was asked (by magic) before the order went out
@@ -73,3 +79,29 @@ def test_without_a_switch_the_broker_is_not_asked_first(new_database: Callable[[
         confirmation = env.confirm(approval())
         assert confirmation["status"] == "FILLED"
         assert ("reconcile", "broker_queries") not in _stages(env, confirmation["execution_id"])
+
+
+def test_an_order_still_invisible_at_the_switch_is_waited_for_not_sent_again(
+    new_database: Callable[[], str],
+) -> None:
+    """Its reply was unknown and it executes a second later: nothing shows on the books when
+    the redelivery first asks. Within the reconcile grace since the switch the redelivery is
+    requeued, not sent; once the order shows, it is settled from the books."""
+    with (
+        pipeline_env(new_database()) as old,
+        pipeline_env(new_database(), sim=old.sim, reconcile_grace_seconds=3.0) as new,
+    ):
+        old.sim.set_faults(scripted=("timeout_late",), late_execution_seconds=(1.0, 1.0))
+        message = approval("EURUSD", 1, 100_000.0)
+        old.deliver(message)  # the order is in, invisible; then the primary is lost
+        new.store.epochs._switched_quietly(time.time())
+        assert old.deals() == []
+
+        first = new.deliver(message, redelivered=True)
+        assert isinstance(first, Requeue) and "database switch" in first.reason
+        assert new.deals() == [], "sent again while the first order was invisible"
+
+        outcome = new.settled(message, attempts=40)
+        assert len(new.deals()) == 1, "a second order"
+        assert isinstance(outcome, Publish)
+        assert json.loads(outcome.payload)["status"] == "FILLED"

@@ -16,20 +16,24 @@ reconcile-by-magic path of unknown outcomes instead of a mechanism of its own:
    killed between its intent and its reply;
 3. a session it cannot ask (busy past the claim timeout, a failed query): nothing is
    written and the delivery is requeued, so the question is asked again later;
-4. found nowhere: the approval was never executed; it is sent as usual.
+4. found nowhere, until the reconcile grace has passed since the switch: requeued and
+   asked again. An order sent just before the switch may still be invisible: its reply
+   unknown and its execution late, or its deals lagging (DOMAIN.md, section 2). The grace is the
+   bound the worker already trusts for an unknown outcome to show, and it counts from when
+   this process noticed the switch, which is after the last send to the old primary;
+5. found nowhere after that: the approval was never executed; it is sent as usual.
 
-An order sent before the switch left the terminal seconds before the failover was noticed
-(detection and promotion take seconds, the server's history lags by hundreds of
-milliseconds), so no grace is waited for. Limits: sessions of other processes are not
-asked (an approval executed there before the switch and redelivered here is not seen:
-run one process per account set, or a synchronous standby); with a synchronous standby
-(``synchronous_standby_names``, ``synchronous_commit`` on) no commit is lost and this
-check only costs one history query per session and approval in the window.
+Limits: sessions of other processes are not asked (an approval executed there before the
+switch and redelivered here is not seen: run one process per account set, or a synchronous
+standby); with a synchronous standby (``synchronous_standby_names``, ``synchronous_commit``
+on) no commit is lost and this check only costs one history query per session and approval
+in the window, plus the grace for approvals the broker has nothing of.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -76,7 +80,19 @@ def find_before_claim(
                 session_id,
             )
             return session_id
-    return None
+    return _grace_left(pipeline)
+
+
+def _grace_left(pipeline: Pipeline) -> Requeue | None:
+    """Requeue while the reconcile grace since the switch runs (point 4 above)."""
+    switched_at = pipeline.store.epochs.switched_at
+    grace = pipeline.settings.reconcile_grace_seconds
+    if switched_at is None or time.time() >= switched_at + grace:
+        return None
+    return Requeue(
+        f"after a database switch: nothing on the broker's books yet; asked again until"
+        f" {grace:g} s after the switch"
+    )
 
 
 def _candidates(pipeline: Pipeline, request: ExecutionRequest) -> list[str]:
