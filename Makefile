@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint services fault-results
+.PHONY: install demo test lint services fault-results check-deploy ha-drill
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,12 @@ lint: install
 fault-results:
 	@test -f test-results/faults.md || { echo "no test-results/faults.md: run make test first"; exit 1; }
 	cp test-results/faults.md tests/faults/RESULTS.md
+
+# The deployment files built and run on local images (deploy/check-deploy.sh), and the HA
+# drill on the compose HA profile: a RabbitMQ node, then the PostgreSQL primary, stopped
+# under traffic (deploy/check-ha.sh). Both need root or the docker group.
+check-deploy: install
+	bash deploy/check-deploy.sh
+
+ha-drill: install
+	bash deploy/check-ha.sh

@@ -277,6 +277,8 @@ write_stack_env() {
     -e "s|^RABBITMQ_PASSWORD=.*|RABBITMQ_PASSWORD=mq$secret|" \
     -e "s|^MT5_BRIDGE_SECRET=.*|MT5_BRIDGE_SECRET=br$secret|" \
     -e "s|^GRAFANA_ADMIN_PASSWORD=.*|GRAFANA_ADMIN_PASSWORD=gf$secret|" \
+    -e "s|^RABBITMQ_ERLANG_COOKIE=.*|RABBITMQ_ERLANG_COOKIE=ck$secret|" \
+    -e "s|^POSTGRES_REPLICATION_PASSWORD=.*|POSTGRES_REPLICATION_PASSWORD=pr$secret|" \
     -e "s|^RABBITMQ_PORT=.*|RABBITMQ_PORT=25673|" \
     -e "s|^RABBITMQ_MANAGEMENT_PORT=.*|RABBITMQ_MANAGEMENT_PORT=25674|" \
     -e "s|^POSTGRES_PORT=.*|POSTGRES_PORT=25433|" \
@@ -393,77 +395,85 @@ stack_down() {
 
 # --- main -------------------------------------------------------------------------------------
 
-find_compose
-engine=no
-if docker info >/dev/null 2>&1; then engine=yes; fi
-install_compose
+main() {
 
-if [ ${#COMPOSE[@]} -gt 0 ]; then
-  say "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo '?'))"
-  step "compose config" static_compose
-else
-  not_exercised "compose files were not rendered: neither 'docker compose' nor docker-compose is installed"
-fi
-if have kubectl; then
-  step "kustomize" static_kustomize
-  step "kubernetes schemas" static_schemas
-  [ -n "${KEDA_CRD_DIR:-}" ] ||
-    not_exercised "KEDA's ScaledObject/TriggerAuthentication against KEDA's CRD schemas (set KEDA_CRD_DIR to KEDA's config/crd/bases)"
-else
-  not_exercised "kubectl kustomize deploy/k8s (no kubectl); tests/unit/test_deploy.py checks structure"
-fi
+  find_compose
+  engine=no
+  if docker info >/dev/null 2>&1; then engine=yes; fi
+  install_compose
 
-if [ $engine = no ]; then
-  not_exercised "image build, image smoke checks and the compose stack: no Docker engine answers (run deploy/images/build-local.sh to install and start one)"
-else
-  step "base image $BASE_IMAGE" build_base_image
-  step "wheelhouse" build_wheelhouse
-  if [ ${#FAILED[@]} -eq 0 ]; then
-    step "worker image" build_worker_image
-  fi
-  if image_exists "$WORKER_IMAGE"; then
-    step "image smoke checks" smoke_image
+  if [ ${#COMPOSE[@]} -gt 0 ]; then
+    say "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || echo '?'))"
+    step "compose config" static_compose
   else
-    not_exercised "image smoke checks: the worker image was not built"
+    not_exercised "compose files were not rendered: neither 'docker compose' nor docker-compose is installed"
+  fi
+  if have kubectl; then
+    step "kustomize" static_kustomize
+    step "kubernetes schemas" static_schemas
+    [ -n "${KEDA_CRD_DIR:-}" ] ||
+      not_exercised "KEDA's ScaledObject/TriggerAuthentication against KEDA's CRD schemas (set KEDA_CRD_DIR to KEDA's config/crd/bases)"
+  else
+    not_exercised "kubectl kustomize deploy/k8s (no kubectl); tests/unit/test_deploy.py checks structure"
   fi
 
-  if [ "${CHECK_SKIP_STACK:-0}" = 1 ]; then
-    not_exercised "compose stack (CHECK_SKIP_STACK=1)"
-  elif [ ${#COMPOSE[@]} -eq 0 ]; then
-    not_exercised "compose stack: no compose implementation"
-  elif ! image_exists "$WORKER_IMAGE"; then
-    not_exercised "compose stack: no worker image"
+  if [ $engine = no ]; then
+    not_exercised "image build, image smoke checks and the compose stack: no Docker engine answers (run deploy/images/build-local.sh to install and start one)"
   else
-    if { ! image_exists "$RABBITMQ_IMAGE" || ! image_exists "$POSTGRES_IMAGE"; } &&
-      [ "${CHECK_BUILD_SERVICES:-1}" = 1 ] && [ -f deploy/images/build-local.sh ]; then
-      step "service images" env RABBITMQ_IMAGE="$RABBITMQ_IMAGE" POSTGRES_IMAGE="$POSTGRES_IMAGE" \
-        bash deploy/images/build-local.sh
+    step "base image $BASE_IMAGE" build_base_image
+    step "wheelhouse" build_wheelhouse
+    if [ ${#FAILED[@]} -eq 0 ]; then
+      step "worker image" build_worker_image
     fi
-    if image_exists "$RABBITMQ_IMAGE" && image_exists "$POSTGRES_IMAGE"; then
-      write_stack_env
-      trap stack_down EXIT
-      step "stack up and healthy" stack_up
-      if [ ${#FAILED[@]} -eq 0 ]; then
-        step "samples published and confirmed" stack_confirm
-        step "worker role least privilege" stack_privileges
-        step "stop drains in-flight orders" stack_drain
-      else
-        not_exercised "publish and confirm: the stack did not become healthy"
-      fi
-      stack_down
-      trap - EXIT
-      say "stack torn down"
+    if image_exists "$WORKER_IMAGE"; then
+      step "image smoke checks" smoke_image
     else
-      not_exercised "compose stack: $RABBITMQ_IMAGE or $POSTGRES_IMAGE is missing"
+      not_exercised "image smoke checks: the worker image was not built"
     fi
-    not_exercised "prometheus and grafana containers (their images come from a registry; compose config validates them)"
-  fi
-fi
 
-say "=== summary after $(($(date +%s) - STARTED)) s"
-for item in "${NOT_EXERCISED[@]}"; do say "not exercised: $item"; done
-if [ ${#FAILED[@]} -gt 0 ]; then
-  for item in "${FAILED[@]}"; do say "failed: $item"; done
-  exit 1
+    if [ "${CHECK_SKIP_STACK:-0}" = 1 ]; then
+      not_exercised "compose stack (CHECK_SKIP_STACK=1)"
+    elif [ ${#COMPOSE[@]} -eq 0 ]; then
+      not_exercised "compose stack: no compose implementation"
+    elif ! image_exists "$WORKER_IMAGE"; then
+      not_exercised "compose stack: no worker image"
+    else
+      if { ! image_exists "$RABBITMQ_IMAGE" || ! image_exists "$POSTGRES_IMAGE"; } &&
+        [ "${CHECK_BUILD_SERVICES:-1}" = 1 ] && [ -f deploy/images/build-local.sh ]; then
+        step "service images" env RABBITMQ_IMAGE="$RABBITMQ_IMAGE" POSTGRES_IMAGE="$POSTGRES_IMAGE" \
+          bash deploy/images/build-local.sh
+      fi
+      if image_exists "$RABBITMQ_IMAGE" && image_exists "$POSTGRES_IMAGE"; then
+        write_stack_env
+        trap stack_down EXIT
+        step "stack up and healthy" stack_up
+        if [ ${#FAILED[@]} -eq 0 ]; then
+          step "samples published and confirmed" stack_confirm
+          step "worker role least privilege" stack_privileges
+          step "stop drains in-flight orders" stack_drain
+        else
+          not_exercised "publish and confirm: the stack did not become healthy"
+        fi
+        stack_down
+        trap - EXIT
+        say "stack torn down"
+      else
+        not_exercised "compose stack: $RABBITMQ_IMAGE or $POSTGRES_IMAGE is missing"
+      fi
+      not_exercised "prometheus and grafana containers (their images come from a registry; compose config validates them)"
+    fi
+  fi
+
+  say "=== summary after $(($(date +%s) - STARTED)) s"
+  for item in "${NOT_EXERCISED[@]}"; do say "not exercised: $item"; done
+  if [ ${#FAILED[@]} -gt 0 ]; then
+    for item in "${FAILED[@]}"; do say "failed: $item"; done
+    exit 1
+  fi
+  say "every step that ran passed"
+}
+
+# deploy/check-ha.sh sources this file for its functions
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  main
 fi
-say "every step that ran passed"

@@ -150,9 +150,26 @@ build_rabbitmq() {
   say "built $RABBITMQ_IMAGE"
 }
 
+# An image built before the entrypoint last changed gets the new one as a layer on top.
+refresh_postgres_entrypoint() {
+  local context
+  if docker run --rm --entrypoint cat "$POSTGRES_IMAGE" /usr/local/bin/docker-entrypoint.sh |
+    cmp -s - "$HERE/postgres-entrypoint.sh"; then
+    say "$POSTGRES_IMAGE already built"
+    return
+  fi
+  context=$(mktemp -d)
+  install -m 755 "$HERE/postgres-entrypoint.sh" "$context/docker-entrypoint.sh"
+  printf 'FROM %s\nCOPY docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh\n' \
+    "$POSTGRES_IMAGE" >"$context/Dockerfile"
+  docker build -q -t "$POSTGRES_IMAGE" "$context" >/dev/null
+  rm -rf "$context"
+  say "$POSTGRES_IMAGE: entrypoint updated"
+}
+
 build_postgres() {
   if image_exists "$POSTGRES_IMAGE"; then
-    say "$POSTGRES_IMAGE already built"
+    refresh_postgres_entrypoint
     return
   fi
   local root=$BUILD_DIR/postgres mirror

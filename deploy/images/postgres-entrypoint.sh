@@ -1,8 +1,8 @@
 #!/bin/sh
 # Entrypoint of local/postgres:15 (built by build-local.sh from Debian's postgresql-15).
 # Honours the official image's POSTGRES_USER, POSTGRES_PASSWORD, POSTGRES_DB and
-# POSTGRES_HOST_AUTH_METHOD (default scram-sha-256) on first start, then runs the server in
-# the foreground listening on all addresses.
+# POSTGRES_HOST_AUTH_METHOD (default scram-sha-256) and /docker-entrypoint-initdb.d on first
+# start, then runs the server in the foreground listening on all addresses.
 set -eu
 
 PGDATA=${PGDATA:-/var/lib/postgresql/data}
@@ -38,6 +38,20 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   if [ "$POSTGRES_DB" != "postgres" ]; then
     echo "CREATE DATABASE \"$POSTGRES_DB\" OWNER \"$POSTGRES_USER\";" |
       runuser -u postgres -- postgres --single -D "$PGDATA" -j postgres >/dev/null
+  fi
+  # As the official image: scripts in /docker-entrypoint-initdb.d run once, against a
+  # server listening on its socket only (e.g. deploy/compose/ha/primary-replication.sh).
+  if [ -n "$(ls -A /docker-entrypoint-initdb.d 2>/dev/null)" ]; then
+    runuser -u postgres -- pg_ctl -D "$PGDATA" -w -o "-c listen_addresses=''" start >/dev/null
+    export POSTGRES_USER POSTGRES_DB
+    for script in /docker-entrypoint-initdb.d/*; do
+      case $script in
+        *.sh) echo "docker-entrypoint: running $script" >&2 && sh "$script" ;;
+        *.sql) echo "docker-entrypoint: running $script" >&2 &&
+          psql -X -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -f "$script" ;;
+      esac
+    done
+    runuser -u postgres -- pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
   fi
 fi
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import re
 import shutil
 import subprocess
@@ -99,7 +100,10 @@ def test_overlay_runs_the_engines_by_their_operators() -> None:
     objects = {(doc["apiVersion"], doc["kind"]): doc for doc in rendered()}
     rabbit = objects[("rabbitmq.com/v1beta1", "RabbitmqCluster")]
     assert rabbit["spec"]["replicas"] == 3
-    assert "quorum_queue.initial_cluster_size = 3" in rabbit["spec"]["rabbitmq"]["additionalConfig"]
+    assert (
+        "cluster_partition_handling = pause_minority"
+        in rabbit["spec"]["rabbitmq"]["additionalConfig"]
+    )
     postgres = objects[("postgresql.cnpg.io/v1", "Cluster")]
     assert postgres["spec"]["instances"] >= 2
     synchronous = postgres["spec"]["postgresql"]["synchronous"]
@@ -128,3 +132,43 @@ def test_overlay_kubernetes_objects_match_the_schemas() -> None:
         validation.validate(doc, K8S_SCHEMA_VERSION, strict=True)
         checked += 1
     assert checked
+
+
+def _schema_keys() -> list[re.Pattern[str]]:
+    """The rabbitmq.conf keys the installed server accepts (its rabbit.schema mappings;
+    ``$name`` parts match one segment)."""
+    found = sorted(
+        glob.glob(
+            "/usr/lib/rabbitmq/lib/rabbitmq_server-*/plugins/rabbit-*/priv/schema/rabbit.schema"
+        )
+    )
+    assert found, "RabbitMQ's server package is not installed (the machine's services need it)"
+    names = re.findall(r'\{mapping, "([^"]+)"', Path(found[-1]).read_text())
+    return [re.compile(re.sub(r"\\\$\w+", r"[^.]+", re.escape(name)) + "$") for name in names]
+
+
+def _conf_keys(text: str) -> list[str]:
+    return [
+        line.split("=", 1)[0].strip()
+        for line in text.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+
+
+def test_every_rabbitmq_setting_of_the_ha_configs_is_one_the_server_knows() -> None:
+    """An unknown key stops the node at boot ("Conf file attempted to set unknown
+    variable"): quorum_queue.initial_cluster_size did, in the compose HA profile."""
+    known = _schema_keys()
+    objects = {(doc["apiVersion"], doc["kind"]): doc for doc in rendered()}
+    rabbit = objects[("rabbitmq.com/v1beta1", "RabbitmqCluster")]
+    texts = {
+        "deploy/compose/ha/rabbitmq-cluster.conf": Path(
+            "deploy/compose/ha/rabbitmq-cluster.conf"
+        ).read_text(),
+        "deploy/k8s/overlays/ha additionalConfig": rabbit["spec"]["rabbitmq"]["additionalConfig"],
+    }
+    for where, text in texts.items():
+        keys = _conf_keys(text)
+        assert keys, where
+        unknown = [key for key in keys if not any(pattern.match(key) for pattern in known)]
+        assert unknown == [], f"{where}: {unknown}"
