@@ -4,15 +4,21 @@ cluster scenario lasted minutes on the old channel."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pika
+import pika.exceptions
 
+from worker.amqp.deliveries import Deliveries
+from worker.amqp.options import RuntimeOptions, RuntimeStats
 from worker.amqp.publisher import STUCK_NACK_SECONDS, ConfirmingPublisher, PublishResult
 
 
 class _Channel:
     """What ConfirmingPublisher calls on a pika channel (the broker's frames are fed in)."""
+
+    is_open = True
 
     def add_on_return_callback(self, _callback: Any) -> None:
         pass
@@ -66,3 +72,59 @@ def test_an_ack_between_the_nacks_keeps_the_channel() -> None:
         now[0] += 1.0
     assert PublishResult.NACKED in results and PublishResult.CONFIRMED in results
     assert stuck == []  # the broker takes some: not stuck
+
+
+class _ClosingChannel(_Channel):
+    """A channel that ``on_stuck`` (or the broker) began to close: pika refuses publishes."""
+
+    is_open = False
+
+    def basic_publish(self, *_args: Any, **_kwargs: Any) -> None:
+        raise pika.exceptions.ChannelWrongStateError("Channel is closing.")
+
+
+def test_a_publish_on_a_closing_channel_is_lost_not_raised() -> None:
+    """Seen in the cluster scenario: an outcome published after on_stuck closed the channel
+    raised ChannelWrongStateError on the IO thread, and the worker exited."""
+    results: list[Any] = []
+    publisher = ConfirmingPublisher(_ClosingChannel(), lambda: None)
+    _publish(publisher, results)
+    assert results == [PublishResult.LOST]
+    assert publisher.in_flight == 0
+
+
+def test_a_publish_pika_refuses_is_lost_not_raised() -> None:
+    """The channel still says open, but its connection is closing."""
+
+    class Refusing(_Channel):
+        def basic_publish(self, *_args: Any, **_kwargs: Any) -> None:
+            raise pika.exceptions.ConnectionWrongStateError("Connection is closing.")
+
+    results: list[Any] = []
+    publisher = ConfirmingPublisher(Refusing(), lambda: None)
+    _publish(publisher, results)
+    assert results == [PublishResult.LOST] and publisher.in_flight == 0
+
+
+def test_a_requeue_on_a_closing_channel_is_left_to_the_redelivery() -> None:
+    """The same window for a nack: the delivery is redelivered once the channel is closed."""
+
+    class Closing(_ClosingChannel):
+        def basic_nack(self, *_args: Any, **_kwargs: Any) -> None:
+            raise pika.exceptions.ChannelWrongStateError("Channel is closing.")
+
+    channel = Closing()
+    stats = RuntimeStats()
+    deliveries = Deliveries(
+        SimpleNamespace(call_later=lambda *_a: None),  # type: ignore[arg-type]
+        RuntimeOptions(prefetch=1),
+        stats,
+        stopping=lambda: False,
+        on_settled=lambda: None,
+    )
+    deliveries.attach(channel, ConfirmingPublisher(channel, lambda: None))
+    method = SimpleNamespace(delivery_tag=1, redelivered=False, routing_key="execution.requests")
+    item = deliveries.receive(channel, method, pika.BasicProperties(), b"{}")
+    assert item is not None
+    deliveries.settle(item, ack=False)
+    assert stats.requeued == 1 and len(deliveries) == 0

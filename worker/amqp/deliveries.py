@@ -340,7 +340,8 @@ class Deliveries:
             elapsed = datetime.now(UTC) - item.delivery.received_at
             metrics.observe_end_to_end(elapsed.total_seconds())
         else:
-            self._channel.basic_nack(item.tag, requeue=True)
+            if self._channel.is_open:  # closing: its deliveries are redelivered anyway
+                self._channel.basic_nack(item.tag, requeue=True)
             self._stats.requeued += 1
         self._on_settled()
 

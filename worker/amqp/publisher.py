@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any
 
 import pika
+import pika.exceptions
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,22 @@ class ConfirmingPublisher:
         mandatory: bool,
         on_result: OnResult,
     ) -> None:
-        """Publish; ``on_result`` is called once, on the IO thread, when the outcome is known."""
-        self._channel.basic_publish(
-            exchange, routing_key, body, properties=properties, mandatory=mandatory
-        )
+        """Publish; ``on_result`` is called once, on the IO thread, when the outcome is known.
+
+        On a channel that is closing (given up by ``on_stuck``, or closed by the broker,
+        before its close callback has run) the publish is :attr:`PublishResult.LOST` at
+        once, as those in flight are when it closes (:meth:`fail_all`): pika would raise,
+        and the IO thread with it."""
+        if not self._channel.is_open:
+            on_result(PublishResult.LOST)
+            return
+        try:
+            self._channel.basic_publish(
+                exchange, routing_key, body, properties=properties, mandatory=mandatory
+            )
+        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
+            on_result(PublishResult.LOST)
+            return
         self._pending[self._next_tag] = _Pending(
             exchange, routing_key, properties.message_id, on_result
         )
