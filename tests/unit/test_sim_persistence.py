@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -157,3 +158,24 @@ def test_orders_answered_before_kill_9_are_kept(tmp_path: Path) -> None:
     )
     assert result is not None and result.order > last_order
     sim.close()
+
+
+def test_history_orders_are_built_once_and_their_cache_is_not_kept(tmp_path: Path) -> None:
+    """Every settler round asks for a window of many history orders: each is built once."""
+    path = tmp_path / "broker.sqlite"
+    first = open_sim(path)
+    sent = buy(first, "xwh")
+    window = (int(NOW) - 86400, int(NOW) + 86400)  # server time: the zone is not UTC
+    one, two = first.history_orders_get(*window), first.history_orders_get(*window)
+    assert one and two and one[0] is two[0]
+    assert one[0] == first._book.orders[sent.order].to_api(one[0].price_open)
+    first.close()
+    rows = [json.loads(data) for (data,) in _sqlite_rows(path, "orders")]
+    assert rows and all(not key.startswith("_") for row in rows for key in row)
+    again = open_sim(path).history_orders_get(*window)
+    assert again == one
+
+
+def _sqlite_rows(path: Path, table: str) -> list[tuple[str]]:
+    with sqlite3.connect(path) as db:
+        return list(db.execute(f"SELECT data FROM {table}"))

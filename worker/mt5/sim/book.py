@@ -130,6 +130,7 @@ class Book:
         """Move a filled/cancelled order into history."""
         order.state = state if state is not None else api.ORDER_STATE_FILLED
         order.time_done_msc = now
+        order._history = None
         self.orders[order.ticket] = order
         self.open_orders.pop(order.ticket, None)
         self.pending_fills.pop(order.ticket, None)

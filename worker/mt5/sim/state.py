@@ -34,6 +34,16 @@ class OrderRecord:
     time_done_msc: int
     comment: str
     reason: int = 3  # ORDER_REASON_EXPERT
+    _history: api.TradeOrder | None = field(default=None, repr=False, compare=False)
+
+    def history_api(self) -> api.TradeOrder:
+        """The order as the history shows it, built once: an order in history is done and
+        no longer changes (every settler round asks for a window of many of them)."""
+        if not self.time_done_msc:  # not done yet (found by its position): may change
+            return self.to_api(self.price_open)
+        if self._history is None:
+            self._history = self.to_api(self.price_open)
+        return self._history
 
     def to_api(self, price_current: float) -> api.TradeOrder:
         return api.TradeOrder(
@@ -220,7 +230,7 @@ class SimStore:
         )
 
     def put_order(self, order: OrderRecord) -> None:
-        self._put("orders", order.ticket, asdict(order))
+        self._put("orders", order.ticket, _persisted(order))
 
     def put_deal(self, deal: DealRecord) -> None:
         self._put("deals", deal.ticket, _persisted(deal))

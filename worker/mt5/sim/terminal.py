@@ -395,7 +395,7 @@ class SimTerminal:
         if found is None:
             self._fail(api.RES_E_INVALID_PARAMS, "Invalid arguments")
             return None
-        return tuple(o.to_api(o.price_open) for o in found if group_matches(o.symbol, group))
+        return tuple(o.history_api() for o in found if group_matches(o.symbol, group))
 
     @_terminal_call("history_deals_get")
     def history_deals_get(
