@@ -117,7 +117,9 @@ class Settings(BaseModel):
     magic: int = Field(
         default=26112501,
         ge=1,
-        le=MAX_DEPLOYMENT_MAGIC,
+        # the largest deployment part is the probe's (worker/tools/probe/magic.py): a worker
+        # using it would take the probe's orders for its own, and the probe the worker's
+        lt=MAX_DEPLOYMENT_MAGIC,
         description="the deployment part of every order's magic (schemas/identity.py)",
     )
     order_timeout_seconds: float = Field(default=60.0, gt=0)

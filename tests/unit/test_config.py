@@ -104,3 +104,15 @@ def test_a_bad_config_file_is_one_line(tmp_path: pytest.TempPathFactory) -> None
         load_settings({"WORKER_CONFIG": str(unknown)})
     with pytest.raises(ConfigError, match="MT5_BRIDGE_SECRET_FILE: cannot read"):
         load_settings({"MT5_BRIDGE_SECRET_FILE": str(missing)})
+
+
+def test_the_probes_magic_is_refused_as_a_deployment_magic() -> None:
+    """The probe's orders carry the largest deployment part (worker/tools/probe/magic.py):
+    a worker with that MAGIC would count them as its own."""
+    from schemas.identity import MAX_DEPLOYMENT_MAGIC
+    from worker.tools.probe.magic import PROBE_TAG
+
+    assert PROBE_TAG == MAX_DEPLOYMENT_MAGIC
+    with pytest.raises(ConfigError, match="MAGIC"):
+        load_settings({"MAGIC": str(PROBE_TAG)})
+    assert load_settings({"MAGIC": str(PROBE_TAG - 1)}).magic == PROBE_TAG - 1
