@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
-from worker.execution.outcome import Publish, Requeue
+from worker.execution.outcome import DeadLetter, Publish, Requeue
 
 
 @pytest.fixture
@@ -105,3 +105,28 @@ def test_an_order_still_invisible_at_the_switch_is_waited_for_not_sent_again(
         assert len(new.deals()) == 1, "a second order"
         assert isinstance(outcome, Publish)
         assert json.loads(outcome.payload)["status"] == "FILLED"
+
+
+def test_at_the_last_chances_an_approval_in_doubt_is_dead_lettered_not_rejected(
+    new_database: Callable[[], str],
+) -> None:
+    """Its last deliveries come while the broker still shows nothing (here: within a long
+    grace; in life: a terminal that cannot be asked). A REJECTED answer would contradict
+    the order that executes a moment later."""
+    with (
+        pipeline_env(new_database()) as old,
+        pipeline_env(new_database(), sim=old.sim, reconcile_grace_seconds=60.0) as new,
+    ):
+        old.sim.set_faults(scripted=("timeout_late",), late_execution_seconds=(0.5, 0.5))
+        message = approval("EURUSD", 1, 100_000.0)
+        old.deliver(message)
+        new.store.epochs._switched_quietly(time.time())
+        last = new.settings.delivery_limit
+        outcome = new.deliver(message, redelivered=True, delivery_count=last)
+        assert isinstance(outcome, DeadLetter), outcome
+        assert outcome.reason == "IN_DOUBT_AFTER_DATABASE_SWITCH"
+        time.sleep(0.6)
+        new.sim.account_info()  # any call: the simulated server executes what is due
+        assert len(new.deals()) == 1  # the order executed, and was answered by nobody
+        with new.store.connection() as conn:
+            assert conn.execute("SELECT count(*) FROM execution.executions").fetchone() == (0,)

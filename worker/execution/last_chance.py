@@ -1,7 +1,10 @@
 """The last deliveries before the queue's limit: an approval that would be requeued again is
 answered (REJECTED, or its recorded answer) or dead-lettered with a reason, never left to the
-queue's silent dead letter (issue 18 item 7). ``Pipeline.handle`` asks :func:`near_limit`
-after a requeue and then hands the delivery to :func:`answer`.
+queue's silent dead letter (issue 18 item 7). An approval decided before a database switch
+whose broker could not be asked is never answered REJECTED: its row may have been lost with
+its order on the books (``worker.execution.failover``); it is dead-lettered as in doubt.
+``Pipeline.handle`` asks :func:`near_limit` after a requeue and then hands the delivery to
+:func:`answer`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from schemas.enums import RejectionReason
-from schemas.request import InvalidMessage, parse_request
+from schemas.identity import order_magic_for
+from schemas.request import ExecutionRequest, InvalidMessage, parse_request
 from worker.config import Settings
 from worker.execution.audit import Run
 from worker.execution.outcome import DeadLetter, Delivery, Outcome, Requeue
@@ -67,6 +71,8 @@ def answer(pipeline: Pipeline, delivery: Delivery, requeue: Requeue, context: Ex
     try:
         with store.connection() as conn:
             row = store.load(conn, request.execution_id)
+            if row is None and store.epochs.suspect(request.decided_at):
+                return _in_doubt(settings, request, details)
             if row is None:
                 stale = pipeline.staleness(request)
                 reason, why = stale or (RejectionReason.SESSION_UNAVAILABLE, details)
@@ -82,4 +88,21 @@ def answer(pipeline: Pipeline, delivery: Delivery, requeue: Requeue, context: Ex
         "IN_FLIGHT",
         f"{details}; the execution is in flight: the recovery sweep settles it and"
         " publishes its confirmation",
+    )
+
+
+def _in_doubt(settings: Settings, request: ExecutionRequest, details: str) -> DeadLetter:
+    """Decided before a database switch, no row, and the broker was not asked (or showed
+    nothing within the grace): a REJECTED answer could contradict an order whose row the
+    switch lost. Dead-lettered with the order magic to look for instead."""
+    magic = order_magic_for(request.execution_id, settings.magic)
+    log.warning(
+        "approval decided before a database switch, broker not asked: dead-lettered as in"
+        " doubt, never answered REJECTED (its orders would carry magic %d)",
+        magic,
+    )
+    return DeadLetter(
+        "IN_DOUBT_AFTER_DATABASE_SWITCH",
+        f"{details}; decided before a database switch, whose lost commits may include its"
+        f" row: look for orders with magic {magic} on the account before answering it",
     )
