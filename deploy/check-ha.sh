@@ -167,7 +167,7 @@ main_ha() {
   find_compose
   install_compose
   [ ${#COMPOSE[@]} -gt 0 ] || { say "no compose implementation"; exit 1; }
-  docker info >/dev/null 2>&1 || bash deploy/images/build-local.sh
+  # the engine, and the RabbitMQ and PostgreSQL images (each step skipped when done)
   bash deploy/images/build-local.sh >/dev/null
   image_exists "$BASE_IMAGE" || build_base_image
   if ! image_exists "$WORKER_IMAGE"; then
