@@ -128,9 +128,7 @@ class Book:
 
     def finish_order(self, order: OrderRecord, state: int | None, now: int) -> None:
         """Move a filled/cancelled order into history."""
-        order.state = state if state is not None else api.ORDER_STATE_FILLED
-        order.time_done_msc = now
-        order._history = None
+        order.finish(state if state is not None else api.ORDER_STATE_FILLED, now)
         self.orders[order.ticket] = order
         self.open_orders.pop(order.ticket, None)
         self.pending_fills.pop(order.ticket, None)

@@ -36,6 +36,12 @@ class OrderRecord:
     reason: int = 3  # ORDER_REASON_EXPERT
     _history: api.TradeOrder | None = field(default=None, repr=False, compare=False)
 
+    def finish(self, state: int, now_msc: int) -> None:
+        """Done: filled or cancelled at ``now_msc``; from now on it no longer changes."""
+        self.state = state
+        self.time_done_msc = now_msc
+        self._history = None
+
     def history_api(self) -> api.TradeOrder:
         """The order as the history shows it, built once: an order in history is done and
         no longer changes (every settler round asks for a window of many of them)."""
