@@ -156,8 +156,9 @@ def test_order_magic_keeps_the_deployment_and_fits_a_bigint() -> None:
 
 def test_config_refuses_a_magic_that_does_not_fit_the_deployment_part() -> None:
     assert load_settings({}).magic == DEPLOYMENT
-    assert load_settings({"MAGIC": str(MAX_DEPLOYMENT_MAGIC)}).magic == MAX_DEPLOYMENT_MAGIC
-    for bad in ("0", str(MAX_DEPLOYMENT_MAGIC + 1), str(2**62)):
+    largest = MAX_DEPLOYMENT_MAGIC - 1  # MAX_DEPLOYMENT_MAGIC itself is the probe's
+    assert load_settings({"MAGIC": str(largest)}).magic == largest
+    for bad in ("0", str(MAX_DEPLOYMENT_MAGIC), str(MAX_DEPLOYMENT_MAGIC + 1), str(2**62)):
         with pytest.raises(ConfigError, match="MAGIC"):
             load_settings({"MAGIC": bad})
 

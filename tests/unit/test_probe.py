@@ -12,7 +12,7 @@ from worker.config import ConfigError, Settings
 from worker.mt5 import api
 from worker.mt5.profile.model import AccountProfile, BehaviourProfile, BrokerProfile, ProbeRun
 from worker.mt5.profile.toml import dumps_profile, load_profile, loads_profile, write_profile
-from worker.mt5.profile.use import PROBE_TAG, check_profiles
+from worker.mt5.profile.use import check_profiles
 from worker.mt5.sessions import SessionSpec, broker_profiles
 from worker.mt5.sim.config import SimConfig
 from worker.mt5.sim.replay import replay
@@ -239,7 +239,6 @@ def test_the_worker_takes_the_clock_rule_and_mapping_from_the_profile(tmp_path: 
         ({"server_timezone": "UTC+2"}, {}, "server clock is configured"),
         ({"server_utc_offset_seconds": 7200}, {}, "server clock is configured"),
         ({"symbol_map": {"EURUSD": "EURUSD.pro"}}, {}, "found EURUSD.a"),
-        ({"magic": PROBE_TAG}, {}, "reserved"),
     ],
 )
 def test_the_worker_refuses_a_profile_that_contradicts_its_settings(

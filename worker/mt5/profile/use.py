@@ -14,8 +14,9 @@ sessions file) the worker reads:
 It refuses to start (``ConfigError``) when a profile contradicts its settings: a
 configured server clock that disagrees with the measured offset, a ``[symbol_map]`` entry
 naming another broker symbol than the profile found, a worker filling order no accepted
-mode is in, a ``MAGIC`` equal to the probe's reserved tag, or two accounts' profiles that
-map one canonical name to different broker symbols (the mapping is one table for all).
+mode is in, or two accounts' profiles that map one canonical name to different broker
+symbols (the mapping is one table for all). (A ``MAGIC`` equal to the probe's reserved tag
+is refused by the settings themselves, profile or not.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from schemas.identity import MAX_DEPLOYMENT_MAGIC
 from worker.config import ConfigError, Settings
 from worker.mt5 import api
 from worker.mt5.gateway.clock import TimezoneRule, parse_timezone
@@ -34,7 +34,6 @@ from worker.mt5.gateway.model import SymbolSpec
 from worker.mt5.profile.model import EXECUTION_MODES, FILLING_CODES, FILLINGS, BrokerProfile
 from worker.mt5.profile.toml import ProfileError, load_profile
 
-PROBE_TAG = MAX_DEPLOYMENT_MAGIC  # the probe's magic range (worker/tools/probe/magic.py)
 _EXEMODE_CODES = {name: code for code, name in EXECUTION_MODES.items()}
 
 
@@ -143,8 +142,6 @@ def check_profiles(
     settings: Settings, paths: Mapping[str | None, str], accounts: Sequence[str | None]
 ) -> AccountProfiles:
     """Load and check the profiles named per account. Raises ConfigError."""
-    if paths and settings.magic == PROBE_TAG:
-        raise ConfigError(f"MAGIC {PROBE_TAG} is reserved for the broker probe's orders")
     loaded: dict[str | None, BrokerProfile] = {}
     warnings: list[str] = []
     owners: dict[str, tuple[str, str | None]] = {}
