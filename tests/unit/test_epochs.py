@@ -34,3 +34,13 @@ def test_synchronous_needs_names_and_a_waiting_level() -> None:
 def test_describe_before_any_connection() -> None:
     about = Epochs().describe()
     assert about["timeline"] is None and about["synchronous_standby"] is None
+
+
+def test_switched_within_counts_on_the_epochs_clock() -> None:
+    now = [1000.0]
+    epochs = Epochs(clock=lambda: now[0])
+    assert not epochs.switched_within(5.0)
+    epochs._switched_quietly(now[0])
+    assert epochs.switched_within(5.0)
+    now[0] += 5.0
+    assert not epochs.switched_within(5.0)

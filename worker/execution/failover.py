@@ -33,7 +33,6 @@ in the window, plus the grace for approvals the broker has nothing of.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -85,9 +84,8 @@ def find_before_claim(
 
 def _grace_left(pipeline: Pipeline) -> Requeue | None:
     """Requeue while the reconcile grace since the switch runs (point 4 above)."""
-    switched_at = pipeline.store.epochs.switched_at
     grace = pipeline.settings.reconcile_grace_seconds
-    if switched_at is None or time.time() >= switched_at + grace:
+    if not pipeline.store.epochs.switched_within(grace):
         return None
     return Requeue(
         f"after a database switch: nothing on the broker's books yet; asked again until"

@@ -197,6 +197,11 @@ class Epochs:
             epoch = self._by_conn.get(conn)
             return epoch is None or self.current is None or epoch == self.current
 
+    def switched_within(self, seconds: float) -> bool:
+        """A switch was noticed less than ``seconds`` ago (on this object's clock)."""
+        switched_at = self.switched_at
+        return switched_at is not None and self._clock() < switched_at + seconds
+
     def suspect(self, decided_at: datetime | None) -> bool:
         """The approval may have been executed on an old primary whose commits the switch
         lost: decided before the switch, give or take the margin."""
