@@ -4,11 +4,13 @@
 # simulated terminal) on the registry-free local images, under steady demo traffic
 # (deploy/compose/ha/drill.py). A third of the way in, the RabbitMQ node under worker-1 is
 # stopped; two thirds in, the PostgreSQL primary is stopped and the standby promoted, as
-# on-call would. Passes when every approval has a final confirmation, each execution one
-# order on the broker's books, and the new primary one terminal row per approval. Prints
-# how long the confirmations stopped after each failure.
+# on-call would. Passes when every approval has one final answer, every order on the
+# broker's books is named by its approval's confirmation, and every approval has its row on
+# the new primary (``drill.py verify``). Prints how long the confirmations stopped after
+# each failure.
 #
-#   bash deploy/check-ha.sh        (root, or a user of the docker group; ~5 minutes)
+#   bash deploy/check-ha.sh        (root, or a user of the docker group; about 2 minutes
+#                                   once the images are built)
 #
 # Environment: HA_DRILL_COUNT (240 approvals), HA_DRILL_RATE (6 per second), and the
 # images of deploy/check-deploy.sh (built here when missing).
@@ -83,7 +85,7 @@ drill() {
   local container third stopped_node t_rabbitmq t_postgres
   container=$(dc run -d --no-deps -v "$ROOT/deploy/compose/ha/drill.py:/etc/execution-worker/drill.py:ro" \
     -v "$OUT:/out" --entrypoint python worker-1 /etc/execution-worker/drill.py \
-    --count "$COUNT" --rate "$RATE" --out /out)
+    traffic --count "$COUNT" --rate "$RATE" --out /out)
   third=$((COUNT / 3))
   wait_confirmed "$third"
   stopped_node=$(node_of_worker_1)
@@ -107,59 +109,8 @@ drill() {
   dc exec -T sim-terminal execution-worker sim-terminal --state /data/sim.db --dump >"$OUT/deals.jsonl"
   psql_on postgres-standby -c "SELECT execution_id, state FROM execution.executions" >"$OUT/rows.txt"
   dc restart -t 10 "$stopped_node" >/dev/null 2>&1 || true
-  "$PY" - "$OUT" "$t_rabbitmq" "$t_postgres" "$stopped_node" <<'PY'
-import json, pathlib, sys, uuid
-from collections import Counter, defaultdict
-from schemas.identity import order_magic_for
-from worker.config import Settings
-
-out, t_rabbitmq, t_postgres, node = pathlib.Path(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-published = set(json.loads((out / "published.json").read_text()))
-copies = [json.loads(line) for line in (out / "confirmations.jsonl").open()]
-finals: dict[str, dict[str, dict]] = defaultdict(dict)  # order id -> message id -> confirmation
-for c in copies:
-    if not c["provisional"] and c["order_id"] in published:
-        finals[c["order_id"]][c["message_id"]] = c
-missing = published - set(finals)
-# one final answer per approval: copies of one message (same message_id) are allowed
-conflicting = [o for o, answers in finals.items() if len({(a["execution_id"], a["status"]) for a in answers.values()}) > 1]
-final = {o: max(answers.values(), key=lambda a: a["version"] or 0) for o, answers in finals.items()}
-statuses = Counter(a["status"] for a in final.values())
-reasons = Counter(a["rejection_reason"] for a in final.values() if a["rejection_reason"])
-magic = Settings().magic
-book: dict[int, set[int]] = defaultdict(set)  # magic -> orders
-order_of_deal = {}
-for line in (out / "deals.jsonl").open():
-    deal = json.loads(line)
-    book[deal["magic"]].add(deal["order"])
-    order_of_deal[deal["ticket"]] = deal["order"]
-extra = 0  # orders on the books that the approval's final confirmation does not account for
-for a in final.values():
-    named = {order_of_deal.get(d) for d in a["broker_deals"]}
-    extra += len(book.get(order_magic_for(uuid.UUID(a["execution_id"]), magic), set()) - named)
-magics = {order_magic_for(uuid.UUID(a["execution_id"]), magic) for a in final.values()}
-foreign = sum(len(orders) for m, orders in book.items() if m not in magics)
-rows = dict(line.split("|") for line in (out / "rows.txt").read_text().split())
-unrowed = [a for a in final.values() if a["execution_id"] not in rows]
-times = sorted(c["t"] for c in copies)
-def resume(t0: float) -> str:
-    """The first confirmation after t0, and the longest pause in the 30 s after it (a
-    confirmation in flight at t0, or one from the worker not hit, may come at once)."""
-    after = [t for t in times if t > t0]
-    if not after:
-        return "never"
-    window = [t0] + [t for t in after if t < t0 + 30]
-    pause = max(b - a for a, b in zip(window, window[1:])) if len(window) > 1 else 0.0
-    return f"first after {after[0] - t0:.1f} s, longest pause {pause:.1f} s"
-print(f"check-ha: {len(published)} approvals, {len(final)} answered ({len(copies)} confirmation"
-      f" copies), {dict(statuses)}, rejections {dict(reasons)}")
-print(f"check-ha: broker orders {sum(len(v) for v in book.values())}; not in their approval's"
-      f" confirmation {extra}, of no approval {foreign}; conflicting answers {len(conflicting)};"
-      f" no row on the new primary {len(unrowed)}; unanswered {len(missing)}")
-print(f"check-ha: first confirmation after stopping RabbitMQ node {node}: {resume(t_rabbitmq)};"
-      f" after stopping the PostgreSQL primary: {resume(t_postgres)}")
-sys.exit(1 if missing or conflicting or extra or foreign or unrowed else 0)
-PY
+  "$PY" deploy/compose/ha/drill.py verify --out "$OUT" --node "$stopped_node" \
+    --rabbitmq-stopped-at "$t_rabbitmq" --postgres-stopped-at "$t_postgres"
 }
 
 main_ha() {

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
+import json
 import re
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -172,3 +175,33 @@ def test_every_rabbitmq_setting_of_the_ha_configs_is_one_the_server_knows() -> N
         assert keys, where
         unknown = [key for key in keys if not any(pattern.match(key) for pattern in known)]
         assert unknown == [], f"{where}: {unknown}"
+
+
+def _drill() -> Any:
+    """deploy/compose/ha/drill.py, the HA drill's traffic and judge (not a package)."""
+    spec = importlib.util.spec_from_file_location("ha_drill", "deploy/compose/ha/drill.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_drill_judge_counts_an_order_no_confirmation_names(tmp_path: Path) -> None:
+    from schemas.identity import execution_id_for, order_magic_for
+    from worker.config import load_settings
+
+    execution_id = str(execution_id_for("rpm-1"))
+    magic = order_magic_for(uuid.UUID(execution_id), load_settings({}).magic)
+    answer = {"t": 10.0, "message_id": "m1", "order_id": "rpm-1", "execution_id": execution_id,
+              "status": "FILLED", "version": 1, "provisional": False, "rejection_reason": None,
+              "broker_deals": [7]}  # fmt: skip
+    (tmp_path / "published.json").write_text(json.dumps(["rpm-1"]))
+    (tmp_path / "confirmations.jsonl").write_text(json.dumps(answer) + "\n")
+    (tmp_path / "rows.txt").write_text(f"{execution_id}|FILLED\n")
+    deal = {"ticket": 7, "order": 70, "magic": magic}
+    (tmp_path / "deals.jsonl").write_text(json.dumps(deal) + "\n")
+    judge = _drill().verify
+    assert judge(tmp_path, "rabbitmq", 5.0, 6.0) == 0
+    second = {"ticket": 8, "order": 80, "magic": magic}  # a second order of the approval
+    (tmp_path / "deals.jsonl").write_text(json.dumps(deal) + "\n" + json.dumps(second) + "\n")
+    assert judge(tmp_path, "rabbitmq", 5.0, 6.0) == 1
