@@ -57,8 +57,11 @@ def _evidence(env: FaultEnv, point: str, keys: list[str]) -> None:
 def test_kill_9_at_each_point(
     point: str, make_env: MakeEnv, record: Callable[[Tally], None]
 ) -> None:
-    # one terminal, one session: prefetch 1, so "the Nth call" is the Nth message
-    env = make_env([sim_toml(seed=3)])
+    # one terminal, one session, no delivery parked on the settler (SETTLING_PREFETCH=0):
+    # the channel's prefetch is 1, so "the Nth call" is the Nth message. With the default
+    # settling prefetch, a fill waiting on its deals lets the next approval begin, and the
+    # evidence below would see that one in flight (CI saw it at after_publish).
+    env = make_env([sim_toml(seed=3)], settings={"SETTLING_PREFETCH": "0"})
     keys = env.publish(approvals(MESSAGES, random.Random(point)))
     dying = env.start_worker(kill_point=point, kill_at=KILL_AT)
     code = dying.wait(WAIT_SECONDS)
