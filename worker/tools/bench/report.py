@@ -7,6 +7,10 @@ that / the friendly worker's msg/s (``throughput``), "p50_ms": p50 latency at th
 on the hard server, "friendly_p50_ms": the same on the friendly one (``overhead_100_ms``),
 "p50_delta_ms": p50_ms - friendly_p50_ms}``; latencies from each message's intended send time.
 Its goals: throughput ratio >= 0.8 and p50 at most 50 ms above the friendly one's.
+
+The work-per-message goals are ratios to the floor in the same run: the worker's CPU and its
+PostgreSQL backends' CPU per message at most twice the floor's, the drain at 4 in flight at
+least 0.6 of the floor's, and 8 sessions at least 6.5 times 1 session.
 """
 
 from __future__ import annotations
@@ -59,6 +63,10 @@ GOALS = {
     "rss_growth": "RSS growth 1k -> 50k < 5 %",
     "hardened_throughput": "hardened >= 0.8 x friendly msg/s",
     "hardened_p50": "hardened p50 <= friendly + 50 ms",
+    "cpu_ratio": "worker CPU <= 2 x floor CPU",
+    "postgres_ratio": "its PostgreSQL <= 2 x floor's",
+    "throughput_4": "4 in flight >= 0.6 x floor",
+    "scaling_6_5": "8 sessions >= 6.5 x 1 session",
 }
 
 
@@ -91,6 +99,7 @@ def goals_met(results: Mapping[str, Any]) -> dict[str, bool]:
     rss = results["rss_mb"]
     growth = (rss["50k"] - rss["1k"]) / rss["1k"] if rss["1k"] else math.inf
     hardened = results["hardened"]
+    cpu = results["cpu_ms_per_message"]
     return {
         "overhead_p50": overhead["p50"] <= 1.5 * floor["p50"],
         "overhead_p99": overhead["p99"] <= 2.0 * floor["p99"],
@@ -101,6 +110,10 @@ def goals_met(results: Mapping[str, Any]) -> dict[str, bool]:
         "rss_growth": growth < 0.05,
         "hardened_throughput": hardened["ratio_to_friendly"] >= 0.8,
         "hardened_p50": hardened["p50_delta_ms"] <= 50.0,
+        "cpu_ratio": cpu["worker"] <= 2.0 * cpu["floor"],
+        "postgres_ratio": cpu["postgres_worker"] <= 2.0 * cpu["postgres_floor"],
+        "throughput_4": results["throughput_inflight_ratio"]["4"] >= 0.6,
+        "scaling_6_5": scaling["8"] >= 6.5 * scaling["1"],
     }
 
 
