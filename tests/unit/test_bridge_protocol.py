@@ -125,6 +125,32 @@ def test_unknown_or_malformed_encodings_are_refused(data: object) -> None:
         decode_value(data)
 
 
+def test_a_record_is_rebuilt_by_its_field_names_in_any_order() -> None:
+    deal = _deal()
+    fields = encode_value(deal)["v"]
+    reversed_fields = dict(reversed(list(fields.items())))
+    assert decode_value({"$nt": "TradeDeal", "v": reversed_fields}) == deal
+
+
+def test_a_record_with_as_many_fields_but_one_unknown_is_refused() -> None:
+    fields = dict(encode_value(_deal())["v"])
+    fields["password"] = fields.pop("comment")
+    with pytest.raises(ProtocolError, match="do not match"):
+        decode_value({"$nt": "TradeDeal", "v": fields})
+
+
+def test_a_record_decodes_the_tagged_values_of_its_fields() -> None:
+    request = api.TradeRequest(
+        1, 5, 0, "EURUSD", 0.1, 1.1, 0.0, 0.0, 0.0, 20, 0, 0, 0, 0, "x", 0, 0
+    )
+    result = api.OrderSendResult(10009, 7, 6, 0.1, 1.1, 1.0999, 1.1001, "done", 3, 0, request)
+    fields = json.loads(json.dumps(encode_value(result)))["v"]
+    assert isinstance(fields["request"], dict)  # still tagged on the wire
+    decoded = decode_value({"$nt": "OrderSendResult", "v": fields})
+    assert decoded == result
+    assert type(decoded.request) is api.TradeRequest
+
+
 def test_the_allow_list_is_exactly_the_terminal_protocol_minus_its_lifecycle() -> None:
     protocol = {
         name

@@ -105,9 +105,14 @@ def encode_value(value: Any) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+# JSON's scalars as ``json.loads`` builds them (exact types: a set lookup is cheaper than
+# isinstance, and the history windows decode thousands of records of them per call)
+_JSON_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
+
+
 def decode_value(data: Any) -> Any:
     """The inverse of :func:`encode_value`; raises ``ProtocolError`` on anything unknown."""
-    if data is None or isinstance(data, bool | int | float | str):
+    if type(data) in _JSON_SCALARS or isinstance(data, bool | int | float | str):
         return data
     if isinstance(data, list):
         return [decode_value(item) for item in data]
@@ -126,16 +131,36 @@ def decode_value(data: Any) -> Any:
     raise ProtocolError("bad_value", "unknown value encoding")
 
 
+def _field_sets(cls: type[tuple[Any, ...]]) -> tuple[frozenset[str], frozenset[str]]:
+    """(the fields a record must carry, the fields it may carry): those added later with a
+    default may be missing (a peer of the previous release)."""
+    expected: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+    defaulted: dict[str, Any] = cls._field_defaults  # type: ignore[attr-defined]
+    return frozenset(expected) - frozenset(defaulted), frozenset(expected)
+
+
+_FIELD_SETS: Final = {name: _field_sets(cls) for name, cls in RESULT_TYPES.items()}
+
+
 def _decode_named(name: Any, fields: dict[str, Any]) -> tuple[Any, ...]:
     cls = RESULT_TYPES.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ProtocolError("bad_value", "type is not allow-listed")
-    expected: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
-    defaulted: dict[str, Any] = cls._field_defaults  # type: ignore[attr-defined]
-    # fields added later with a default may be missing (a peer of the previous release)
-    if not set(expected) - set(defaulted) <= set(fields) <= set(expected):
+    required, allowed = _FIELD_SETS[name]
+    if not required <= fields.keys() <= allowed:
         raise ProtocolError("bad_value", f"fields of {name} do not match")
-    return cls(**{key: decode_value(value) for key, value in fields.items()})
+    if len(fields) == len(allowed):  # every field: built in order, no keyword matching
+        order: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+        values = [fields[key] for key in order]
+        return cls._make(  # type: ignore[attr-defined,no-any-return]
+            [value if type(value) in _JSON_SCALARS else decode_value(value) for value in values]
+        )
+    return cls(
+        **{
+            key: value if type(value) in _JSON_SCALARS else decode_value(value)
+            for key, value in fields.items()
+        }
+    )
 
 
 def dumps(obj: Mapping[str, Any]) -> bytes:
