@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import inspect
 import json
 import socket
@@ -228,6 +230,25 @@ def test_channel_carries_sequenced_frames(pair: tuple[socket.socket, socket.sock
     assert server.recv() == {"id": 2, "fn": "account_info"}
     server.send({"id": 1, "ok": True})
     assert client.recv() == {"id": 1, "ok": True}
+
+
+def test_a_frame_is_seq_then_the_mac_of_direction_seq_and_payload(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """The frame layout a peer of another release checks: the MAC is HMAC-SHA256 under the
+    session key of direction | seq | payload, computed here independently."""
+    _left, right = pair
+    key = b"k" * 32
+    client, _ = _channels(pair, key)
+    for number in range(2):
+        client.send({"id": number, "fn": "terminal_info"})
+        (size,) = struct.unpack(">I", right.recv(4))
+        body = right.recv(size)
+        seq, tag, payload = body[:8], body[8:40], body[40:]
+        assert struct.unpack(">Q", seq) == (number,)
+        expected = hmac.new(key, CLIENT_TO_SERVER + seq + payload, hashlib.sha256).digest()
+        assert tag == expected
+        assert json.loads(payload) == {"id": number, "fn": "terminal_info"}
 
 
 def test_a_replayed_frame_is_refused(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -264,7 +264,9 @@ class SecureChannel:
         self, sock: Sock, key: bytes, *, outgoing: bytes, incoming: bytes, limit: int
     ) -> None:
         self.sock = sock
-        self._key = key
+        # keyed once: each frame's MAC copies it (re-keying HMAC per frame costs more than the
+        # MAC of a small frame) and feeds the parts in turn, never a concatenated copy
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
         self._outgoing = outgoing
         self._incoming = incoming
         self._limit = limit
@@ -272,7 +274,12 @@ class SecureChannel:
         self._recv_seq = 0
 
     def _tag(self, direction: bytes, seq: bytes, payload: bytes) -> bytes:
-        return hmac.new(self._key, direction + seq + payload, hashlib.sha256).digest()
+        """HMAC-SHA256 under the session key of ``direction | seq | payload``."""
+        mac = self._keyed.copy()
+        mac.update(direction)
+        mac.update(seq)
+        mac.update(payload)
+        return mac.digest()
 
     def send(self, obj: Mapping[str, Any]) -> None:
         payload = dumps(obj)
