@@ -260,6 +260,50 @@ def test_confirmations_are_published_then_requests_acked(
     assert set(pipeline.orders.values()) == {1}
 
 
+class AnnouncingMemoryOutbox(MemoryOutbox):
+    """Tells its watchers of confirmations committed off the handler path, as the store
+    does for the settler's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchers: list[Callable[[Publish], None]] = []
+
+    def watch(self, watcher: Callable[[Publish], None]) -> Callable[[], None]:
+        self.watchers.append(watcher)
+        return lambda: self.watchers.remove(watcher)
+
+    def announce(self, publish: Publish) -> None:
+        self.add(publish)
+        for watcher in list(self.watchers):
+            watcher(publish)
+
+
+def test_a_confirmation_announced_before_the_runtime_runs_stalls_nothing(vhost_url: str) -> None:
+    """The settler settles an execution the recovery handed it while the runtime is being
+    built, before its IO loop opens. That announcement must neither be lost (the sweep
+    publishes it) nor block the outcomes of the deliveries that follow (CI saw a worker
+    consume its whole prefetch and answer none of it)."""
+    outbox = AnnouncingMemoryOutbox()
+    runtime = AmqpRuntime(vhost_url, FakePipeline(outbox), outbox, OPTIONS)
+    recovered = confirmation_for("recovered-at-start", None)
+    outbox.announce(recovered)  # the runtime watches the outbox; its loop is not open yet
+    ids = [f"after-start-{i}" for i in range(3)]
+    with broker(vhost_url) as side:
+        side.bind_confirmations("observer")
+        running = Running(runtime).start()
+        try:
+            for mid in ids:
+                side.publish(b"{}", message_id=mid)
+            got = side.take("observer", 4)
+        finally:
+            code = running.stop()
+    assert code == ExitCode.OK
+    expected = [recovered.execution_id, *(execution_id(m) for m in ids)]
+    assert sorted(ids_of(got)) == sorted(str(e) for e in expected)
+    assert runtime.stats.acked == len(ids)
+    settled_ready(vhost_url, REQUESTS_QUEUE, 0)
+
+
 def _unrouted_count() -> float:
     return REGISTRY.get_sample_value("execution_worker_confirmations_unrouted_total") or 0.0
 

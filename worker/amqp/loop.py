@@ -24,7 +24,12 @@ class IoLoop:
 
     def __init__(self) -> None:
         self._ioloop: IOLoop | None = None
-        self._open = threading.Event()
+        self._lock = threading.Lock()  # post against open and close
+        self._open = False
+        self._closed = False
+        # posted before the loop opened (a confirmation the settler announces while the
+        # runtime is being built): run once it opens, never dropped
+        self._early: list[Callable[[], None]] = []
 
     @property
     def pika(self) -> IOLoop:
@@ -32,11 +37,18 @@ class IoLoop:
         return self._ioloop
 
     def open(self) -> None:
-        self._ioloop = IOLoop()
-        self._open.set()
+        ioloop = IOLoop()
+        with self._lock:
+            self._ioloop = ioloop
+            self._open, self._closed = True, False
+            early, self._early = self._early, []
+            for callback in early:
+                ioloop.add_callback_threadsafe(callback)
 
     def close(self) -> None:
-        self._open.clear()
+        with self._lock:
+            self._open, self._closed = False, True
+            self._early.clear()
         self.pika.close()
 
     def start(self) -> None:
@@ -47,8 +59,15 @@ class IoLoop:
         self.pika.stop()
 
     def post(self, callback: Callable[[], None]) -> None:
-        """From any thread: run ``callback`` on the IO thread (dropped once the loop closed)."""
-        if self._ioloop is not None and self._open.is_set():
+        """From any thread: run ``callback`` on the IO thread; posted before :meth:`open`, it
+        runs once the loop opens; dropped once the loop closed."""
+        with self._lock:
+            if self._closed:
+                return
+            if not self._open:
+                self._early.append(callback)
+                return
+            assert self._ioloop is not None
             self._ioloop.add_callback_threadsafe(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
