@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -651,3 +652,27 @@ def test_the_heartbeat_refreshes_the_callback_gauges(vhost_url: str, make_runtim
 
 def gauge(name: str) -> float | None:
     return REGISTRY.get_sample_value(name)
+
+
+def test_no_heartbeat_while_handler_outcomes_wait_unread(vhost_url: str) -> None:
+    """The loop turning is not enough for liveness: outcomes queued by the handlers and not
+    taken by the loop (a lost wake-up) withhold the beat, so that /healthz says stalled."""
+    outbox = MemoryOutbox()
+    beats: list[float] = []
+    runtime = AmqpRuntime(
+        vhost_url, FakePipeline(outbox), outbox, OPTIONS, beat=lambda: beats.append(1)
+    )
+    waited = [0.0]
+    runtime._outcomes.waiting_seconds = lambda: waited[0]  # type: ignore[method-assign]
+    running = Running(runtime).start()
+    try:
+        wait_until(lambda: len(beats) >= 1, "a first beat")
+        waited[0] = 6.0  # past MAILBOX_STUCK_SECONDS
+        time.sleep(1.2)  # a heartbeat turn sees it
+        stalled_at = len(beats)
+        time.sleep(2.2)
+        assert len(beats) == stalled_at, "beat while outcomes waited unread"
+        waited[0] = 0.0
+        wait_until(lambda: len(beats) > stalled_at, "the beat back once they move")
+    finally:
+        assert running.stop() == ExitCode.OK

@@ -80,3 +80,20 @@ def test_a_post_after_close_is_dropped_quietly() -> None:
     ran: list[int] = []
     loop.post(lambda: ran.append(1))  # a late handler thread: no error, nothing runs
     assert ran == []
+
+
+def test_the_mailbox_tells_how_long_its_oldest_job_has_waited() -> None:
+    now = [100.0]
+    loop = IoLoop()
+    mailbox = Mailbox(loop, clock=lambda: now[0])
+    assert mailbox.waiting_seconds() == 0.0
+    loop.open()
+    mailbox.put(lambda: None)
+    now[0] += 7.0
+    mailbox.put(lambda: None)  # a later job does not make the wait look younger
+    assert mailbox.waiting_seconds() == 7.0
+    thread = _run(loop)
+    try:
+        assert _wait(lambda: mailbox.waiting_seconds() == 0.0)
+    finally:
+        _stop(loop, thread)

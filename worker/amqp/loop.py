@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -82,18 +83,28 @@ class Mailbox:
     """Callbacks from other threads, run on the IO thread in the order they came: one
     wake-up of the loop for all those that arrive before it gets to them."""
 
-    def __init__(self, loop: IoLoop) -> None:
+    def __init__(self, loop: IoLoop, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._loop = loop
+        self._clock = clock
         self._lock = threading.Lock()
         self._jobs: deque[Callable[[], None]] = deque()
+        self._since = 0.0  # when the oldest job still queued came
 
     def put(self, job: Callable[[], None]) -> None:
         """From any thread."""
         with self._lock:
             self._jobs.append(job)
             first = len(self._jobs) == 1
+            if first:
+                self._since = self._clock()
         if first:
             self._loop.post(self._run)
+
+    def waiting_seconds(self) -> float:
+        """How long the oldest queued job has waited (0: none). On a loop that beats, more
+        than a loop turn means its wake-up was lost: the liveness probe must say so."""
+        with self._lock:
+            return self._clock() - self._since if self._jobs else 0.0
 
     def _run(self) -> None:
         with self._lock:

@@ -81,6 +81,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# a handler outcome or settler confirmation waits one loop turn; this long means none is run
+MAILBOX_STUCK_SECONDS = 5.0
+
 
 class AmqpRuntime:
     """Consume, hand to the handler, publish, ack; reconnect; drain on :meth:`stop`."""
@@ -103,6 +106,7 @@ class AmqpRuntime:
 
         self._loop = IoLoop()
         self._outcomes = Mailbox(self._loop)  # handler threads -> IO thread
+        self._mailbox_stuck = False
         self._stop_requested = False
         self._stopping = False
         self._drain_timer: Any = None
@@ -208,7 +212,13 @@ class AmqpRuntime:
     # ----------------------------------------------------------------- wiring (IO thread)
 
     def _heartbeat(self) -> None:
-        if self._beat is not None:
+        stuck = self._outcomes.waiting_seconds() > MAILBOX_STUCK_SECONDS
+        if stuck and not self._mailbox_stuck:
+            # the loop turns but the handlers' outcomes do not reach it: no beat, so that
+            # /healthz says stalled and the orchestrator restarts the worker
+            log.error("handler outcomes wait unread by the IO loop: no heartbeat until they move")
+        self._mailbox_stuck = stuck
+        if not stuck and self._beat is not None:
             self._beat()
         self._refresh_metrics()
         self._loop.call_later(1.0, self._heartbeat)
