@@ -26,6 +26,7 @@ from schemas.identity import execution_id_for
 from schemas.request import MessageProperties
 from tests.integration.pipeline_env import PipelineEnv, approval, pipeline_env
 from tests.simbooks import broker_deals
+from worker.execution import settler as settler_module
 from worker.execution.outcome import Delivery, Publish, Requeue, Settling
 from worker.execution.settler import Settler
 from worker.mt5.sim.terminal import FaultConfig, SimAccount, SimConfig
@@ -308,3 +309,22 @@ def test_hand_overs_wake_the_settler_only_when_they_fall_due_before_its_next_rou
     assert isinstance(env.pipeline.handle(_delivery(late)), Settling)
     settled = settler.wait_for(uuid.UUID(_id(late)), 10.0)
     assert _doc(settled)["status"] == "FILLED"
+
+
+def test_a_settler_whose_store_was_closed_stops_instead_of_retrying_for_ever(
+    env: PipelineEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A closed store means the process is closing: the settler's thread ends, as it does
+    when the session pool is closed. It used to scan the closed pool every few seconds for
+    as long as the process lived, logging each time (a test's leftover settler once wrote
+    into another test's log)."""
+    monkeypatch.setattr(settler_module, "SCAN_SECONDS", 0.05)
+    settler = env.pipeline.settler
+    settler.start()
+    assert settler.running
+    env.store.close()
+    deadline = time.monotonic() + 5.0
+    while settler.running:
+        assert time.monotonic() < deadline, "the settler still runs on a closed store"
+        time.sleep(0.02)
+    assert "cannot scan the database" not in caplog.text

@@ -187,6 +187,11 @@ class Settler:
         return True
 
     @property
+    def running(self) -> bool:
+        """Its thread is alive (it starts with the first hand-over)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         with self._lock:
             return len(self._waiting)
@@ -200,6 +205,9 @@ class Settler:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if self._store.closed:  # the process is closing: its successor takes over
+                self._stopping.set()
+                break
             try:
                 if self._clock() >= self._next_scan:
                     self._next_scan = self._clock() + SCAN_SECONDS

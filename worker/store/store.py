@@ -160,6 +160,11 @@ class Store(OutboxMixin, SettlingMixin):
             self.group.close()
         self.pool.close()
 
+    @property
+    def closed(self) -> bool:
+        """Closed by its owner (the process is closing): no connection will be handed out."""
+        return bool(self.pool.closed)
+
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         with self.pool.connection() as conn:
