@@ -26,7 +26,6 @@ class IoLoop:
     def __init__(self) -> None:
         self._ioloop: IOLoop | None = None
         self._lock = threading.Lock()  # post against open and close
-        self._open = False
         self._closed = False
         # posted before the loop opened (a confirmation the settler announces while the
         # runtime is being built): run once it opens, never dropped
@@ -41,15 +40,13 @@ class IoLoop:
         ioloop = IOLoop()
         with self._lock:
             self._ioloop = ioloop
-            self._open, self._closed = True, False
             early, self._early = self._early, []
             for callback in early:
                 ioloop.add_callback_threadsafe(callback)
 
     def close(self) -> None:
         with self._lock:
-            self._open, self._closed = False, True
-            self._early.clear()
+            self._closed = True
         self.pika.close()
 
     def start(self) -> None:
@@ -65,10 +62,9 @@ class IoLoop:
         with self._lock:
             if self._closed:
                 return
-            if not self._open:
+            if self._ioloop is None:
                 self._early.append(callback)
                 return
-            assert self._ioloop is not None
             self._ioloop.add_callback_threadsafe(callback)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Any:
